@@ -1,0 +1,36 @@
+# `make demo` and `make test` work from a fresh clone: they build .venv first when needed.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo lint bench clean
+
+venv: $(STAMP)
+
+# torch is pinned here (not in setup.cfg) so pip takes the CPU build on local disk
+# instead of resolving a multi-GB CUDA build; setup.cfg keeps a range for users.
+$(STAMP): setup.cfg pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+data/demo/manifest.json: | $(STAMP)
+	$(BIN)/python pipeline/make_shards.py --synthetic 360 --out data/demo --overwrite
+
+demo: $(STAMP) data/demo/manifest.json
+	$(BIN)/python -m train --loader dali --config configs/demo.yaml
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/throughput.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,185 @@
+"""The DALI backend: ``fn.readers.webdataset`` -> decode -> batches -> ``DALIGenericIterator``.
+
+Decode modes:
+- ``gpu`` (default on CUDA): the raw member bytes go to the device; the 44-byte WAV header and
+  the npy header are sliced off there, int16 is reinterpreted, cast and scaled by 1/32768 and
+  the npy body reinterpreted as float32 [frames, 52]. Half the host->device bytes of float32.
+  The same graph runs on CPU operators without CUDA (``device_id=None``), so CI checks its
+  arithmetic.
+- ``cpu``: ``fn.decoders.audio`` / ``fn.decoders.numpy`` on DALI's CPU threads (for shards
+  that are not canonical), then to the device.
+
+Every batch also carries the members' headers (a few bytes, kept on the host) and each
+sample's source; they are compared with the canonical headers so a bad member stops with an
+error naming the shard and sample instead of becoming silently wrong tensors.
+
+Each epoch builds a fresh pipeline reading the part of the split that ``pipeline.sharding``
+assigns to this rank, with that epoch's seed: epochs are independent and a resumed epoch
+replays exactly (the consumed batches are skipped).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.audio import PCM16_SCALE, wav_header
+from pipeline.loading import EpochLoader
+from pipeline.shard_format import NPY_EXT, VERIFY_HINT, WAV_EXT, DatasetError, npy_bytes
+from pipeline.sharding import RankPlan
+
+READER = "Reader"
+OUTPUTS = ["wav", "arkit", "wav_head", "npy_head", "source"]
+
+
+def build_pipeline(
+    tar_paths: list[str],
+    idx_paths: list[str],
+    *,
+    batch_size: int,
+    clip_samples: int,
+    frames: int,
+    wav_header_bytes: int,
+    npy_header_bytes: int,
+    sample_rate: int = 16000,
+    decode: str = "gpu",
+    device_id: int | None = None,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    shuffle: bool = False,
+    seed: int = 0,
+    initial_fill: int = 1024,
+    num_threads: int = 2,
+    prefetch_queue_depth: int = 2,
+    reader_prefetch: int = 2,
+    dont_use_mmap: bool = True,
+    read_ahead: bool = False,
+):
+    """The DALI graph. ``device_id=None`` runs it on CPU operators only."""
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+
+    if decode not in ("gpu", "cpu"):
+        raise ValueError(f"decode must be 'gpu' or 'cpu', not {decode!r}")
+    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                    seed=seed, prefetch_queue_depth=prefetch_queue_depth)  # fmt: skip
+    with pipe:
+        wav, npy = fn.readers.webdataset(
+            paths=tar_paths,
+            index_paths=idx_paths,
+            ext=[WAV_EXT, NPY_EXT],
+            missing_component_behavior="error",
+            random_shuffle=shuffle,
+            initial_fill=initial_fill,
+            seed=seed,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            # a memory-mapped truncated tar can crash the process; plain reads raise instead
+            dont_use_mmap=dont_use_mmap,
+            read_ahead=read_ahead,
+            prefetch_queue_depth=reader_prefetch,
+            bytes_per_sample_hint=[wav_header_bytes + 2 * clip_samples,
+                                   npy_header_bytes + 4 * frames * 52],  # fmt: skip
+            name=READER,
+        )
+        wav_head = wav[:wav_header_bytes]
+        npy_head = npy[:npy_header_bytes]
+        source = fn.pad(fn.get_property(wav, key="source_info"), fill_value=0)
+        if decode == "gpu":
+            if device_id is not None:
+                wav, npy = wav.gpu(), npy.gpu()
+            audio = fn.reinterpret(wav[wav_header_bytes:], dtype=types.INT16)
+            audio = fn.cast(audio, dtype=types.FLOAT) * (1.0 / PCM16_SCALE)
+            arkit = fn.reinterpret(npy[npy_header_bytes:], dtype=types.FLOAT)
+            arkit = fn.reshape(arkit, shape=[frames, 52])
+        else:
+            audio, _ = fn.decoders.audio(wav, dtype=types.FLOAT, downmix=True,
+                                         sample_rate=sample_rate)  # fmt: skip
+            arkit = fn.cast(fn.decoders.numpy(npy), dtype=types.FLOAT)
+            if device_id is not None:
+                audio, arkit = audio.gpu(), arkit.gpu()
+        pipe.set_outputs(audio, arkit, wav_head, npy_head, source)
+    return pipe
+
+
+class DaliLoader(EpochLoader):
+    name = "dali"
+
+    def __init__(self, *args, decode: str | None = None, num_threads: int | None = None,
+                 prefetch_queue_depth: int = 2, reader_prefetch: int = 2,
+                 initial_fill: int = 1024, dont_use_mmap: bool = True,
+                 check_headers: bool = True, **kw) -> None:  # fmt: skip
+        super().__init__(*args, **kw)
+        self.decode = decode or ("gpu" if self.device.type == "cuda" else "cpu")
+        if self.decode not in ("gpu", "cpu"):
+            raise ValueError(f"decode must be 'gpu' or 'cpu', not {self.decode!r}")
+        m = self.manifest
+        self.options = dict(
+            batch_size=self.batch_size, clip_samples=m.clip_samples, frames=m.frames,
+            wav_header_bytes=m.wav_header_bytes, npy_header_bytes=m.npy_header_bytes,
+            sample_rate=m.sample_rate, decode=self.decode,
+            device_id=self.device.index if self.device.type == "cuda" else None,
+            num_threads=num_threads or min(4, os.cpu_count() or 1),
+            prefetch_queue_depth=prefetch_queue_depth, reader_prefetch=reader_prefetch,
+            initial_fill=initial_fill, dont_use_mmap=dont_use_mmap,
+        )  # fmt: skip
+        self.check_headers = check_headers
+        self._wav_head = np.frombuffer(wav_header(m.clip_samples, m.sample_rate), np.uint8)
+        self._npy_head = np.frombuffer(npy_bytes(np.zeros((m.frames, 52), np.float32))[: m.npy_header_bytes], np.uint8)
+
+    def make_pipeline(self, plan: RankPlan):
+        return build_pipeline(
+            self.manifest.tar_paths(self.split), self.manifest.idx_paths(self.split),
+            shard_id=plan.part, num_shards=self.world_size, shuffle=self.shuffle,
+            seed=plan.epoch_seed, **self.options,
+        )  # fmt: skip
+
+    def _fail(self, what: str, exc: BaseException | None = None) -> DatasetError:
+        hint = VERIFY_HINT.format(dir=self.manifest.root)
+        detail = f": {str(exc).strip().splitlines()[0][:300]}" if exc else ""
+        return DatasetError(f"{what}{detail}. Run `{hint}` to list every bad shard and sample")
+
+    def _check(self, batch: dict[str, torch.Tensor]) -> None:
+        """Compare each member's header with the canonical one; name the first bad sample."""
+        for name, want in (("wav_head", self._wav_head), ("npy_head", self._npy_head)):
+            got = batch[name].numpy()
+            bad = np.nonzero((got != want).any(axis=1))[0] if got.shape[1:] == want.shape else [0]
+            if len(bad):
+                src = bytes(batch["source"][bad[0]].numpy()).rstrip(b"\0").decode(errors="replace")
+                kind = "WAV header" if name == "wav_head" else "npy header"
+                raise self._fail(f"{self.manifest.root}: sample {src}: {kind} is not canonical")
+
+    def _batches(self, plan: RankPlan, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        try:
+            pipe = self.make_pipeline(plan)
+            pipe.build()
+            it = DALIGenericIterator([pipe], OUTPUTS, reader_name=READER,
+                                     last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)  # fmt: skip
+        except RuntimeError as exc:
+            raise self._fail(f"{self.manifest.root}: DALI could not open the {self.split} shards",
+                             exc) from None  # fmt: skip
+        try:
+            for i in range(plan.steps):
+                try:
+                    out = next(it)[0]
+                except StopIteration:
+                    raise self._fail(f"{self.manifest.root}: the {self.split} shards ended after "
+                                     f"{i} batches, the manifest promises {plan.steps}") from None  # fmt: skip
+                except Exception as exc:  # noqa: BLE001 - DALI raises several types
+                    raise self._fail(f"{self.manifest.root}: DALI failed reading the {self.split} "
+                                     f"shards at batch {i}", exc) from None  # fmt: skip
+                if i < skip:
+                    continue
+                if self.check_headers:
+                    self._check(out)
+                wav, arkit = out["wav"], out["arkit"]
+                if wav.device != self.device:
+                    wav, arkit = wav.to(self.device, non_blocking=True), arkit.to(self.device, non_blocking=True)
+                yield {"wav": wav, "arkit": arkit}
+        finally:
+            del it, pipe

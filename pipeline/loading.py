@@ -1,0 +1,139 @@
+"""One loader interface, two backends (``dali`` and ``torch``), chosen by name.
+
+Iterating yields ``{"wav": float32 [B, clip_samples], "arkit": float32 [B, frames, 52]}`` on
+the loader's device. ``len()`` is batches per epoch; iterating again starts the next epoch;
+``state_dict()`` / ``load_state_dict()`` resume mid-epoch with the same next batches. Which
+samples a rank reads comes from ``pipeline.sharding`` so both backends obey the same rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from pipeline.shard_format import DatasetError, Manifest, load_manifest
+from pipeline.sharding import RankPlan, rank_plan
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")  # fmt: skip
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but CUDA is not available")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+class EpochLoader:
+    """Epoch and resume bookkeeping shared by the backends; they implement ``_batches``."""
+
+    name = "base"
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str = "train",
+        batch_size: int = 16,
+        device: str | torch.device = "auto",
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        expect: dict | None = None,
+    ) -> None:
+        self.manifest: Manifest = load_manifest(data_dir)
+        self.manifest.check(**(expect or {}))
+        self.split = split
+        self.num_samples = self.manifest.num_samples(split)
+        if self.num_samples == 0:
+            raise DatasetError(f"{data_dir} has no {split!r} samples")
+        self.batch_size = batch_size
+        self.device = resolve_device(device)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        if len(self) == 0:
+            raise DatasetError(
+                f"{data_dir}: {self.num_samples} {split} samples over {world_size} rank(s) make "
+                f"no whole batch of {batch_size}; use a smaller batch or more data"
+            )
+        self._epoch = 0  # epoch the next __iter__ runs
+        self._skip = 0  # batches of that epoch already consumed (resume)
+        self._pos: tuple[int, int] | None = None  # (epoch, consumed) while iterating
+
+    def plan(self, epoch: int) -> RankPlan:
+        return rank_plan(self.seed, epoch, self.rank, self.world_size, self.num_samples,
+                         self.batch_size)  # fmt: skip
+
+    def __len__(self) -> int:
+        return self.plan(0).steps
+
+    @property
+    def epoch(self) -> int:
+        return self._pos[0] if self._pos else self._epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        epoch, skip = self._epoch, self._skip
+        # an abandoned iteration (debug stops early) still moves on to the next epoch
+        self._epoch, self._skip = epoch + 1, 0
+        plan = self.plan(epoch)
+        self._pos = (epoch, skip)
+        try:
+            for i, batch in enumerate(self._batches(plan, skip), start=skip):
+                self._pos = (epoch, i + 1)
+                yield batch
+        finally:
+            if self._pos == (epoch, plan.steps):
+                self._pos = None
+
+    def _batches(self, plan: RankPlan, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Where the next batch comes from; plain ints, safe for ``weights_only`` loading."""
+        epoch, consumed = self._pos if self._pos else (self._epoch, self._skip)
+        if consumed >= len(self):
+            epoch, consumed = epoch + 1, 0
+        return {"epoch": epoch, "batch": consumed, "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size, "batch_size": self.batch_size,
+                "num_samples": self.num_samples, "shuffle": self.shuffle}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "world_size", "batch_size", "num_samples", "shuffle"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"cannot resume: the checkpoint's loader had {key}={state[key]}, this one "
+                    f"has {key}={getattr(self, key)}; resume with the same data and settings"
+                )
+        self._epoch, self._skip, self._pos = int(state["epoch"]), int(state["batch"]), None
+
+
+def build_loader(
+    name: str,
+    data_dir: str | Path,
+    split: str = "train",
+    batch_size: int = 16,
+    device: str | torch.device = "auto",
+    shuffle: bool = True,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    **backend_options,
+) -> EpochLoader:
+    """Make a loader by backend name: ``"dali"`` or ``"torch"``."""
+    common = dict(data_dir=data_dir, split=split, batch_size=batch_size, device=device,
+                  shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)  # fmt: skip
+    if name == "dali":
+        from pipeline.dali_loader import DaliLoader
+
+        return DaliLoader(**common, **backend_options)
+    if name == "torch":
+        from pipeline.torch_loader import TorchLoader
+
+        return TorchLoader(**common, **backend_options)
+    raise ValueError(f"unknown loader {name!r}: choose 'dali' or 'torch'")

@@ -1,0 +1,200 @@
+"""The shard format: one place for its constants, the npy member, the DALI index, the manifest.
+
+A dataset directory holds ``manifest.json`` (written last: its presence means complete),
+``<split>-NNNNNN.tar`` WebDataset shards with a DALI ``.idx`` beside each, and
+``rejects.jsonl``. One sample = ``<key>.wav`` (canonical PCM16 WAV), ``<key>.arkit.npy``
+(float32 [frames, 52]) and ``<key>.json`` (where the window came from).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.arkit import ARKIT_NAMES, NUM_BLENDSHAPES
+from pipeline.audio import SAMPLE_RATE, WAV_HEADER_BYTES
+
+FORMAT_VERSION = 1
+FPS = 30
+WINDOW_SECONDS = 10.0
+CLIP_SAMPLES = int(SAMPLE_RATE * WINDOW_SECONDS)  # 160000
+FRAMES = int(FPS * WINDOW_SECONDS)  # 300
+WAV_EXT, NPY_EXT, JSON_EXT = "wav", "arkit.npy", "json"
+SPLITS = ("train", "val")
+MAKE_SHARDS_HINT = "python pipeline/make_shards.py --synthetic 400 --out DIR"
+VERIFY_HINT = "python pipeline/make_shards.py --verify {dir}"
+
+
+class DatasetError(RuntimeError):
+    """A dataset that is missing, incomplete, corrupt or disagrees with what was asked."""
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(arr, dtype="<f4"), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_header_bytes(frames: int = FRAMES, width: int = NUM_BLENDSHAPES) -> int:
+    """Length of the npy header for a float32 [frames, width] array (fixed per dataset)."""
+    return len(npy_bytes(np.zeros((frames, width), np.float32))) - 4 * frames * width
+
+
+def parse_arkit_npy(blob: bytes, frames: int = FRAMES, width: int = NUM_BLENDSHAPES) -> np.ndarray:
+    """Check that ``blob`` is a float32 [frames, width] C-order npy and return the array.
+
+    Never unpickles. Raises ValueError naming what differs.
+    """
+    expected = npy_bytes(np.zeros((frames, width), np.float32))
+    head = len(expected) - 4 * frames * width
+    if len(blob) == len(expected) and blob[:head] == expected[:head]:
+        return np.frombuffer(blob, dtype="<f4", offset=head).reshape(frames, width)
+    try:
+        arr = np.lib.format.read_array(io.BytesIO(blob), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is "not an npy"
+        raise ValueError(f"not a readable npy array ({exc})") from None
+    raise ValueError(
+        f"npy holds {arr.dtype} {tuple(arr.shape)}, expected float32 ({frames}, {width})"
+    )
+
+
+# ---------------------------------------------------------------- DALI index (wds2idx v1.2)
+
+
+def index_text(samples: list[list[tuple[str, int, int, str]]]) -> str:
+    """DALI's index: ``v1.2 <n>`` then per sample ``ext offset size name`` per component."""
+    lines = [f"v1.2 {len(samples)}"]
+    for comps in samples:
+        lines.append(" ".join(f"{e} {o} {s} {n}" for e, o, s, n in comps))
+    return "\n".join(lines) + "\n"
+
+
+def parse_index(text: str) -> list[list[tuple[str, int, int, str]]]:
+    lines = text.splitlines()
+    if not lines or not lines[0].startswith("v1.2 "):
+        raise ValueError("index does not start with 'v1.2 <count>'")
+    count = int(lines[0].split()[1])
+    body = [ln for ln in lines[1:] if ln.strip()]
+    if len(body) != count:
+        raise ValueError(f"index announces {count} samples but lists {len(body)}")
+    out = []
+    for ln in body:
+        f = ln.split()
+        if len(f) % 4:
+            raise ValueError(f"malformed index line: {ln[:80]!r}")
+        out.append([(f[i], int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f), 4)])
+    return out
+
+
+# ---------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str
+    split: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What loaders need from ``manifest.json``, read once and checked."""
+
+    root: Path
+    sample_rate: int
+    clip_samples: int
+    fps: int
+    frames: int
+    names: tuple[str, ...]
+    wav_header_bytes: int
+    npy_header_bytes: int
+    shards: tuple[Shard, ...]
+    raw: dict
+
+    def split_shards(self, split: str) -> list[Shard]:
+        return [s for s in self.shards if s.split == split]
+
+    def num_samples(self, split: str) -> int:
+        return sum(s.samples for s in self.split_shards(split))
+
+    def tar_paths(self, split: str) -> list[str]:
+        return [str(self.root / s.name) for s in self.split_shards(split)]
+
+    def idx_paths(self, split: str) -> list[str]:
+        return [p[: -len(".tar")] + ".idx" for p in self.tar_paths(split)]
+
+    def train_mean(self, target: str) -> np.ndarray | None:
+        key = "first_frame_mean" if target == "first_frame" else "frame_mean"
+        stats = self.raw.get("train_stats") or {}
+        return None if key not in stats else np.asarray(stats[key], np.float32)
+
+    def check(self, **expected) -> None:
+        """Refuse settings that disagree with the dataset, naming both values."""
+        for key, want in expected.items():
+            if want is None:
+                continue
+            have = getattr(self, key)
+            if have != want:
+                raise DatasetError(
+                    f"{self.root}: config asks for {key}={want} but the dataset's manifest says "
+                    f"{key}={have}; change the config or rebuild the shards"
+                )
+
+
+def load_manifest(data_dir: str | Path) -> Manifest:
+    root = Path(data_dir)
+    path = root / "manifest.json"
+    if not root.is_dir():
+        raise DatasetError(f"no dataset at {root}: make one with `{MAKE_SHARDS_HINT}`")
+    if not path.is_file():
+        raise DatasetError(
+            f"{root} has no manifest.json, so it is not a complete dataset (make_shards writes "
+            f"it last; an interrupted run leaves none): make one with `{MAKE_SHARDS_HINT}`"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path} is unreadable ({exc}): rebuild the dataset") from None
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise DatasetError(
+            f"{path} has format_version {raw.get('format_version')!r}, this code reads "
+            f"{FORMAT_VERSION}: rebuild with this version's make_shards"
+        )
+    try:
+        m = Manifest(
+            root=root,
+            sample_rate=int(raw["sample_rate"]),
+            clip_samples=int(raw["clip_samples"]),
+            fps=int(raw["fps"]),
+            frames=int(raw["frames"]),
+            names=tuple(raw["names"]),
+            wav_header_bytes=int(raw["wav_header_bytes"]),
+            npy_header_bytes=int(raw["npy_header_bytes"]),
+            shards=tuple(Shard(**s) for s in raw["shards"]),
+            raw=raw,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DatasetError(f"{path} is missing or has a bad field ({exc}): rebuild it") from None
+    if m.names != ARKIT_NAMES:
+        raise DatasetError(f"{path}: blendshape names are not the canonical ARKit order")
+    if m.wav_header_bytes != WAV_HEADER_BYTES:
+        raise DatasetError(f"{path}: wav_header_bytes {m.wav_header_bytes}, expected 44")
+    for s in m.shards:
+        p = root / s.name
+        if not p.is_file():
+            raise DatasetError(f"{p} is listed in the manifest but missing")
+        size = p.stat().st_size
+        if size != s.bytes:
+            raise DatasetError(
+                f"shard {p} is {size} bytes but the manifest says {s.bytes} (truncated or "
+                f"rewritten): run `{VERIFY_HINT.format(dir=root)}` to list every bad shard"
+            )
+        if not Path(str(p)[: -len(".tar")] + ".idx").is_file():
+            raise DatasetError(f"{p} has no .idx beside it: rebuild the dataset")
+    return m

@@ -1,0 +1,113 @@
+"""The baseline: the seed's ``torch.utils.data.DataLoader`` over the same shards.
+
+``DataLoader(batch_size=16, num_workers=4, pin_memory=True, drop_last=True)``, tensors moved
+with ``.to(device, non_blocking=True)``. Samples are read straight from the tars at the offsets
+in their DALI index (no pickle, no tar scanning), so a sampler can give this loader exactly
+the order ``pipeline.sharding`` plans, which keeps ranks disjoint and resume exact.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipeline.audio import PCM16_SCALE, AudioError, parse_canonical_wav
+from pipeline.loading import EpochLoader
+from pipeline.shard_format import (
+    NPY_EXT, VERIFY_HINT, WAV_EXT, DatasetError, Manifest, parse_arkit_npy, parse_index,
+)  # fmt: skip
+from pipeline.sharding import RankPlan, epoch_order
+
+
+class ShardSamples(Dataset):
+    """Random access to a split's samples through the DALI indexes."""
+
+    def __init__(self, manifest: Manifest, split: str) -> None:
+        self.manifest = manifest
+        self.paths = manifest.tar_paths(split)
+        self.items: list[tuple[int, str, int, int, int, int]] = []
+        for f, idx_path in enumerate(manifest.idx_paths(split)):
+            try:
+                index = parse_index(open(idx_path).read())
+            except (OSError, ValueError) as exc:
+                raise DatasetError(f"{idx_path}: {exc}; run `{VERIFY_HINT.format(dir=manifest.root)}`") from None
+            for comps in index:
+                by_ext = {c[0]: c for c in comps}
+                key = comps[0][3].partition(".")[0]
+                if WAV_EXT not in by_ext or NPY_EXT not in by_ext:
+                    raise DatasetError(f"{self.paths[f]}: sample {key} has no .wav or .arkit.npy")
+                w, n = by_ext[WAV_EXT], by_ext[NPY_EXT]
+                self.items.append((f, key, w[1], w[2], n[1], n[2]))
+        self._fds: dict[int, int] = {}
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _fd(self, f: int) -> int:
+        if self._pid != os.getpid():  # a forked worker must not share the parent's descriptors
+            self._fds, self._pid = {}, os.getpid()
+        if f not in self._fds:
+            self._fds[f] = os.open(self.paths[f], os.O_RDONLY)
+        return self._fds[f]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        f, key, w_off, w_size, n_off, n_size = self.items[i]
+        fd = self._fd(f)
+        wav, npy = os.pread(fd, w_size, w_off), os.pread(fd, n_size, n_off)
+        m = self.manifest
+        try:
+            pcm = parse_canonical_wav(wav, m.clip_samples, m.sample_rate)
+            arkit = parse_arkit_npy(npy, m.frames)
+        except (AudioError, ValueError) as exc:
+            raise DatasetError(
+                f"{self.paths[f]}: sample {key}: {exc}; run `{VERIFY_HINT.format(dir=m.root)}`"
+            ) from None
+        audio = pcm.astype(np.float32) * np.float32(1 / PCM16_SCALE)
+        return {"wav": torch.from_numpy(audio), "arkit": torch.from_numpy(arkit.copy())}
+
+
+class _EpochSampler(Sampler[int]):
+    """Yields whatever order the loader sets before each epoch (keeps workers persistent)."""
+
+    def __init__(self) -> None:
+        self.order: list[int] = []
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+class TorchLoader(EpochLoader):
+    name = "torch"
+
+    def __init__(self, *args, num_workers: int = 4, pin_memory: bool = True,
+                 drop_last: bool = True, prefetch_factor: int | None = None, **kw) -> None:  # fmt: skip
+        super().__init__(*args, **kw)
+        if not drop_last:
+            raise ValueError("the torch loader keeps the seed's drop_last=True (every rank "
+                             "must run the same number of whole batches)")  # fmt: skip
+        self.dataset = ShardSamples(self.manifest, self.split)
+        self._sampler = _EpochSampler()
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=self._sampler,
+            num_workers=num_workers,
+            pin_memory=pin_memory and self.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=num_workers > 0,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        )
+
+    def _batches(self, plan: RankPlan, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        order = epoch_order(plan, self.shuffle)[: plan.steps * self.batch_size]
+        self._sampler.order = order[skip * self.batch_size :].tolist()
+        for batch in self.loader:
+            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
