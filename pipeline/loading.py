@@ -1,7 +1,8 @@
 """One loader interface, two backends (``dali`` and ``torch``), chosen by name.
 
 Iterating yields ``{"wav": float32 [B, clip_samples], "arkit": float32 [B, frames, 52]}`` on
-the loader's device. ``len()`` is batches per epoch; iterating again starts the next epoch;
+the loader's device. ``len()`` is batches per epoch; iterating again starts the next epoch
+(after an iteration stopped early it continues that epoch, unless ``set_epoch`` says otherwise);
 ``state_dict()`` / ``load_state_dict()`` resume mid-epoch with the same next batches. Which
 samples a rank reads comes from ``pipeline.sharding`` so both backends obey the same rules.
 """
@@ -62,9 +63,8 @@ class EpochLoader:
                 f"{data_dir}: {self.num_samples} {split} samples over {world_size} rank(s) make "
                 f"no whole batch of {batch_size}; use a smaller batch or more data"
             )
-        self._epoch = 0  # epoch the next __iter__ runs
-        self._skip = 0  # batches of that epoch already consumed (resume)
-        self._pos: tuple[int, int] | None = None  # (epoch, consumed) while iterating
+        self._epoch = 0  # position: epoch in progress (or next) ...
+        self._skip = 0  # ... and batches of it already consumed
 
     def plan(self, epoch: int) -> RankPlan:
         return rank_plan(self.seed, epoch, self.rank, self.world_size, self.num_samples,
@@ -73,32 +73,35 @@ class EpochLoader:
     def __len__(self) -> int:
         return self.plan(0).steps
 
+    def _position(self) -> tuple[int, int]:
+        if self._skip >= len(self):
+            return self._epoch + 1, 0
+        return self._epoch, self._skip
+
     @property
     def epoch(self) -> int:
-        return self._pos[0] if self._pos else self._epoch
+        return self._position()[0]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch, unless the position is already inside it
+        (a resumed run). Like DistributedSampler.set_epoch, for loops that stop an epoch early.
+        """
+        if self._position()[0] != epoch:
+            self._epoch, self._skip = epoch, 0
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        epoch, skip = self._epoch, self._skip
-        # an abandoned iteration (debug stops early) still moves on to the next epoch
-        self._epoch, self._skip = epoch + 1, 0
-        plan = self.plan(epoch)
-        self._pos = (epoch, skip)
-        try:
-            for i, batch in enumerate(self._batches(plan, skip), start=skip):
-                self._pos = (epoch, i + 1)
-                yield batch
-        finally:
-            if self._pos == (epoch, plan.steps):
-                self._pos = None
+        """Continue from the position: the rest of an epoch, or the next whole epoch."""
+        epoch, skip = self._position()
+        for i, batch in enumerate(self._batches(self.plan(epoch), skip), start=skip):
+            self._epoch, self._skip = epoch, i + 1
+            yield batch
 
     def _batches(self, plan: RankPlan, skip: int) -> Iterator[dict[str, torch.Tensor]]:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
         """Where the next batch comes from; plain ints, safe for ``weights_only`` loading."""
-        epoch, consumed = self._pos if self._pos else (self._epoch, self._skip)
-        if consumed >= len(self):
-            epoch, consumed = epoch + 1, 0
+        epoch, consumed = self._position()
         return {"epoch": epoch, "batch": consumed, "seed": self.seed, "rank": self.rank,
                 "world_size": self.world_size, "batch_size": self.batch_size,
                 "num_samples": self.num_samples, "shuffle": self.shuffle}  # fmt: skip
@@ -110,7 +113,7 @@ class EpochLoader:
                     f"cannot resume: the checkpoint's loader had {key}={state[key]}, this one "
                     f"has {key}={getattr(self, key)}; resume with the same data and settings"
                 )
-        self._epoch, self._skip, self._pos = int(state["epoch"]), int(state["batch"]), None
+        self._epoch, self._skip = int(state["epoch"]), int(state["batch"])
 
 
 def build_loader(

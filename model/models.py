@@ -1,0 +1,91 @@
+"""Audio -> ARKit blendshape models. Both take ``wav [B, N]`` and end in a sigmoid ([0, 1])."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.features import LogMel
+
+
+def conv_block(cin: int, cout: int, kernel: int = 5, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv1d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation),
+        nn.BatchNorm1d(cout),
+        nn.GELU(),
+    )
+
+
+class SimplifiedModel(nn.Module):
+    """One frame of 52 blendshapes: the first frame's, from the start of the clip.
+
+    Frame 0 of a window sits at t = 0, so only the first ``context_seconds`` of audio are
+    looked at (the rest of the clip says nothing about it).
+    """
+
+    def __init__(self, n_mels: int = 64, hidden: int = 128, context_seconds: float = 0.3,
+                 num_blendshapes: int = 52, **mel) -> None:  # fmt: skip
+        super().__init__()
+        self.mel = LogMel(n_mels=n_mels, **mel)
+        self.context = max(1, int(round(context_seconds * self.mel.frames_per_second)))
+        self.norm = nn.BatchNorm1d(n_mels)
+        self.body = nn.Sequential(conv_block(n_mels, hidden, 3), conv_block(hidden, hidden, 3))
+        self.head = nn.Linear(2 * hidden, num_blendshapes)
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        hop = self.mel.hop_length
+        x = self.norm(self.mel(wav[:, : (self.context - 1) * hop + 1]))  # [B, n_mels, context]
+        h = self.body(x)
+        # the first frames matter most: their own features plus the context's average
+        feat = torch.cat([h[:, :, :3].mean(-1), h.mean(-1)], dim=1)
+        return torch.sigmoid(self.head(feat))
+
+
+class SequenceModel(nn.Module):
+    """All frames: ``[B, frames, 52]`` at 30 fps from the whole clip."""
+
+    def __init__(self, n_mels: int = 64, hidden: int = 128, frames: int = 300,
+                 num_blendshapes: int = 52, **mel) -> None:  # fmt: skip
+        super().__init__()
+        self.frames = frames
+        self.mel = LogMel(n_mels=n_mels, **mel)
+        self.norm = nn.BatchNorm1d(n_mels)
+        self.encoder = nn.Sequential(conv_block(n_mels, hidden), conv_block(hidden, hidden))
+        self.context = nn.Sequential(
+            conv_block(hidden, hidden, 3, dilation=1),
+            conv_block(hidden, hidden, 3, dilation=2),
+            conv_block(hidden, hidden, 3, dilation=4),
+        )
+        self.head = nn.Conv1d(hidden, num_blendshapes, 1)
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.mel(wav))  # [B, n_mels, T] at 100 fps
+        h = self.encoder(x)
+        # mel frame j sits at j/100 s and blendshape frame k at k/30 s: sample h at those times
+        t = torch.arange(self.frames, device=h.device, dtype=torch.float32) * (
+            self.mel.frames_per_second / 30.0)  # fmt: skip
+        lo = t.floor().long().clamp(max=h.shape[-1] - 1)
+        hi = (lo + 1).clamp(max=h.shape[-1] - 1)
+        w = (t - lo.float()).to(h.dtype)
+        h = h[:, :, lo] * (1 - w) + h[:, :, hi] * w  # [B, hidden, frames]
+        h = h + self.context(h)
+        return torch.sigmoid(self.head(h)).transpose(1, 2)  # [B, frames, 52]
+
+
+MODELS = {"simplified": SimplifiedModel, "sequence": SequenceModel}
+
+
+def build_model(name: str, target: str, **kw) -> nn.Module:
+    """``name`` in MODELS, or "auto": simplified for target first_frame, sequence otherwise."""
+    if name == "auto":
+        name = "simplified" if target == "first_frame" else "sequence"
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: choose from auto, {', '.join(MODELS)}")
+    if target == "first_frame" and name != "simplified":
+        raise ValueError("target first_frame needs model simplified (or auto)")
+    if target == "sequence" and name != "sequence":
+        raise ValueError("target sequence needs model sequence (or auto)")
+    if name == "simplified":
+        kw.pop("frames", None)
+    return MODELS[name](**kw)

@@ -1,0 +1,110 @@
+"""The trainer, end to end on a tiny real dataset with the real loaders (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from train.__main__ import main
+from train.config import ConfigError, load_config
+from train.trainer import targets
+
+SMALL = ["model.hidden=16", "model.n_mels=32", "data.batch_size=4", "data.num_workers=2",
+         "run.progress=false", "train.log_every=1"]  # fmt: skip
+
+
+def run(tmp_path, dataset, *sets, loader="dali", extra=()):
+    args = ["--loader", loader]
+    for s in (*SMALL, f"data.dir={dataset}", f"run.dir={tmp_path / 'run'}", *sets):
+        args += ["--set", s]
+    return main([*args, *extra])
+
+
+def metrics(tmp_path):
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines]
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_debug_run_does_three_batches_per_epoch_and_writes_metrics_and_checkpoint(
+    tmp_path, tiny_dataset, loader
+):
+    assert run(tmp_path, tiny_dataset, "train.epochs=2", loader=loader, extra=["--debug"]) == 0
+    m = metrics(tmp_path)
+    train_steps = [r["step"] for r in m if r["split"] == "train"]
+    assert train_steps == [1, 2, 3, 4, 5, 6]  # 3 per epoch, 2 epochs (36 samples would give 9)
+    assert [r["epoch"] for r in m if r["split"] == "train"] == [0, 0, 0, 1, 1, 1]
+    vals = [r for r in m if r["split"] == "val"]
+    assert [v["epoch"] for v in vals] == [0, 1]
+    for v in vals:
+        assert {"mse", "mae", "baseline_mse", "loss"} <= v.keys()
+        assert v["baseline_mse"] > 0 and v["mse"] > 0 and v["world_size"] == 1
+        assert len(v["per_blendshape_mae"]) == 52
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["step"] == 6
+    assert state["loader"]["epoch"] == 2 and state["loader"]["batch"] == 0
+    assert state["config"]["data"]["batch_size"] == 4
+    assert (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_first_frame_targets_are_frame_zero():
+    arkit = torch.rand(4, 300, 52)
+    y = targets(arkit, "first_frame")
+    assert y.shape == (4, 52) and torch.equal(y, arkit[:, 0, :])
+    assert targets(arkit, "sequence") is arkit
+    assert torch.equal(targets(arkit[:, 0, :], "first_frame"), arkit[:, 0, :])  # already 2-D
+
+
+def test_short_cpu_run_lowers_the_training_loss(tmp_path, tiny_dataset):
+    assert run(tmp_path, tiny_dataset, "train.epochs=3", "train.lr=3e-3") == 0
+    losses = [r["loss"] for r in metrics(tmp_path) if r["split"] == "train"]
+    assert len(losses) == 27  # 36 samples / batch 4 = 9 steps, 3 epochs
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.25 * first, (first, last)
+
+
+def test_sequence_target_trains_the_sequence_model(tmp_path, tiny_dataset):
+    assert run(tmp_path, tiny_dataset, "train.target=sequence", "train.max_steps=2") == 0
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert any(k.startswith("context.") for k in state["model"])  # SequenceModel's layers
+    v = [r for r in metrics(tmp_path) if r["split"] == "val"][0]
+    assert v["samples"] == 4
+
+
+def test_unknown_set_key_fails_listing_valid_keys(tmp_path, tiny_dataset, capsys):
+    assert run(tmp_path, tiny_dataset, "train.lrr=1") == 2
+    err = capsys.readouterr().err
+    assert "train.lrr" in err and "valid keys" in err and "train.lr" in err and "data.dir" in err
+    with pytest.raises(ConfigError, match="must be int"):
+        load_config(None, ["data.batch_size=abc"])
+
+
+def test_resume_continues_the_step_count_with_the_same_losses(tmp_path, tiny_dataset):
+    # uninterrupted: 12 steps (crosses the 9-step epoch boundary)
+    full = tmp_path / "full"
+    full.mkdir()
+    assert run(full, tiny_dataset, "train.max_steps=12") == 0
+    ref = {r["step"]: r["loss"] for r in metrics(full) if r["split"] == "train"}
+    # interrupted after 5 steps, then resumed with a larger max_steps from the command line
+    assert run(tmp_path, tiny_dataset, "train.max_steps=5") == 0
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 5
+    assert main(["--loader", "dali", "--resume", str(tmp_path / "run" / "last.pt"),
+                 "--set", "train.max_steps=12"]) == 0  # fmt: skip
+    got = {r["step"]: r["loss"] for r in metrics(tmp_path) if r["split"] == "train"}
+    assert sorted(got) == list(range(1, 13))
+    assert [got[s] for s in range(6, 13)] == [ref[s] for s in range(6, 13)]
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 12
+
+
+def test_missing_shards_say_how_to_make_them(tmp_path, capsys):
+    assert run(tmp_path, tmp_path / "nothing-here") == 1
+    err = capsys.readouterr().err
+    assert "nothing-here" in err and "make_shards.py" in err
+
+
+def test_config_that_disagrees_with_the_manifest_is_refused(tmp_path, tiny_dataset, capsys):
+    assert run(tmp_path, tiny_dataset, "data.clip_samples=80000") == 1
+    err = capsys.readouterr().err
+    assert "clip_samples=80000" in err and "clip_samples=160000" in err
