@@ -30,6 +30,11 @@ def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     import soundfile as sf
     import soxr
 
+    if str(path).lower().endswith(".wav"):
+        try:
+            _check_wav_complete(Path(path))
+        except OSError as exc:
+            raise AudioError(f"unreadable audio: {exc}") from None
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (RuntimeError, sf.LibsndfileError, TypeError, ValueError) as exc:
@@ -42,6 +47,30 @@ def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     if rate != sample_rate:
         mono = soxr.resample(mono, rate, sample_rate, quality="HQ").astype(np.float32)
     return mono
+
+
+def _check_wav_complete(path: Path) -> None:
+    """libsndfile reads a WAV cut short without complaint; compare the data chunk's declared
+    size with the bytes that are really there."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
+            return  # not RIFF: soundfile will say what it is
+        size = path.stat().st_size
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return
+            cid, length = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if cid == b"data":
+                have = size - f.tell()
+                if length != 0xFFFFFFFF and have < length:
+                    raise AudioError(
+                        f"WAV is truncated: its header promises {length} bytes of audio, "
+                        f"the file holds {have}"
+                    )
+                return
+            f.seek(length + (length & 1), 1)
 
 
 def to_pcm16(x: np.ndarray) -> np.ndarray:

@@ -219,6 +219,7 @@ def make_dataset(args: argparse.Namespace) -> int:
     # Workers return windows; the main process spools their bytes to one temp file so memory
     # stays flat, then writes shards in a seeded global order independent of worker timing.
     spool_path = out / f".spool-{os.getpid()}"
+    frames = int(round(args.window_seconds * fmt.FPS))  # frames per window: the npy data size
     entries: dict[str, list] = {s: [] for s in fmt.SPLITS}
     stats = {"frame_sum": np.zeros(52), "frames": 0, "first_sum": np.zeros(52), "firsts": 0}
     hours_in = 0.0
@@ -248,7 +249,7 @@ def make_dataset(args: argparse.Namespace) -> int:
                 key = f"{job.order:06d}_{stem}_{w:04d}"
                 entries[splits[job.order]].append((job.order, w, key, pos, len(wav), len(npy), len(meta)))
                 if splits[job.order] == "train":
-                    a = np.frombuffer(npy, "<f4", offset=len(npy) - 4 * fmt.FRAMES * 52).reshape(-1, 52)
+                    a = np.frombuffer(npy, "<f4", offset=len(npy) - 4 * frames * 52).reshape(-1, 52)
                     stats["frame_sum"] += a.sum(0, dtype=np.float64)
                     stats["frames"] += len(a)
                     stats["first_sum"] += a[0]
@@ -359,11 +360,14 @@ def verify_dataset(root: str | Path) -> list[str]:
                 for m in tf:
                     if not m.isfile():
                         continue
-                    members.append((m.name, m.offset_data, m.size))
                     f = tf.extractfile(m)
-                    data = f.read() if f else b""
+                    try:
+                        data = f.read() if f else b""
+                    except (tarfile.ReadError, EOFError):
+                        data = b""
                     if len(data) != m.size:
                         raise tarfile.ReadError(f"member {m.name} is cut short")
+                    members.append((m.name, m.offset_data, m.size))
                     blobs[m.name] = data
         except (tarfile.TarError, OSError, EOFError) as exc:
             problems.append(f"{where}: not a readable tar ({exc}) after {len(members)} members")
@@ -378,7 +382,11 @@ def verify_dataset(root: str | Path) -> list[str]:
         try:
             index = fmt.parse_index(idx_path.read_text())
             if index != expected_index:
-                problems.append(f"{idx_path}: does not match its tar (rebuild the index)")
+                pairs = enumerate(zip(index, expected_index, strict=False))
+                k = next((i for i, (a, b) in pairs if a != b), min(len(index), len(expected_index)))
+                first = (index if k < len(index) else expected_index)[k][0][3].partition(".")[0]
+                problems.append(f"{idx_path}: does not match its tar from sample {first} "
+                                f"(number {k}) on: truncated shard or stale index")  # fmt: skip
         except (OSError, ValueError) as exc:
             problems.append(f"{idx_path}: unreadable index ({exc})")
         if len(expected_index) != sh["samples"]:

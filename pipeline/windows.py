@@ -64,18 +64,19 @@ def cut_take(
             f"(differ by more than {tolerance_seconds} s)"
         )
     seconds = min(anim_seconds, audio_seconds)
-    if seconds < window_seconds:
-        raise TakeError(f"take is {seconds:.2f} s, shorter than one {window_seconds:g} s window")
     window_frames = int(round(window_seconds * fps))
     window_samples = int(round(window_seconds * rate))
     stride_frames = int(round((stride_seconds or window_seconds) * fps))
-    total_frames = int(np.floor(seconds * fps + 1e-9))
+    # the small epsilon absorbs float error in times (timecodes are large numbers of seconds)
+    total_frames = int(np.floor(seconds * fps + 1e-6))
     # the last window's audio must fit as well as its frames
     while (
         total_frames >= window_frames
         and frame_to_sample(total_frames - window_frames, rate, fps) + window_samples > len(audio)
     ):
         total_frames -= 1
+    if total_frames < window_frames:
+        raise TakeError(f"take is {seconds:.2f} s, shorter than one {window_seconds:g} s window")
     frames30 = resample_frames(times, values, fps, total_frames)
     out = []
     for w, f0 in enumerate(window_starts(total_frames, window_frames, stride_frames)):

@@ -1,0 +1,612 @@
+"""make_shards end to end: real inputs written with numpy + soundfile in temp dirs, the real
+converter, and the shards read back by our own parser, the webdataset library, DALI's reader
+and DALI's wds2idx."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import build_synthetic
+
+from pipeline import make_shards
+from pipeline import shard_format as fmt
+from pipeline.arkit import (
+    ALPHABETICAL_NAMES,
+    ARKIT_NAMES,
+    INDEX,
+    LIVE_LINK_EXTRA,
+    LIVE_LINK_NAMES,
+)
+from pipeline.audio import parse_canonical_wav, wav_header
+
+EXTS = (fmt.WAV_EXT, fmt.NPY_EXT, fmt.JSON_EXT)
+
+
+# ---------------------------------------------------------------- input writers
+
+
+def write_live_link_csv(path: Path, values: np.ndarray, frame_pos=None, *, names=LIVE_LINK_NAMES,
+                        start_frame: int = (10 * 3600 + 11 * 60 + 12) * 60 + 13) -> np.ndarray:  # fmt: skip
+    """A Live Link Face CSV (``Timecode,BlendshapeCount,<names>,<9 head/eye>``) of ``values``
+    ``[T, 52]`` given in the canonical order; each column is filled by its name. ``frame_pos`` is
+    each row's position in 60 fps frames (default 0..T-1; 1/1000 frame resolution), written as
+    ``HH:MM:SS:FF.fff``. Returns the rows' times in seconds from the first row."""
+    pos = np.arange(len(values)) if frame_pos is None else np.asarray(frame_pos, np.float64)
+    milli = start_frame * 1000 + np.round(pos * 1000).astype(np.int64)
+    cols = [INDEX[n.lower()] for n in names]
+    extra = ",".join(["0.75"] * len(LIVE_LINK_EXTRA))
+    lines = ["Timecode,BlendshapeCount," + ",".join(list(names) + list(LIVE_LINK_EXTRA))]
+    for m, row in zip(milli.tolist(), values[:, cols].tolist(), strict=True):
+        f, sub = divmod(m, 1000)
+        s, ff = divmod(f, 60)
+        tc = f"{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}:{ff:02d}.{sub:03d}"
+        lines.append(f"{tc},61," + ",".join(f"{v:.9g}" for v in row) + "," + extra)
+    Path(path).write_text("\n".join(lines) + "\n")
+    return (milli - milli[0]) / 60000.0
+
+
+def random_pcm(seconds: float, seed: int, rate: int = 16000) -> np.ndarray:
+    pcm = np.random.default_rng(seed).integers(-32768, 32768, int(round(seconds * rate)))
+    pcm[:2] = [-32768, 32767]  # the extremes survive too
+    return pcm.astype("<i2")
+
+
+def random_anim(seconds: float, seed: int, fps: int = 60) -> np.ndarray:
+    return (
+        np.random.default_rng([seed, 9]).random((int(round(seconds * fps)), 52)).astype(np.float32)
+    )
+
+
+def pcm16_take(folder: Path, stem: str, seconds: float, seed: int, anim: str = "csv",
+               anim_seconds: float | None = None):  # fmt: skip
+    """A 16 kHz mono PCM16 WAV (canonical already) with 60 fps animation as CSV or npy."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pcm = random_pcm(seconds, seed)
+    sf.write(str(folder / f"{stem}.wav"), pcm, 16000, subtype="PCM_16")
+    values = random_anim(seconds if anim_seconds is None else anim_seconds, seed)
+    if anim == "csv":
+        write_live_link_csv(folder / f"{stem}.csv", values)
+    elif anim == "npy":
+        np.save(folder / f"{stem}.npy", values)
+    return pcm, values
+
+
+# ---------------------------------------------------------------- running and reading back
+
+
+def run(*args: str) -> int:
+    return make_shards.main([*map(str, args), "--quiet", "--workers", "2"])
+
+
+def manifest(root: Path) -> dict:
+    return json.loads((root / "manifest.json").read_text())
+
+
+def read_shards(root: Path) -> list[dict]:
+    """Every sample of every shard, in manifest then tar order, read with tarfile."""
+    out: list[dict] = []
+    for sh in manifest(root)["shards"]:
+        with tarfile.open(root / sh["name"], "r:") as tf:
+            for m in tf:
+                key, _, ext = m.name.partition(".")
+                if not out or out[-1]["key"] != key or out[-1]["shard"] != sh["name"]:
+                    out.append({"key": key, "shard": sh["name"], "split": sh["split"]})
+                out[-1][ext] = tf.extractfile(m).read()
+    return out
+
+
+def parsed(root: Path) -> list[dict]:
+    """read_shards plus the parsed members: int16 samples, the arkit array and the json."""
+    man = manifest(root)
+    out = read_shards(root)
+    for s in out:
+        assert sorted(k for k in s if k in EXTS) == sorted(EXTS), s["key"]
+        s["pcm"] = parse_canonical_wav(s["wav"], man["clip_samples"])
+        s["arkit"] = fmt.parse_arkit_npy(s["arkit.npy"], man["frames"])
+        s["meta"] = json.loads(s["json"])
+        assert s["meta"]["split"] == s["split"]
+    return out
+
+
+def by_source(samples: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for s in samples:
+        out.setdefault(Path(s["meta"]["source"]).name, []).append(s)
+    for v in out.values():
+        v.sort(key=lambda s: s["meta"]["window"])
+    return out
+
+
+def rejects(root: Path) -> dict[str, str]:
+    lines = (root / "rejects.jsonl").read_text().splitlines()
+    out = {}
+    for ln in lines:
+        r = json.loads(ln)
+        assert set(r) == {"file", "reason"}
+        out[Path(r["file"]).name] = r["reason"]
+    assert len(out) == len(lines)
+    return out
+
+
+def start_sample(frame: int) -> int:
+    """round(frame * 16000 / 30) in integers (frame * 1600 / 3 is never a tie)."""
+    return (2 * frame * 1600 + 3) // 6
+
+
+# ---------------------------------------------------------------- 1. exact round trip
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    src = tmp_path / "in"
+    pcm_a, anim_a = pcm16_take(src, "take_a", 23.3, seed=1, anim="npy")
+    pcm_b, anim_b = pcm16_take(src, "take.b", 12.0, seed=2, anim="csv")
+    out = tmp_path / "out"
+    assert run("--input", src, "--out", out, "--val-fraction", "0.5", "--strict") == 0
+
+    man = manifest(out)
+    assert man["splits"] == {"train": 2, "val": 1} or man["splits"] == {"train": 1, "val": 2}
+    assert (man["clip_samples"], man["frames"], man["fps"], man["sample_rate"]) == (
+        160000,
+        300,
+        30,
+        16000,
+    )
+    assert man["names"] == list(ARKIT_NAMES) and man["rejects"] == 0
+    assert (out / "rejects.jsonl").read_text() == ""
+    assert man["input_hours"] == pytest.approx((23.3 + 12.0) / 3600)
+    for sh in man["shards"]:
+        blob = (out / sh["name"]).read_bytes()
+        assert sh["bytes"] == len(blob) and sh["sha256"] == hashlib.sha256(blob).hexdigest()
+        assert (out / sh["name"]).with_suffix(".idx").is_file()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+
+    samples = by_source(parsed(out))
+    assert {k: len(v) for k, v in samples.items()} == {"take_a.wav": 2, "take.b.wav": 1}
+    for name, pcm, anim in (("take_a.wav", pcm_a, anim_a), ("take.b.wav", pcm_b, anim_b)):
+        for w, s in enumerate(samples[name]):
+            assert "." not in s["key"] and s["key"].endswith(f"_{w:04d}")
+            assert s["wav"][:44] == wav_header(160000) and len(s["wav"]) == 44 + 320000
+            assert len(s["arkit.npy"]) - 300 * 52 * 4 == man["npy_header_bytes"]
+            f0 = 300 * w
+            s0 = start_sample(f0)
+            assert s["meta"]["window"] == w and s["meta"]["start_seconds"] == s0 / 16000
+            assert s["meta"]["animation"].endswith(".npy" if name == "take_a.wav" else ".csv")
+            np.testing.assert_array_equal(s["pcm"], pcm[s0 : s0 + 160000])
+            # 60 fps rows at 2k / 60 s are exactly the 30 fps frames k / 30 s
+            want = anim[2 * f0 : 2 * f0 + 600 : 2]
+            if name == "take_a.wav":
+                np.testing.assert_array_equal(s["arkit"], want)
+            else:  # through the CSV's text and timecodes: float32 precision
+                np.testing.assert_allclose(s["arkit"], want, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- 2. alignment and strides
+
+
+@pytest.mark.parametrize(
+    "seconds, stride, frames, starts",
+    [
+        (20.0, "2.5", 75, [0, 40000, 80000, 120000, 160000]),
+        (14.0, "0.6666666667", 20, [0, 10667, 21333, 32000, 42667, 53333, 64000]),
+    ],
+)
+def test_stride_windows_start_on_frame_aligned_samples(tmp_path, seconds, stride, frames, starts):
+    pcm, anim = pcm16_take(tmp_path / "in", "t", seconds, seed=3, anim="npy")
+    out = tmp_path / "out"
+    assert run("--input", tmp_path / "in", "--out", out, "--stride-seconds", stride,
+               "--val-fraction", "0") == 0  # fmt: skip
+    windows = by_source(parsed(out))["t.wav"]
+    assert [round(s["meta"]["start_seconds"] * 16000) for s in windows] == starts
+    for w, s in enumerate(windows):
+        f0 = w * frames
+        assert starts[w] == start_sample(f0)
+        assert s["meta"]["start_seconds"] == starts[w] / 16000
+        np.testing.assert_array_equal(s["pcm"], pcm[starts[w] : starts[w] + 160000])
+        np.testing.assert_array_equal(s["arkit"], anim[2 * f0 : 2 * f0 + 600 : 2])
+
+
+def test_other_window_length_and_train_stats(tmp_path):
+    pcm, anim = pcm16_take(tmp_path / "in", "t", 5.0, seed=4, anim="npy")
+    out = tmp_path / "out"
+    assert run("--input", tmp_path / "in", "--out", out, "--window-seconds", "2",
+               "--val-fraction", "0") == 0  # fmt: skip
+    man = manifest(out)
+    assert (man["clip_samples"], man["frames"], man["splits"]["train"]) == (32000, 60, 2)
+    samples = by_source(parsed(out))["t.wav"]
+    for w, s in enumerate(samples):
+        np.testing.assert_array_equal(s["pcm"], pcm[32000 * w : 32000 * (w + 1)])
+        np.testing.assert_array_equal(s["arkit"], anim[120 * w : 120 * (w + 1) : 2])
+    frames = np.concatenate([s["arkit"] for s in samples])
+    np.testing.assert_allclose(man["train_stats"]["frame_mean"], frames.mean(0), atol=1e-6)
+    firsts = np.stack([s["arkit"][0] for s in samples])
+    np.testing.assert_allclose(man["train_stats"]["first_frame_mean"], firsts.mean(0), atol=1e-6)
+    assert make_shards.verify_dataset(out) == []
+
+
+# ---------------------------------------------------------------- 3. 60 -> 30 fps on a ramp
+
+
+def ramp(t: np.ndarray) -> np.ndarray:
+    """Column j: 0.02 + j / 1000 + (0.005 + j / 2000) * t, inside [0, 1] for t < 20 s."""
+    j = np.arange(52)
+    return 0.02 + j / 1000 + (0.005 + j / 2000) * np.asarray(t, np.float64)[:, None]
+
+
+def test_csv_ramp_is_resampled_by_time(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(5)
+    # regular 60 fps; and jittered by up to 0.4 frame with two runs of dropped frames
+    regular = np.arange(720.0)
+    jitter = np.arange(721) + np.round(rng.uniform(-0.4, 0.4, 721), 3)
+    jitter[0] = 0
+    jitter = np.delete(jitter, list(range(200, 206)) + list(range(450, 453)))
+    for stem, pos in (("regular", regular), ("irregular", jitter)):
+        sf.write(str(src / f"{stem}.wav"), random_pcm(12.0, 6), 16000, subtype="PCM_16")
+        t = pos / 60  # the time each row's timecode encodes, from the first row
+        np.testing.assert_allclose(write_live_link_csv(src / f"{stem}.csv", ramp(t), pos), t,
+                                   rtol=0, atol=1e-12)  # fmt: skip
+    out = tmp_path / "out"
+    assert run("--input", src, "--out", out, "--val-fraction", "0", "--strict") == 0
+    samples = by_source(parsed(out))
+    want = ramp(np.arange(300) / 30)
+    for stem in ("regular", "irregular"):
+        (s,) = samples[f"{stem}.wav"]
+        np.testing.assert_allclose(s["arkit"], want, rtol=0, atol=1e-6)
+    # the jittered take really tells time-based resampling from taking every other row
+    every_other = ramp(jitter[::2][:300] / 60)
+    assert np.abs(every_other - want).max() > 1e-3
+
+
+# ---------------------------------------------------------------- 4. column orders by name
+
+
+def distinct(frames: int, names) -> np.ndarray:
+    """[frames, 52] in canonical order where the column of names[i] holds (i + 1) / 64."""
+    v = np.zeros((frames, 52), np.float32)
+    for i, n in enumerate(names):
+        v[:, INDEX[n.lower()]] = (i + 1) / 64
+    return v
+
+
+def test_live_link_and_alphabetical_orders_land_in_arkit_order(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    # 1) Live Link order, as the app writes it: column i of the CSV holds (i + 1) / 64
+    sf.write(str(src / "ll.wav"), random_pcm(10.5, 7), 16000, subtype="PCM_16")
+    write_live_link_csv(src / "ll.csv", distinct(630, LIVE_LINK_NAMES))
+    text = (src / "ll.csv").read_text().splitlines()
+    assert text[0] == "Timecode,BlendshapeCount," + ",".join(LIVE_LINK_NAMES + LIVE_LINK_EXTRA)
+    assert text[1].startswith("10:11:12:13.000,61,0.015625,0.03125,")
+    assert text[1].split(",")[2 + 15 : 2 + 17] == ["0.25", "0.265625"]  # JawRight, JawLeft
+    # 2) the same blendshapes with shuffled columns and any capitalisation
+    perm = np.random.default_rng(8).permutation(52)
+    mixed = [LIVE_LINK_NAMES[i] for i in perm]
+    mixed = [
+        n.upper() if i % 3 == 0 else n.lower() if i % 3 == 1 else n for i, n in enumerate(mixed)
+    ]
+    sf.write(str(src / "mixed.wav"), random_pcm(10.5, 8), 16000, subtype="PCM_16")
+    write_live_link_csv(src / "mixed.csv", distinct(630, mixed), names=mixed)
+    # 3) a .npy with its columns in alphabetical order: column i holds (i + 1) / 64
+    sf.write(str(src / "alpha.wav"), random_pcm(10.5, 9), 16000, subtype="PCM_16")
+    alpha = np.tile((np.arange(52, dtype=np.float32) + 1) / 64, (630, 1))
+    np.save(src / "alpha.npy", alpha)
+    out = tmp_path / "out"
+    assert run("--input", src, "--out", out, "--npy-order", "alphabetical", "--strict") == 0
+    samples = by_source(parsed(out))
+
+    (ll,) = samples["ll.wav"]
+    got = {name: set(ll["arkit"][:, j].tolist()) for j, name in enumerate(ARKIT_NAMES)}
+    # the traps, by name: Live Link has JawRight before JawLeft and MouthRight before MouthLeft
+    assert got["jawLeft"] == {17 / 64} and got["jawRight"] == {16 / 64}
+    assert got["mouthLeft"] == {23 / 64} and got["mouthRight"] == {22 / 64}
+    assert got["jawOpen"] == {18 / 64} and got["eyeBlinkLeft"] == {1 / 64}
+    for name in ARKIT_NAMES:
+        ll_pos = [n.lower() for n in LIVE_LINK_NAMES].index(name.lower())
+        assert got[name] == {(ll_pos + 1) / 64}, name
+
+    (mx,) = samples["mixed.wav"]
+    for j, name in enumerate(ARKIT_NAMES):
+        pos = [n.lower() for n in mixed].index(name.lower())
+        assert set(mx["arkit"][:, j].tolist()) == {(pos + 1) / 64}, name
+
+    (al,) = samples["alpha.wav"]
+    for j, name in enumerate(ARKIT_NAMES):
+        assert set(al["arkit"][:, j].tolist()) == {(ALPHABETICAL_NAMES.index(name) + 1) / 64}, name
+    assert al["arkit"][0, INDEX["browdownleft"]] == 1 / 64  # first alphabetically
+    assert al["arkit"][0, INDEX["tongueout"]] == 52 / 64
+
+
+# ---------------------------------------------------------------- 5. rejects
+
+
+def test_every_bad_input_is_a_reject_line_and_the_rest_convert(tmp_path):
+    src = tmp_path / "in"
+    good_pcm, _ = pcm16_take(src, "good", 12.0, seed=10)
+    pcm16_take(src, "nearly", 12.0, seed=11, anim_seconds=12.4)  # within 0.5 s: accepted
+    (src / "garbage.wav").write_bytes(np.random.default_rng(12).bytes(20000))
+    write_live_link_csv(src / "garbage.csv", random_anim(12.0, 12))
+    pcm16_take(src, "headonly", 12.0, seed=13)
+    (src / "headonly.wav").write_bytes((src / "headonly.wav").read_bytes()[:30])
+    pcm16_take(src, "truncated", 12.0, seed=14)
+    blob = (src / "truncated.wav").read_bytes()
+    (src / "truncated.wav").write_bytes(blob[: 44 + int(0.4 * (len(blob) - 44))])
+    for stem, bad in (("nan", np.nan), ("inf", np.inf)):
+        pcm16_take(src, stem, 12.0, seed=15, anim=None)
+        v = random_anim(12.0, 15)
+        v[100, INDEX["mouthclose"]] = bad
+        write_live_link_csv(src / f"{stem}.csv", v)
+    pcm16_take(src, "npynan", 12.0, seed=16, anim=None)
+    v = random_anim(12.0, 16)
+    v[5, 3] = np.nan
+    np.save(src / "npynan.npy", v)
+    pcm16_take(src, "npyshape", 12.0, seed=17, anim=None)
+    np.save(src / "npyshape.npy", random_anim(12.0, 17)[:, :51])
+    pcm16_take(src, "nocol", 12.0, seed=18, anim=None)
+    names = [n for n in LIVE_LINK_NAMES if n != "MouthLeft"]
+    write_live_link_csv(src / "nocol.csv", random_anim(12.0, 18), names=names)
+    pcm16_take(src, "lonely", 12.0, seed=19, anim=None)
+    write_live_link_csv(src / "orphan.csv", random_anim(12.0, 20))
+    pcm16_take(src, "short", 6.0, seed=21)
+    pcm16_take(src, "mismatch", 12.0, seed=22, anim_seconds=13.0)
+    # a second audio file with the stem of a good take: reported, the take still converts
+    dup_pcm, _ = pcm16_take(src, "dup", 11.0, seed=23)
+    sf.write(str(src / "dup.flac"), dup_pcm, 16000, subtype="PCM_16")
+    (src / "notes.txt").write_text("not an input")
+
+    out = tmp_path / "out"
+    assert run("--input", src, "--out", out, "--val-fraction", "0") == 0
+    got = rejects(out)
+    expected = {
+        "garbage.wav": "unreadable audio",
+        "headonly.wav": "unreadable audio",
+        "truncated.wav": "WAV is truncated: its header promises 384000 bytes of audio, the file holds 153600",
+        "nan.wav": "NaN or inf in data row 101",
+        "inf.wav": "NaN or inf in data row 101",
+        "npynan.wav": "npy contains NaN or inf",
+        "npyshape.wav": "npy has shape (720, 51), expected [T, 52]",
+        "nocol.wav": "missing 1 of the 52 ARKit columns: mouthLeft",
+        "lonely.wav": "audio has no animation file",
+        "orphan.csv": "animation has no audio file",
+        "short.wav": "take is 6.00 s, shorter than one 10 s window",
+        "mismatch.wav": "differ by more than 0.5 s",
+        "dup.wav": "second file with the same stem",
+    }
+    assert set(got) == set(expected)
+    for name, reason in expected.items():
+        assert reason in got[name], (name, got[name])
+    man = manifest(out)
+    assert man["rejects"] == len(expected)
+    samples = by_source(parsed(out))
+    assert {k: len(v) for k, v in samples.items()} == {
+        "good.wav": 1,
+        "nearly.wav": 1,
+        "dup.flac": 1,
+    }
+    np.testing.assert_array_equal(samples["good.wav"][0]["pcm"], good_pcm[:160000])
+    np.testing.assert_array_equal(samples["dup.flac"][0]["pcm"], dup_pcm[:160000])
+    assert man["splits"] == {"train": 3, "val": 0}
+
+    # --strict: the same inputs fail, and the directory does not look complete
+    out2 = tmp_path / "strict"
+    assert run("--input", src, "--out", out2, "--strict") == 1
+    assert not (out2 / "manifest.json").exists()
+    assert len(rejects(out2)) == len(expected)
+
+
+def test_no_usable_window_fails(tmp_path):
+    pcm16_take(tmp_path / "in", "short", 4.0, seed=24)
+    assert run("--input", tmp_path / "in", "--out", tmp_path / "out") == 1
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert "shorter than one" in rejects(tmp_path / "out")["short.wav"]
+
+
+def test_non_empty_out_needs_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exc:
+        run("--synthetic", "2", "--out", out)
+    assert exc.value.code not in (0, None) and "--overwrite" in str(exc.value.code)
+    assert not (out / "manifest.json").exists()
+    # --overwrite replaces an old dataset: stale shards go, other files stay
+    (out / "train-000099.tar").write_bytes(b"stale")
+    (out / "train-000099.idx").write_text("stale")
+    build_synthetic(out, 2, "--overwrite", "--val-fraction", "0")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "keep.txt", "manifest.json", "rejects.jsonl", "train-000000.idx", "train-000000.tar",
+    ]  # fmt: skip
+    assert manifest(out)["splits"] == {"train": 2, "val": 0}
+
+
+# ---------------------------------------------------------------- 7. --verify
+
+
+def test_verify_ok(tiny_dataset, capsys):
+    assert make_shards.main(["--verify", str(tiny_dataset)]) == 0
+    assert capsys.readouterr().out.strip() == f"{tiny_dataset}: OK"
+
+
+def _component(root: Path, shard: str, sample: int, ext: str) -> tuple[int, int, str]:
+    idx = fmt.parse_index((root / shard).with_suffix(".idx").read_text())
+    ((off, size, name),) = [(o, s, n) for e, o, s, n in idx[sample] if e == ext]
+    return off, size, name.partition(".")[0]
+
+
+def test_verify_names_shard_and_sample_of_flipped_npy_bytes(copy_dataset, capsys):
+    root = copy_dataset()
+    off, size, key = _component(root, "train-000001.tar", 5, fmt.NPY_EXT)
+    hdr = manifest(root)["npy_header_bytes"]
+    with open(root / "train-000001.tar", "r+b") as f:
+        f.seek(off + hdr + 4 * 52 * 7)  # frame 7
+        data = f.read(4 * 52)
+        f.seek(off + hdr + 4 * 52 * 7)
+        f.write(bytes(b ^ 0xFF for b in data))
+    assert make_shards.main(["--verify", str(root)]) == 1
+    out = capsys.readouterr().out
+    shard = str(root / "train-000001.tar")
+    assert f"{shard}: sha256 differs" in out
+    assert f"{shard}: sample {key}: arkit has NaN or inf" in out or (
+        f"{shard}: sample {key}: arkit outside [0, 1]" in out
+    )
+    assert "train-000000" not in out and "val-000000" not in out
+    assert out.strip().endswith("problems")
+
+
+@pytest.mark.parametrize("where", ["inside the wav", "inside the npy", "at a header"])
+def test_verify_names_shard_and_sample_of_a_truncated_shard(copy_dataset, capsys, where):
+    root = copy_dataset()
+    ext = fmt.NPY_EXT if where == "inside the npy" else fmt.WAV_EXT
+    off, size, key = _component(root, "train-000000.tar", 3, ext)
+    cut = off - 512 if where == "at a header" else off + size // 2
+    os.truncate(root / "train-000000.tar", cut)
+    assert make_shards.main(["--verify", str(root)]) == 1
+    out = capsys.readouterr().out
+    shard = str(root / "train-000000.tar")
+    assert f"{shard}: {cut} bytes, manifest says" in out
+    assert f"from sample {key} " in out  # the first sample that is not whole
+    assert "train-000001" not in out
+
+
+def test_verify_incomplete_dataset(tmp_path, capsys):
+    assert make_shards.main(["--verify", str(tmp_path)]) == 1
+    assert "manifest.json: missing or unreadable" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- 8. many input formats
+
+
+def test_many_input_formats_in_one_folder(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    # stem: (rate, channels, subtype, container, seconds, animation, sine Hz)
+    takes = {
+        "a22k_mono16": (22050, 1, "PCM_16", "wav", 12.0, "csv", 220.0),
+        "b44k_stereo16": (44100, 2, "PCM_16", "wav", 25.0, "csv", 330.0),
+        "c44k_stereo24": (44100, 2, "PCM_24", "wav", 20.5, "csv", 440.0),
+        "d48k_float": (48000, 1, "FLOAT", "wav", 15.0, "npy", 550.0),
+        "e_flac": (44100, 2, "PCM_16", "flac", 21.0, "csv", 660.0),
+        "f_short": (48000, 1, "FLOAT", "wav", 3.0, "csv", 770.0),
+    }
+    anims = {}
+    for i, (stem, (rate, ch, subtype, ext, seconds, anim, hz)) in enumerate(takes.items()):
+        t = np.arange(int(round(seconds * rate))) / rate
+        # channel c at amplitude 0.2 * (c + 1): the downmix has amplitude 0.1 * (ch + 1)
+        x = np.stack([0.2 * (c + 1) * np.sin(2 * np.pi * hz * t) for c in range(ch)], axis=1)
+        sf.write(str(src / f"{stem}.{ext}"), x, rate, subtype=subtype)
+        anims[stem] = random_anim(seconds, 30 + i)
+        if anim == "csv":
+            write_live_link_csv(src / f"{stem}.csv", anims[stem])
+        else:
+            np.save(src / f"{stem}.npy", anims[stem])
+    info = sf.info(str(src / "c44k_stereo24.wav"))
+    assert (info.samplerate, info.channels, info.subtype) == (44100, 2, "PCM_24")
+    assert sf.info(str(src / "e_flac.flac")).format == "FLAC"
+
+    out = tmp_path / "out"
+    assert run("--input", src, "--out", out) == 0
+    got = rejects(out)
+    assert list(got) == ["f_short.wav"] and "take is 3.00 s, shorter than one" in got["f_short.wav"]
+    samples = by_source(parsed(out))
+    counts = {Path(k).stem: len(v) for k, v in samples.items()}
+    assert counts == {"a22k_mono16": 1, "b44k_stereo16": 2, "c44k_stereo24": 2, "d48k_float": 1,
+                      "e_flac": 2}  # fmt: skip
+    man = manifest(out)
+    assert man["splits"]["train"] + man["splits"]["val"] == 8 and man["rejects"] == 1
+    assert man["input_hours"] == pytest.approx((12 + 25 + 20.5 + 15 + 21) / 3600, rel=1e-4)
+    for name, wins in samples.items():
+        stem = Path(name).stem
+        rate, ch, _, _, _, anim, hz = takes[stem]
+        for w, s in enumerate(wins):
+            s0 = start_sample(300 * w)
+            n = s0 + np.arange(160000)
+            want = 0.1 * (ch + 1) * np.sin(2 * np.pi * hz * n / 16000)
+            got_audio = s["pcm"][800:] / 32768.0  # away from the resampler's first samples
+            assert np.abs(got_audio - want[800:]).max() < 3e-3, (name, w)
+            frames = anims[stem][600 * w : 600 * w + 600 : 2]
+            np.testing.assert_allclose(s["arkit"], frames, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- 6. real readers
+
+
+def test_webdataset_library_reads_the_shards(tiny_dataset):
+    import webdataset as wds
+
+    man = manifest(tiny_dataset)
+    ref = read_shards(tiny_dataset)
+    for split in fmt.SPLITS:
+        tars = [str(tiny_dataset / s["name"]) for s in man["shards"] if s["split"] == split]
+        got = list(wds.WebDataset(tars, shardshuffle=False, empty_check=False))
+        want = [s for s in ref if s["split"] == split]
+        assert len(got) == man["splits"][split] == len(want) > 0
+        for g, w in zip(got, want, strict=True):
+            assert g["__key__"] == w["key"]
+            assert {k for k in g if not k.startswith("__")} == set(EXTS)
+            assert (g["wav"], g["arkit.npy"], g["json"]) == (w["wav"], w["arkit.npy"], w["json"])
+            pcm = parse_canonical_wav(g["wav"], 160000)
+            arr = np.load(io.BytesIO(g["arkit.npy"]), allow_pickle=False)
+            assert pcm.shape == (160000,) and arr.shape == (300, 52) and arr.dtype == np.float32
+            assert 0 <= arr.min() and arr.max() <= 1 and np.abs(pcm).max() > 1000
+            meta = json.loads(g["json"])
+            assert meta["split"] == split and meta["source"].startswith("synthetic:")
+
+
+def test_dali_reader_reads_the_shards_with_our_index(tiny_dataset):
+    from nvidia.dali import Pipeline, fn, types
+
+    man = manifest(tiny_dataset)
+    ref = read_shards(tiny_dataset)
+    batch = 4
+    for split in fmt.SPLITS:
+        tars = [str(tiny_dataset / s["name"]) for s in man["shards"] if s["split"] == split]
+        want = [s for s in ref if s["split"] == split]
+        assert len(want) % batch == 0
+        pipe = Pipeline(batch_size=batch, num_threads=1, device_id=None, prefetch_queue_depth=1)
+        with pipe:
+            wav, npy, meta = fn.readers.webdataset(
+                paths=tars, index_paths=[t[:-4] + ".idx" for t in tars],
+                ext=["wav", "arkit.npy", "json"], missing_component_behavior="error", name="r",
+            )  # fmt: skip
+            audio, _ = fn.decoders.audio(wav, dtype=types.INT16, downmix=True)
+            arr = fn.decoders.numpy(npy)
+            pipe.set_outputs(wav, npy, meta, audio, arr)
+        pipe.build()
+        assert pipe.epoch_size("r") == len(want)
+        for b in range(len(want) // batch):
+            outs = pipe.run()
+            for i in range(batch):
+                w = want[b * batch + i]
+                raw = [np.array(o[i]).tobytes() for o in outs[:3]]
+                assert raw == [w["wav"], w["arkit.npy"], w["json"]], w["key"]
+                np.testing.assert_array_equal(
+                    np.array(outs[3][i]).reshape(-1), parse_canonical_wav(w["wav"], 160000)
+                )
+                np.testing.assert_array_equal(
+                    np.array(outs[4][i]), fmt.parse_arkit_npy(w["arkit.npy"])
+                )
+        del pipe
+
+
+def test_wds2idx_writes_the_same_index(tiny_dataset, tmp_path):
+    man = manifest(tiny_dataset)
+    assert len(man["shards"]) >= 2
+    for sh in man["shards"]:
+        tar = tiny_dataset / sh["name"]
+        mine = tar.with_suffix(".idx").read_bytes()
+        theirs = tmp_path / f"{tar.stem}.idx"
+        proc = subprocess.run([sys.executable, "-m", "wds2idx", str(tar), str(theirs)],
+                              capture_output=True, text=True)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert theirs.read_bytes() == mine, sh["name"]
+        assert mine.startswith(f"v1.2 {sh['samples']}\n".encode())
