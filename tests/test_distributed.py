@@ -1,0 +1,145 @@
+"""Scale-out rules on CPU: 2 ranks with the gloo backend, both loaders, the real trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pipeline import build_loader
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["model.hidden=16", "model.n_mels=32", "data.batch_size=4", "data.num_workers=1",
+         "run.progress=false", "train.log_every=1"]  # fmt: skip
+
+
+def fingerprints(batch) -> list[bytes]:
+    return [bytes(w[:64].numpy().tobytes()) for w in batch["wav"]]
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_see_disjoint_samples_equal_steps_and_rotating_leftovers(tiny_dataset, loader, world):
+    batch = 5  # 36 samples: 30 used per epoch, 6 left out (at most world * batch - 1)
+    kw = {"num_workers": 0} if loader == "torch" else {}
+    loaders = [build_loader(loader, tiny_dataset, batch_size=batch, seed=3, rank=r,
+                            world_size=world, device="cpu", **kw) for r in range(world)]  # fmt: skip
+    everything = set()
+    left_out = []
+    for epoch in range(3):
+        seen: list[list[bytes]] = []
+        for lo in loaders:
+            fp = [f for b in lo for f in fingerprints(b)]
+            seen.append(fp)
+        assert len({len(s) for s in seen}) == 1  # every rank ran the same number of steps
+        assert len(seen[0]) == len(loaders[0]) * batch
+        flat = [f for s in seen for f in s]
+        assert len(flat) == len(set(flat)), f"epoch {epoch}: a sample was seen twice"
+        everything |= set(flat)
+        left_out.append(set(flat))
+        assert len(flat) == 30
+    # over the epochs nothing is starved and the left-out samples change
+    assert len(everything) == 36
+    assert len({frozenset(s) for s in left_out}) > 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, args: list[str], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), TQDM_DISABLE="1")  # fmt: skip
+    torch.set_num_threads(1)
+    from train.__main__ import main
+    from train.trainer import Trainer
+
+    seen: list[int] = []
+    orig = Trainer.load_state_dict
+
+    def load(self, state):  # noqa: ANN001 - record where each rank's loader resumes
+        orig(self, state)
+        seen.append(self.train_loader.state_dict()["batch"])
+
+    Trainer.load_state_dict = load
+    trainer_box = {}
+    orig_fit = Trainer.fit
+
+    def fit(self):  # noqa: ANN001 - keep the rank's trainer to dump its parameters
+        trainer_box["t"] = self
+        return orig_fit(self)
+
+    Trainer.fit = fit
+    rc = main(args)
+    t = trainer_box["t"]
+    torch.save({"rc": rc, "step": t.step, "resumed_at": seen,
+                "params": {k: v.detach().clone() for k, v in t.model.state_dict().items()},
+                "loader": t.train_loader.state_dict()}, Path(out) / f"rank{rank}.pt")  # fmt: skip
+
+
+def _spawn(args: list[str], out: Path, world: int = 2) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    mp.start_processes(_rank_main, args=(world, _free_port(), args, str(out)), nprocs=world,
+                       start_method="spawn", join=True)  # fmt: skip
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def _args(run_dir: Path, dataset: Path, loader: str, *sets: str) -> list[str]:
+    args = ["--loader", loader]
+    for s in (*SMALL, f"data.dir={dataset}", f"run.dir={run_dir}", *sets):
+        args += ["--set", s]
+    return args
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_ddp_ranks_stay_in_step_identical_and_resume_with_the_same_batches(
+    tmp_path, tiny_dataset, loader
+):
+    # 36 train samples, 2 ranks, batch 4: 4 steps per epoch per rank. 7 steps cross an epoch.
+    full = _spawn(_args(tmp_path / "full", tiny_dataset, loader, "train.max_steps=7"),
+                  tmp_path / "full-out")  # fmt: skip
+    assert [r["rc"] for r in full] == [0, 0]
+    assert [r["step"] for r in full] == [7, 7]
+    for k, v in full[0]["params"].items():
+        assert torch.equal(v, full[1]["params"][k]), f"{k} differs across ranks"
+    lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert {x["world_size"] for x in lines} == {2}
+    ref = {x["step"]: x["loss"] for x in lines if x["split"] == "train"}
+    assert sorted(ref) == list(range(1, 8))
+
+    part = _spawn(_args(tmp_path / "part", tiny_dataset, loader, "train.max_steps=2"),
+                  tmp_path / "part-out")  # fmt: skip
+    assert [r["step"] for r in part] == [2, 2]
+    resumed = _spawn(["--loader", loader, "--resume", str(tmp_path / "part" / "last.pt"),
+                      "--set", "train.max_steps=7"], tmp_path / "resumed-out")  # fmt: skip
+    assert [r["resumed_at"] for r in resumed] == [[2], [2]]  # each rank's loader mid-epoch
+    assert [r["step"] for r in resumed] == [7, 7]
+    lines = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    got = {x["step"]: x["loss"] for x in lines if x["split"] == "train"}
+    assert [got[s] for s in range(3, 8)] == [ref[s] for s in range(3, 8)]
+    for k, v in resumed[0]["params"].items():
+        assert torch.equal(v, full[0]["params"][k]), f"{k}: resumed run differs"
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(tmp_path, tiny_dataset):
+    """What a user types: torchrun --nproc_per_node=2 -m train --loader dali ..."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node=2", "--master_port", str(_free_port()), "-m", "train",
+           *_args(tmp_path / "run", tiny_dataset, "dali", "train.epochs=1")]  # fmt: skip
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TQDM_DISABLE": "1"})  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines and all(x["world_size"] == 2 for x in lines)
+    assert [x["step"] for x in lines if x["split"] == "train"] == [1, 2, 3, 4]
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 4
