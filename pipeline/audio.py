@@ -97,6 +97,32 @@ def canonical_wav_bytes(pcm: np.ndarray, sample_rate: int = SAMPLE_RATE) -> byte
     return wav_header(len(pcm), sample_rate) + pcm.tobytes()
 
 
+def check_wav_header(head: bytes, num_samples: int, sample_rate: int = SAMPLE_RATE) -> None:
+    """Raise AudioError naming the first field of a 44-byte header that is not canonical."""
+    if head == wav_header(num_samples, sample_rate):
+        return
+    if len(head) < WAV_HEADER_BYTES:
+        raise AudioError(f"not a canonical WAV: header is {len(head)} bytes, expected 44")
+    riff, _, wave, fmt, fmt_len, tag, ch, rate, _, _, bits, data, data_len = struct.unpack(
+        "<4sI4s4sIHHIIHH4sI", head[:WAV_HEADER_BYTES]
+    )
+    if riff != b"RIFF" or wave != b"WAVE":
+        reason = "not a RIFF/WAVE file"
+    elif fmt != b"fmt " or fmt_len != 16 or data != b"data":
+        reason = "header is not the canonical 44-byte layout (fmt chunk of 16, then data)"
+    elif tag != 1 or bits != 16:
+        reason = f"format tag {tag} with {bits} bits, expected PCM (1) 16-bit"
+    elif ch != 1:
+        reason = f"{ch} channels, expected mono"
+    elif rate != sample_rate:
+        reason = f"sample rate {rate}, expected {sample_rate}"
+    elif data_len != 2 * num_samples:
+        reason = f"data chunk of {data_len} bytes, expected {2 * num_samples}"
+    else:
+        reason = "header fields differ from the canonical header"
+    raise AudioError(f"not a canonical WAV: {reason}")
+
+
 def parse_canonical_wav(
     blob: bytes, num_samples: int, sample_rate: int = SAMPLE_RATE
 ) -> np.ndarray:
@@ -111,24 +137,5 @@ def parse_canonical_wav(
             f"WAV is {len(blob)} bytes, expected {expected} "
             f"(44-byte header + {num_samples} PCM16 samples)"
         )
-    head = blob[:WAV_HEADER_BYTES]
-    if head != wav_header(num_samples, sample_rate):
-        riff, _, wave, fmt, fmt_len, tag, ch, rate, _, _, bits, data, data_len = struct.unpack(
-            "<4sI4s4sIHHIIHH4sI", head
-        )
-        if riff != b"RIFF" or wave != b"WAVE":
-            reason = "not a RIFF/WAVE file"
-        elif fmt != b"fmt " or fmt_len != 16 or data != b"data":
-            reason = "header is not the canonical 44-byte layout (fmt chunk of 16, then data)"
-        elif tag != 1 or bits != 16:
-            reason = f"format tag {tag} with {bits} bits, expected PCM (1) 16-bit"
-        elif ch != 1:
-            reason = f"{ch} channels, expected mono"
-        elif rate != sample_rate:
-            reason = f"sample rate {rate}, expected {sample_rate}"
-        elif data_len != 2 * num_samples:
-            reason = f"data chunk of {data_len} bytes, expected {2 * num_samples}"
-        else:
-            reason = "header fields differ from the canonical header"
-        raise AudioError(f"not a canonical WAV: {reason}")
+    check_wav_header(blob[:WAV_HEADER_BYTES], num_samples, sample_rate)
     return np.frombuffer(blob, dtype="<i2", offset=WAV_HEADER_BYTES)

@@ -29,7 +29,9 @@ import torch
 
 from pipeline.audio import PCM16_SCALE, wav_header
 from pipeline.loading import EpochLoader
-from pipeline.shard_format import NPY_EXT, VERIFY_HINT, WAV_EXT, DatasetError, npy_bytes
+from pipeline.shard_format import (
+    NPY_EXT, VERIFY_HINT, WAV_EXT, DatasetError, diagnose_split, npy_bytes, read_split_index,
+)  # fmt: skip
 from pipeline.sharding import RankPlan
 
 READER = "Reader"
@@ -134,6 +136,8 @@ class DaliLoader(EpochLoader):
             initial_fill=initial_fill, dont_use_mmap=dont_use_mmap,
         )  # fmt: skip
         self.check_headers = check_headers
+        # sizes, bounds and a few tar headers, before DALI reads a byte (see read_split_index)
+        read_split_index(m, self.split)
         self._wav_head = np.frombuffer(wav_header(m.clip_samples, m.sample_rate), np.uint8)
         self._npy_head = np.frombuffer(npy_bytes(np.zeros((m.frames, 52), np.float32))[: m.npy_header_bytes], np.uint8)
 
@@ -152,19 +156,34 @@ class DaliLoader(EpochLoader):
         )  # fmt: skip
 
     def _fail(self, what: str, exc: BaseException | None = None) -> DatasetError:
+        """Our error for a DALI failure: name the bad sample when the data explains it."""
         hint = VERIFY_HINT.format(dir=self.manifest.root)
-        detail = f": {str(exc).strip().splitlines()[0][:300]}" if exc else ""
-        return DatasetError(f"{what}{detail}. Run `{hint}` to list every bad shard and sample")
+        if exc is not None:
+            culprit = diagnose_split(self.manifest, self.split)
+            first_line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            what = culprit if culprit else f"{what} (DALI: {first_line})"
+        return DatasetError(f"{what}. Run `{hint}` to list every bad shard and sample")
 
     def _check(self, batch: dict[str, torch.Tensor]) -> None:
-        """Compare each member's header with the canonical one; name the first bad sample."""
+        """Compare each member's header with the canonical one and check the blendshapes are
+        finite and in [0, 1]; name the first bad sample. Costs one small reduction per batch."""
+
+        def source(i: int) -> str:
+            return bytes(batch["source"][i].numpy()).rstrip(b"\0").decode(errors="replace")
+
         for name, want in (("wav_head", self._wav_head), ("npy_head", self._npy_head)):
             got = batch[name].numpy()
             bad = np.nonzero((got != want).any(axis=1))[0] if got.shape[1:] == want.shape else [0]
             if len(bad):
-                src = bytes(batch["source"][bad[0]].numpy()).rstrip(b"\0").decode(errors="replace")
                 kind = "WAV header" if name == "wav_head" else "npy header"
-                raise self._fail(f"{self.manifest.root}: sample {src}: {kind} is not canonical")
+                raise self._fail(f"{self.manifest.root}: sample {source(bad[0])}: {kind} is not "
+                                 "canonical")  # fmt: skip
+        arkit = batch["arkit"]
+        ok = ((arkit >= 0) & (arkit <= 1)).flatten(1).all(1)  # NaN compares false
+        if not bool(ok.all()):
+            i = int((~ok).nonzero()[0, 0])
+            raise self._fail(f"{self.manifest.root}: sample {source(i)}: blendshape values are "
+                             "NaN, inf or outside [0, 1]")  # fmt: skip
 
     def _batches(self, plan: RankPlan, skip: int) -> Iterator[dict[str, torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy

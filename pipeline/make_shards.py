@@ -162,14 +162,15 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]:
     return header_at + tarfile.BLOCKSIZE, len(data)
 
 
-def write_shard(path: Path, samples: list[tuple[str, bytes, bytes, bytes]]) -> dict:
-    """Write one tar and its DALI index under temporary names, then rename both."""
+def write_shard(path: Path, samples: list[tuple[str, list[tuple[str, bytes]]]]) -> dict:
+    """Write one tar of ``(key, [(ext, bytes), ...])`` samples and its DALI index under
+    temporary names, then rename both."""
     tmp_tar, tmp_idx = path.with_suffix(".tar.tmp"), path.with_suffix(".idx.tmp")
     index = []
     with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tf:
-        for key, wav, npy, meta in samples:
+        for key, members in samples:
             comps = []
-            for ext, data in ((fmt.WAV_EXT, wav), (fmt.NPY_EXT, npy), (fmt.JSON_EXT, meta)):
+            for ext, data in members:
                 name = f"{key}.{ext}"
                 off, size = _add(tf, name, data)
                 comps.append((ext, off, size, name))
@@ -267,7 +268,8 @@ def make_dataset(args: argparse.Namespace) -> int:
                 chunk = []
                 for _, _, key, pos, lw, ln, lm in items[k : k + args.samples_per_shard]:
                     blob = bytes(data[pos : pos + lw + ln + lm])
-                    chunk.append((key, blob[:lw], blob[lw : lw + ln], blob[lw + ln :]))
+                    chunk.append((key, [(fmt.WAV_EXT, blob[:lw]), (fmt.NPY_EXT, blob[lw : lw + ln]),
+                                        (fmt.JSON_EXT, blob[lw + ln :])]))  # fmt: skip
                 path = out / f"{split}-{k // args.samples_per_shard:06d}.tar"
                 shards.append({"split": split, **write_shard(path, chunk)})
         del data

@@ -198,3 +198,126 @@ def load_manifest(data_dir: str | Path) -> Manifest:
         if not Path(str(p)[: -len(".tar")] + ".idx").is_file():
             raise DatasetError(f"{p} has no .idx beside it: rebuild the dataset")
     return m
+
+
+# ---------------------------------------------------------------- start-up check of the indexes
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one sample's members lie in its tar (from the DALI index)."""
+
+    tar: str
+    key: str
+    wav: tuple[int, int]  # (offset, size)
+    npy: tuple[int, int]
+
+
+def _tar_header_names(fd: int, offset: int) -> tuple[str, int] | None:
+    """(name, size) of the ustar header just before ``offset``, or None if unreadable."""
+    import os
+
+    block = os.pread(fd, 512, offset - 512)
+    if len(block) < 512:
+        return None
+    name = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
+    try:
+        size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return None
+    return (f"{prefix}/{name}" if prefix else name), size
+
+
+def read_split_index(m: Manifest, split: str, spot_checks: int = 8) -> list[SampleRef]:
+    """Read and check a split's indexes before any loader touches the tars.
+
+    Cheap (the index files plus a few 512-byte tar headers per shard) and it turns the
+    failures that would crash or confuse DALI into a named error: an index that points past
+    the end of its tar (DALI can segfault on a memory-mapped truncated tar), members of the
+    wrong size (not canonical, wrong shape or dtype), a missing wav or npy, an index that
+    belongs to another tar.
+    """
+    import os
+
+    hint = f"run `{VERIFY_HINT.format(dir=m.root)}` to list every bad shard and sample"
+    wav_size = m.wav_header_bytes + 2 * m.clip_samples
+    npy_size = m.npy_header_bytes + 4 * m.frames * len(m.names)
+    refs: list[SampleRef] = []
+    for shard, tar, idx in zip(m.split_shards(split), m.tar_paths(split), m.idx_paths(split)):
+        try:
+            index = parse_index(Path(idx).read_text())
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise DatasetError(f"{idx}: unreadable index ({exc}); {hint}") from None
+        if len(index) != shard.samples:
+            raise DatasetError(f"{idx}: lists {len(index)} samples, the manifest says "
+                               f"{shard.samples} for {tar}; {hint}")  # fmt: skip
+        size = shard.bytes
+        first = len(refs)
+        for comps in index:
+            key = comps[0][3].partition(".")[0]
+            by_ext = {c[0]: c for c in comps}
+            where = f"{tar}: sample {key}"
+            for ext, want in ((WAV_EXT, wav_size), (NPY_EXT, npy_size)):
+                if ext not in by_ext:
+                    raise DatasetError(f"{where} has no .{ext} member; {hint}")
+                _, off, n, _ = by_ext[ext]
+                if n != want:
+                    what = "a canonical WAV" if ext == WAV_EXT else f"float32 [{m.frames}, 52]"
+                    raise DatasetError(f"{where}: .{ext} is {n} bytes, {what} is {want}; {hint}")
+                if off < 512 or off + n > size:
+                    raise DatasetError(f"{where}: .{ext} at bytes {off}..{off + n} lies outside "
+                                       f"the {size}-byte tar (truncated or stale index); {hint}")  # fmt: skip
+            refs.append(SampleRef(tar, key, by_ext[WAV_EXT][1:3], by_ext[NPY_EXT][1:3]))
+        # spot-check that the index describes this tar: the member headers where it points
+        picks = sorted({first + round(i * (len(index) - 1) / max(spot_checks - 1, 1))
+                        for i in range(spot_checks)} if index else set())  # fmt: skip
+        fd = os.open(tar, os.O_RDONLY)
+        try:
+            for i in picks:
+                r = refs[i]
+                for ext, (off, n) in ((WAV_EXT, r.wav), (NPY_EXT, r.npy)):
+                    got = _tar_header_names(fd, off)
+                    if got != (f"{r.key}.{ext}", n):
+                        raise DatasetError(
+                            f"{tar}: sample {r.key}: the tar header before byte {off} is not "
+                            f"{r.key}.{ext} ({n} bytes) as {Path(idx).name} says (corrupt tar "
+                            f"header or an index from another tar); {hint}"
+                        )
+        finally:
+            os.close(fd)
+    return refs
+
+
+def diagnose_split(m: Manifest, split: str) -> str | None:
+    """Find the first sample whose member headers or blendshape values are bad, reading every
+    sample's headers (and npy body). Called after DALI has failed, to say which sample made it
+    fail; None when every sample looks right."""
+    import os
+
+    from pipeline.audio import AudioError, check_wav_header
+
+    expected_npy = npy_bytes(np.zeros((m.frames, len(m.names)), np.float32))[: m.npy_header_bytes]
+    fds: dict[str, int] = {}
+    try:
+        for r in read_split_index(m, split):
+            fd = fds.get(r.tar) or fds.setdefault(r.tar, os.open(r.tar, os.O_RDONLY))
+            try:
+                check_wav_header(os.pread(fd, m.wav_header_bytes, r.wav[0]), m.clip_samples,
+                                 m.sample_rate)  # fmt: skip
+            except AudioError as exc:
+                return f"{r.tar}: sample {r.key}: {exc}"
+            npy = os.pread(fd, r.npy[1], r.npy[0])
+            if npy[: m.npy_header_bytes] != expected_npy:
+                try:
+                    parse_arkit_npy(npy, m.frames)
+                except ValueError as exc:
+                    return f"{r.tar}: sample {r.key}: {exc}"
+                return f"{r.tar}: sample {r.key}: npy header is not the canonical one"
+            a = np.frombuffer(npy, "<f4", offset=m.npy_header_bytes)
+            if not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
+                return f"{r.tar}: sample {r.key}: blendshape values are NaN, inf or outside [0, 1]"
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return None

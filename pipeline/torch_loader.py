@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipeline.audio import PCM16_SCALE, AudioError, parse_canonical_wav
 from pipeline.loading import EpochLoader
 from pipeline.shard_format import (
-    NPY_EXT, VERIFY_HINT, WAV_EXT, DatasetError, Manifest, parse_arkit_npy, parse_index,
+    VERIFY_HINT, DatasetError, Manifest, SampleRef, parse_arkit_npy, read_split_index,
 )  # fmt: skip
 from pipeline.sharding import RankPlan, epoch_order
 
@@ -28,44 +28,33 @@ class ShardSamples(Dataset):
 
     def __init__(self, manifest: Manifest, split: str) -> None:
         self.manifest = manifest
-        self.paths = manifest.tar_paths(split)
-        self.items: list[tuple[int, str, int, int, int, int]] = []
-        for f, idx_path in enumerate(manifest.idx_paths(split)):
-            try:
-                index = parse_index(open(idx_path).read())
-            except (OSError, ValueError) as exc:
-                raise DatasetError(f"{idx_path}: {exc}; run `{VERIFY_HINT.format(dir=manifest.root)}`") from None
-            for comps in index:
-                by_ext = {c[0]: c for c in comps}
-                key = comps[0][3].partition(".")[0]
-                if WAV_EXT not in by_ext or NPY_EXT not in by_ext:
-                    raise DatasetError(f"{self.paths[f]}: sample {key} has no .wav or .arkit.npy")
-                w, n = by_ext[WAV_EXT], by_ext[NPY_EXT]
-                self.items.append((f, key, w[1], w[2], n[1], n[2]))
-        self._fds: dict[int, int] = {}
+        self.items: list[SampleRef] = read_split_index(manifest, split)
+        self._fds: dict[str, int] = {}
         self._pid = -1
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def _fd(self, f: int) -> int:
+    def _fd(self, path: str) -> int:
         if self._pid != os.getpid():  # a forked worker must not share the parent's descriptors
             self._fds, self._pid = {}, os.getpid()
-        if f not in self._fds:
-            self._fds[f] = os.open(self.paths[f], os.O_RDONLY)
-        return self._fds[f]
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        f, key, w_off, w_size, n_off, n_size = self.items[i]
-        fd = self._fd(f)
-        wav, npy = os.pread(fd, w_size, w_off), os.pread(fd, n_size, n_off)
+        ref = self.items[i]
+        fd = self._fd(ref.tar)
+        wav, npy = os.pread(fd, ref.wav[1], ref.wav[0]), os.pread(fd, ref.npy[1], ref.npy[0])
         m = self.manifest
         try:
             pcm = parse_canonical_wav(wav, m.clip_samples, m.sample_rate)
             arkit = parse_arkit_npy(npy, m.frames)
+            if not (np.isfinite(arkit).all() and arkit.min() >= 0 and arkit.max() <= 1):
+                raise ValueError("arkit values are NaN, inf or outside [0, 1]")
         except (AudioError, ValueError) as exc:
             raise DatasetError(
-                f"{self.paths[f]}: sample {key}: {exc}; run `{VERIFY_HINT.format(dir=m.root)}`"
+                f"{ref.tar}: sample {ref.key}: {exc}; run `{VERIFY_HINT.format(dir=m.root)}`"
             ) from None
         audio = pcm.astype(np.float32) * np.float32(1 / PCM16_SCALE)
         return {"wav": torch.from_numpy(audio), "arkit": torch.from_numpy(arkit.copy())}
