@@ -30,7 +30,13 @@ import torch
 from pipeline.audio import PCM16_SCALE, wav_header
 from pipeline.loading import EpochLoader
 from pipeline.shard_format import (
-    NPY_EXT, VERIFY_HINT, WAV_EXT, DatasetError, diagnose_split, npy_bytes, read_split_index,
+    NPY_EXT,
+    VERIFY_HINT,
+    WAV_EXT,
+    DatasetError,
+    diagnose_split,
+    npy_bytes,
+    read_split_index,
 )  # fmt: skip
 from pipeline.sharding import RankPlan
 

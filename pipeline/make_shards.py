@@ -30,7 +30,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import arkit, audio, shard_format as fmt, synthetic  # noqa: E402
+from pipeline import arkit, audio, synthetic  # noqa: E402
+from pipeline import shard_format as fmt
 from pipeline.windows import TakeError, cut_take  # noqa: E402
 
 AUDIO_EXTS = (".wav", ".flac")
@@ -118,7 +119,7 @@ def find_inputs(root: Path) -> tuple[list[Job], list[dict]]:
         else:
             slot[kind] = p
     jobs, rejects = [], []
-    for stem, slot in sorted(by_stem.items()):
+    for _stem, slot in sorted(by_stem.items()):
         for extra in slot.get("dup", []):  # type: ignore[union-attr]
             rejects.append({"file": str(extra), "reason": "second file with the same stem"})
         if "audio" in slot and "anim" in slot:

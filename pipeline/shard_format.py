@@ -244,7 +244,7 @@ def read_split_index(m: Manifest, split: str, spot_checks: int = 8) -> list[Samp
     wav_size = m.wav_header_bytes + 2 * m.clip_samples
     npy_size = m.npy_header_bytes + 4 * m.frames * len(m.names)
     refs: list[SampleRef] = []
-    for shard, tar, idx in zip(m.split_shards(split), m.tar_paths(split), m.idx_paths(split)):
+    for shard, tar, idx in zip(m.split_shards(split), m.tar_paths(split), m.idx_paths(split), strict=True):
         try:
             index = parse_index(Path(idx).read_text())
         except (OSError, ValueError, UnicodeDecodeError) as exc:

@@ -18,7 +18,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipeline.audio import PCM16_SCALE, AudioError, parse_canonical_wav
 from pipeline.loading import EpochLoader
 from pipeline.shard_format import (
-    VERIFY_HINT, DatasetError, Manifest, SampleRef, parse_arkit_npy, read_split_index,
+    VERIFY_HINT,
+    DatasetError,
+    Manifest,
+    SampleRef,
+    parse_arkit_npy,
+    read_split_index,
 )  # fmt: skip
 from pipeline.sharding import RankPlan, epoch_order
 

@@ -330,7 +330,7 @@ def test_make_shards_killed_at_random_points_never_looks_complete(tmp_path):
     subprocess.run([*cmd, "--out", str(ref)], cwd=ROOT, check=True, timeout=300)
     out = tmp_path / "out"
     rng = random.Random(0)
-    for attempt in range(4):
+    for _ in range(4):
         proc = subprocess.Popen([*cmd, "--out", str(out), "--overwrite"], cwd=ROOT)
         time.sleep(rng.uniform(0.3, 4.0))
         proc.send_signal(signal.SIGKILL)

@@ -59,7 +59,8 @@ class StopRequested(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, loader: str, device: torch.device, d: Dist = Dist()) -> None:
+    def __init__(self, cfg: Config, loader: str, device: torch.device, d: Dist | None = None) -> None:
+        d = d or Dist()
         self.cfg, self.loader_name, self.device, self.dist = cfg, loader, device, d
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
@@ -158,7 +159,7 @@ class Trainer:
             "mae": (ab.sum() / (n * nb)).item(),
             "baseline_mse": (base.sum() / (n * nb)).item() if self.mean_predictor is not None else None,
             "samples": int(count.item()) if target == "first_frame" else int(count.item()) // self.cfg.data.frames,
-            "per_blendshape_mae": {name: round(float(v), 6) for name, v in zip(ARKIT_NAMES, per_mae)},
+            "per_blendshape_mae": {name: round(float(v), 6) for name, v in zip(ARKIT_NAMES, per_mae, strict=True)},
         }  # fmt: skip
         return rec
 
