@@ -66,6 +66,8 @@ class RunConfig:
     device: str = "auto"  # auto: CUDA when available
     checkpoint_every: int = 0  # steps between checkpoints (0: at the end of each epoch)
     progress: bool = True  # progress bar on rank 0
+    torch_threads: int = 0  # CPU threads for torch ops (0: torch's default); on a small CPU
+    # machine 1 leaves the other cores to the loader, which the step would otherwise fight
 
 
 @dataclass

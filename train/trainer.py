@@ -62,6 +62,8 @@ class Trainer:
     def __init__(self, cfg: Config, loader: str, device: torch.device, d: Dist | None = None) -> None:
         d = d or Dist()
         self.cfg, self.loader_name, self.device, self.dist = cfg, loader, device, d
+        if cfg.run.torch_threads:
+            torch.set_num_threads(cfg.run.torch_threads)
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         self.train_loader = make_loader(cfg, loader, "train", device, d)
