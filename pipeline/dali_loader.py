@@ -56,6 +56,7 @@ def build_pipeline(
     sample_rate: int = 16000,
     decode: str = "gpu",
     device_id: int | None = None,
+    gpu_ops: bool | None = None,
     shard_id: int = 0,
     num_shards: int = 1,
     shuffle: bool = False,
@@ -67,7 +68,13 @@ def build_pipeline(
     dont_use_mmap: bool = False,
     read_ahead: bool = False,
 ):
-    """The DALI graph. ``device_id=None`` runs it on CPU operators only."""
+    """The DALI graph. ``device_id=None`` runs it on CPU operators only.
+
+    ``gpu_ops`` (default: whether ``device_id`` is set) places the decode on GPU operators;
+    ``gpu_ops=True`` with ``device_id=None`` defines the CUDA graph on a machine without CUDA,
+    which DALI can ``serialize()`` but not build.
+    """
+    to_gpu = device_id is not None if gpu_ops is None else gpu_ops
     from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
 
@@ -100,7 +107,7 @@ def build_pipeline(
         npy_head = npy[:npy_header_bytes]
         source = fn.pad(fn.get_property(wav, key="source_info"), fill_value=0)
         if decode == "gpu":
-            if device_id is not None:
+            if to_gpu:
                 wav, npy = wav.gpu(), npy.gpu()
             if wav_header_bytes % 2 or npy_header_bytes % 4:
                 raise ValueError("headers must end on a sample boundary (44 and npy's 64-byte "
@@ -116,7 +123,7 @@ def build_pipeline(
             audio, _ = fn.decoders.audio(wav, dtype=types.FLOAT, downmix=True,
                                          sample_rate=sample_rate)  # fmt: skip
             arkit = fn.decoders.numpy(npy)  # float32 by contract (the header is checked)
-            if device_id is not None:
+            if to_gpu:
                 audio, arkit = audio.gpu(), arkit.gpu()
         pipe.set_outputs(audio, arkit, wav_head, npy_head, source)
     return pipe

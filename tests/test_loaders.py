@@ -511,6 +511,30 @@ def test_gpu_dali_default_decode_is_gpu_and_resumes(tiny_dataset):
         assert torch.equal(a["wav"], b["wav"]) and torch.equal(a["arkit"], b["arkit"])
 
 
+@pytest.mark.parametrize("decode", ["gpu", "cpu"])
+def test_cuda_graph_serializes_without_a_gpu(tiny_dataset, decode):
+    """The CUDA graph, defined with GPU operators but no device, serializes on a CPU machine."""
+    from pipeline.dali_loader import build_pipeline
+
+    m = load_manifest(tiny_dataset)
+    pipe = build_pipeline(m.tar_paths("train"), m.idx_paths("train"), batch_size=4,
+                          clip_samples=m.clip_samples, frames=m.frames,
+                          wav_header_bytes=m.wav_header_bytes, npy_header_bytes=m.npy_header_bytes,
+                          decode=decode, device_id=None, gpu_ops=True)  # fmt: skip
+    blob = pipe.serialize()
+    assert b"readers__Webdataset" in blob and b"gpu" in blob
+    if decode == "gpu":
+        assert b"Reinterpret" in blob and b"decoders__Audio" not in blob
+    else:
+        assert b"decoders__Audio" in blob and b"Reinterpret" not in blob
+    # the same definition without GPU operators mentions no GPU placement at all
+    cpu = build_pipeline(m.tar_paths("train"), m.idx_paths("train"), batch_size=4,
+                         clip_samples=m.clip_samples, frames=m.frames,
+                         wav_header_bytes=m.wav_header_bytes, npy_header_bytes=m.npy_header_bytes,
+                         decode=decode, device_id=None).serialize()  # fmt: skip
+    assert b"gpu" not in cpu
+
+
 @pytest.mark.gpu
 def test_gpu_cuda_graph_serializes(tiny_dataset):
     blob = _cuda_graph(tiny_dataset, "gpu").serialize()
