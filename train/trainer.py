@@ -67,7 +67,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         self.train_loader = make_loader(cfg, loader, "train", device, d)
-        self.val_loader = make_loader(cfg, loader, "val", device, d)
+        n_val = self.train_loader.manifest.num_samples("val")
+        # a dataset made with --val-fraction 0 (or fewer val samples than ranks) trains without
+        # validation rather than refusing to start
+        self.val_loader = make_loader(cfg, loader, "val", device, d) if n_val >= d.world_size else None
         m = cfg.model
         self.model = build_model(m.name, cfg.train.target, n_mels=m.n_mels, hidden=m.hidden,
                                  n_fft=m.n_fft, win_length=m.win_length, hop_length=m.hop_length,
@@ -223,12 +226,15 @@ class Trainer:
                 bar.close()
                 if not (t.max_steps and self.step >= t.max_steps):
                     self.train_loader.set_epoch(epoch + 1)  # a checkpoint now resumes there
-                last_val = self.validate(epoch)
-                self.log(last_val)
-                self.report(last_val)
-                if last_val["mse"] < self.best_val:
-                    self.best_val = last_val["mse"]
-                    self.save("best.pt")
+                if self.val_loader is not None:
+                    last_val = self.validate(epoch)
+                    self.log(last_val)
+                    self.report(last_val)
+                    if last_val["mse"] < self.best_val:
+                        self.best_val = last_val["mse"]
+                        self.save("best.pt")
+                elif epoch == start_epoch:
+                    self.say(f"{cfg.data.dir} has no val split: training without validation")
                 self.save()
         except StopRequested:
             self.save()
