@@ -48,14 +48,13 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import build_loader  # noqa: E402
-from pipeline.audio import PCM16_SCALE, parse_canonical_wav  # noqa: E402
 from pipeline.loading import resolve_device  # noqa: E402
 from pipeline.shard_format import (  # noqa: E402
     NPY_EXT,
     WAV_EXT,
     Manifest,
+    decode_sample,
     load_manifest,
-    parse_arkit_npy,
     read_split_index,
 )
 from pipeline.sharding import epoch_order, rank_plan  # noqa: E402
@@ -165,12 +164,10 @@ def loader_row(name: str, what: str, args, device: torch.device, backend: str,
     return Row(name, what, "loader", MODES, lambda epoch: loader_stream(loader, epoch, device))
 
 
-def _wds_decoder(clip_samples: int, sample_rate: int, frames: int):
+def _wds_decoder(m: Manifest):
     def decode(sample: dict) -> tuple[np.ndarray, np.ndarray]:
-        # our own parsers on the raw member bytes: no pickle, no webdataset autodecode
-        pcm = parse_canonical_wav(sample[WAV_EXT], clip_samples, sample_rate)
-        audio = pcm.astype(np.float32) * np.float32(1 / PCM16_SCALE)
-        return audio, parse_arkit_npy(sample[NPY_EXT], frames).copy()
+        # our own parser on the raw member bytes (as the torch row): no pickle, no autodecode
+        return decode_sample(sample[WAV_EXT], sample[NPY_EXT], m)
 
     return decode
 
@@ -187,7 +184,7 @@ def webdataset_row(args, m: Manifest, device: torch.device) -> Row:
         wds.WebDataset(m.tar_paths("train"), shardshuffle=len(m.tar_paths("train")), seed=0,
                        empty_check=False)  # fewer shards than workers leaves some idle
         .shuffle(args.wds_shuffle, seed=0)
-        .map(_wds_decoder(m.clip_samples, m.sample_rate, m.frames))
+        .map(_wds_decoder(m))
         .batched(args.batch_size, collation_fn=_wds_collate, partial=False)
     )  # fmt: skip
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=args.workers,

@@ -32,6 +32,7 @@ class LogMel(nn.Module):
                  hop_length: int = 160, n_mels: int = 64, fmin: float = 40.0,
                  fmax: float = 7600.0) -> None:  # fmt: skip
         super().__init__()
+        self.sample_rate = sample_rate
         self.n_fft, self.win_length, self.hop_length = n_fft, win_length, hop_length
         self.register_buffer("window", torch.hann_window(win_length), persistent=False)
         self.register_buffer("fb", mel_filterbank(n_fft, n_mels, sample_rate, fmin, fmax),
@@ -39,7 +40,7 @@ class LogMel(nn.Module):
 
     @property
     def frames_per_second(self) -> float:
-        return 16000 / self.hop_length
+        return self.sample_rate / self.hop_length
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         with torch.autocast(wav.device.type, enabled=False):  # the FFT wants float32

@@ -7,8 +7,9 @@ Decode modes:
   [frames, 52]. Half the host->device bytes of float32.
   The same graph runs on CPU operators without CUDA (``device_id=None``), so CI checks its
   arithmetic.
-- ``cpu``: ``fn.decoders.audio`` / ``fn.decoders.numpy`` on DALI's CPU threads (for shards
-  that are not canonical), then to the device.
+- ``cpu``: ``fn.decoders.audio`` / ``fn.decoders.numpy`` on DALI's CPU threads (full WAV and
+  npy parsing), then to the device. The default without CUDA. Shards must still be canonical:
+  the loader checks member sizes and headers in both modes.
 
 Every batch also carries the members' headers (a few bytes, kept on the host) and each
 sample's source; they are compared with the canonical headers so a bad member stops with an
@@ -34,8 +35,8 @@ from pipeline.shard_format import (
     VERIFY_HINT,
     WAV_EXT,
     DatasetError,
+    canonical_npy_header,
     diagnose_split,
-    npy_bytes,
     read_split_index,
 )  # fmt: skip
 from pipeline.sharding import RankPlan
@@ -154,7 +155,7 @@ class DaliLoader(EpochLoader):
         # sizes, bounds and a few tar headers, before DALI reads a byte (see read_split_index)
         read_split_index(m, self.split)
         self._wav_head = np.frombuffer(wav_header(m.clip_samples, m.sample_rate), np.uint8)
-        self._npy_head = np.frombuffer(npy_bytes(np.zeros((m.frames, 52), np.float32))[: m.npy_header_bytes], np.uint8)
+        self._npy_head = np.frombuffer(canonical_npy_header(m.frames, m.num_blendshapes), np.uint8)
 
     def make_pipeline(self, plan: RankPlan):
         # DALI reads ``initial_fill`` samples before the first batch and keeps its shuffle buffer
@@ -230,18 +231,26 @@ class DaliLoader(EpochLoader):
                 wav, arkit = out["wav"], out["arkit"]
                 if self.check_headers:
                     self._check_headers(out)
-                    # one min/max per batch; on CUDA it is read a batch later, when it is ready,
-                    # so the check never makes the host wait for the device
+                    # one min/max per batch. On CUDA it is copied to pinned memory behind an
+                    # event and read a batch later, waiting on that event only, so the host
+                    # never waits for the training step queued in between
                     bounds = torch.stack(torch.aminmax(arkit))
-                    if pending is not None:
-                        self._check_values(*pending)
-                    pending = (arkit, bounds, out) if arkit.is_cuda else None
-                    if pending is None:
+                    if arkit.is_cuda:
+                        host = torch.empty(2, dtype=bounds.dtype, pin_memory=True)
+                        host.copy_(bounds, non_blocking=True)
+                        ready = torch.cuda.Event()
+                        ready.record()
+                        if pending is not None:
+                            pending[3].synchronize()
+                            self._check_values(*pending[:3])
+                        pending = (arkit, host, out, ready)
+                    else:
                         self._check_values(arkit, bounds, out)
                 if wav.device != self.device:
                     wav, arkit = wav.to(self.device, non_blocking=True), arkit.to(self.device, non_blocking=True)
                 yield {"wav": wav, "arkit": arkit}
             if pending is not None:
-                self._check_values(*pending)
+                pending[3].synchronize()
+                self._check_values(*pending[:3])
         finally:
             del it, pipe

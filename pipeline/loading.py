@@ -82,11 +82,12 @@ class EpochLoader:
     def epoch(self) -> int:
         return self._position()[0]
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, restart: bool = False) -> None:
         """Start ``epoch`` from its first batch, unless the position is already inside it
-        (a resumed run). Like DistributedSampler.set_epoch, for loops that stop an epoch early.
+        (a resumed run) and ``restart`` is false. Like DistributedSampler.set_epoch, for loops
+        that stop an epoch early.
         """
-        if self._position()[0] != epoch:
+        if restart or self._position()[0] != epoch:
             self._epoch, self._skip = epoch, 0
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -102,16 +103,19 @@ class EpochLoader:
     def state_dict(self) -> dict:
         """Where the next batch comes from; plain ints, safe for ``weights_only`` loading."""
         epoch, consumed = self._position()
-        return {"epoch": epoch, "batch": consumed, "seed": self.seed, "rank": self.rank,
+        return {"backend": self.name, "epoch": epoch, "batch": consumed, "seed": self.seed,
+                "rank": self.rank,
                 "world_size": self.world_size, "batch_size": self.batch_size,
                 "num_samples": self.num_samples, "shuffle": self.shuffle}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "world_size", "batch_size", "num_samples", "shuffle"):
-            if key in state and state[key] != getattr(self, key):
+        for key, mine in (("backend", self.name), ("seed", self.seed),
+                          ("world_size", self.world_size), ("batch_size", self.batch_size),
+                          ("num_samples", self.num_samples), ("shuffle", self.shuffle)):  # fmt: skip
+            if key in state and state[key] != mine:
                 raise ValueError(
                     f"cannot resume: the checkpoint's loader had {key}={state[key]}, this one "
-                    f"has {key}={getattr(self, key)}; resume with the same data and settings"
+                    f"has {key}={mine}; resume with the same loader, data and settings"
                 )
         self._epoch, self._skip = int(state["epoch"]), int(state["batch"])
 

@@ -39,9 +39,13 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def canonical_npy_header(frames: int = FRAMES, width: int = NUM_BLENDSHAPES) -> bytes:
+    """The npy header of a float32 [frames, width] C-order array (fixed per dataset)."""
+    return npy_bytes(np.zeros((frames, width), np.float32))[: -4 * frames * width]
+
+
 def npy_header_bytes(frames: int = FRAMES, width: int = NUM_BLENDSHAPES) -> int:
-    """Length of the npy header for a float32 [frames, width] array (fixed per dataset)."""
-    return len(npy_bytes(np.zeros((frames, width), np.float32))) - 4 * frames * width
+    return len(canonical_npy_header(frames, width))
 
 
 def parse_arkit_npy(blob: bytes, frames: int = FRAMES, width: int = NUM_BLENDSHAPES) -> np.ndarray:
@@ -49,10 +53,9 @@ def parse_arkit_npy(blob: bytes, frames: int = FRAMES, width: int = NUM_BLENDSHA
 
     Never unpickles. Raises ValueError naming what differs.
     """
-    expected = npy_bytes(np.zeros((frames, width), np.float32))
-    head = len(expected) - 4 * frames * width
-    if len(blob) == len(expected) and blob[:head] == expected[:head]:
-        return np.frombuffer(blob, dtype="<f4", offset=head).reshape(frames, width)
+    head = canonical_npy_header(frames, width)
+    if len(blob) == len(head) + 4 * frames * width and blob.startswith(head):
+        return np.frombuffer(blob, dtype="<f4", offset=len(head)).reshape(frames, width)
     try:
         arr = np.lib.format.read_array(io.BytesIO(blob), allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - any parse failure is "not an npy"
@@ -60,6 +63,21 @@ def parse_arkit_npy(blob: bytes, frames: int = FRAMES, width: int = NUM_BLENDSHA
     raise ValueError(
         f"npy holds {arr.dtype} {tuple(arr.shape)}, expected float32 ({frames}, {width})"
     )
+
+
+def decode_sample(wav: bytes, npy: bytes, m: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    """Raw member bytes -> (audio float32 [clip_samples], arkit float32 [frames, 52]), checked.
+
+    The Python readers' decode (the torch baseline, the webdataset peer): int16 / 32768, the
+    same arithmetic as DALI's. Raises ValueError (AudioError) naming what is wrong.
+    """
+    from pipeline.audio import PCM16_SCALE, parse_canonical_wav
+
+    pcm = parse_canonical_wav(wav, m.clip_samples, m.sample_rate)
+    arkit = parse_arkit_npy(npy, m.frames, m.num_blendshapes)
+    if not (np.isfinite(arkit).all() and arkit.min() >= 0 and arkit.max() <= 1):
+        raise ValueError("blendshape values are NaN, inf or outside [0, 1]")
+    return pcm.astype(np.float32) * np.float32(1 / PCM16_SCALE), arkit.copy()
 
 
 # ---------------------------------------------------------------- DALI index (wds2idx v1.2)
@@ -116,6 +134,10 @@ class Manifest:
     npy_header_bytes: int
     shards: tuple[Shard, ...]
     raw: dict
+
+    @property
+    def num_blendshapes(self) -> int:
+        return len(self.names)
 
     def split_shards(self, split: str) -> list[Shard]:
         return [s for s in self.shards if s.split == split]
@@ -297,7 +319,7 @@ def diagnose_split(m: Manifest, split: str) -> str | None:
 
     from pipeline.audio import AudioError, check_wav_header
 
-    expected_npy = npy_bytes(np.zeros((m.frames, len(m.names)), np.float32))[: m.npy_header_bytes]
+    expected_npy = canonical_npy_header(m.frames, m.num_blendshapes)
     fds: dict[str, int] = {}
     try:
         for r in read_split_index(m, split):

@@ -11,18 +11,16 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.audio import PCM16_SCALE, AudioError, parse_canonical_wav
 from pipeline.loading import EpochLoader
 from pipeline.shard_format import (
     VERIFY_HINT,
     DatasetError,
     Manifest,
     SampleRef,
-    parse_arkit_npy,
+    decode_sample,
     read_split_index,
 )  # fmt: skip
 from pipeline.sharding import RankPlan, epoch_order
@@ -53,20 +51,16 @@ class ShardSamples(Dataset):
         wav, npy = os.pread(fd, ref.wav[1], ref.wav[0]), os.pread(fd, ref.npy[1], ref.npy[0])
         m = self.manifest
         try:
-            pcm = parse_canonical_wav(wav, m.clip_samples, m.sample_rate)
-            arkit = parse_arkit_npy(npy, m.frames)
-            if not (np.isfinite(arkit).all() and arkit.min() >= 0 and arkit.max() <= 1):
-                raise ValueError("arkit values are NaN, inf or outside [0, 1]")
-        except (AudioError, ValueError) as exc:
+            audio, arkit = decode_sample(wav, npy, m)
+        except ValueError as exc:
             raise DatasetError(
                 f"{ref.tar}: sample {ref.key}: {exc}; run `{VERIFY_HINT.format(dir=m.root)}`"
             ) from None
-        audio = pcm.astype(np.float32) * np.float32(1 / PCM16_SCALE)
-        return {"wav": torch.from_numpy(audio), "arkit": torch.from_numpy(arkit.copy())}
+        return {"wav": torch.from_numpy(audio), "arkit": torch.from_numpy(arkit)}
 
 
 class _EpochSampler(Sampler[int]):
-    """Yields whatever order the loader sets before each epoch (keeps workers persistent)."""
+    """Yields whatever order the loader sets before each epoch (the plan's, from sharding)."""
 
     def __init__(self) -> None:
         self.order: list[int] = []
@@ -96,7 +90,6 @@ class TorchLoader(EpochLoader):
             num_workers=num_workers,
             pin_memory=pin_memory and self.device.type == "cuda",
             drop_last=True,
-            persistent_workers=num_workers > 0,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
         )
 

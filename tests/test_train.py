@@ -120,3 +120,30 @@ def test_a_dataset_without_val_split_trains_without_validation(tmp_path, capsys)
     assert not [r for r in m if r["split"] == "val"]
     assert "no val split" in capsys.readouterr().out
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 4
+
+
+def test_val_batch_divides_each_ranks_share_so_validation_sees_every_sample():
+    from train.trainer import val_batch_size
+
+    assert val_batch_size(36, 1, 16) == 12  # 3 batches of 12: all 36
+    assert val_batch_size(100, 1, 16) == 10
+    assert val_batch_size(37, 2, 16) == 9  # shares of 18 and 19: 36 of 37 seen
+    assert val_batch_size(3, 4, 16) == 1
+
+
+def test_resume_keeps_the_checkpoints_loader_unless_told(tmp_path, tiny_dataset):
+    assert run(tmp_path, tiny_dataset, "train.max_steps=2", loader="torch") == 0
+    last = str(tmp_path / "run" / "last.pt")
+    assert torch.load(last, weights_only=True)["loader"]["backend"] == "torch"
+    assert main(["--resume", last, "--set", "train.max_steps=4"]) == 0  # no --loader given
+    loaders = {r["loader"] for r in metrics(tmp_path)}
+    assert loaders == {"torch"}
+    # asking for the other backend is refused: its shuffle order differs
+    assert main(["--loader", "dali", "--resume", last, "--set", "train.max_steps=6"]) == 1
+
+
+def test_a_cuda_device_without_cuda_is_a_clear_error(tmp_path, tiny_dataset, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert run(tmp_path, tiny_dataset, "run.device=cuda:0") == 2
+    assert "CUDA is not available" in capsys.readouterr().err

@@ -23,7 +23,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.y
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--loader", choices=("dali", "torch"), default="dali")
+    p.add_argument("--loader", choices=("dali", "torch"), default=None,
+                   help="data loader backend (default: dali, or the checkpoint's with --resume)")
     p.add_argument("--config", default=None, help=f"YAML config (default {DEFAULT_CONFIG.name})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set train.lr=3e-4 (repeatable)")
@@ -46,11 +47,16 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    d, device = init_distributed(cfg.run.device)
+    try:
+        d, device = init_distributed(cfg.run.device)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         from train.trainer import Trainer
 
-        trainer = Trainer(cfg, args.loader, device, d)
+        loader = args.loader or (state or {}).get("loader", {}).get("backend", "dali")
+        trainer = Trainer(cfg, loader, device, d)
         if state is not None:
             trainer.load_state_dict(state)
             trainer.say(f"resumed from {args.resume} at step {trainer.step}")

@@ -29,13 +29,17 @@ def init_distributed(device: str) -> tuple[Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda:")
-    if use_cuda:
-        dev = torch.device("cuda", local if device in ("auto", "cuda") else torch.device(device).index)
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
     d = Dist(rank, world, local)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"run.device={device} but CUDA is not available")
+    if device.startswith("cuda:") and d.enabled:
+        raise RuntimeError(f"run.device={device} pins every rank to one GPU; under torchrun use "
+                           "run.device=auto or cuda (each rank takes GPU LOCAL_RANK)")  # fmt: skip
+    if device == "cpu" or not torch.cuda.is_available():
+        dev = torch.device("cpu")
+    else:
+        dev = torch.device(device) if device.startswith("cuda:") else torch.device("cuda", local)
+        torch.cuda.set_device(dev)
     if d.enabled and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return d, dev

@@ -26,16 +26,22 @@ from train.config import Config
 from train.distributed import Dist, all_reduce_sum
 
 
-def make_loader(cfg: Config, loader: str, split: str, device: torch.device, d: Dist):
+def val_batch_size(n_val: int, world_size: int, at_most: int) -> int:
+    """The largest batch <= ``at_most`` that divides each rank's share of the val split, so
+    validation covers every sample (up to ``world_size - 1`` when the split does not divide)."""
+    share = max(1, n_val // world_size)
+    return max(b for b in range(1, min(at_most, share) + 1) if share % b == 0)
+
+
+def make_loader(cfg: Config, loader: str, split: str, device: torch.device, d: Dist,
+                n_val: int = 0):  # fmt: skip
     data = cfg.data
-    expect = {"sample_rate": data.sample_rate, "clip_samples": data.clip_samples, "frames": data.frames}
+    expect = {"sample_rate": data.sample_rate, "clip_samples": data.clip_samples,
+              "frames": data.frames, "num_blendshapes": data.num_blendshapes}  # fmt: skip
     batch = data.batch_size
     options: dict = {"expect": expect}
     if split == "val":
-        from pipeline.shard_format import load_manifest
-
-        per_rank = load_manifest(data.dir).num_samples("val") // d.world_size
-        batch = max(1, min(data.val_batch_size or batch, per_rank))
+        batch = val_batch_size(n_val, d.world_size, data.val_batch_size or batch)
     if loader == "torch":
         options.update(num_workers=data.num_workers, pin_memory=data.pin_memory, drop_last=data.drop_last)
     elif loader == "dali":
@@ -70,7 +76,8 @@ class Trainer:
         n_val = self.train_loader.manifest.num_samples("val")
         # a dataset made with --val-fraction 0 (or fewer val samples than ranks) trains without
         # validation rather than refusing to start
-        self.val_loader = make_loader(cfg, loader, "val", device, d) if n_val >= d.world_size else None
+        self.val_loader = (make_loader(cfg, loader, "val", device, d, n_val)
+                           if n_val >= d.world_size else None)  # fmt: skip
         m = cfg.model
         self.model = build_model(m.name, cfg.train.target, n_mels=m.n_mels, hidden=m.hidden,
                                  n_fft=m.n_fft, win_length=m.win_length, hop_length=m.hop_length,
@@ -138,7 +145,7 @@ class Trainer:
         ab = torch.zeros_like(sq)
         base = torch.zeros_like(sq)
         count = torch.zeros(1, dtype=torch.float64, device=self.device)
-        self.val_loader.set_epoch(0)  # the same unshuffled pass every time
+        self.val_loader.set_epoch(0, restart=True)  # the same unshuffled pass every time
         for batch_idx, batch in enumerate(self.val_loader):
             if self.cfg.train.debug and batch_idx >= 3:
                 break
@@ -175,6 +182,16 @@ class Trainer:
     # ------------------------------------------------------------ training
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got SIGTERM/SIGINT; under DDP all ranks agree after each step, so
+        they stop at the same step (a rank that stopped alone would hang the others)."""
+        if not self.dist.enabled:
+            return self._stop_signal is not None
+        flag = torch.tensor([self._stop_signal or 0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self._stop_signal = int(flag.item()) or None
+        return self._stop_signal is not None
 
     def fit(self) -> dict | None:
         cfg, t = self.cfg, self.cfg.train
@@ -219,7 +236,7 @@ class Trainer:
                     bar.update(1)
                     if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
                         self.save()
-                    if self._stop_signal is not None:
+                    if self._stop_requested():
                         raise StopRequested
                     if t.max_steps and self.step >= t.max_steps:
                         break
