@@ -216,14 +216,12 @@ def make_dataset(args: argparse.Namespace) -> int:
         rejects: list[dict] = []
     else:
         jobs, rejects = find_inputs(Path(args.input))
-    splits = split_of(jobs, args.val_fraction, args.seed)
 
     # Workers return windows; the main process spools their bytes to one temp file so memory
     # stays flat, then writes shards in a seeded global order independent of worker timing.
     spool_path = out / f".spool-{os.getpid()}"
     frames = int(round(args.window_seconds * fmt.FPS))  # frames per window: the npy data size
-    entries: dict[str, list] = {s: [] for s in fmt.SPLITS}
-    stats = {"frame_sum": np.zeros(52), "frames": 0, "first_sum": np.zeros(52), "firsts": 0}
+    entries: list[tuple] = []  # (recording order, window, key, spool offset, sizes...)
     hours_in = 0.0
     from tqdm import tqdm
 
@@ -244,33 +242,40 @@ def make_dataset(args: argparse.Namespace) -> int:
             for w, start, wav, npy in windows:
                 meta = json.dumps({
                     "source": job.source, "animation": job.anim, "window": w,
-                    "start_seconds": start / audio.SAMPLE_RATE, "split": splits[job.order],
+                    "start_seconds": start / audio.SAMPLE_RATE,
                 }).encode()  # fmt: skip
                 pos = spool.tell()
                 spool.write(wav + npy + meta)
                 key = f"{job.order:06d}_{stem}_{w:04d}"
-                entries[splits[job.order]].append((job.order, w, key, pos, len(wav), len(npy), len(meta)))
-                if splits[job.order] == "train":
-                    a = np.frombuffer(npy, "<f4", offset=len(npy) - 4 * frames * 52).reshape(-1, 52)
-                    stats["frame_sum"] += a.sum(0, dtype=np.float64)
-                    stats["frames"] += len(a)
-                    stats["first_sum"] += a[0]
-                    stats["firsts"] += 1
+                entries.append((job.order, w, key, pos, len(wav), len(npy), len(meta)))
         bar.close()
 
+    # split by whole recording, among those that gave windows (a rejected take is no val set)
+    used = {e[0] for e in entries}
+    splits = split_of([j for j in jobs if j.order in used], args.val_fraction, args.seed)
+    by_split = {s: sorted(e for e in entries if splits[e[0]] == s) for s in fmt.SPLITS}
+    stats = {"frame_sum": np.zeros(52), "frames": 0, "first_sum": np.zeros(52), "firsts": 0}
     shards = []
     try:
         data = np.memmap(spool_path, mode="r") if spool_path.stat().st_size else b""
         for split in fmt.SPLITS:
-            items = sorted(entries[split])
+            items = by_split[split]
             order = np.random.default_rng([args.seed, 2, fmt.SPLITS.index(split)]).permutation(len(items))
             items = [items[i] for i in order]
             for k in range(0, len(items), args.samples_per_shard):
                 chunk = []
                 for _, _, key, pos, lw, ln, lm in items[k : k + args.samples_per_shard]:
                     blob = bytes(data[pos : pos + lw + ln + lm])
-                    chunk.append((key, [(fmt.WAV_EXT, blob[:lw]), (fmt.NPY_EXT, blob[lw : lw + ln]),
-                                        (fmt.JSON_EXT, blob[lw + ln :])]))  # fmt: skip
+                    npy = blob[lw : lw + ln]
+                    meta = json.dumps({**json.loads(blob[lw + ln :]), "split": split}).encode()
+                    chunk.append((key, [(fmt.WAV_EXT, blob[:lw]), (fmt.NPY_EXT, npy),
+                                        (fmt.JSON_EXT, meta)]))  # fmt: skip
+                    if split == "train":  # the mean predictor's values, for the trainer
+                        a = np.frombuffer(npy, "<f4", offset=ln - 4 * frames * 52).reshape(-1, 52)
+                        stats["frame_sum"] += a.sum(0, dtype=np.float64)
+                        stats["frames"] += len(a)
+                        stats["first_sum"] += a[0]
+                        stats["firsts"] += 1
                 path = out / f"{split}-{k // args.samples_per_shard:06d}.tar"
                 shards.append({"split": split, **write_shard(path, chunk)})
         del data
@@ -278,7 +283,7 @@ def make_dataset(args: argparse.Namespace) -> int:
         spool_path.unlink(missing_ok=True)
 
     atomic_write_text(out / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
-    counts = {s: len(entries[s]) for s in fmt.SPLITS}
+    counts = {s: len(by_split[s]) for s in fmt.SPLITS}
     total = counts["train"] + counts["val"]
     if total == 0:
         print(f"error: no usable windows ({len(rejects)} rejects, see {out / 'rejects.jsonl'})",

@@ -71,7 +71,10 @@ def make_take(seed: int, index: int, seconds: float = 10.0):
     rng = np.random.default_rng([seed, index])
     speaker = np.random.default_rng([seed, index % 8, 7])  # 8 speakers share voice/face traits
     n_ctrl = int(seconds * CTRL_RATE) + 1
-    c = _controls(rng, n_ctrl)
+    # a take starts anywhere in the speech (as windows cut from long recordings do), so even the
+    # first frame of a window depends on what is being said
+    lead = int(rng.integers(0, CTRL_RATE))
+    c = {k: v[lead:] for k, v in _controls(rng, n_ctrl + lead).items()}
     t_ctrl = np.arange(n_ctrl) / CTRL_RATE
 
     # ---- audio: harmonics of a wandering f0 shaped by the current vowel's formants

@@ -610,3 +610,17 @@ def test_wds2idx_writes_the_same_index(tiny_dataset, tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert theirs.read_bytes() == mine, sh["name"]
         assert mine.startswith(f"v1.2 {sh['samples']}\n".encode())
+
+
+def test_val_split_is_chosen_among_recordings_that_gave_windows(tmp_path):
+    """A rejected take must not be the val split, leaving val empty."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        pcm16_take(src, f"take{i}", 12.0, seed=40 + i)
+    pcm16_take(src, "tiny", 3.0, seed=45)
+    for seed in range(6):  # whichever recording the seed picks, val holds a real one
+        out = tmp_path / f"out{seed}"
+        assert run("--input", src, "--out", out, "--val-fraction", "0.1", "--seed", str(seed)) == 0
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["splits"] == {"train": 2, "val": 1}, (seed, m["splits"])
