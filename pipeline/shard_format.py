@@ -326,33 +326,22 @@ def read_split_index(m: Manifest, split: str, spot_checks: int = 8) -> list[Samp
 
 
 def diagnose_split(m: Manifest, split: str) -> str | None:
-    """Find the first sample whose member headers or blendshape values are bad, reading every
-    sample's headers (and npy body). Called after DALI has failed, to say which sample made it
-    fail; None when every sample looks right."""
+    """After DALI has failed: the first sample of the split that explains it, reading and
+    decoding every sample as the Python readers do; None when every sample looks right."""
     import os
 
-    from pipeline.audio import AudioError, check_wav_header
-
-    expected_npy = canonical_npy_header(m.frames, m.num_blendshapes)
+    try:
+        refs = read_split_index(m, split)  # indexes, sizes and every member header
+    except DatasetError as exc:
+        return str(exc).split("; run `")[0]
     fds: dict[str, int] = {}
     try:
-        for r in read_split_index(m, split):
+        for r in refs:
             fd = fds.get(r.tar) or fds.setdefault(r.tar, os.open(r.tar, os.O_RDONLY))
             try:
-                check_wav_header(os.pread(fd, m.wav_header_bytes, r.wav[0]), m.clip_samples,
-                                 m.sample_rate)  # fmt: skip
-            except AudioError as exc:
+                decode_sample(os.pread(fd, r.wav[1], r.wav[0]), os.pread(fd, r.npy[1], r.npy[0]), m)
+            except ValueError as exc:
                 return f"{r.tar}: sample {r.key}: {exc}"
-            npy = os.pread(fd, r.npy[1], r.npy[0])
-            if npy[: m.npy_header_bytes] != expected_npy:
-                try:
-                    parse_arkit_npy(npy, m.frames)
-                except ValueError as exc:
-                    return f"{r.tar}: sample {r.key}: {exc}"
-                return f"{r.tar}: sample {r.key}: npy header is not the canonical one"
-            a = np.frombuffer(npy, "<f4", offset=m.npy_header_bytes)
-            if not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
-                return f"{r.tar}: sample {r.key}: blendshape values are NaN, inf or outside [0, 1]"
     finally:
         for fd in fds.values():
             os.close(fd)
