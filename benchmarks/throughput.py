@@ -63,8 +63,18 @@ from pipeline.sharding import epoch_order, rank_plan  # noqa: E402
 warnings.filterwarnings("ignore", message="This DataLoader will create")
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("loader", "train")
-ROW_ORDER = ("torch", "webdataset", "dali-cpu", "dali-cpu-copy", "dali-gpu", "dali-raw",
-             "read-only", "h2d-pinned", "synthetic-gpu", "synthetic-cpu")  # fmt: skip
+ROW_ORDER = (
+    "torch",
+    "webdataset",
+    "dali-cpu",
+    "dali-cpu-copy",
+    "dali-gpu",
+    "dali-raw",
+    "read-only",
+    "h2d-pinned",
+    "synthetic-gpu",
+    "synthetic-cpu",
+)
 
 # ---------------------------------------------------------------- defaults (one block)
 DEFAULTS = dict(
@@ -103,8 +113,10 @@ def ensure_dataset(path: Path, windows: int, samples_per_shard: int | None = Non
         )
     from pipeline import make_shards
 
-    print(f"building a synthetic dataset of {windows} windows in {path} (once; reused later)",
-          flush=True)  # fmt: skip
+    print(
+        f"building a synthetic dataset of {windows} windows in {path} (once; reused later)",
+        flush=True,
+    )
     args = ["--synthetic", str(windows), "--out", str(path), "--quiet"]
     if samples_per_shard:
         args += ["--samples-per-shard", str(samples_per_shard)]
@@ -154,13 +166,24 @@ def loader_stream(loader, epoch: int, device: torch.device) -> Iterator[dict[str
         epoch += 1
 
 
-def loader_row(name: str, what: str, args, device: torch.device, backend: str,
-               loader_device: torch.device | None = None, **options) -> Row:  # fmt: skip
-    loader = build_loader(backend, args.data, batch_size=args.batch_size,
-                          device=loader_device or device, **options)  # fmt: skip
+def loader_row(
+    name: str,
+    what: str,
+    args,
+    device: torch.device,
+    backend: str,
+    loader_device: torch.device | None = None,
+    **options,
+) -> Row:
+    loader = build_loader(
+        backend, args.data, batch_size=args.batch_size, device=loader_device or device, **options
+    )
     if len(loader) < args.warmup + args.batches:
-        print(f"note: {name}: the timed run is longer than an epoch ({len(loader)} batches); "
-              "it continues into the next one", flush=True)  # fmt: skip
+        print(
+            f"note: {name}: the timed run is longer than an epoch ({len(loader)} batches); "
+            "it continues into the next one",
+            flush=True,
+        )
     return Row(name, what, "loader", MODES, lambda epoch: loader_stream(loader, epoch, device))
 
 
@@ -173,23 +196,30 @@ def _wds_decoder(m: Manifest):
 
 
 def _wds_collate(samples: list) -> dict[str, torch.Tensor]:
-    return {"wav": torch.from_numpy(np.stack([s[0] for s in samples])),
-            "arkit": torch.from_numpy(np.stack([s[1] for s in samples]))}  # fmt: skip
+    return {
+        "wav": torch.from_numpy(np.stack([s[0] for s in samples])),
+        "arkit": torch.from_numpy(np.stack([s[1] for s in samples])),
+    }
 
 
 def webdataset_row(args, m: Manifest, device: torch.device) -> Row:
     import webdataset as wds
 
     dataset = (
-        wds.WebDataset(m.tar_paths("train"), shardshuffle=len(m.tar_paths("train")), seed=0,
-                       empty_check=False)  # fewer shards than workers leaves some idle
+        wds.WebDataset(
+            m.tar_paths("train"), shardshuffle=len(m.tar_paths("train")), seed=0, empty_check=False
+        )  # fewer shards than workers leaves some idle
         .shuffle(args.wds_shuffle, seed=0)
         .map(_wds_decoder(m))
         .batched(args.batch_size, collation_fn=_wds_collate, partial=False)
-    )  # fmt: skip
-    loader = wds.WebLoader(dataset, batch_size=None, num_workers=args.workers,
-                           pin_memory=device.type == "cuda",
-                           persistent_workers=args.workers > 0)  # fmt: skip
+    )
+    loader = wds.WebLoader(
+        dataset,
+        batch_size=None,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0,
+    )
 
     def stream(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         while True:  # one pass of WebLoader is one epoch
@@ -224,8 +254,14 @@ def read_only_row(args, m: Manifest) -> Row:
         for fd in fds.values():
             os.close(fd)
 
-    return Row("read-only", "limit: member bytes preadv'd from the page cache, no decode",
-               "limit", ("loader",), stream, close)  # fmt: skip
+    return Row(
+        "read-only",
+        "limit: member bytes preadv'd from the page cache, no decode",
+        "limit",
+        ("loader",),
+        stream,
+        close,
+    )
 
 
 def h2d_row(args, m: Manifest, device: torch.device) -> Row:
@@ -237,61 +273,116 @@ def h2d_row(args, m: Manifest, device: torch.device) -> Row:
         while True:
             yield dev.copy_(host, non_blocking=True)
 
-    return Row("h2d-pinned", f"limit: pinned host->device copy of a batch's {n / 1e6:.1f} MB",
-               "limit", ("loader",), stream)  # fmt: skip
+    return Row(
+        "h2d-pinned",
+        f"limit: pinned host->device copy of a batch's {n / 1e6:.1f} MB",
+        "limit",
+        ("loader",),
+        stream,
+    )
 
 
 def synthetic_row(args, m: Manifest, device: torch.device) -> Row:
     g = torch.Generator().manual_seed(0)
     B = args.batch_size
-    batch = {"wav": (torch.rand(B, m.clip_samples, generator=g) * 2 - 1).to(device),
-             "arkit": torch.rand(B, m.frames, 52, generator=g).to(device)}  # fmt: skip
+    batch = {
+        "wav": (torch.rand(B, m.clip_samples, generator=g) * 2 - 1).to(device),
+        "arkit": torch.rand(B, m.frames, 52, generator=g).to(device),
+    }
 
     def stream(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         while True:
             yield batch
 
     name = "synthetic-gpu" if device.type == "cuda" else "synthetic-cpu"
-    return Row(name, f"limit: the batch already on the {device.type} (the step alone)", "limit",
-               ("train",), stream)  # fmt: skip
+    return Row(
+        name,
+        f"limit: the batch already on the {device.type} (the step alone)",
+        "limit",
+        ("train",),
+        stream,
+    )
 
 
 def available_rows(device: torch.device) -> list[str]:
     cuda = device.type == "cuda"
-    rows = ["torch", "webdataset", "dali-cpu", "dali-cpu-copy", "dali-gpu" if cuda else "dali-raw",
-            "read-only"]  # fmt: skip
+    rows = [
+        "torch",
+        "webdataset",
+        "dali-cpu",
+        "dali-cpu-copy",
+        "dali-gpu" if cuda else "dali-raw",
+        "read-only",
+    ]
     return rows + (["h2d-pinned", "synthetic-gpu"] if cuda else ["synthetic-cpu"])
 
 
 def make_row(name: str, args, m: Manifest, device: torch.device) -> Row:
     cuda = device.type == "cuda"
-    dali = dict(backend="dali", num_threads=args.dali_threads,
-                prefetch_queue_depth=args.dali_prefetch, reader_prefetch=args.reader_prefetch,
-                initial_fill=args.shuffle_buffer)  # fmt: skip
+    dali = dict(
+        backend="dali",
+        num_threads=args.dali_threads,
+        prefetch_queue_depth=args.dali_prefetch,
+        reader_prefetch=args.reader_prefetch,
+        initial_fill=args.shuffle_buffer,
+    )
     threads = args.dali_threads or f"default {min(4, os.cpu_count() or 1)}"
     dali_what = f"{threads} threads, prefetch {args.dali_prefetch}"
     if name == "torch":
-        return loader_row(name, f"DataLoader, {args.workers} workers, pin_memory", args, device,
-                          backend="torch", num_workers=args.workers, pin_memory=True)  # fmt: skip
+        return loader_row(
+            name,
+            f"DataLoader, {args.workers} workers, pin_memory",
+            args,
+            device,
+            backend="torch",
+            num_workers=args.workers,
+            pin_memory=True,
+        )
     if name == "webdataset":
         return webdataset_row(args, m, device)
     if name == "dali-cpu":
-        return loader_row(name, f"DALI decode=cpu (decoders.audio/numpy), {dali_what}", args,
-                          device, decode="cpu", **dali)  # fmt: skip
+        return loader_row(
+            name,
+            f"DALI decode=cpu (decoders.audio/numpy), {dali_what}",
+            args,
+            device,
+            decode="cpu",
+            **dali,
+        )
     if name == "dali-cpu-copy":
         # the loader's default maps the tars (safe: every index entry is checked to lie inside
         # its tar first); this row shows what reading through copies costs
-        return loader_row(name, f"DALI decode=cpu, tars read by copy, {dali_what}", args,
-                          device, decode="cpu", dont_use_mmap=True, **dali)  # fmt: skip
+        return loader_row(
+            name,
+            f"DALI decode=cpu, tars read by copy, {dali_what}",
+            args,
+            device,
+            decode="cpu",
+            dont_use_mmap=True,
+            **dali,
+        )
     if name == "dali-gpu":
         if not cuda:
             raise SystemExit("error: row dali-gpu needs CUDA; dali-raw runs its graph on CPU")
-        return loader_row(name, f"DALI decode=gpu (raw bytes to the GPU), {dali_what}", args,
-                          device, decode="gpu", **dali)  # fmt: skip
+        return loader_row(
+            name,
+            f"DALI decode=gpu (raw bytes to the GPU), {dali_what}",
+            args,
+            device,
+            decode="gpu",
+            **dali,
+        )
     if name == "dali-raw":
         cpu = torch.device("cpu")
-        return loader_row(name, f"DALI raw-bytes graph on CPU operators, {dali_what}", args,
-                          device, decode="gpu", loader_device=cpu, **dali)  # fmt: skip
+        return loader_row(
+            name,
+            f"DALI raw-bytes graph on CPU operators, {dali_what}",
+            args,
+            device,
+            decode="gpu",
+            loader_device=cpu,
+            **dali,
+        )
     if name == "read-only":
         return read_only_row(args, m)
     if name in ("h2d-pinned", "synthetic-gpu") and not cuda:
@@ -306,8 +397,9 @@ def make_row(name: str, args, m: Manifest, device: torch.device) -> Row:
 # ---------------------------------------------------------------- measuring
 
 
-def make_step(device: torch.device, batch_size: int, clip_samples: int,
-              frames: int) -> Callable[[dict], None]:  # fmt: skip
+def make_step(
+    device: torch.device, batch_size: int, clip_samples: int, frames: int
+) -> Callable[[dict], None]:
     """One SimplifiedModel forward/backward/AdamW step, as the trainer does it."""
     from model.models import SimplifiedModel
 
@@ -326,8 +418,10 @@ def make_step(device: torch.device, batch_size: int, clip_samples: int,
         opt.step()
 
     # the first steps pay one-off costs (kernels, optimizer state): not the first row's fault
-    dummy = {"wav": torch.zeros(batch_size, clip_samples, device=device),
-             "arkit": torch.zeros(batch_size, frames, 52, device=device)}  # fmt: skip
+    dummy = {
+        "wav": torch.zeros(batch_size, clip_samples, device=device),
+        "arkit": torch.zeros(batch_size, frames, 52, device=device),
+    }
     for _ in range(2):
         step(dummy)
     sync(device)
@@ -363,8 +457,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(row: Row, epoch: int, mode: str, warmup: int, batches: int,
-            step: Callable | None, device: torch.device) -> dict:  # fmt: skip
+def measure(
+    row: Row,
+    epoch: int,
+    mode: str,
+    warmup: int,
+    batches: int,
+    step: Callable | None,
+    device: torch.device,
+) -> dict:
     """One repeat: a fresh epoch, ``warmup`` untimed batches, ``batches`` timed ones."""
     it = row.open(epoch)
     try:
@@ -392,9 +493,13 @@ def measure(row: Row, epoch: int, mode: str, warmup: int, batches: int,
     # workers' CPU comes in 10 ms ticks and other threads wind down after the previous row:
     # below a tenth of a second of timed batches the CPU figures would be noise
     cpu = None if cpu0 is None or cpu1 is None or elapsed < MIN_CPU_WINDOW_S else cpu1 - cpu0
-    return {"s_per_batch": elapsed / batches, "wait_share": wait / elapsed,
-            "first_batch_s": first, "cpu_s_per_batch": None if cpu is None else cpu / batches,
-            "cores_busy": None if cpu is None else cpu / elapsed}  # fmt: skip
+    return {
+        "s_per_batch": elapsed / batches,
+        "wait_share": wait / elapsed,
+        "first_batch_s": first,
+        "cpu_s_per_batch": None if cpu is None else cpu / batches,
+        "cores_busy": None if cpu is None else cpu / elapsed,
+    }
 
 
 def summarize(row: Row, mode: str, reps: list[dict], args, sample_b: int) -> dict:
@@ -402,17 +507,24 @@ def summarize(row: Row, mode: str, reps: list[dict], args, sample_b: int) -> dic
     med = statistics.median(per)
     B = args.batch_size
     out = {
-        "name": row.name, "mode": mode, "kind": row.kind, "what": row.what,
+        "name": row.name,
+        "mode": mode,
+        "kind": row.kind,
+        "what": row.what,
         "samples_per_s": B / med,
-        "samples_per_s_min": B / max(per), "samples_per_s_max": B / min(per),
-        "median_s_per_batch": med, "min_s_per_batch": min(per), "max_s_per_batch": max(per),
+        "samples_per_s_min": B / max(per),
+        "samples_per_s_max": B / min(per),
+        "median_s_per_batch": med,
+        "min_s_per_batch": min(per),
+        "max_s_per_batch": max(per),
         "mb_per_s": B / med * sample_b / 1e6,
         "first_batch_s": statistics.median(r["first_batch_s"] for r in reps),
         "repeats_s_per_batch": per,
         # CPU time of this process and its workers per sample, and cores kept busy: what each
         # row costs, less sensitive than wall time to other work on the machine
-        "cpu_ms_per_sample": None, "cores_busy": None,
-    }  # fmt: skip
+        "cpu_ms_per_sample": None,
+        "cores_busy": None,
+    }
     timed = [r for r in reps if r["cpu_s_per_batch"] is not None]
     if timed:
         out["cpu_ms_per_sample"] = 1000 * statistics.median(r["cpu_s_per_batch"] for r in timed) / B
@@ -420,8 +532,11 @@ def summarize(row: Row, mode: str, reps: list[dict], args, sample_b: int) -> dic
     if mode == "train":
         out["steps_per_s"] = 1 / med
         waits = [r["wait_share"] for r in reps]
-        out.update(wait_share=statistics.median(waits), wait_share_min=min(waits),
-                   wait_share_max=max(waits))  # fmt: skip
+        out.update(
+            wait_share=statistics.median(waits),
+            wait_share_min=min(waits),
+            wait_share_max=max(waits),
+        )
     return out
 
 
@@ -474,22 +589,34 @@ def environment(args, m: Manifest, device: torch.device, seq_mb_s: float) -> dic
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + shlex.join(["benchmarks/throughput.py", *args.argv]),
-        "host": platform.node(), "platform": platform.platform(),
-        "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model(), "memory_gib": round(mem_gib, 1) if mem_gib else None,
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model(),
+        "memory_gib": round(mem_gib, 1) if mem_gib else None,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "device": str(device), "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
         "load_average_start": list(os.getloadavg()),
-        "versions": {"python": platform.python_version(), "torch": version("torch"),
-                     "dali": nvidia.dali.__version__, "numpy": version("numpy"),
-                     "webdataset": version("webdataset")},
-        "dataset": {"dir": str(m.root.resolve()), "train_samples": m.num_samples("train"),
-                    "train_shards": len(train_shards),
-                    "train_bytes": sum(s.bytes for s in train_shards),
-                    "sample_bytes": sample_bytes(m), "hours": m.raw.get("hours"),
-                    "sequential_read_mb_per_s": round(seq_mb_s, 1)},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": version("torch"),
+            "dali": nvidia.dali.__version__,
+            "numpy": version("numpy"),
+            "webdataset": version("webdataset"),
+        },
+        "dataset": {
+            "dir": str(m.root.resolve()),
+            "train_samples": m.num_samples("train"),
+            "train_shards": len(train_shards),
+            "train_bytes": sum(s.bytes for s in train_shards),
+            "sample_bytes": sample_bytes(m),
+            "hours": m.raw.get("hours"),
+            "sequential_read_mb_per_s": round(seq_mb_s, 1),
+        },
         "config": {k: v for k, v in vars(args).items() if k not in ("argv",)},
-    }  # fmt: skip
+    }
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:
@@ -503,7 +630,8 @@ def _fmt(x: float | None, digits: int = 2) -> str:
 def markdown(results: list[dict], env: dict, notes: list[str]) -> str:
     d = env["dataset"]
     lines = [
-        "# Loader throughput: DALI vs the DataLoader baseline vs the limits", "",
+        "# Loader throughput: DALI vs the DataLoader baseline vs the limits",
+        "",
         f"- machine: {env['cpu_model']}, {env['cpus_usable']} CPUs usable, "
         f"{env['memory_gib']} GiB, GPU: {env['gpu'] or 'none'}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
@@ -517,29 +645,36 @@ def markdown(results: list[dict], env: dict, notes: list[str]) -> str:
         f"{', '.join(f'{x:.1f}' for x in env['load_average_start'])}, at end "
         f"{', '.join(f'{x:.1f}' for x in env.get('load_average_end', []))}",
         f"- date: {env['date']}",
-        f"- command: `{env['command']}`", "",
+        f"- command: `{env['command']}`",
+        "",
         "samples/s counts 10 s windows; MB/s = samples/s × the wav+npy member bytes "
         "(MB = 10⁶ B); "
         "× torch and × limit are ratios of samples/s within a mode; CPU ms/sample is the CPU "
         "time of this process and its workers per sample, cores busy that CPU time over wall "
-        "time; data wait is the share of train time spent blocked in `next()`.", "",
-    ]  # fmt: skip
+        "time; data wait is the share of train time spent blocked in `next()`.",
+        "",
+    ]
     for mode in MODES:
         rows = [r for r in results if r["mode"] == mode]
         if not rows:
             continue
         limit = rows[0]["limit"]
         if mode == "loader":
-            lines += [f"## loader mode (iterate batches only; ratio to limit = to `{limit}`)", "",
-                      "| row | samples/s (median [min–max]) | MB/s | ms/batch | first batch s "
-                      "| × torch | × limit | CPU ms/sample | cores busy | what |",
-                      "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            lines += [
+                f"## loader mode (iterate batches only; ratio to limit = to `{limit}`)",
+                "",
+                "| row | samples/s (median [min–max]) | MB/s | ms/batch | first batch s "
+                "| × torch | × limit | CPU ms/sample | cores busy | what |",
+                "|---|---|---|---|---|---|---|---|---|---|",
+            ]
         else:
-            lines += [f"## train mode (SimplifiedModel step per batch; ratio to limit = to "
-                      f"`{limit}`)", "",
-                      "| row | steps/s | samples/s (median [min–max]) | data wait | × torch "
-                      "| × limit | CPU ms/sample | cores busy | what |",
-                      "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            lines += [
+                f"## train mode (SimplifiedModel step per batch; ratio to limit = to `{limit}`)",
+                "",
+                "| row | steps/s | samples/s (median [min–max]) | data wait | × torch "
+                "| × limit | CPU ms/sample | cores busy | what |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
         for r in rows:
             lo, hi = _fmt(r["samples_per_s_min"]), _fmt(r["samples_per_s_max"])
             sps = f"{_fmt(r['samples_per_s'])} [{lo}–{hi}]"
@@ -549,13 +684,15 @@ def markdown(results: list[dict], env: dict, notes: list[str]) -> str:
                     f"{_fmt(1000 * r['median_s_per_batch'])} | {_fmt(r['first_batch_s'])} | "
                     f"{_fmt(r['ratio_to_torch'])} | {_fmt(r['ratio_to_limit'])} | "
                     f"{_fmt(r['cpu_ms_per_sample'])} | {_fmt(r['cores_busy'])} | "
-                    f"{r['what']} |")  # fmt: skip
+                    f"{r['what']} |"
+                )
             else:
                 lines.append(
                     f"| `{r['name']}` | {_fmt(r['steps_per_s'])} | {sps} | "
                     f"{100 * r['wait_share']:.0f}% | {_fmt(r['ratio_to_torch'])} | "
                     f"{_fmt(r['ratio_to_limit'])} | {_fmt(r['cpu_ms_per_sample'])} | "
-                    f"{_fmt(r['cores_busy'])} | {r['what']} |")  # fmt: skip
+                    f"{_fmt(r['cores_busy'])} | {r['what']} |"
+                )
         lines.append("")
     if notes:
         lines += ["## notes", ""] + [f"- {n}" for n in notes] + [""]
@@ -574,24 +711,40 @@ def plot(results: list[dict], path: Path, env: dict) -> None:
         rows = [r for r in results if r["mode"] == mode][::-1]
         y = np.arange(len(rows))
         med = np.array([r["samples_per_s"] for r in rows])
-        err = np.array([[r["samples_per_s"] - r["samples_per_s_min"] for r in rows],
-                        [r["samples_per_s_max"] - r["samples_per_s"] for r in rows]])  # fmt: skip
-        colors = ["#bbbbbb" if r["kind"] == "limit" else "#76b900"
-                  if r["name"].startswith("dali") else "#4c72b0" for r in rows]  # fmt: skip
+        err = np.array(
+            [
+                [r["samples_per_s"] - r["samples_per_s_min"] for r in rows],
+                [r["samples_per_s_max"] - r["samples_per_s"] for r in rows],
+            ]
+        )
+        colors = [
+            "#bbbbbb"
+            if r["kind"] == "limit"
+            else "#76b900"
+            if r["name"].startswith("dali")
+            else "#4c72b0"
+            for r in rows
+        ]
         ax.barh(y, med, xerr=err, color=colors, capsize=3)
         ax.set_yticks(y, [r["name"] for r in rows])
         for yi, r in zip(y, rows, strict=True):  # the label starts past the whisker
             ratio = f"  ×{r['ratio_to_torch']:.1f} torch" if r["ratio_to_torch"] else ""
-            ax.text(r["samples_per_s_max"], yi, f"  {r['samples_per_s']:,.0f}{ratio}",
-                    va="center", fontsize=8)  # fmt: skip
+            ax.text(
+                r["samples_per_s_max"],
+                yi,
+                f"  {r['samples_per_s']:,.0f}{ratio}",
+                va="center",
+                fontsize=8,
+            )
         top = max(r["samples_per_s_max"] for r in rows)
         if med.max() / max(med.min(), 1e-9) > 30:
             ax.set_xscale("log")
         ax.set_xlim(right=top * (3 if ax.get_xscale() == "log" else 1.4))
         ax.set_xlabel("samples/s (median, whiskers min–max; grey = limits)")
         ax.set_title(f"{mode} mode", fontsize=10)
-    fig.suptitle(f"{env['cpu_model']} ×{env['cpus_usable']} CPUs, GPU: {env['gpu'] or 'none'}",
-                 fontsize=9)  # fmt: skip
+    fig.suptitle(
+        f"{env['cpu_model']} ×{env['cpus_usable']} CPUs, GPU: {env['gpu'] or 'none'}", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -601,32 +754,46 @@ def plot(results: list[dict], path: Path, env: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", help=f"dataset dir; built if absent (default {DEFAULTS['data']})")
-    p.add_argument("--windows", type=int, help="windows to build if --data is absent "
-                   f"(default {DEFAULTS['windows']}; --quick {QUICK['windows']})")  # fmt: skip
+    p.add_argument(
+        "--windows",
+        type=int,
+        help="windows to build if --data is absent "
+        f"(default {DEFAULTS['windows']}; --quick {QUICK['windows']})",
+    )
     p.add_argument("--out", default=DEFAULTS["out"], help="where the results go (default results/)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny run in seconds: 48-window dataset, batch 4, 1 repeat")  # fmt: skip
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny run in seconds: 48-window dataset, batch 4, 1 repeat",
+    )
     p.add_argument("--modes", default="loader,train", help="comma list of: loader, train")
-    p.add_argument("--rows", help="comma list (default: every row this machine runs): "
-                   + ", ".join(ROW_ORDER))  # fmt: skip
+    p.add_argument(
+        "--rows", help="comma list (default: every row this machine runs): " + ", ".join(ROW_ORDER)
+    )
     p.add_argument("--batch-size", type=int)
     p.add_argument("--warmup", type=int, help="untimed batches per repeat")
     p.add_argument("--batches", type=int, help="timed batches per repeat")
     p.add_argument("--repeats", type=int)
-    p.add_argument("--workers", type=int, default=DEFAULTS["workers"],
-                   help="torch and webdataset workers")  # fmt: skip
+    p.add_argument(
+        "--workers", type=int, default=DEFAULTS["workers"], help="torch and webdataset workers"
+    )
     p.add_argument("--wds-shuffle", type=int, default=DEFAULTS["wds_shuffle"])
     p.add_argument("--dali-threads", type=int, default=DEFAULTS["dali_threads"])
     p.add_argument("--dali-prefetch", type=int, default=DEFAULTS["dali_prefetch"])
     p.add_argument("--reader-prefetch", type=int, default=DEFAULTS["reader_prefetch"])
-    p.add_argument("--shuffle-buffer", type=int, default=DEFAULTS["shuffle_buffer"],
-                   help="DALI's initial_fill")  # fmt: skip
+    p.add_argument(
+        "--shuffle-buffer", type=int, default=DEFAULTS["shuffle_buffer"], help="DALI's initial_fill"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--torch-threads", type=int,
-                   help="intra-op threads of the train step (default: 1 on CPU, torch's on CUDA)")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        help="intra-op threads of the train step (default: 1 on CPU, torch's on CUDA)",
+    )
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     preset = {**DEFAULTS, **(QUICK if args.quick else {})}
@@ -667,12 +834,14 @@ def main(argv: list[str] | None = None) -> int:
             f"DALI rows are not in steady state: the {n_train}-sample train split is smaller than "
             f"the shuffle buffer ({fill}) plus the batches read per repeat ({need - fill}), so "
             "part of the timed batches come from the buffer filled during warm-up"
-        )  # fmt: skip
+        )
         print("note: " + notes[-1], flush=True)
 
     seq = warm_page_cache(m)
-    print(f"{m.root}: {n_train} train samples; page cache warm ({seq:,.0f} MB/s sequential)",
-          flush=True)  # fmt: skip
+    print(
+        f"{m.root}: {n_train} train samples; page cache warm ({seq:,.0f} MB/s sequential)",
+        flush=True,
+    )
     rows = [make_row(n, args, m, device) for n in names]
     env = environment(args, m, device, seq)
 
@@ -693,32 +862,46 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 r = measure(row, epoch, mode, args.warmup, args.batches, steps.get(mode), device)
                 reps.setdefault((row.name, mode), []).append(r)
-                print(f"repeat {rep + 1}/{args.repeats} {mode:6s} {row.name:13s} "
-                      f"{B / r['s_per_batch']:9,.1f} samples/s", flush=True)  # fmt: skip
+                print(
+                    f"repeat {rep + 1}/{args.repeats} {mode:6s} {row.name:13s} "
+                    f"{B / r['s_per_batch']:9,.1f} samples/s",
+                    flush=True,
+                )
             epoch += 1
     for row in rows:
         row.close()
 
     sb = sample_bytes(m)
     row_of = {r.name: r for r in rows}
-    results = [summarize(row_of[name], mode, reps[(name, mode)], args, sb)
-               for mode in args.modes for name in names if (name, mode) in reps]  # fmt: skip
+    results = [
+        summarize(row_of[name], mode, reps[(name, mode)], args, sb)
+        for mode in args.modes
+        for name in names
+        if (name, mode) in reps
+    ]
     add_ratios(results)
     env["load_average_end"] = list(os.getloadavg())
     if device.type != "cuda" and {"dali-raw", "read-only", "synthetic-cpu"} & set(names):
-        notes.append("no CUDA: dali-raw is the decode=\"gpu\" graph run on DALI's CPU "
-                     "operators; the limit is read-only for loader mode and synthetic-cpu for "
-                     "train mode")  # fmt: skip
+        notes.append(
+            'no CUDA: dali-raw is the decode="gpu" graph run on DALI\'s CPU '
+            "operators; the limit is read-only for loader mode and synthetic-cpu for "
+            "train mode"
+        )
     if (os.cpu_count() or 1) < args.workers and {"torch", "webdataset"} & set(names):
-        notes.append(f"torch and webdataset run {args.workers} workers on {os.cpu_count()} "
-                     "CPUs (the seed's setting), so they share the cores with the main process")
+        notes.append(
+            f"torch and webdataset run {args.workers} workers on {os.cpu_count()} "
+            "CPUs (the seed's setting), so they share the cores with the main process"
+        )
     if any(r["cpu_ms_per_sample"] is None for r in results):
-        notes.append("CPU ms/sample and cores busy are left out ('–') where the timed batches "
-                     f"took under {MIN_CPU_WINDOW_S} s in every repeat: too short to measure")
+        notes.append(
+            "CPU ms/sample and cores busy are left out ('–') where the timed batches "
+            f"took under {MIN_CPU_WINDOW_S} s in every repeat: too short to measure"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "throughput.json").write_text(json.dumps({"rows": results, "env": env, "notes": notes},
-                                                    indent=1, default=str) + "\n")  # fmt: skip
+    (out / "throughput.json").write_text(
+        json.dumps({"rows": results, "env": env, "notes": notes}, indent=1, default=str) + "\n"
+    )
     (out / "throughput.md").write_text(markdown(results, env, notes))
     plot(results, out / "throughput.png", env)
     print("\n" + markdown(results, env, notes))

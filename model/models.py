@@ -23,8 +23,14 @@ class SimplifiedModel(nn.Module):
     looked at (the rest of the clip says nothing about it).
     """
 
-    def __init__(self, n_mels: int = 64, hidden: int = 128, context_seconds: float = 0.3,
-                 num_blendshapes: int = 52, **mel) -> None:  # fmt: skip
+    def __init__(
+        self,
+        n_mels: int = 64,
+        hidden: int = 128,
+        context_seconds: float = 0.3,
+        num_blendshapes: int = 52,
+        **mel,
+    ) -> None:
         super().__init__()
         self.mel = LogMel(n_mels=n_mels, **mel)
         self.context = max(1, int(round(context_seconds * self.mel.frames_per_second)))
@@ -44,8 +50,14 @@ class SimplifiedModel(nn.Module):
 class SequenceModel(nn.Module):
     """All frames: ``[B, frames, 52]`` at 30 fps from the whole clip."""
 
-    def __init__(self, n_mels: int = 64, hidden: int = 128, frames: int = 300,
-                 num_blendshapes: int = 52, **mel) -> None:  # fmt: skip
+    def __init__(
+        self,
+        n_mels: int = 64,
+        hidden: int = 128,
+        frames: int = 300,
+        num_blendshapes: int = 52,
+        **mel,
+    ) -> None:
         super().__init__()
         self.frames = frames
         self.mel = LogMel(n_mels=n_mels, **mel)
@@ -63,7 +75,8 @@ class SequenceModel(nn.Module):
         h = self.encoder(x)
         # mel frame j sits at j/100 s and blendshape frame k at k/30 s: sample h at those times
         t = torch.arange(self.frames, device=h.device, dtype=torch.float32) * (
-            self.mel.frames_per_second / 30.0)  # fmt: skip
+            self.mel.frames_per_second / 30.0
+        )
         lo = t.floor().long().clamp(max=h.shape[-1] - 1)
         hi = (lo + 1).clamp(max=h.shape[-1] - 1)
         w = (t - lo.float()).to(h.dtype)

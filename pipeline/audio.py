@@ -83,10 +83,20 @@ def wav_header(num_samples: int, sample_rate: int = SAMPLE_RATE) -> bytes:
     data_bytes = 2 * num_samples
     return struct.pack(
         "<4sI4s4sIHHIIHH4sI",
-        b"RIFF", 36 + data_bytes, b"WAVE",
-        b"fmt ", 16, 1, 1, sample_rate, 2 * sample_rate, 2, 16,
-        b"data", data_bytes,
-    )  # fmt: skip
+        b"RIFF",
+        36 + data_bytes,
+        b"WAVE",
+        b"fmt ",
+        16,
+        1,
+        1,
+        sample_rate,
+        2 * sample_rate,
+        2,
+        16,
+        b"data",
+        data_bytes,
+    )
 
 
 def canonical_wav_bytes(pcm: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:

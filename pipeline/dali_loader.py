@@ -38,7 +38,7 @@ from pipeline.shard_format import (
     DatasetError,
     diagnose_split,
     read_split_index,
-)  # fmt: skip
+)
 from pipeline.sharding import RankPlan
 
 READER = "Reader"
@@ -81,8 +81,13 @@ def build_pipeline(
 
     if decode not in ("gpu", "cpu"):
         raise ValueError(f"decode must be 'gpu' or 'cpu', not {decode!r}")
-    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                    seed=seed, prefetch_queue_depth=prefetch_queue_depth)  # fmt: skip
+    pipe = Pipeline(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        seed=seed,
+        prefetch_queue_depth=prefetch_queue_depth,
+    )
     with pipe:
         wav, npy = fn.readers.webdataset(
             paths=tar_paths,
@@ -100,8 +105,10 @@ def build_pipeline(
             dont_use_mmap=dont_use_mmap,
             read_ahead=read_ahead,
             prefetch_queue_depth=reader_prefetch,
-            bytes_per_sample_hint=[wav_header_bytes + 2 * clip_samples,
-                                   npy_header_bytes + 4 * frames * 52],  # fmt: skip
+            bytes_per_sample_hint=[
+                wav_header_bytes + 2 * clip_samples,
+                npy_header_bytes + 4 * frames * 52,
+            ],
             name=READER,
         )
         source = fn.pad(fn.get_property(wav, key="source_info"), fill_value=0)
@@ -109,8 +116,10 @@ def build_pipeline(
             if to_gpu:
                 wav, npy = wav.gpu(), npy.gpu()
             if wav_header_bytes % 2 or npy_header_bytes % 4:
-                raise ValueError("headers must end on a sample boundary (44 and npy's 64-byte "
-                                 f"multiples do), got {wav_header_bytes} and {npy_header_bytes}")  # fmt: skip
+                raise ValueError(
+                    "headers must end on a sample boundary (44 and npy's 64-byte "
+                    f"multiples do), got {wav_header_bytes} and {npy_header_bytes}"
+                )
             # reinterpret first and slice whole elements; int16 * float32 promotes to float32,
             # so the multiply is also the cast. Bit-identical to slice/cast/scale, and on CPU
             # operators half the work (a byte-wise slice and a separate cast pass cost the most)
@@ -119,8 +128,9 @@ def build_pipeline(
             arkit = fn.reinterpret(npy, dtype=types.FLOAT)[npy_header_bytes // 4 :]
             arkit = fn.reshape(arkit, shape=[frames, 52])
         else:
-            audio, _ = fn.decoders.audio(wav, dtype=types.FLOAT, downmix=True,
-                                         sample_rate=sample_rate)  # fmt: skip
+            audio, _ = fn.decoders.audio(
+                wav, dtype=types.FLOAT, downmix=True, sample_rate=sample_rate
+            )
             arkit = fn.decoders.numpy(npy)  # float32 by contract (the header is checked)
             if to_gpu:
                 audio, arkit = audio.gpu(), arkit.gpu()
@@ -131,24 +141,38 @@ def build_pipeline(
 class DaliLoader(EpochLoader):
     name = "dali"
 
-    def __init__(self, *args, decode: str | None = None, num_threads: int | None = None,
-                 prefetch_queue_depth: int = 2, reader_prefetch: int = 2,
-                 initial_fill: int = 1024, dont_use_mmap: bool = False,
-                 check_values: bool = True, **kw) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *args,
+        decode: str | None = None,
+        num_threads: int | None = None,
+        prefetch_queue_depth: int = 2,
+        reader_prefetch: int = 2,
+        initial_fill: int = 1024,
+        dont_use_mmap: bool = False,
+        check_values: bool = True,
+        **kw,
+    ) -> None:
         super().__init__(*args, **kw)
         self.decode = decode or ("gpu" if self.device.type == "cuda" else "cpu")
         if self.decode not in ("gpu", "cpu"):
             raise ValueError(f"decode must be 'gpu' or 'cpu', not {self.decode!r}")
         m = self.manifest
         self.options = dict(
-            batch_size=self.batch_size, clip_samples=m.clip_samples, frames=m.frames,
-            wav_header_bytes=m.wav_header_bytes, npy_header_bytes=m.npy_header_bytes,
-            sample_rate=m.sample_rate, decode=self.decode,
+            batch_size=self.batch_size,
+            clip_samples=m.clip_samples,
+            frames=m.frames,
+            wav_header_bytes=m.wav_header_bytes,
+            npy_header_bytes=m.npy_header_bytes,
+            sample_rate=m.sample_rate,
+            decode=self.decode,
             device_id=self.device.index if self.device.type == "cuda" else None,
             num_threads=num_threads or min(4, os.cpu_count() or 1),
-            prefetch_queue_depth=prefetch_queue_depth, reader_prefetch=reader_prefetch,
-            initial_fill=initial_fill, dont_use_mmap=dont_use_mmap,
-        )  # fmt: skip
+            prefetch_queue_depth=prefetch_queue_depth,
+            reader_prefetch=reader_prefetch,
+            initial_fill=initial_fill,
+            dont_use_mmap=dont_use_mmap,
+        )
         self.check_values = check_values
         self._wav_shape, self._arkit_shape = (m.clip_samples,), (m.frames, m.num_blendshapes)
         # sizes, bounds and a few tar headers, before DALI reads a byte (see read_split_index)
@@ -163,17 +187,23 @@ class DaliLoader(EpochLoader):
         options = dict(self.options)
         options["initial_fill"] = max(1, min(options["initial_fill"], plan.stop - plan.start))
         return build_pipeline(
-            self.manifest.tar_paths(self.split), self.manifest.idx_paths(self.split),
-            shard_id=plan.part, num_shards=self.world_size, shuffle=self.shuffle,
-            seed=plan.epoch_seed, **options,
-        )  # fmt: skip
+            self.manifest.tar_paths(self.split),
+            self.manifest.idx_paths(self.split),
+            shard_id=plan.part,
+            num_shards=self.world_size,
+            shuffle=self.shuffle,
+            seed=plan.epoch_seed,
+            **options,
+        )
 
     def _fail(self, what: str, exc: BaseException | None = None) -> DatasetError:
         """Our error for a DALI failure: name the bad sample when the data explains it."""
         hint = VERIFY_HINT.format(dir=self.manifest.root)
         if exc is not None:
             culprit = diagnose_split(self.manifest, self.split)
-            first_line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            first_line = (
+                str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            )
             what = culprit if culprit else f"{what} (DALI: {first_line})"
         return DatasetError(f"{what}. Run `{hint}` to list every bad shard and sample")
 
@@ -188,8 +218,10 @@ class DaliLoader(EpochLoader):
             return
         ok = ((arkit >= 0) & (arkit <= 1)).flatten(1).all(1)
         i = int((~ok).nonzero()[0, 0]) if not bool(ok.all()) else 0
-        raise self._fail(f"{self.manifest.root}: sample {self._source(batch, i)}: blendshape "
-                         "values are NaN, inf or outside [0, 1]")  # fmt: skip
+        raise self._fail(
+            f"{self.manifest.root}: sample {self._source(batch, i)}: blendshape "
+            "values are NaN, inf or outside [0, 1]"
+        )
 
     def _batches(self, plan: RankPlan, skip: int) -> Iterator[dict[str, torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -197,28 +229,42 @@ class DaliLoader(EpochLoader):
         try:
             pipe = self.make_pipeline(plan)
             pipe.build()
-            it = DALIGenericIterator([pipe], OUTPUTS, reader_name=READER,
-                                     last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)  # fmt: skip
+            it = DALIGenericIterator(
+                [pipe],
+                OUTPUTS,
+                reader_name=READER,
+                last_batch_policy=LastBatchPolicy.DROP,
+                auto_reset=False,
+            )
         except RuntimeError as exc:
-            raise self._fail(f"{self.manifest.root}: DALI could not open the {self.split} shards",
-                             exc) from None  # fmt: skip
+            raise self._fail(
+                f"{self.manifest.root}: DALI could not open the {self.split} shards", exc
+            ) from None
         pending = None  # on CUDA: the previous batch's value check, read one batch later
         try:
             for i in range(plan.steps):
                 try:
                     out = next(it)[0]
                 except StopIteration:
-                    raise self._fail(f"{self.manifest.root}: the {self.split} shards ended after "
-                                     f"{i} batches, the manifest promises {plan.steps}") from None  # fmt: skip
+                    raise self._fail(
+                        f"{self.manifest.root}: the {self.split} shards ended after "
+                        f"{i} batches, the manifest promises {plan.steps}"
+                    ) from None
                 except Exception as exc:  # noqa: BLE001 - DALI raises several types
-                    raise self._fail(f"{self.manifest.root}: DALI failed reading the {self.split} "
-                                     f"shards at batch {i}", exc) from None  # fmt: skip
+                    raise self._fail(
+                        f"{self.manifest.root}: DALI failed reading the {self.split} "
+                        f"shards at batch {i}",
+                        exc,
+                    ) from None
                 if i < skip:
                     continue
                 wav, arkit = out["wav"], out["arkit"]
                 if wav.shape[1:] != self._wav_shape or arkit.shape[1:] != self._arkit_shape:
-                    raise self._fail(f"{self.manifest.root}: batch {i} decoded to {tuple(wav.shape)} "
-                                     f"and {tuple(arkit.shape)}", RuntimeError("shape"))  # fmt: skip
+                    raise self._fail(
+                        f"{self.manifest.root}: batch {i} decoded to {tuple(wav.shape)} "
+                        f"and {tuple(arkit.shape)}",
+                        RuntimeError("shape"),
+                    )
                 if self.check_values:
                     # one min/max per batch. On CUDA it is copied to pinned memory behind an
                     # event and read a batch later, waiting on that event only, so the host
@@ -236,7 +282,10 @@ class DaliLoader(EpochLoader):
                     else:
                         self._check_values(arkit, bounds, out)
                 if wav.device != self.device:
-                    wav, arkit = wav.to(self.device, non_blocking=True), arkit.to(self.device, non_blocking=True)
+                    wav, arkit = (
+                        wav.to(self.device, non_blocking=True),
+                        arkit.to(self.device, non_blocking=True),
+                    )
                 yield {"wav": wav, "arkit": arkit}
             if pending is not None:
                 pending[3].synchronize()

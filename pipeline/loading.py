@@ -20,8 +20,11 @@ from pipeline.sharding import RankPlan, rank_plan
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")  # fmt: skip
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} asked for, but CUDA is not available")
@@ -67,8 +70,9 @@ class EpochLoader:
         self._skip = 0  # ... and batches of it already consumed
 
     def plan(self, epoch: int) -> RankPlan:
-        return rank_plan(self.seed, epoch, self.rank, self.world_size, self.num_samples,
-                         self.batch_size)  # fmt: skip
+        return rank_plan(
+            self.seed, epoch, self.rank, self.world_size, self.num_samples, self.batch_size
+        )
 
     def __len__(self) -> int:
         return self.plan(0).steps
@@ -103,15 +107,27 @@ class EpochLoader:
     def state_dict(self) -> dict:
         """Where the next batch comes from; plain ints, safe for ``weights_only`` loading."""
         epoch, consumed = self._position()
-        return {"backend": self.name, "epoch": epoch, "batch": consumed, "seed": self.seed,
-                "rank": self.rank,
-                "world_size": self.world_size, "batch_size": self.batch_size,
-                "num_samples": self.num_samples, "shuffle": self.shuffle}  # fmt: skip
+        return {
+            "backend": self.name,
+            "epoch": epoch,
+            "batch": consumed,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "num_samples": self.num_samples,
+            "shuffle": self.shuffle,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        for key, mine in (("backend", self.name), ("seed", self.seed),
-                          ("world_size", self.world_size), ("batch_size", self.batch_size),
-                          ("num_samples", self.num_samples), ("shuffle", self.shuffle)):  # fmt: skip
+        for key, mine in (
+            ("backend", self.name),
+            ("seed", self.seed),
+            ("world_size", self.world_size),
+            ("batch_size", self.batch_size),
+            ("num_samples", self.num_samples),
+            ("shuffle", self.shuffle),
+        ):
             if key in state and state[key] != mine:
                 raise ValueError(
                     f"cannot resume: the checkpoint's loader had {key}={state[key]}, this one "
@@ -133,8 +149,16 @@ def build_loader(
     **backend_options,
 ) -> EpochLoader:
     """Make a loader by backend name: ``"dali"`` or ``"torch"``."""
-    common = dict(data_dir=data_dir, split=split, batch_size=batch_size, device=device,
-                  shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)  # fmt: skip
+    common = dict(
+        data_dir=data_dir,
+        split=split,
+        batch_size=batch_size,
+        device=device,
+        shuffle=shuffle,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+    )
     if name == "dali":
         from pipeline.dali_loader import DaliLoader
 

@@ -88,19 +88,28 @@ def process(args: tuple[Job, Settings]):
     try:
         a, times, values = load_take(job, s)
         windows = cut_take(
-            a, audio.SAMPLE_RATE, times, values,
-            fps=fmt.FPS, window_seconds=s.window_seconds, stride_seconds=s.stride_seconds,
+            a,
+            audio.SAMPLE_RATE,
+            times,
+            values,
+            fps=fmt.FPS,
+            window_seconds=s.window_seconds,
+            stride_seconds=s.stride_seconds,
             tolerance_seconds=s.tolerance_seconds,
-        )  # fmt: skip
+        )
     except (audio.AudioError, arkit.AnimationError, TakeError) as exc:
         return "reject", job, str(exc)
     except Exception as exc:  # noqa: BLE001 - one bad file never stops the rest
         return "reject", job, f"{type(exc).__name__}: {exc}"
     out = [
-        (w.index, w.start_sample, audio.canonical_wav_bytes(audio.to_pcm16(w.audio)),
-         fmt.npy_bytes(w.arkit))
+        (
+            w.index,
+            w.start_sample,
+            audio.canonical_wav_bytes(audio.to_pcm16(w.audio)),
+            fmt.npy_bytes(w.arkit),
+        )
         for w in windows
-    ]  # fmt: skip
+    ]
     return "ok", job, out, len(a) / audio.SAMPLE_RATE
 
 
@@ -125,11 +134,19 @@ def find_inputs(root: Path) -> tuple[list[Job], list[dict]]:
         if "audio" in slot and "anim" in slot:
             jobs.append(Job(len(jobs), str(slot["audio"]), str(slot["audio"]), str(slot["anim"])))
         elif "audio" in slot:
-            rejects.append({"file": str(slot["audio"]), "reason": "audio has no animation file "
-                            "(.csv or .npy with the same stem)"})  # fmt: skip
+            rejects.append(
+                {
+                    "file": str(slot["audio"]),
+                    "reason": "audio has no animation file (.csv or .npy with the same stem)",
+                }
+            )
         else:
-            rejects.append({"file": str(slot["anim"]), "reason": "animation has no audio file "
-                            "(.wav or .flac with the same stem)"})  # fmt: skip
+            rejects.append(
+                {
+                    "file": str(slot["anim"]),
+                    "reason": "animation has no audio file (.wav or .flac with the same stem)",
+                }
+            )
     return jobs, rejects
 
 
@@ -183,8 +200,12 @@ def write_shard(path: Path, samples: list[tuple[str, list[tuple[str, bytes]]]]) 
             digest.update(chunk)
     os.replace(tmp_idx, path.with_suffix(".idx"))
     os.replace(tmp_tar, path)
-    return {"name": path.name, "samples": len(samples), "bytes": path.stat().st_size,
-            "sha256": digest.hexdigest()}  # fmt: skip
+    return {
+        "name": path.name,
+        "samples": len(samples),
+        "bytes": path.stat().st_size,
+        "sha256": digest.hexdigest(),
+    }
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -200,8 +221,9 @@ def prepare_out(out: Path, overwrite: bool) -> None:
         # the manifest goes first: from here on the directory no longer looks complete
         (out / "manifest.json").unlink(missing_ok=True)
         for p in out.iterdir():
-            if p.is_file() and (p.suffix in (".tar", ".idx", ".tmp", ".jsonl") or
-                                p.name.startswith(".spool")):  # fmt: skip
+            if p.is_file() and (
+                p.suffix in (".tar", ".idx", ".tmp", ".jsonl") or p.name.startswith(".spool")
+            ):
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -209,8 +231,15 @@ def prepare_out(out: Path, overwrite: bool) -> None:
 def make_dataset(args: argparse.Namespace) -> int:
     out = Path(args.out)
     prepare_out(out, args.overwrite)
-    settings = Settings(args.seed, args.window_seconds, args.stride_seconds,
-                        args.tolerance_seconds, args.csv_fps, args.npy_fps, args.npy_order)  # fmt: skip
+    settings = Settings(
+        args.seed,
+        args.window_seconds,
+        args.stride_seconds,
+        args.tolerance_seconds,
+        args.csv_fps,
+        args.npy_fps,
+        args.npy_order,
+    )
     if args.synthetic:
         jobs = [Job(i, f"synthetic:{i}") for i in range(args.synthetic)]
         rejects: list[dict] = []
@@ -240,10 +269,14 @@ def make_dataset(args: argparse.Namespace) -> int:
             bar.set_postfix(hours=f"{hours_in:.2f}", rejects=len(rejects))
             stem = safe_key(Path(job.source).stem if job.audio else job.source)
             for w, start, wav, npy in windows:
-                meta = json.dumps({
-                    "source": job.source, "animation": job.anim, "window": w,
-                    "start_seconds": start / audio.SAMPLE_RATE,
-                }).encode()  # fmt: skip
+                meta = json.dumps(
+                    {
+                        "source": job.source,
+                        "animation": job.anim,
+                        "window": w,
+                        "start_seconds": start / audio.SAMPLE_RATE,
+                    }
+                ).encode()
                 pos = spool.tell()
                 spool.write(wav + npy + meta)
                 key = f"{job.order:06d}_{stem}_{w:04d}"
@@ -260,7 +293,9 @@ def make_dataset(args: argparse.Namespace) -> int:
         data = np.memmap(spool_path, mode="r") if spool_path.stat().st_size else b""
         for split in fmt.SPLITS:
             items = by_split[split]
-            order = np.random.default_rng([args.seed, 2, fmt.SPLITS.index(split)]).permutation(len(items))
+            order = np.random.default_rng([args.seed, 2, fmt.SPLITS.index(split)]).permutation(
+                len(items)
+            )
             items = [items[i] for i in order]
             for k in range(0, len(items), args.samples_per_shard):
                 chunk = []
@@ -268,8 +303,9 @@ def make_dataset(args: argparse.Namespace) -> int:
                     blob = bytes(data[pos : pos + lw + ln + lm])
                     npy = blob[lw : lw + ln]
                     meta = json.dumps({**json.loads(blob[lw + ln :]), "split": split}).encode()
-                    chunk.append((key, [(fmt.WAV_EXT, blob[:lw]), (fmt.NPY_EXT, npy),
-                                        (fmt.JSON_EXT, meta)]))  # fmt: skip
+                    chunk.append(
+                        (key, [(fmt.WAV_EXT, blob[:lw]), (fmt.NPY_EXT, npy), (fmt.JSON_EXT, meta)])
+                    )
                     if split == "train":  # the mean predictor's values, for the trainer
                         a = np.frombuffer(npy, "<f4", offset=ln - 4 * frames * 52).reshape(-1, 52)
                         stats["frame_sum"] += a.sum(0, dtype=np.float64)
@@ -286,12 +322,17 @@ def make_dataset(args: argparse.Namespace) -> int:
     counts = {s: len(by_split[s]) for s in fmt.SPLITS}
     total = counts["train"] + counts["val"]
     if total == 0:
-        print(f"error: no usable windows ({len(rejects)} rejects, see {out / 'rejects.jsonl'})",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: no usable windows ({len(rejects)} rejects, see {out / 'rejects.jsonl'})",
+            file=sys.stderr,
+        )
         return 1
     if args.strict and rejects:
-        print(f"error: --strict and {len(rejects)} inputs were rejected "
-              f"(see {out / 'rejects.jsonl'}); no manifest written", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: --strict and {len(rejects)} inputs were rejected "
+            f"(see {out / 'rejects.jsonl'}); no manifest written",
+            file=sys.stderr,
+        )
         return 1
     manifest = {
         "format_version": fmt.FORMAT_VERSION,
@@ -344,8 +385,10 @@ def verify_dataset(root: str | Path) -> list[str]:
         shards = manifest["shards"]
         clip, frames = int(manifest["clip_samples"]), int(manifest["frames"])
         if manifest.get("format_version") != fmt.FORMAT_VERSION:
-            problems.append(f"{mpath}: format_version {manifest.get('format_version')!r}, "
-                            f"expected {fmt.FORMAT_VERSION}")  # fmt: skip
+            problems.append(
+                f"{mpath}: format_version {manifest.get('format_version')!r}, "
+                f"expected {fmt.FORMAT_VERSION}"
+            )
     except (OSError, ValueError, KeyError) as exc:
         return [f"{mpath}: missing or unreadable ({exc}); the dataset is incomplete"]
     for sh in shards:
@@ -393,12 +436,16 @@ def verify_dataset(root: str | Path) -> list[str]:
                 pairs = enumerate(zip(index, expected_index, strict=False))
                 k = next((i for i, (a, b) in pairs if a != b), min(len(index), len(expected_index)))
                 first = (index if k < len(index) else expected_index)[k][0][3].partition(".")[0]
-                problems.append(f"{idx_path}: does not match its tar from sample {first} "
-                                f"(number {k}) on: truncated shard or stale index")  # fmt: skip
+                problems.append(
+                    f"{idx_path}: does not match its tar from sample {first} "
+                    f"(number {k}) on: truncated shard or stale index"
+                )
         except (OSError, ValueError) as exc:
             problems.append(f"{idx_path}: unreadable index ({exc})")
         if len(expected_index) != sh["samples"]:
-            problems.append(f"{where}: {len(expected_index)} samples, manifest says {sh['samples']}")
+            problems.append(
+                f"{where}: {len(expected_index)} samples, manifest says {sh['samples']}"
+            )
         for comps in expected_index:
             exts = {c[0]: c[3] for c in comps}
             key = comps[0][3].partition(".")[0]
@@ -426,7 +473,9 @@ def verify_dataset(root: str | Path) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--synthetic", type=int, metavar="N", help="N synthetic 10 s takes")
     src.add_argument("--input", metavar="DIR", help="folder of recordings (searched recursively)")
@@ -435,15 +484,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of recordings for val")
     p.add_argument("--window-seconds", type=float, default=fmt.WINDOW_SECONDS)
     p.add_argument("--stride-seconds", type=float, default=None, help="default: the window")
-    p.add_argument("--tolerance-seconds", type=float, default=0.5,
-                   help="largest audio/animation duration difference accepted")  # fmt: skip
+    p.add_argument(
+        "--tolerance-seconds",
+        type=float,
+        default=0.5,
+        help="largest audio/animation duration difference accepted",
+    )
     p.add_argument("--samples-per-shard", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--csv-fps", type=float, default=60.0, help="Live Link CSV frame rate")
     p.add_argument("--npy-fps", type=float, default=60.0, help="frame rate of .npy animation")
-    p.add_argument("--npy-order", choices=sorted(arkit.ORDERS), default="arkit",
-                   help="column order of .npy animation")  # fmt: skip
+    p.add_argument(
+        "--npy-order",
+        choices=sorted(arkit.ORDERS),
+        default="arkit",
+        help="column order of .npy animation",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--strict", action="store_true", help="fail if any input is rejected")
     p.add_argument("--quiet", action="store_true")

@@ -270,14 +270,18 @@ def read_split_index(m: Manifest, split: str, spot_checks: int = 8) -> list[Samp
     wav_size = m.wav_header_bytes + 2 * m.clip_samples
     npy_size = m.npy_header_bytes + 4 * m.frames * len(m.names)
     refs: list[SampleRef] = []
-    for shard, tar, idx in zip(m.split_shards(split), m.tar_paths(split), m.idx_paths(split), strict=True):
+    for shard, tar, idx in zip(
+        m.split_shards(split), m.tar_paths(split), m.idx_paths(split), strict=True
+    ):
         try:
             index = parse_index(Path(idx).read_text())
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             raise DatasetError(f"{idx}: unreadable index ({exc}); {hint}") from None
         if len(index) != shard.samples:
-            raise DatasetError(f"{idx}: lists {len(index)} samples, the manifest says "
-                               f"{shard.samples} for {tar}; {hint}")  # fmt: skip
+            raise DatasetError(
+                f"{idx}: lists {len(index)} samples, the manifest says "
+                f"{shard.samples} for {tar}; {hint}"
+            )
         size = shard.bytes
         first = len(refs)
         for comps in index:
@@ -292,12 +296,20 @@ def read_split_index(m: Manifest, split: str, spot_checks: int = 8) -> list[Samp
                     what = "a canonical WAV" if ext == WAV_EXT else f"float32 [{m.frames}, 52]"
                     raise DatasetError(f"{where}: .{ext} is {n} bytes, {what} is {want}; {hint}")
                 if off < 512 or off + n > size:
-                    raise DatasetError(f"{where}: .{ext} at bytes {off}..{off + n} lies outside "
-                                       f"the {size}-byte tar (truncated or stale index); {hint}")  # fmt: skip
+                    raise DatasetError(
+                        f"{where}: .{ext} at bytes {off}..{off + n} lies outside "
+                        f"the {size}-byte tar (truncated or stale index); {hint}"
+                    )
             refs.append(SampleRef(tar, key, by_ext[WAV_EXT][1:3], by_ext[NPY_EXT][1:3]))
         # spot-check that the index describes this tar: the member headers where it points
-        picks = sorted({first + round(i * (len(index) - 1) / max(spot_checks - 1, 1))
-                        for i in range(spot_checks)} if index else set())  # fmt: skip
+        picks = sorted(
+            {
+                first + round(i * (len(index) - 1) / max(spot_checks - 1, 1))
+                for i in range(spot_checks)
+            }
+            if index
+            else set()
+        )
         fd = os.open(tar, os.O_RDONLY)
         try:
             for i in picks:
@@ -313,13 +325,16 @@ def read_split_index(m: Manifest, split: str, spot_checks: int = 8) -> list[Samp
             # every member's own header: what the GPU path slices off unread must be canonical
             for r in refs[first:]:
                 try:
-                    check_wav_header(os.pread(fd, m.wav_header_bytes, r.wav[0]), m.clip_samples,
-                                     m.sample_rate)  # fmt: skip
+                    check_wav_header(
+                        os.pread(fd, m.wav_header_bytes, r.wav[0]), m.clip_samples, m.sample_rate
+                    )
                 except AudioError as exc:
                     raise DatasetError(f"{tar}: sample {r.key}: {exc}; {hint}") from None
                 if os.pread(fd, m.npy_header_bytes, r.npy[0]) != npy_head:
-                    raise DatasetError(f"{tar}: sample {r.key}: the npy header is not float32 "
-                                       f"[{m.frames}, 52] in C order; {hint}")  # fmt: skip
+                    raise DatasetError(
+                        f"{tar}: sample {r.key}: the npy header is not float32 "
+                        f"[{m.frames}, 52] in C order; {hint}"
+                    )
         finally:
             os.close(fd)
     return refs

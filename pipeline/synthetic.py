@@ -81,8 +81,9 @@ def make_take(seed: int, index: int, seconds: float = 10.0):
     n = int(round(seconds * SAMPLE_RATE))
     t = np.arange(n) / SAMPLE_RATE
     f0_base = speaker.uniform(95, 220)
-    f0_ctrl = f0_base * (1 + 0.08 * np.sin(2 * np.pi * rng.uniform(0.2, 0.6) * t_ctrl
-                                           + rng.uniform(0, 6.3)))  # fmt: skip
+    f0_ctrl = f0_base * (
+        1 + 0.08 * np.sin(2 * np.pi * rng.uniform(0.2, 0.6) * t_ctrl + rng.uniform(0, 6.3))
+    )
     formant_scale = speaker.uniform(0.9, 1.15)
     f0 = np.interp(t, t_ctrl, f0_ctrl)
     phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE

@@ -22,7 +22,7 @@ from pipeline.shard_format import (
     SampleRef,
     decode_sample,
     read_split_index,
-)  # fmt: skip
+)
 from pipeline.sharding import RankPlan, epoch_order
 
 
@@ -75,12 +75,21 @@ class _EpochSampler(Sampler[int]):
 class TorchLoader(EpochLoader):
     name = "torch"
 
-    def __init__(self, *args, num_workers: int = 4, pin_memory: bool = True,
-                 drop_last: bool = True, prefetch_factor: int | None = None, **kw) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *args,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        drop_last: bool = True,
+        prefetch_factor: int | None = None,
+        **kw,
+    ) -> None:
         super().__init__(*args, **kw)
         if not drop_last:
-            raise ValueError("the torch loader keeps the seed's drop_last=True (every rank "
-                             "must run the same number of whole batches)")  # fmt: skip
+            raise ValueError(
+                "the torch loader keeps the seed's drop_last=True (every rank "
+                "must run the same number of whole batches)"
+            )
         self.dataset = ShardSamples(self.manifest, self.split)
         self._sampler = _EpochSampler()
         self.loader = DataLoader(

@@ -70,10 +70,9 @@ def cut_take(
     # the small epsilon absorbs float error in times (timecodes are large numbers of seconds)
     total_frames = int(np.floor(seconds * fps + 1e-6))
     # the last window's audio must fit as well as its frames
-    while (
-        total_frames >= window_frames
-        and frame_to_sample(total_frames - window_frames, rate, fps) + window_samples > len(audio)
-    ):
+    while total_frames >= window_frames and frame_to_sample(
+        total_frames - window_frames, rate, fps
+    ) + window_samples > len(audio):
         total_frames -= 1
     if total_frames < window_frames:
         raise TakeError(f"take is {seconds:.2f} s, shorter than one {window_seconds:g} s window")

@@ -210,7 +210,7 @@ def test_csv_unreadable_value(tmp_path):
 
 
 def ramp(t: np.ndarray) -> np.ndarray:
-    """[len(t), 52]: column j is 0.02 + j * 0.001 + (0.005 + j * 0.0005) * t (in [0, 1] for t < 20)."""
+    """[len(t), 52]: column j is 0.02 + j * 0.001 + (0.005 + j * 0.0005) * t (in [0, 1], t < 20)."""
     j = np.arange(52)
     return 0.02 + j * 0.001 + (0.005 + j * 0.0005) * np.asarray(t, np.float64)[:, None]
 

@@ -31,8 +31,10 @@ def load_benchmark():
 def quick_run(tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     bench = load_benchmark()
-    assert bench.main(["--quick", "--data", str(tiny_dataset), "--out", str(out),
-                       "--workers", "2"]) == 0  # fmt: skip
+    assert (
+        bench.main(["--quick", "--data", str(tiny_dataset), "--out", str(out), "--workers", "2"])
+        == 0
+    )
     return out, json.loads((out / "throughput.json").read_text())
 
 
@@ -55,8 +57,15 @@ def test_every_row_ran_in_both_modes_with_positive_numbers(quick_run):
     assert ("read-only", "loader") in rows
     assert ("synthetic-gpu" if cuda else "synthetic-cpu", "train") in rows
     for r in result["rows"]:
-        for key in ("samples_per_s", "samples_per_s_min", "samples_per_s_max", "mb_per_s",
-                    "median_s_per_batch", "min_s_per_batch", "max_s_per_batch"):  # fmt: skip
+        for key in (
+            "samples_per_s",
+            "samples_per_s_min",
+            "samples_per_s_max",
+            "mb_per_s",
+            "median_s_per_batch",
+            "min_s_per_batch",
+            "max_s_per_batch",
+        ):
             assert math.isfinite(r[key]) and r[key] > 0, (r["name"], r["mode"], key)
         assert r["min_s_per_batch"] <= r["median_s_per_batch"] <= r["max_s_per_batch"]
         assert r["samples_per_s_min"] <= r["samples_per_s"] <= r["samples_per_s_max"]
@@ -97,11 +106,21 @@ def test_environment_records_machine_versions_dataset_and_command(quick_run, tin
 def test_unknown_row_and_cuda_only_rows_are_refused_with_a_message(tiny_dataset, tmp_path):
     bench = load_benchmark()
     with pytest.raises(SystemExit, match="unknown row"):
-        bench.main(["--quick", "--data", str(tiny_dataset), "--out", str(tmp_path),
-                    "--rows", "nope"])  # fmt: skip
+        bench.main(
+            ["--quick", "--data", str(tiny_dataset), "--out", str(tmp_path), "--rows", "nope"]
+        )
     import torch
 
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs CUDA"):
-            bench.main(["--quick", "--data", str(tiny_dataset), "--out", str(tmp_path),
-                        "--rows", "dali-gpu"])  # fmt: skip
+            bench.main(
+                [
+                    "--quick",
+                    "--data",
+                    str(tiny_dataset),
+                    "--out",
+                    str(tmp_path),
+                    "--rows",
+                    "dali-gpu",
+                ]
+            )

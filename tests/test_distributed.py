@@ -16,8 +16,14 @@ import torch.multiprocessing as mp
 from pipeline import build_loader
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["model.hidden=16", "model.n_mels=32", "data.batch_size=4", "data.num_workers=1",
-         "run.progress=false", "train.log_every=1"]  # fmt: skip
+SMALL = [
+    "model.hidden=16",
+    "model.n_mels=32",
+    "data.batch_size=4",
+    "data.num_workers=1",
+    "run.progress=false",
+    "train.log_every=1",
+]
 
 
 def fingerprints(batch) -> list[bytes]:
@@ -29,8 +35,19 @@ def fingerprints(batch) -> list[bytes]:
 def test_ranks_see_disjoint_samples_equal_steps_and_rotating_leftovers(tiny_dataset, loader, world):
     batch = 5  # 36 samples: 30 used per epoch, 6 left out (at most world * batch - 1)
     kw = {"num_workers": 0} if loader == "torch" else {}
-    loaders = [build_loader(loader, tiny_dataset, batch_size=batch, seed=3, rank=r,
-                            world_size=world, device="cpu", **kw) for r in range(world)]  # fmt: skip
+    loaders = [
+        build_loader(
+            loader,
+            tiny_dataset,
+            batch_size=batch,
+            seed=3,
+            rank=r,
+            world_size=world,
+            device="cpu",
+            **kw,
+        )
+        for r in range(world)
+    ]
     everything = set()
     left_out = []
     for epoch in range(3):
@@ -57,8 +74,14 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world: int, port: int, args: list[str], out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), TQDM_DISABLE="1")  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        TQDM_DISABLE="1",
+    )
     torch.set_num_threads(1)
     from train.__main__ import main
     from train.trainer import Trainer
@@ -81,15 +104,27 @@ def _rank_main(rank: int, world: int, port: int, args: list[str], out: str) -> N
     Trainer.fit = fit
     rc = main(args)
     t = trainer_box["t"]
-    torch.save({"rc": rc, "step": t.step, "resumed_at": seen,
-                "params": {k: v.detach().clone() for k, v in t.model.state_dict().items()},
-                "loader": t.train_loader.state_dict()}, Path(out) / f"rank{rank}.pt")  # fmt: skip
+    torch.save(
+        {
+            "rc": rc,
+            "step": t.step,
+            "resumed_at": seen,
+            "params": {k: v.detach().clone() for k, v in t.model.state_dict().items()},
+            "loader": t.train_loader.state_dict(),
+        },
+        Path(out) / f"rank{rank}.pt",
+    )
 
 
 def _spawn(args: list[str], out: Path, world: int = 2) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(_rank_main, args=(world, _free_port(), args, str(out)), nprocs=world,
-                       start_method="spawn", join=True)  # fmt: skip
+    mp.start_processes(
+        _rank_main,
+        args=(world, _free_port(), args, str(out)),
+        nprocs=world,
+        start_method="spawn",
+        join=True,
+    )
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
@@ -105,8 +140,9 @@ def test_ddp_ranks_stay_in_step_identical_and_resume_with_the_same_batches(
     tmp_path, tiny_dataset, loader
 ):
     # 36 train samples, 2 ranks, batch 4: 4 steps per epoch per rank. 7 steps cross an epoch.
-    full = _spawn(_args(tmp_path / "full", tiny_dataset, loader, "train.max_steps=7"),
-                  tmp_path / "full-out")  # fmt: skip
+    full = _spawn(
+        _args(tmp_path / "full", tiny_dataset, loader, "train.max_steps=7"), tmp_path / "full-out"
+    )
     assert [r["rc"] for r in full] == [0, 0]
     assert [r["step"] for r in full] == [7, 7]
     for k, v in full[0]["params"].items():
@@ -116,11 +152,21 @@ def test_ddp_ranks_stay_in_step_identical_and_resume_with_the_same_batches(
     ref = {x["step"]: x["loss"] for x in lines if x["split"] == "train"}
     assert sorted(ref) == list(range(1, 8))
 
-    part = _spawn(_args(tmp_path / "part", tiny_dataset, loader, "train.max_steps=2"),
-                  tmp_path / "part-out")  # fmt: skip
+    part = _spawn(
+        _args(tmp_path / "part", tiny_dataset, loader, "train.max_steps=2"), tmp_path / "part-out"
+    )
     assert [r["step"] for r in part] == [2, 2]
-    resumed = _spawn(["--loader", loader, "--resume", str(tmp_path / "part" / "last.pt"),
-                      "--set", "train.max_steps=7"], tmp_path / "resumed-out")  # fmt: skip
+    resumed = _spawn(
+        [
+            "--loader",
+            loader,
+            "--resume",
+            str(tmp_path / "part" / "last.pt"),
+            "--set",
+            "train.max_steps=7",
+        ],
+        tmp_path / "resumed-out",
+    )
     assert [r["resumed_at"] for r in resumed] == [[2], [2]]  # each rank's loader mid-epoch
     assert [r["step"] for r in resumed] == [7, 7]
     lines = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
@@ -134,10 +180,23 @@ def test_ddp_ranks_stay_in_step_identical_and_resume_with_the_same_batches(
 def test_torchrun_two_processes_on_cpu(tmp_path, tiny_dataset):
     """What a user types: torchrun --nproc_per_node=2 -m train --loader dali ..."""
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node=2", "--master_port", str(_free_port()), "-m", "train",
-           *_args(tmp_path / "run", tiny_dataset, "dali", "train.epochs=1")]  # fmt: skip
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "TQDM_DISABLE": "1"})  # fmt: skip
+    cmd = [
+        str(torchrun),
+        "--nproc_per_node=2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "train",
+        *_args(tmp_path / "run", tiny_dataset, "dali", "train.epochs=1"),
+    ]
+    res = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines and all(x["world_size"] == 2 for x in lines)

@@ -108,8 +108,9 @@ def run_epoch(loader) -> list[dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("split,batch,steps", [("train", 8, 4), ("val", 4, 1)])
-def test_backends_yield_identical_tensors_equal_to_what_was_written(tiny_dataset, written, split,
-                                                                    batch, steps):  # fmt: skip
+def test_backends_yield_identical_tensors_equal_to_what_was_written(
+    tiny_dataset, written, split, batch, steps
+):
     ref = written[split]
     runs = {}
     for backend in ALL:
@@ -137,14 +138,23 @@ def test_backends_yield_identical_tensors_equal_to_what_was_written(tiny_dataset
     assert ref.arkit.min() >= 0 and ref.arkit.max() <= 1 and ref.arkit.std() > 0.01
 
 
-@pytest.mark.parametrize("batch,world,steps", [(8, 1, 4), (16, 1, 2), (5, 1, 7), (36, 1, 1),
-                                               (8, 2, 2), (4, 3, 3), (7, 3, 1)])  # fmt: skip
+@pytest.mark.parametrize(
+    "batch,world,steps",
+    [(8, 1, 4), (16, 1, 2), (5, 1, 7), (36, 1, 1), (8, 2, 2), (4, 3, 3), (7, 3, 1)],
+)
 def test_len_is_whole_batches_per_epoch(tiny_dataset, batch, world, steps):
     for backend in ("dali-cpu", "torch"):  # decode modes share the reader
         lens = []
         for rank in range(world):
-            loader = make(backend, tiny_dataset, batch_size=batch, shuffle=True, seed=1,
-                          rank=rank, world_size=world)  # fmt: skip
+            loader = make(
+                backend,
+                tiny_dataset,
+                batch_size=batch,
+                shuffle=True,
+                seed=1,
+                rank=rank,
+                world_size=world,
+            )
             assert len(loader) == steps
             batches = run_epoch(loader)
             lens.append(len(batches))
@@ -177,8 +187,10 @@ def test_shuffling_keeps_the_samples_and_is_seeded(tiny_dataset, written, backen
 
     # the same seed in a new loader: the same batches, bit for bit
     again = run_epoch(make(backend, tiny_dataset, batch_size=4, shuffle=True, seed=3))
-    assert all(torch.equal(a["wav"], b["wav"]) and torch.equal(a["arkit"], b["arkit"])
-               for a, b in zip(first, again, strict=True))  # fmt: skip
+    assert all(
+        torch.equal(a["wav"], b["wav"]) and torch.equal(a["arkit"], b["arkit"])
+        for a, b in zip(first, again, strict=True)
+    )
     # another seed: the same samples in another order
     other = ref.ids(run_epoch(make(backend, tiny_dataset, batch_size=4, shuffle=True, seed=4)))
     assert sorted(other) == sorted(order) and other != order
@@ -192,8 +204,9 @@ def test_shuffling_keeps_the_samples_and_is_seeded(tiny_dataset, written, backen
 
 
 @pytest.mark.parametrize("backend", ALL)
-def test_shuffled_epoch_with_a_dropped_tail_leaves_out_fewer_than_a_batch(tiny_dataset, written,
-                                                                          backend):  # fmt: skip
+def test_shuffled_epoch_with_a_dropped_tail_leaves_out_fewer_than_a_batch(
+    tiny_dataset, written, backend
+):
     ref = written["train"]
     loader = make(backend, tiny_dataset, batch_size=8, shuffle=True, seed=2)
     gone = []
@@ -229,11 +242,14 @@ def test_dali_decode_modes_agree_when_shuffled(tiny_dataset):
 @pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("backend", ["dali-cpu", "torch"])  # decode modes share the reader
-def test_ranks_get_disjoint_parts_with_equal_batch_counts(tiny_dataset, written, backend, world,
-                                                          shuffle):  # fmt: skip
+def test_ranks_get_disjoint_parts_with_equal_batch_counts(
+    tiny_dataset, written, backend, world, shuffle
+):
     ref = written["train"]
-    loaders = [make(backend, tiny_dataset, batch_size=4, shuffle=shuffle, seed=6, rank=r,
-                    world_size=world) for r in range(world)]  # fmt: skip
+    loaders = [
+        make(backend, tiny_dataset, batch_size=4, shuffle=shuffle, seed=6, rank=r, world_size=world)
+        for r in range(world)
+    ]
     steps = (N_TRAIN // world) // 4
     assert [len(ld) for ld in loaders] == [steps] * world
     for epoch in range(2):
@@ -267,8 +283,15 @@ def take(loader, count: int) -> list[dict[str, torch.Tensor]]:
 
 
 # 9 batches an epoch: stop inside epoch 0, at its very end, or inside epoch 1
-RESUME_CASES = [("dali-cpu", 3), ("dali-cpu", 9), ("dali-cpu", 11), ("dali-gpu", 11),
-                ("torch", 3), ("torch", 9), ("torch-workers", 11)]  # fmt: skip
+RESUME_CASES = [
+    ("dali-cpu", 3),
+    ("dali-cpu", 9),
+    ("dali-cpu", 11),
+    ("dali-gpu", 11),
+    ("torch", 3),
+    ("torch", 9),
+    ("torch-workers", 11),
+]
 
 
 @pytest.mark.parametrize("backend,stop", RESUME_CASES)
@@ -302,7 +325,7 @@ def test_state_dict_resumes_with_the_same_batches(tiny_dataset, tmp_path, backen
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")
 @pytest.mark.parametrize("backend", ["dali-cpu", "torch"])
 def test_stopping_early_continues_the_epoch_and_set_epoch_moves_on(tiny_dataset, backend):
-    """A debug loop stops after 3 batches; the default 4 torch workers must not leak stale batches."""
+    """A debug loop stops after 3 batches; 4 torch workers must not leak stale batches."""
     kw = dict(batch_size=4, shuffle=True, seed=10)
     if backend == "torch":  # the seed's DataLoader: 4 workers, started afresh every epoch
         loader = build_loader("torch", tiny_dataset, device="cpu", **kw)
@@ -330,8 +353,10 @@ def test_stopping_early_continues_the_epoch_and_set_epoch_moves_on(tiny_dataset,
     assert same(run_epoch(loader), epoch0)
 
 
-@pytest.mark.parametrize("key,value", [("batch_size", 8), ("seed", 1), ("world_size", 2),
-                                       ("shuffle", False), ("num_samples", 40)])  # fmt: skip
+@pytest.mark.parametrize(
+    "key,value",
+    [("batch_size", 8), ("seed", 1), ("world_size", 2), ("shuffle", False), ("num_samples", 40)],
+)
 def test_load_state_dict_refuses_other_settings(tiny_dataset, key, value):
     loader = make("torch", tiny_dataset, batch_size=4, shuffle=True, seed=0)
     state = loader.state_dict()
@@ -394,13 +419,16 @@ def test_a_damaged_wav_header_names_the_sample(copy_dataset, backend):
 
 @pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("backend", ["dali-gpu", "dali-cpu"])
-def test_dali_epochs_never_start_with_the_last_epochs_padding(tiny_dataset, written, backend,
-                                                              shuffle):  # fmt: skip
+def test_dali_epochs_never_start_with_the_last_epochs_padding(
+    tiny_dataset, written, backend, shuffle
+):
     """DESIGN pitfall: with several shards, DROP + pad_last_batch hands the dropped padding out
     as the next epoch's first batch. Parts of 18 and batches of 8 leave a tail every epoch."""
     ref = written["train"]
-    loaders = [make(backend, tiny_dataset, batch_size=8, shuffle=shuffle, seed=4, rank=r,
-                    world_size=2) for r in range(2)]  # fmt: skip
+    loaders = [
+        make(backend, tiny_dataset, batch_size=8, shuffle=shuffle, seed=4, rank=r, world_size=2)
+        for r in range(2)
+    ]
     previous: list[list[int]] = [[], []]
     for epoch in range(5):
         for r, ld in enumerate(loaders):
@@ -437,10 +465,17 @@ def _cuda_graph(tiny_dataset, decode: str):
     from pipeline.dali_loader import build_pipeline
 
     m = load_manifest(tiny_dataset)
-    return build_pipeline(m.tar_paths("train"), m.idx_paths("train"), batch_size=4,
-                          clip_samples=m.clip_samples, frames=m.frames,
-                          wav_header_bytes=m.wav_header_bytes,
-                          npy_header_bytes=m.npy_header_bytes, decode=decode, device_id=0)  # fmt: skip
+    return build_pipeline(
+        m.tar_paths("train"),
+        m.idx_paths("train"),
+        batch_size=4,
+        clip_samples=m.clip_samples,
+        frames=m.frames,
+        wav_header_bytes=m.wav_header_bytes,
+        npy_header_bytes=m.npy_header_bytes,
+        decode=decode,
+        device_id=0,
+    )
 
 
 def test_cuda_graph_decodes_on_the_gpu(tiny_dataset):
@@ -453,9 +488,19 @@ def test_cuda_graph_decodes_on_the_gpu(tiny_dataset):
     host = sorted(kind for kind, dev in ops if dev == "cpu")
     assert host == ["GetProperty", "Pad", "readers__Webdataset"]
     on_gpu = sorted(kind for kind, dev in ops if dev == "gpu")
-    assert on_gpu == ["Reinterpret", "Reinterpret", "Reshape", "_ArithmeticGenericOp",
-                      "_TensorSubscript", "_TensorSubscript"]  # fmt: skip
-    assert dict(zip(OUTPUTS, outputs, strict=True)) == {"wav": "gpu", "arkit": "gpu", "source": "cpu"}
+    assert on_gpu == [
+        "Reinterpret",
+        "Reinterpret",
+        "Reshape",
+        "_ArithmeticGenericOp",
+        "_TensorSubscript",
+        "_TensorSubscript",
+    ]
+    assert dict(zip(OUTPUTS, outputs, strict=True)) == {
+        "wav": "gpu",
+        "arkit": "gpu",
+        "source": "cpu",
+    }
 
     ops, outputs = _graph(_cuda_graph(tiny_dataset, "cpu"))
     assert {("decoders__Audio", "cpu"), ("decoders__Numpy", "cpu")} <= set(ops)
@@ -514,10 +559,18 @@ def test_cuda_graph_serializes_without_a_gpu(tiny_dataset, decode):
     from pipeline.dali_loader import build_pipeline
 
     m = load_manifest(tiny_dataset)
-    pipe = build_pipeline(m.tar_paths("train"), m.idx_paths("train"), batch_size=4,
-                          clip_samples=m.clip_samples, frames=m.frames,
-                          wav_header_bytes=m.wav_header_bytes, npy_header_bytes=m.npy_header_bytes,
-                          decode=decode, device_id=None, gpu_ops=True)  # fmt: skip
+    pipe = build_pipeline(
+        m.tar_paths("train"),
+        m.idx_paths("train"),
+        batch_size=4,
+        clip_samples=m.clip_samples,
+        frames=m.frames,
+        wav_header_bytes=m.wav_header_bytes,
+        npy_header_bytes=m.npy_header_bytes,
+        decode=decode,
+        device_id=None,
+        gpu_ops=True,
+    )
     blob = pipe.serialize()
     assert b"readers__Webdataset" in blob and b"gpu" in blob
     if decode == "gpu":
@@ -525,10 +578,17 @@ def test_cuda_graph_serializes_without_a_gpu(tiny_dataset, decode):
     else:
         assert b"decoders__Audio" in blob and b"Reinterpret" not in blob
     # the same definition without GPU operators mentions no GPU placement at all
-    cpu = build_pipeline(m.tar_paths("train"), m.idx_paths("train"), batch_size=4,
-                         clip_samples=m.clip_samples, frames=m.frames,
-                         wav_header_bytes=m.wav_header_bytes, npy_header_bytes=m.npy_header_bytes,
-                         decode=decode, device_id=None).serialize()  # fmt: skip
+    cpu = build_pipeline(
+        m.tar_paths("train"),
+        m.idx_paths("train"),
+        batch_size=4,
+        clip_samples=m.clip_samples,
+        frames=m.frames,
+        wav_header_bytes=m.wav_header_bytes,
+        npy_header_bytes=m.npy_header_bytes,
+        decode=decode,
+        device_id=None,
+    ).serialize()
     assert b"gpu" not in cpu
 
 

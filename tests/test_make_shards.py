@@ -35,8 +35,14 @@ EXTS = (fmt.WAV_EXT, fmt.NPY_EXT, fmt.JSON_EXT)
 # ---------------------------------------------------------------- input writers
 
 
-def write_live_link_csv(path: Path, values: np.ndarray, frame_pos=None, *, names=LIVE_LINK_NAMES,
-                        start_frame: int = (10 * 3600 + 11 * 60 + 12) * 60 + 13) -> np.ndarray:  # fmt: skip
+def write_live_link_csv(
+    path: Path,
+    values: np.ndarray,
+    frame_pos=None,
+    *,
+    names=LIVE_LINK_NAMES,
+    start_frame: int = (10 * 3600 + 11 * 60 + 12) * 60 + 13,
+) -> np.ndarray:
     """A Live Link Face CSV (``Timecode,BlendshapeCount,<names>,<9 head/eye>``) of ``values``
     ``[T, 52]`` given in the canonical order; each column is filled by its name. ``frame_pos`` is
     each row's position in 60 fps frames (default 0..T-1; 1/1000 frame resolution), written as
@@ -67,8 +73,14 @@ def random_anim(seconds: float, seed: int, fps: int = 60) -> np.ndarray:
     )
 
 
-def pcm16_take(folder: Path, stem: str, seconds: float, seed: int, anim: str = "csv",
-               anim_seconds: float | None = None):  # fmt: skip
+def pcm16_take(
+    folder: Path,
+    stem: str,
+    seconds: float,
+    seed: int,
+    anim: str = "csv",
+    anim_seconds: float | None = None,
+):
     """A 16 kHz mono PCM16 WAV (canonical already) with 60 fps animation as CSV or npy."""
     folder.mkdir(parents=True, exist_ok=True)
     pcm = random_pcm(seconds, seed)
@@ -203,8 +215,19 @@ def test_round_trip_is_bit_exact(tmp_path):
 def test_stride_windows_start_on_frame_aligned_samples(tmp_path, seconds, stride, frames, starts):
     pcm, anim = pcm16_take(tmp_path / "in", "t", seconds, seed=3, anim="npy")
     out = tmp_path / "out"
-    assert run("--input", tmp_path / "in", "--out", out, "--stride-seconds", stride,
-               "--val-fraction", "0") == 0  # fmt: skip
+    assert (
+        run(
+            "--input",
+            tmp_path / "in",
+            "--out",
+            out,
+            "--stride-seconds",
+            stride,
+            "--val-fraction",
+            "0",
+        )
+        == 0
+    )
     windows = by_source(parsed(out))["t.wav"]
     assert [round(s["meta"]["start_seconds"] * 16000) for s in windows] == starts
     for w, s in enumerate(windows):
@@ -218,8 +241,12 @@ def test_stride_windows_start_on_frame_aligned_samples(tmp_path, seconds, stride
 def test_other_window_length_and_train_stats(tmp_path):
     pcm, anim = pcm16_take(tmp_path / "in", "t", 5.0, seed=4, anim="npy")
     out = tmp_path / "out"
-    assert run("--input", tmp_path / "in", "--out", out, "--window-seconds", "2",
-               "--val-fraction", "0") == 0  # fmt: skip
+    assert (
+        run(
+            "--input", tmp_path / "in", "--out", out, "--window-seconds", "2", "--val-fraction", "0"
+        )
+        == 0
+    )
     man = manifest(out)
     assert (man["clip_samples"], man["frames"], man["splits"]["train"]) == (32000, 60, 2)
     samples = by_source(parsed(out))["t.wav"]
@@ -254,8 +281,9 @@ def test_csv_ramp_is_resampled_by_time(tmp_path):
     for stem, pos in (("regular", regular), ("irregular", jitter)):
         sf.write(str(src / f"{stem}.wav"), random_pcm(12.0, 6), 16000, subtype="PCM_16")
         t = pos / 60  # the time each row's timecode encodes, from the first row
-        np.testing.assert_allclose(write_live_link_csv(src / f"{stem}.csv", ramp(t), pos), t,
-                                   rtol=0, atol=1e-12)  # fmt: skip
+        np.testing.assert_allclose(
+            write_live_link_csv(src / f"{stem}.csv", ramp(t), pos), t, rtol=0, atol=1e-12
+        )
     out = tmp_path / "out"
     assert run("--input", src, "--out", out, "--val-fraction", "0", "--strict") == 0
     samples = by_source(parsed(out))
@@ -370,7 +398,8 @@ def test_every_bad_input_is_a_reject_line_and_the_rest_convert(tmp_path):
     expected = {
         "garbage.wav": "unreadable audio",
         "headonly.wav": "unreadable audio",
-        "truncated.wav": "WAV is truncated: its header promises 384000 bytes of audio, the file holds 153600",
+        "truncated.wav": "WAV is truncated: its header promises 384000 bytes of audio, "
+        "the file holds 153600",
         "nan.wav": "NaN or inf in data row 101",
         "inf.wav": "NaN or inf in data row 101",
         "npynan.wav": "npy contains NaN or inf",
@@ -424,8 +453,12 @@ def test_non_empty_out_needs_overwrite(tmp_path):
     (out / "train-000099.idx").write_text("stale")
     build_synthetic(out, 2, "--overwrite", "--val-fraction", "0")
     assert sorted(p.name for p in out.iterdir()) == [
-        "keep.txt", "manifest.json", "rejects.jsonl", "train-000000.idx", "train-000000.tar",
-    ]  # fmt: skip
+        "keep.txt",
+        "manifest.json",
+        "rejects.jsonl",
+        "train-000000.idx",
+        "train-000000.tar",
+    ]
     assert manifest(out)["splits"] == {"train": 2, "val": 0}
 
 
@@ -519,8 +552,13 @@ def test_many_input_formats_in_one_folder(tmp_path):
     assert list(got) == ["f_short.wav"] and "take is 3.00 s, shorter than one" in got["f_short.wav"]
     samples = by_source(parsed(out))
     counts = {Path(k).stem: len(v) for k, v in samples.items()}
-    assert counts == {"a22k_mono16": 1, "b44k_stereo16": 2, "c44k_stereo24": 2, "d48k_float": 1,
-                      "e_flac": 2}  # fmt: skip
+    assert counts == {
+        "a22k_mono16": 1,
+        "b44k_stereo16": 2,
+        "c44k_stereo24": 2,
+        "d48k_float": 1,
+        "e_flac": 2,
+    }
     man = manifest(out)
     assert man["splits"]["train"] + man["splits"]["val"] == 8 and man["rejects"] == 1
     assert man["input_hours"] == pytest.approx((12 + 25 + 20.5 + 15 + 21) / 3600, rel=1e-4)
@@ -575,9 +613,12 @@ def test_dali_reader_reads_the_shards_with_our_index(tiny_dataset):
         pipe = Pipeline(batch_size=batch, num_threads=1, device_id=None, prefetch_queue_depth=1)
         with pipe:
             wav, npy, meta = fn.readers.webdataset(
-                paths=tars, index_paths=[t[:-4] + ".idx" for t in tars],
-                ext=["wav", "arkit.npy", "json"], missing_component_behavior="error", name="r",
-            )  # fmt: skip
+                paths=tars,
+                index_paths=[t[:-4] + ".idx" for t in tars],
+                ext=["wav", "arkit.npy", "json"],
+                missing_component_behavior="error",
+                name="r",
+            )
             audio, _ = fn.decoders.audio(wav, dtype=types.INT16, downmix=True)
             arr = fn.decoders.numpy(npy)
             pipe.set_outputs(wav, npy, meta, audio, arr)
@@ -605,8 +646,9 @@ def test_wds2idx_writes_the_same_index(tiny_dataset, tmp_path):
         tar = tiny_dataset / sh["name"]
         mine = tar.with_suffix(".idx").read_bytes()
         theirs = tmp_path / f"{tar.stem}.idx"
-        proc = subprocess.run([sys.executable, "-m", "wds2idx", str(tar), str(theirs)],
-                              capture_output=True, text=True)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "wds2idx", str(tar), str(theirs)], capture_output=True, text=True
+        )
         assert proc.returncode == 0, proc.stderr
         assert theirs.read_bytes() == mine, sh["name"]
         assert mine.startswith(f"v1.2 {sh['samples']}\n".encode())

@@ -96,10 +96,24 @@ def test_truncated_shard_is_named_by_loaders_verify_and_the_trainer(copy_dataset
     assert any(SHARD in p and "truncated" in p for p in verify_dataset(ds))
     # what a user types: python -m train --loader dali on the damaged dataset
     res = subprocess.run(
-        [sys.executable, "-m", "train", "--loader", "dali", "--set", f"data.dir={ds}",
-         "--set", f"run.dir={ds.parent / 'run'}", "--set", "run.progress=false"],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "--loader",
+            "dali",
+            "--set",
+            f"data.dir={ds}",
+            "--set",
+            f"run.dir={ds.parent / 'run'}",
+            "--set",
+            "run.progress=false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert res.returncode == 1, res.stderr[-2000:]  # an ordinary error, not a signal
     assert SHARD in res.stderr and "make_shards.py --verify" in res.stderr
     assert "Traceback" not in res.stderr
@@ -113,14 +127,16 @@ def test_truncated_shard_with_a_matching_manifest_never_reaches_dali(copy_datase
     os.truncate(tar, tar.stat().st_size - 200_000)
     set_manifest(ds, SHARD, bytes=tar.stat().st_size)  # manifest no longer disagrees
     code = (
-        "import sys\nfrom pipeline import build_loader\nfrom pipeline.shard_format import DatasetError\n"
+        "import sys\nfrom pipeline import build_loader\n"
+        "from pipeline.shard_format import DatasetError\n"
         "try:\n"
         f"    sum(1 for _ in build_loader('dali', {str(ds)!r}, batch_size=4, shuffle=False, "
         f"device='cpu', dont_use_mmap={not mmap}))\n"
         "except DatasetError as e:\n    print(e)\n    sys.exit(3)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 3, (res.returncode, res.stderr[-2000:])
     assert SHARD in res.stdout and "outside" in res.stdout
 
@@ -169,8 +185,11 @@ def test_wav_header_that_is_not_canonical(copy_dataset):
     for name, kw in LOADERS:
         with pytest.raises(DatasetError, match=key) as err:
             load_all(ds, name, **kw)
-        assert SHARD in str(err.value) and "header" in str(err.value).lower() or \
-            "sample rate" in str(err.value)  # fmt: skip
+        assert (
+            SHARD in str(err.value)
+            and "header" in str(err.value).lower()
+            or "sample rate" in str(err.value)
+        )
     assert any(key in p and "sample rate 22050" in p for p in verify_dataset(ds))
 
 
@@ -224,7 +243,9 @@ def test_manifest_missing_from_another_version_or_disagreeing(copy_dataset, tiny
 
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
-def test_random_bytes_in_a_member_end_in_our_error_or_clean_data(tiny_dataset, tmp_path_factory, data):
+def test_random_bytes_in_a_member_end_in_our_error_or_clean_data(
+    tiny_dataset, tmp_path_factory, data
+):
     """Arbitrary bytes anywhere in a shard (same size): loaders either read it or raise our
     DatasetError; --verify always reports it."""
     import shutil
@@ -254,8 +275,17 @@ def test_random_bytes_in_a_member_end_in_our_error_or_clean_data(tiny_dataset, t
 
 def _train_cmd(ds: Path, run: Path, *sets: str) -> list[str]:
     args = [sys.executable, "-m", "train", "--loader", "dali"]
-    for s in ("model.hidden=16", "model.n_mels=32", "data.batch_size=4", "run.progress=false",
-              "train.log_every=1", "train.epochs=3", f"data.dir={ds}", f"run.dir={run}", *sets):
+    for s in (
+        "model.hidden=16",
+        "model.n_mels=32",
+        "data.batch_size=4",
+        "run.progress=false",
+        "train.log_every=1",
+        "train.epochs=3",
+        f"data.dir={ds}",
+        f"run.dir={run}",
+        *sets,
+    ):
         args += ["--set", s]
     return args
 
@@ -268,13 +298,22 @@ def _losses(run: Path) -> dict[int, float]:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_mid_epoch_checkpoints_and_resume_gives_the_same_losses(tmp_path, tiny_dataset, sig):
     full = tmp_path / "full"
-    assert subprocess.run(_train_cmd(tiny_dataset, full), cwd=ROOT, timeout=300,
-                          capture_output=True).returncode == 0  # fmt: skip
+    assert (
+        subprocess.run(
+            _train_cmd(tiny_dataset, full), cwd=ROOT, timeout=300, capture_output=True
+        ).returncode
+        == 0
+    )
     ref = _losses(full)
     assert len(ref) == 27
     run = tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(tiny_dataset, run, "train.lr=1e-3"), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        _train_cmd(tiny_dataset, run, "train.lr=1e-3"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 180
     while time.time() < deadline:  # wait for a few steps, then interrupt mid-epoch
         if (run / "metrics.jsonl").is_file() and len(_losses(run)) >= 4:
@@ -289,9 +328,13 @@ def test_signal_mid_epoch_checkpoints_and_resume_gives_the_same_losses(tmp_path,
     state = torch.load(run / "last.pt", weights_only=True)
     stopped = state["step"]
     assert 4 <= stopped < 27 and state["loader"]["batch"] == stopped % 9
-    res = subprocess.run([sys.executable, "-m", "train", "--loader", "dali", "--resume",
-                          str(run / "last.pt")], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "train", "--loader", "dali", "--resume", str(run / "last.pt")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     got = _losses(run)
     assert sorted(got) == list(range(1, 28))
@@ -324,8 +367,17 @@ def _shard_digests(ds: Path) -> list[tuple[str, str]]:
 
 
 def test_make_shards_killed_at_random_points_never_looks_complete(tmp_path):
-    cmd = [sys.executable, "pipeline/make_shards.py", "--synthetic", "24", "--workers", "2",
-           "--samples-per-shard", "4", "--quiet"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "pipeline/make_shards.py",
+        "--synthetic",
+        "24",
+        "--workers",
+        "2",
+        "--samples-per-shard",
+        "4",
+        "--quiet",
+    ]
     ref = tmp_path / "ref"
     subprocess.run([*cmd, "--out", str(ref)], cwd=ROOT, check=True, timeout=300)
     out = tmp_path / "out"
@@ -344,5 +396,7 @@ def test_make_shards_killed_at_random_points_never_looks_complete(tmp_path):
     assert _shard_digests(out) == _shard_digests(ref)
     assert verify_dataset(out) == []
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
-    assert hashlib.sha256((out / "rejects.jsonl").read_bytes()).digest() == \
-        hashlib.sha256((ref / "rejects.jsonl").read_bytes()).digest()  # fmt: skip
+    assert (
+        hashlib.sha256((out / "rejects.jsonl").read_bytes()).digest()
+        == hashlib.sha256((ref / "rejects.jsonl").read_bytes()).digest()
+    )

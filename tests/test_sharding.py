@@ -21,8 +21,9 @@ BATCH_SIZES = (1, 4, 16)
 CASES = list(itertools.product(WORLD_SIZES, NUM_SAMPLES, BATCH_SIZES))
 
 
-def consumed(seed: int, epoch: int, rank: int, world: int, n: int, batch: int,
-             shuffle: bool = True) -> np.ndarray:  # fmt: skip
+def consumed(
+    seed: int, epoch: int, rank: int, world: int, n: int, batch: int, shuffle: bool = True
+) -> np.ndarray:
     plan = rank_plan(seed, epoch, rank, world, n, batch)
     return epoch_order(plan, shuffle)[: plan.steps * batch]
 
@@ -100,8 +101,9 @@ def test_parts_rotate_over_ranks_across_epochs(world):
             )
 
 
-@pytest.mark.parametrize("world,n,batch", [(1, 36, 8), (2, 36, 8), (3, 100, 16), (4, 257, 16),
-                                           (8, 1000, 16), (1, 7, 4)])  # fmt: skip
+@pytest.mark.parametrize(
+    "world,n,batch", [(1, 36, 8), (2, 36, 8), (3, 100, 16), (4, 257, 16), (8, 1000, 16), (1, 7, 4)]
+)
 def test_left_out_samples_change_between_epochs_when_shuffling(world, n, batch):
     epochs = 12
     gone = [left_out(11, e, world, n, batch) for e in range(epochs)]
@@ -133,8 +135,9 @@ def test_shuffles_are_seeded_repeatable_and_differ_by_seed_and_epoch():
     # a rank that returns to the same part a `world` epochs later gets a new order
     a, b = consumed(7, 0, 0, world, n, batch), consumed(7, world, 0, world, n, batch)
     assert rank_plan(7, 0, 0, world, n, batch).part == rank_plan(7, world, 0, world, n, batch).part
-    assert sorted(epoch_order(rank_plan(7, 0, 0, world, n, batch), True)) == \
-        sorted(epoch_order(rank_plan(7, world, 0, world, n, batch), True))  # fmt: skip
+    assert sorted(epoch_order(rank_plan(7, 0, 0, world, n, batch), True)) == sorted(
+        epoch_order(rank_plan(7, world, 0, world, n, batch), True)
+    )
     assert not np.array_equal(a, b)
 
 
@@ -161,8 +164,15 @@ def test_epoch_seed_is_a_fixed_31_bit_value_per_seed_and_epoch():
 
 
 def test_plan_is_a_pure_function():
-    args = [(s, e, r, k, n, b) for s in (0, 1) for e in (0, 1, 5) for k in (1, 3, 8)
-            for r in range(k) for n in (36, 257) for b in (1, 16)]  # fmt: skip
+    args = [
+        (s, e, r, k, n, b)
+        for s in (0, 1)
+        for e in (0, 1, 5)
+        for k in (1, 3, 8)
+        for r in range(k)
+        for n in (36, 257)
+        for b in (1, 16)
+    ]
     state = np.random.get_state()
     first = [(rank_plan(*a), epoch_order(rank_plan(*a), True).tolist()) for a in args]
     # a different call order, interleaved with other plans, gives the same answers
@@ -180,7 +190,7 @@ def test_plan_is_a_pure_function():
 
 
 def test_concrete_plan_for_the_tiny_dataset():
-    """36 samples, 2 ranks, batch 8: parts [0, 18) and [18, 36), 2 steps each, swapped in epoch 1."""
+    """36 samples, 2 ranks, batch 8: parts [0, 18) and [18, 36), 2 steps each, swap in epoch 1."""
     p = rank_plan(0, 0, 0, 2, 36, 8)
     assert (p.part, p.start, p.stop, p.steps) == (0, 0, 18, 2)
     p = rank_plan(0, 0, 1, 2, 36, 8)

@@ -11,8 +11,14 @@ from train.__main__ import main
 from train.config import ConfigError, load_config
 from train.trainer import targets
 
-SMALL = ["model.hidden=16", "model.n_mels=32", "data.batch_size=4", "data.num_workers=2",
-         "run.progress=false", "train.log_every=1"]  # fmt: skip
+SMALL = [
+    "model.hidden=16",
+    "model.n_mels=32",
+    "data.batch_size=4",
+    "data.num_workers=2",
+    "run.progress=false",
+    "train.log_every=1",
+]
 
 
 def run(tmp_path, dataset, *sets, loader="dali", extra=()):
@@ -90,8 +96,19 @@ def test_resume_continues_the_step_count_with_the_same_losses(tmp_path, tiny_dat
     # interrupted after 5 steps, then resumed with a larger max_steps from the command line
     assert run(tmp_path, tiny_dataset, "train.max_steps=5") == 0
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 5
-    assert main(["--loader", "dali", "--resume", str(tmp_path / "run" / "last.pt"),
-                 "--set", "train.max_steps=12"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--loader",
+                "dali",
+                "--resume",
+                str(tmp_path / "run" / "last.pt"),
+                "--set",
+                "train.max_steps=12",
+            ]
+        )
+        == 0
+    )
     got = {r["step"]: r["loss"] for r in metrics(tmp_path) if r["split"] == "train"}
     assert sorted(got) == list(range(1, 13))
     assert [got[s] for s in range(6, 13)] == [ref[s] for s in range(6, 13)]

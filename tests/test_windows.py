@@ -1,4 +1,4 @@
-"""pipeline.windows: cutting a take into windows where frame k starts at sample round(k*16000/30)."""
+"""pipeline.windows: cutting a take into windows; frame k starts at sample round(k*16000/30)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """``python -m train``: train an audio -> ARKit blendshape model on WebDataset shards.
 
-    python -m train --loader dali                                  # configs/default.yaml
-    python -m train --loader torch --config configs/demo.yaml --set train.epochs=3
-    python -m train --loader dali --resume runs/default/last.pt    # continue where it stopped
-    torchrun --nproc_per_node=8 -m train --loader dali             # DDP on every GPU
+python -m train --loader dali                                  # configs/default.yaml
+python -m train --loader torch --config configs/demo.yaml --set train.epochs=3
+python -m train --loader dali --resume runs/default/last.pt    # continue where it stopped
+torchrun --nproc_per_node=8 -m train --loader dali             # DDP on every GPU
 """
 
 from __future__ import annotations
@@ -21,13 +21,26 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.y
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--loader", choices=("dali", "torch"), default=None,
-                   help="data loader backend (default: dali, or the checkpoint's with --resume)")
+    p = argparse.ArgumentParser(
+        prog="python -m train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--loader",
+        choices=("dali", "torch"),
+        default=None,
+        help="data loader backend (default: dali, or the checkpoint's with --resume)",
+    )
     p.add_argument("--config", default=None, help=f"YAML config (default {DEFAULT_CONFIG.name})")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set train.lr=3e-4 (repeatable)",
+    )
     p.add_argument("--debug", action="store_true", help="stop each epoch after 3 batches")
     p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (last.pt)")
     return p.parse_args(argv)

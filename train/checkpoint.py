@@ -32,4 +32,6 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise RuntimeError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from None
+        raise RuntimeError(
+            f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})"
+        ) from None

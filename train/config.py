@@ -127,7 +127,9 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), yaml.safe_load(raw)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Config:
+def load_config(
+    path: str | Path | None, overrides: list[str] = (), base: dict | None = None
+) -> Config:
     """Defaults <- ``base`` (e.g. a checkpoint's config) <- YAML file <- ``--set`` overrides."""
     cfg = from_dict(base or {})
     if path is not None:

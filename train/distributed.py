@@ -33,8 +33,10 @@ def init_distributed(device: str) -> tuple[Dist, torch.device]:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"run.device={device} but CUDA is not available")
     if device.startswith("cuda:") and d.enabled:
-        raise RuntimeError(f"run.device={device} pins every rank to one GPU; under torchrun use "
-                           "run.device=auto or cuda (each rank takes GPU LOCAL_RANK)")  # fmt: skip
+        raise RuntimeError(
+            f"run.device={device} pins every rank to one GPU; under torchrun use "
+            "run.device=auto or cuda (each rank takes GPU LOCAL_RANK)"
+        )
     if device == "cpu" or not torch.cuda.is_available():
         dev = torch.device("cpu")
     else:

@@ -1,7 +1,7 @@
 """The training loop: the seed's loop, with validation, checkpoints, resume and DDP around it.
 
-    python -m train --loader dali                      # one GPU (or CPU)
-    torchrun --nproc_per_node=8 -m train --loader dali # every GPU of a machine
+python -m train --loader dali                      # one GPU (or CPU)
+torchrun --nproc_per_node=8 -m train --loader dali # every GPU of a machine
 """
 
 from __future__ import annotations
@@ -33,24 +33,43 @@ def val_batch_size(n_val: int, world_size: int, at_most: int) -> int:
     return max(b for b in range(1, min(at_most, share) + 1) if share % b == 0)
 
 
-def make_loader(cfg: Config, loader: str, split: str, device: torch.device, d: Dist,
-                n_val: int = 0):  # fmt: skip
+def make_loader(
+    cfg: Config, loader: str, split: str, device: torch.device, d: Dist, n_val: int = 0
+):
     data = cfg.data
-    expect = {"sample_rate": data.sample_rate, "clip_samples": data.clip_samples,
-              "frames": data.frames, "num_blendshapes": data.num_blendshapes}  # fmt: skip
+    expect = {
+        "sample_rate": data.sample_rate,
+        "clip_samples": data.clip_samples,
+        "frames": data.frames,
+        "num_blendshapes": data.num_blendshapes,
+    }
     batch = data.batch_size
     options: dict = {"expect": expect}
     if split == "val":
         batch = val_batch_size(n_val, d.world_size, data.val_batch_size or batch)
     if loader == "torch":
-        options.update(num_workers=data.num_workers, pin_memory=data.pin_memory, drop_last=data.drop_last)
+        options.update(
+            num_workers=data.num_workers, pin_memory=data.pin_memory, drop_last=data.drop_last
+        )
     elif loader == "dali":
-        options.update(decode=None if data.decode == "auto" else data.decode,
-                       num_threads=data.dali_threads or None, prefetch_queue_depth=data.dali_prefetch,
-                       initial_fill=data.shuffle_buffer)  # fmt: skip
-    return build_loader(loader, data.dir, split=split, batch_size=batch, device=device,
-                        shuffle=data.shuffle and split == "train", seed=cfg.train.seed,
-                        rank=d.rank, world_size=d.world_size, **options)  # fmt: skip
+        options.update(
+            decode=None if data.decode == "auto" else data.decode,
+            num_threads=data.dali_threads or None,
+            prefetch_queue_depth=data.dali_prefetch,
+            initial_fill=data.shuffle_buffer,
+        )
+    return build_loader(
+        loader,
+        data.dir,
+        split=split,
+        batch_size=batch,
+        device=device,
+        shuffle=data.shuffle and split == "train",
+        seed=cfg.train.seed,
+        rank=d.rank,
+        world_size=d.world_size,
+        **options,
+    )
 
 
 def targets(arkit: torch.Tensor, target: str) -> torch.Tensor:
@@ -65,7 +84,9 @@ class StopRequested(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, loader: str, device: torch.device, d: Dist | None = None) -> None:
+    def __init__(
+        self, cfg: Config, loader: str, device: torch.device, d: Dist | None = None
+    ) -> None:
         d = d or Dist()
         self.cfg, self.loader_name, self.device, self.dist = cfg, loader, device, d
         if cfg.run.torch_threads:
@@ -76,20 +97,30 @@ class Trainer:
         n_val = self.train_loader.manifest.num_samples("val")
         # a dataset made with --val-fraction 0 (or fewer val samples than ranks) trains without
         # validation rather than refusing to start
-        self.val_loader = (make_loader(cfg, loader, "val", device, d, n_val)
-                           if n_val >= d.world_size else None)  # fmt: skip
+        self.val_loader = (
+            make_loader(cfg, loader, "val", device, d, n_val) if n_val >= d.world_size else None
+        )
         m = cfg.model
-        self.model = build_model(m.name, cfg.train.target, n_mels=m.n_mels, hidden=m.hidden,
-                                 n_fft=m.n_fft, win_length=m.win_length, hop_length=m.hop_length,
-                                 frames=cfg.data.frames, num_blendshapes=cfg.data.num_blendshapes,
-                                 **({"context_seconds": m.context_seconds}
-                                    if cfg.train.target == "first_frame" else {})).to(device)  # fmt: skip
+        self.model = build_model(
+            m.name,
+            cfg.train.target,
+            n_mels=m.n_mels,
+            hidden=m.hidden,
+            n_fft=m.n_fft,
+            win_length=m.win_length,
+            hop_length=m.hop_length,
+            frames=cfg.data.frames,
+            num_blendshapes=cfg.data.num_blendshapes,
+            **({"context_seconds": m.context_seconds} if cfg.train.target == "first_frame" else {}),
+        ).to(device)
         self.net = self.model
         if d.enabled:
             self.net = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
-                                     weight_decay=cfg.train.weight_decay)  # fmt: skip
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        )
         self.step = 0
         self.best_val = math.inf
         self.run_dir = Path(cfg.run.dir)
@@ -166,13 +197,22 @@ class Trainer:
         n = max(count.item(), 1)
         per_mae = (ab / n).cpu().numpy()
         rec = {
-            "split": "val", "epoch": epoch, "step": self.step,
-            "loss": (sq.sum() / (n * nb)).item(), "mse": (sq.sum() / (n * nb)).item(),
+            "split": "val",
+            "epoch": epoch,
+            "step": self.step,
+            "loss": (sq.sum() / (n * nb)).item(),
+            "mse": (sq.sum() / (n * nb)).item(),
             "mae": (ab.sum() / (n * nb)).item(),
-            "baseline_mse": (base.sum() / (n * nb)).item() if self.mean_predictor is not None else None,
-            "samples": int(count.item()) if target == "first_frame" else int(count.item()) // self.cfg.data.frames,
-            "per_blendshape_mae": {name: round(float(v), 6) for name, v in zip(ARKIT_NAMES, per_mae, strict=True)},
-        }  # fmt: skip
+            "baseline_mse": (base.sum() / (n * nb)).item()
+            if self.mean_predictor is not None
+            else None,
+            "samples": int(count.item())
+            if target == "first_frame"
+            else int(count.item()) // self.cfg.data.frames,
+            "per_blendshape_mae": {
+                name: round(float(v), 6) for name, v in zip(ARKIT_NAMES, per_mae, strict=True)
+            },
+        }
         return rec
 
     def autocast(self):
@@ -206,10 +246,17 @@ class Trainer:
                     break
                 self.train_loader.set_epoch(epoch)  # debug may have cut the last one short
                 first = self.train_loader.state_dict()["batch"]
-                steps_this_epoch = min(len(self.train_loader), 3) if t.debug else len(self.train_loader)
-                bar = tqdm(total=steps_this_epoch, initial=min(first, steps_this_epoch),
-                           desc=f"epoch {epoch}", disable=not (cfg.run.progress and self.dist.is_main),
-                           dynamic_ncols=True, file=sys.stdout)  # fmt: skip
+                steps_this_epoch = (
+                    min(len(self.train_loader), 3) if t.debug else len(self.train_loader)
+                )
+                bar = tqdm(
+                    total=steps_this_epoch,
+                    initial=min(first, steps_this_epoch),
+                    desc=f"epoch {epoch}",
+                    disable=not (cfg.run.progress and self.dist.is_main),
+                    dynamic_ncols=True,
+                    file=sys.stdout,
+                )
                 tick, seen = time.perf_counter(), 0
                 for batch_idx, batch in enumerate(self.train_loader, start=first):
                     if t.debug and batch_idx >= 3:
@@ -230,9 +277,16 @@ class Trainer:
                         value = loss.item()
                         rate = seen / max(time.perf_counter() - tick, 1e-9)
                         bar.set_postfix(loss=f"{value:.4f}", samples_s=f"{rate:.0f}")
-                        self.log({"split": "train", "epoch": epoch, "step": self.step,
-                                  "loss": value, "lr": self.opt.param_groups[0]["lr"],
-                                  "samples_per_s": rate})  # fmt: skip
+                        self.log(
+                            {
+                                "split": "train",
+                                "epoch": epoch,
+                                "step": self.step,
+                                "loss": value,
+                                "lr": self.opt.param_groups[0]["lr"],
+                                "samples_per_s": rate,
+                            }
+                        )
                     bar.update(1)
                     if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
                         self.save()
@@ -256,8 +310,10 @@ class Trainer:
         except StopRequested:
             self.save()
             name = signal.Signals(self._stop_signal).name
-            self.say(f"{name}: saved {self.run_dir / 'last.pt'} at step {self.step}; "
-                     f"continue with --resume {self.run_dir / 'last.pt'}")  # fmt: skip
+            self.say(
+                f"{name}: saved {self.run_dir / 'last.pt'} at step {self.step}; "
+                f"continue with --resume {self.run_dir / 'last.pt'}"
+            )
             raise SystemExit(128 + self._stop_signal) from None
         finally:
             for s, h in previous.items():
@@ -267,7 +323,9 @@ class Trainer:
     def report(self, rec: dict) -> None:
         base = rec["baseline_mse"]
         ratio = f" ({rec['mse'] / base:.2f}x the mean predictor's {base:.5f})" if base else ""
-        self.say(f"epoch {rec['epoch']} step {rec['step']}: val mse {rec['mse']:.5f}{ratio}, "
-                 f"mae {rec['mae']:.4f} over {rec['samples']} samples")  # fmt: skip
+        self.say(
+            f"epoch {rec['epoch']} step {rec['step']}: val mse {rec['mse']:.5f}{ratio}, "
+            f"mae {rec['mae']:.4f} over {rec['samples']} samples"
+        )
         worst = sorted(rec["per_blendshape_mae"].items(), key=lambda kv: -kv[1])[:10]
         self.say("  worst MAE: " + ", ".join(f"{k} {v:.3f}" for k, v in worst))
