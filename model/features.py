@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from pipeline.members import SAMPLE_RATE
+
 
 def hz_to_mel(f: torch.Tensor | float) -> torch.Tensor:
     return 2595.0 * torch.log10(1.0 + torch.as_tensor(f, dtype=torch.float64) / 700.0)
@@ -34,7 +36,7 @@ class LogMel(nn.Module):
 
     def __init__(
         self,
-        sample_rate: int = 16000,
+        sample_rate: int = SAMPLE_RATE,
         n_fft: int = 512,
         win_length: int = 400,
         hop_length: int = 160,

@@ -6,6 +6,9 @@ import torch
 from torch import nn
 
 from model.features import LogMel
+from pipeline.arkit import NUM_BLENDSHAPES
+from pipeline.errors import ConfigError
+from pipeline.manifest import FPS, WINDOW_FRAMES
 
 
 def conv_block(cin: int, cout: int, kernel: int = 5, dilation: int = 1) -> nn.Sequential:
@@ -28,7 +31,7 @@ class SimplifiedModel(nn.Module):
         n_mels: int = 64,
         hidden: int = 128,
         context_seconds: float = 0.3,
-        num_blendshapes: int = 52,
+        num_blendshapes: int = NUM_BLENDSHAPES,
         **mel,
     ) -> None:
         super().__init__()
@@ -48,18 +51,19 @@ class SimplifiedModel(nn.Module):
 
 
 class SequenceModel(nn.Module):
-    """All frames: ``[B, frames, 52]`` at 30 fps from the whole clip."""
+    """All frames: ``[B, frames, 52]`` at ``fps`` from the whole clip; frame k at k / fps s."""
 
     def __init__(
         self,
         n_mels: int = 64,
         hidden: int = 128,
-        frames: int = 300,
-        num_blendshapes: int = 52,
+        frames: int = WINDOW_FRAMES,
+        fps: float = FPS,
+        num_blendshapes: int = NUM_BLENDSHAPES,
         **mel,
     ) -> None:
         super().__init__()
-        self.frames = frames
+        self.frames, self.fps = frames, fps
         self.mel = LogMel(n_mels=n_mels, **mel)
         self.norm = nn.BatchNorm1d(n_mels)
         self.encoder = nn.Sequential(conv_block(n_mels, hidden), conv_block(hidden, hidden))
@@ -73,9 +77,10 @@ class SequenceModel(nn.Module):
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         x = self.norm(self.mel(wav))  # [B, n_mels, T] at 100 fps
         h = self.encoder(x)
-        # mel frame j sits at j/100 s and blendshape frame k at k/30 s: sample h at those times
+        # mel frame j is centred at j / mel_fps s and blendshape frame k at k / fps s: sample h
+        # at those times
         t = torch.arange(self.frames, device=h.device, dtype=torch.float32) * (
-            self.mel.frames_per_second / 30.0
+            self.mel.frames_per_second / self.fps
         )
         lo = t.floor().long().clamp(max=h.shape[-1] - 1)
         hi = (lo + 1).clamp(max=h.shape[-1] - 1)
@@ -89,15 +94,25 @@ MODELS = {"simplified": SimplifiedModel, "sequence": SequenceModel}
 
 
 def build_model(name: str, target: str, **kw) -> nn.Module:
-    """``name`` in MODELS, or "auto": simplified for target first_frame, sequence otherwise."""
+    """``name`` in MODELS, or "auto": simplified for target first_frame, sequence otherwise.
+
+    The model remembers how it was built (``model.build_args``), which checkpoints record.
+    """
+    if target not in ("first_frame", "sequence"):
+        raise ConfigError(f"unknown target {target!r}: choose first_frame or sequence")
     if name == "auto":
         name = "simplified" if target == "first_frame" else "sequence"
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}: choose from auto, {', '.join(MODELS)}")
+        raise ConfigError(f"unknown model {name!r}: choose from auto, {', '.join(MODELS)}")
     if target == "first_frame" and name != "simplified":
-        raise ValueError("target first_frame needs model simplified (or auto)")
+        raise ConfigError("target first_frame needs model simplified (or auto)")
     if target == "sequence" and name != "sequence":
-        raise ValueError("target sequence needs model sequence (or auto)")
+        raise ConfigError("target sequence needs model sequence (or auto)")
     if name == "simplified":
         kw.pop("frames", None)
-    return MODELS[name](**kw)
+        kw.pop("fps", None)
+    else:
+        kw.pop("context_seconds", None)
+    model = MODELS[name](**kw)
+    model.build_args = {"name": name, "target": target, **kw}
+    return model

@@ -11,11 +11,11 @@ Decode modes:
   npy parsing), then to the device. The default without CUDA. Shards must still be canonical:
   the loader checks member sizes and headers in both modes.
 
-Before DALI reads a byte, ``read_split_index`` checks every index entry, member size and
-member header; every batch carries each sample's source and its blendshapes' min/max are
-checked, so bad data stops with an error naming the shard and sample instead of becoming
-silently wrong tensors. (Checking headers per batch in the graph instead cost ~30% of the
-CPU path's throughput: DALI's per-sample slicing is not free.)
+Before DALI reads a byte, the start-up check (``pipeline.verify``) checks every index entry,
+member size and member header; every batch carries each sample's source and its blendshapes'
+min/max are checked, so bad data stops with an error naming the shard and sample instead of
+becoming silently wrong tensors. (Checking headers per batch in the graph instead cost ~30% of
+the CPU path's throughput: DALI's per-sample slicing is not free.)
 
 Each epoch builds a fresh pipeline reading the part of the split that ``pipeline.sharding``
 assigns to this rank, with that epoch's seed: epochs are independent and a resumed epoch
@@ -29,32 +29,27 @@ from collections.abc import Iterator
 
 import torch
 
-from pipeline.audio import PCM16_SCALE
-from pipeline.loading import EpochLoader
-from pipeline.shard_format import (
-    NPY_EXT,
-    VERIFY_HINT,
-    WAV_EXT,
-    DatasetError,
-    diagnose_split,
-    read_split_index,
-)
+from pipeline.errors import ConfigError, DatasetError
+from pipeline.loading import DaliOptions, EpochLoader
+from pipeline.manifest import Manifest, verify_hint
+from pipeline.members import NPY_EXT, PCM16_SCALE, WAV_EXT
 from pipeline.sharding import RankPlan
+from pipeline.verify import Depth, first_problem, sample_refs
 
 READER = "Reader"
 OUTPUTS = ["wav", "arkit", "source"]
+DECODES = ("gpu", "cpu")
+
+
+def default_threads() -> int:
+    return min(4, os.cpu_count() or 1)
 
 
 def build_pipeline(
-    tar_paths: list[str],
-    idx_paths: list[str],
+    m: Manifest,
+    split: str,
     *,
     batch_size: int,
-    clip_samples: int,
-    frames: int,
-    wav_header_bytes: int,
-    npy_header_bytes: int,
-    sample_rate: int = 16000,
     decode: str = "gpu",
     device_id: int | None = None,
     gpu_ops: bool | None = None,
@@ -62,14 +57,14 @@ def build_pipeline(
     num_shards: int = 1,
     shuffle: bool = False,
     seed: int = 0,
-    initial_fill: int = 1024,
-    num_threads: int = 2,
-    prefetch_queue_depth: int = 2,
+    shuffle_buffer: int = 1024,
+    dali_threads: int = 0,
+    dali_prefetch: int = 2,
     reader_prefetch: int = 2,
     dont_use_mmap: bool = False,
-    read_ahead: bool = False,
 ):
-    """The DALI graph. ``device_id=None`` runs it on CPU operators only.
+    """The DALI graph over ``split`` of the dataset ``m``. ``device_id=None`` runs it on CPU
+    operators only.
 
     ``gpu_ops`` (default: whether ``device_id`` is set) places the decode on GPU operators;
     ``gpu_ops=True`` with ``device_id=None`` defines the CUDA graph on a machine without CUDA,
@@ -79,57 +74,49 @@ def build_pipeline(
     from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
 
-    if decode not in ("gpu", "cpu"):
-        raise ValueError(f"decode must be 'gpu' or 'cpu', not {decode!r}")
+    if decode not in DECODES:
+        raise ConfigError(f"decode must be 'gpu' or 'cpu', not {decode!r}")
     pipe = Pipeline(
         batch_size=batch_size,
-        num_threads=num_threads,
+        num_threads=dali_threads or default_threads(),
         device_id=device_id,
         seed=seed,
-        prefetch_queue_depth=prefetch_queue_depth,
+        prefetch_queue_depth=dali_prefetch,
     )
     with pipe:
         wav, npy = fn.readers.webdataset(
-            paths=tar_paths,
-            index_paths=idx_paths,
+            paths=m.tar_paths(split),
+            index_paths=m.idx_paths(split),
             ext=[WAV_EXT, NPY_EXT],
             missing_component_behavior="error",
             random_shuffle=shuffle,
-            initial_fill=initial_fill,
+            initial_fill=shuffle_buffer,
             seed=seed,
             shard_id=shard_id,
             num_shards=num_shards,
-            # a memory-mapped truncated tar can crash the process: the loader checks every
-            # index entry lies inside its tar (read_split_index) before DALI opens it, which is
-            # what makes mmap (20-40% faster on CPU, an instant shuffle-buffer fill) safe here
+            # a memory-mapped truncated tar can crash the process: the start-up check makes
+            # sure every index entry lies inside its tar before DALI opens it, which is what
+            # makes mmap (20-40% faster on CPU, an instant shuffle-buffer fill) safe here
             dont_use_mmap=dont_use_mmap,
-            read_ahead=read_ahead,
             prefetch_queue_depth=reader_prefetch,
-            bytes_per_sample_hint=[
-                wav_header_bytes + 2 * clip_samples,
-                npy_header_bytes + 4 * frames * 52,
-            ],
+            bytes_per_sample_hint=[m.wav_bytes, m.npy_bytes],
             name=READER,
         )
         source = fn.pad(fn.get_property(wav, key="source_info"), fill_value=0)
         if decode == "gpu":
             if to_gpu:
                 wav, npy = wav.gpu(), npy.gpu()
-            if wav_header_bytes % 2 or npy_header_bytes % 4:
-                raise ValueError(
-                    "headers must end on a sample boundary (44 and npy's 64-byte "
-                    f"multiples do), got {wav_header_bytes} and {npy_header_bytes}"
-                )
             # reinterpret first and slice whole elements; int16 * float32 promotes to float32,
             # so the multiply is also the cast. Bit-identical to slice/cast/scale, and on CPU
-            # operators half the work (a byte-wise slice and a separate cast pass cost the most)
-            audio = fn.reinterpret(wav, dtype=types.INT16)[wav_header_bytes // 2 :]
+            # operators half the work (a byte-wise slice and a separate cast pass cost the most).
+            # Both headers end on a sample boundary: 44 bytes, and npy's 64-byte multiples.
+            audio = fn.reinterpret(wav, dtype=types.INT16)[m.wav_header_bytes // 2 :]
             audio = audio * (1.0 / PCM16_SCALE)
-            arkit = fn.reinterpret(npy, dtype=types.FLOAT)[npy_header_bytes // 4 :]
-            arkit = fn.reshape(arkit, shape=[frames, 52])
+            arkit = fn.reinterpret(npy, dtype=types.FLOAT)[m.npy_header_bytes // 4 :]
+            arkit = fn.reshape(arkit, shape=[m.frames, m.num_blendshapes])
         else:
             audio, _ = fn.decoders.audio(
-                wav, dtype=types.FLOAT, downmix=True, sample_rate=sample_rate
+                wav, dtype=types.FLOAT, downmix=True, sample_rate=m.sample_rate
             )
             arkit = fn.decoders.numpy(npy)  # float32 by contract (the header is checked)
             if to_gpu:
@@ -141,71 +128,56 @@ def build_pipeline(
 class DaliLoader(EpochLoader):
     name = "dali"
 
-    def __init__(
-        self,
-        *args,
-        decode: str | None = None,
-        num_threads: int | None = None,
-        prefetch_queue_depth: int = 2,
-        reader_prefetch: int = 2,
-        initial_fill: int = 1024,
-        dont_use_mmap: bool = False,
-        check_values: bool = True,
-        **kw,
-    ) -> None:
+    def __init__(self, *args, options: DaliOptions | None = None, **kw) -> None:
         super().__init__(*args, **kw)
-        self.decode = decode or ("gpu" if self.device.type == "cuda" else "cpu")
-        if self.decode not in ("gpu", "cpu"):
-            raise ValueError(f"decode must be 'gpu' or 'cpu', not {self.decode!r}")
+        self.options = options or DaliOptions()
+        self.decode = self.options.decode
+        if self.decode == "auto":
+            self.decode = "gpu" if self.device.type == "cuda" else "cpu"
+        if self.decode not in DECODES:
+            raise ConfigError(f"decode must be 'auto', 'gpu' or 'cpu', not {self.decode!r}")
         m = self.manifest
-        self.options = dict(
-            batch_size=self.batch_size,
-            clip_samples=m.clip_samples,
-            frames=m.frames,
-            wav_header_bytes=m.wav_header_bytes,
-            npy_header_bytes=m.npy_header_bytes,
-            sample_rate=m.sample_rate,
-            decode=self.decode,
-            device_id=self.device.index if self.device.type == "cuda" else None,
-            num_threads=num_threads or min(4, os.cpu_count() or 1),
-            prefetch_queue_depth=prefetch_queue_depth,
-            reader_prefetch=reader_prefetch,
-            initial_fill=initial_fill,
-            dont_use_mmap=dont_use_mmap,
-        )
-        self.check_values = check_values
         self._wav_shape, self._arkit_shape = (m.clip_samples,), (m.frames, m.num_blendshapes)
-        # sizes, bounds and a few tar headers, before DALI reads a byte (see read_split_index)
-        read_split_index(m, self.split)
+        sample_refs(m, self.split)  # the start-up check, before DALI reads a byte
 
     def make_pipeline(self, plan: RankPlan):
-        # DALI reads ``initial_fill`` samples before the first batch and keeps its shuffle buffer
+        o = self.options
+        # DALI reads ``shuffle_buffer`` samples before the first batch and keeps its buffer
         # that full, reading on into later epochs (it never mixes epochs in the buffer). This
         # pipeline lives one epoch, so a buffer larger than the part only reads samples it never
         # yields (1024 over a 360-sample part read 4x the epoch's bytes); the part's size already
         # gives a uniform shuffle of the part.
-        options = dict(self.options)
-        options["initial_fill"] = max(1, min(options["initial_fill"], plan.stop - plan.start))
         return build_pipeline(
-            self.manifest.tar_paths(self.split),
-            self.manifest.idx_paths(self.split),
+            self.manifest,
+            self.split,
+            batch_size=self.batch_size,
+            decode=self.decode,
+            device_id=self.device.index if self.device.type == "cuda" else None,
             shard_id=plan.part,
             num_shards=self.world_size,
             shuffle=self.shuffle,
             seed=plan.epoch_seed,
-            **options,
+            shuffle_buffer=max(1, min(o.shuffle_buffer, plan.stop - plan.start)),
+            dali_threads=o.dali_threads,
+            dali_prefetch=o.dali_prefetch,
+            reader_prefetch=o.reader_prefetch,
+            dont_use_mmap=o.dont_use_mmap,
         )
 
-    def _fail(self, what: str, exc: BaseException | None = None) -> DatasetError:
-        """Our error for a DALI failure: name the bad sample when the data explains it."""
-        hint = VERIFY_HINT.format(dir=self.manifest.root)
-        if exc is not None:
-            culprit = diagnose_split(self.manifest, self.split)
-            first_line = (
-                str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            )
-            what = culprit if culprit else f"{what} (DALI: {first_line})"
-        return DatasetError(f"{what}. Run `{hint}` to list every bad shard and sample")
+    def _error(self, what: str) -> DatasetError:
+        return DatasetError(
+            f"{what}. Run `{verify_hint(self.manifest.root)}` to list every bad shard and sample"
+        )
+
+    def _dali_failed(self, what: str, exc: BaseException) -> DatasetError:
+        """Our error for a DALI failure: the sample that explains it, found by decoding the
+        split as the Python readers do, or DALI's own first line when the data looks right."""
+        culprit = first_problem(self.manifest, self.split, Depth.DECODE)
+        if culprit is not None:
+            return self._error(str(culprit))
+        text = str(exc).strip()
+        first_line = text.splitlines()[0][:300] if text else type(exc).__name__
+        return self._error(f"{what} (DALI: {first_line})")
 
     @staticmethod
     def _source(batch: dict[str, torch.Tensor], i: int) -> str:
@@ -218,14 +190,15 @@ class DaliLoader(EpochLoader):
             return
         ok = ((arkit >= 0) & (arkit <= 1)).flatten(1).all(1)
         i = int((~ok).nonzero()[0, 0]) if not bool(ok.all()) else 0
-        raise self._fail(
-            f"{self.manifest.root}: sample {self._source(batch, i)}: blendshape "
-            "values are NaN, inf or outside [0, 1]"
+        raise self._error(
+            f"{self.manifest.root}: sample {self._source(batch, i)}: blendshape values are NaN, "
+            "inf or outside [0, 1]"
         )
 
     def _batches(self, plan: RankPlan, skip: int) -> Iterator[dict[str, torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+        root, split = self.manifest.root, self.split
         try:
             pipe = self.make_pipeline(plan)
             pipe.build()
@@ -237,8 +210,8 @@ class DaliLoader(EpochLoader):
                 auto_reset=False,
             )
         except RuntimeError as exc:
-            raise self._fail(
-                f"{self.manifest.root}: DALI could not open the {self.split} shards", exc
+            raise self._dali_failed(
+                f"{root}: DALI could not open the {split} shards", exc
             ) from None
         pending = None  # on CUDA: the previous batch's value check, read one batch later
         try:
@@ -246,26 +219,23 @@ class DaliLoader(EpochLoader):
                 try:
                     out = next(it)[0]
                 except StopIteration:
-                    raise self._fail(
-                        f"{self.manifest.root}: the {self.split} shards ended after "
-                        f"{i} batches, the manifest promises {plan.steps}"
+                    raise self._error(
+                        f"{root}: the {split} shards ended after {i} batches, the manifest "
+                        f"promises {plan.steps}"
                     ) from None
                 except Exception as exc:  # noqa: BLE001 - DALI raises several types
-                    raise self._fail(
-                        f"{self.manifest.root}: DALI failed reading the {self.split} "
-                        f"shards at batch {i}",
-                        exc,
-                    ) from None
+                    what = f"{root}: DALI failed reading the {split} shards at batch {i}"
+                    raise self._dali_failed(what, exc) from None
                 if i < skip:
                     continue
                 wav, arkit = out["wav"], out["arkit"]
                 if wav.shape[1:] != self._wav_shape or arkit.shape[1:] != self._arkit_shape:
-                    raise self._fail(
-                        f"{self.manifest.root}: batch {i} decoded to {tuple(wav.shape)} "
-                        f"and {tuple(arkit.shape)}",
-                        RuntimeError("shape"),
+                    raise self._error(
+                        f"{root}: batch {i} decoded to {tuple(wav.shape)} and "
+                        f"{tuple(arkit.shape)}, expected [B, {self._wav_shape[0]}] and "
+                        f"[B, {', '.join(map(str, self._arkit_shape))}]"
                     )
-                if self.check_values:
+                if self.options.check_values:
                     # one min/max per batch. On CUDA it is copied to pinned memory behind an
                     # event and read a batch later, waiting on that event only, so the host
                     # never waits for the training step queued in between
@@ -282,10 +252,8 @@ class DaliLoader(EpochLoader):
                     else:
                         self._check_values(arkit, bounds, out)
                 if wav.device != self.device:
-                    wav, arkit = (
-                        wav.to(self.device, non_blocking=True),
-                        arkit.to(self.device, non_blocking=True),
-                    )
+                    wav = wav.to(self.device, non_blocking=True)
+                    arkit = arkit.to(self.device, non_blocking=True)
                 yield {"wav": wav, "arkit": arkit}
             if pending is not None:
                 pending[3].synchronize()

@@ -5,29 +5,64 @@ the loader's device. ``len()`` is batches per epoch; iterating again starts the 
 (after an iteration stopped early it continues that epoch, unless ``set_epoch`` says otherwise);
 ``state_dict()`` / ``load_state_dict()`` resume mid-epoch with the same next batches. Which
 samples a rank reads comes from ``pipeline.sharding`` so both backends obey the same rules.
+
+Each backend's knobs are a dataclass below; their field names are the ``data.*`` config keys,
+the keyword arguments of ``build_loader`` and the names the backend uses, and their defaults
+are stated here only.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pipeline.shard_format import DatasetError, Manifest, load_manifest
+from pipeline.errors import ConfigError, DatasetError, ResumeError
+from pipeline.manifest import Manifest, load_manifest
 from pipeline.sharding import RankPlan, rank_plan
+
+
+@dataclass
+class DaliOptions:
+    decode: str = "auto"  # gpu: raw bytes decoded on the device; cpu: DALI's CPU decoders;
+    # auto: gpu on CUDA, cpu without
+    dali_threads: int = 0  # DALI CPU threads (0: one per CPU, at most 4)
+    dali_prefetch: int = 2  # batches DALI prepares ahead
+    reader_prefetch: int = 2  # batches the reader reads ahead
+    shuffle_buffer: int = 1024  # the reader's shuffle buffer (shards are pre-shuffled too)
+    dont_use_mmap: bool = False  # read the tars by copy instead of mapping them
+    check_values: bool = True  # stop on blendshapes that are NaN, inf or outside [0, 1]
+
+
+@dataclass
+class TorchOptions:
+    num_workers: int = 4  # DataLoader worker processes (the seed's 4)
+    pin_memory: bool = True  # pinned host batches (on CUDA)
+    prefetch_factor: int | None = None  # batches per worker ahead (None: torch's default)
+
+
+# name -> (module, class, options)
+LOADERS = {
+    "dali": ("pipeline.dali_loader", "DaliLoader", DaliOptions),
+    "torch": ("pipeline.torch_loader", "TorchLoader", TorchOptions),
+}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
-        return (
-            torch.device("cuda", torch.cuda.current_device())
-            if torch.cuda.is_available()
-            else torch.device("cpu")
-        )
-    dev = torch.device(device)
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {device!r} is not a device ({exc})") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but CUDA is not available")
+        raise ConfigError(f"device {device!r} asked for, but CUDA is not available")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev
@@ -86,6 +121,11 @@ class EpochLoader:
     def epoch(self) -> int:
         return self._position()[0]
 
+    @property
+    def batches_done(self) -> int:
+        """Batches of the current epoch already consumed."""
+        return self._position()[1]
+
     def set_epoch(self, epoch: int, restart: bool = False) -> None:
         """Start ``epoch`` from its first batch, unless the position is already inside it
         (a resumed run) and ``restart`` is false. Like DistributedSampler.set_epoch, for loops
@@ -120,18 +160,12 @@ class EpochLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key, mine in (
-            ("backend", self.name),
-            ("seed", self.seed),
-            ("world_size", self.world_size),
-            ("batch_size", self.batch_size),
-            ("num_samples", self.num_samples),
-            ("shuffle", self.shuffle),
-        ):
-            if key in state and state[key] != mine:
-                raise ValueError(
+        mine = self.state_dict()
+        for key in ("backend", "seed", "world_size", "batch_size", "num_samples", "shuffle"):
+            if key in state and state[key] != mine[key]:
+                raise ResumeError(
                     f"cannot resume: the checkpoint's loader had {key}={state[key]}, this one "
-                    f"has {key}={mine}; resume with the same loader, data and settings"
+                    f"has {key}={mine[key]}; resume with the same loader, data and settings"
                 )
         self._epoch, self._skip = int(state["epoch"]), int(state["batch"])
 
@@ -146,11 +180,23 @@ def build_loader(
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
-    **backend_options,
+    expect: dict | None = None,
+    **options,
 ) -> EpochLoader:
-    """Make a loader by backend name: ``"dali"`` or ``"torch"``."""
-    common = dict(
-        data_dir=data_dir,
+    """Make a loader by backend name (a key of ``LOADERS``) with that backend's ``options``."""
+    if name not in LOADERS:
+        raise ConfigError(f"unknown loader {name!r}: choose from {', '.join(LOADERS)}")
+    module, cls_name, options_cls = LOADERS[name]
+    known = {f.name for f in dataclasses.fields(options_cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(
+            f"loader {name!r} has no option {', '.join(unknown)}; its options: "
+            f"{', '.join(sorted(known))}"
+        )
+    cls = getattr(importlib.import_module(module), cls_name)
+    return cls(
+        data_dir,
         split=split,
         batch_size=batch_size,
         device=device,
@@ -158,13 +204,6 @@ def build_loader(
         seed=seed,
         rank=rank,
         world_size=world_size,
+        expect=expect,
+        options=options_cls(**options),
     )
-    if name == "dali":
-        from pipeline.dali_loader import DaliLoader
-
-        return DaliLoader(**common, **backend_options)
-    if name == "torch":
-        from pipeline.torch_loader import TorchLoader
-
-        return TorchLoader(**common, **backend_options)
-    raise ValueError(f"unknown loader {name!r}: choose 'dali' or 'torch'")

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.arkit import INDEX
-from pipeline.audio import SAMPLE_RATE
+from pipeline.arkit import INDEX, NUM_BLENDSHAPES
+from pipeline.members import SAMPLE_RATE
 
 CAPTURE_FPS = 60  # like Live Link Face; make_shards resamples to 30 fps as for real captures
 CTRL_RATE = 200  # Hz, rate of the hidden control signals
@@ -109,8 +109,8 @@ def make_take(seed: int, index: int, seconds: float = 10.0):
     vowel = np.stack([np.interp(times, t_ctrl, c["vowel"][:, j]) for j in range(3, 7)], axis=1)
     closure = np.interp(times, t_ctrl, c["closure"])
     opened, funnel, pucker, spread = (vowel[:, j] * env for j in range(4))
-    y = np.zeros((frames, 52))
-    rest = speaker.uniform(0.0, 0.08, 52)  # each face's resting pose
+    y = np.zeros((frames, NUM_BLENDSHAPES))
+    rest = speaker.uniform(0.0, 0.08, NUM_BLENDSHAPES)  # each face's resting pose
     y[:] = rest
 
     def put(name: str, v: np.ndarray) -> None:

@@ -3,7 +3,8 @@
 ``DataLoader(batch_size=16, num_workers=4, pin_memory=True, drop_last=True)``, tensors moved
 with ``.to(device, non_blocking=True)``. Samples are read straight from the tars at the offsets
 in their DALI index (no pickle, no tar scanning), so a sampler can give this loader exactly
-the order ``pipeline.sharding`` plans, which keeps ranks disjoint and resume exact.
+the order ``pipeline.sharding`` plans, which keeps ranks disjoint and resume exact. Every rank
+runs the same number of whole batches, so the last partial batch is always dropped.
 """
 
 from __future__ import annotations
@@ -14,16 +15,12 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.loading import EpochLoader
-from pipeline.shard_format import (
-    VERIFY_HINT,
-    DatasetError,
-    Manifest,
-    SampleRef,
-    decode_sample,
-    read_split_index,
-)
+from pipeline.errors import DatasetError, MemberError
+from pipeline.loading import EpochLoader, TorchOptions
+from pipeline.manifest import Manifest, verify_hint
+from pipeline.members import decode_sample
 from pipeline.sharding import RankPlan, epoch_order
+from pipeline.verify import SampleRef, sample_refs
 
 
 class ShardSamples(Dataset):
@@ -31,7 +28,7 @@ class ShardSamples(Dataset):
 
     def __init__(self, manifest: Manifest, split: str) -> None:
         self.manifest = manifest
-        self.items: list[SampleRef] = read_split_index(manifest, split)
+        self.items: list[SampleRef] = sample_refs(manifest, split)
         self._fds: dict[str, int] = {}
         self._pid = -1
 
@@ -45,16 +42,20 @@ class ShardSamples(Dataset):
             self._fds[path] = os.open(path, os.O_RDONLY)
         return self._fds[path]
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def read(self, i: int) -> tuple[bytes, bytes]:
+        """The raw wav and npy member bytes of sample ``i``."""
         ref = self.items[i]
         fd = self._fd(ref.tar)
-        wav, npy = os.pread(fd, ref.wav[1], ref.wav[0]), os.pread(fd, ref.npy[1], ref.npy[0])
-        m = self.manifest
+        return os.pread(fd, ref.wav[1], ref.wav[0]), os.pread(fd, ref.npy[1], ref.npy[0])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        wav, npy = self.read(i)
         try:
-            audio, arkit = decode_sample(wav, npy, m)
-        except ValueError as exc:
+            audio, arkit = decode_sample(wav, npy, self.manifest)
+        except MemberError as exc:
+            ref = self.items[i]
             raise DatasetError(
-                f"{ref.tar}: sample {ref.key}: {exc}; run `{VERIFY_HINT.format(dir=m.root)}`"
+                f"{ref.tar}: sample {ref.key}: {exc}; run `{verify_hint(self.manifest.root)}`"
             ) from None
         return {"wav": torch.from_numpy(audio), "arkit": torch.from_numpy(arkit)}
 
@@ -75,31 +76,19 @@ class _EpochSampler(Sampler[int]):
 class TorchLoader(EpochLoader):
     name = "torch"
 
-    def __init__(
-        self,
-        *args,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        drop_last: bool = True,
-        prefetch_factor: int | None = None,
-        **kw,
-    ) -> None:
+    def __init__(self, *args, options: TorchOptions | None = None, **kw) -> None:
         super().__init__(*args, **kw)
-        if not drop_last:
-            raise ValueError(
-                "the torch loader keeps the seed's drop_last=True (every rank "
-                "must run the same number of whole batches)"
-            )
+        self.options = o = options or TorchOptions()
         self.dataset = ShardSamples(self.manifest, self.split)
         self._sampler = _EpochSampler()
         self.loader = DataLoader(
             self.dataset,
             batch_size=self.batch_size,
             sampler=self._sampler,
-            num_workers=num_workers,
-            pin_memory=pin_memory and self.device.type == "cuda",
+            num_workers=o.num_workers,
+            pin_memory=o.pin_memory and self.device.type == "cuda",
             drop_last=True,
-            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            prefetch_factor=o.prefetch_factor if o.num_workers > 0 else None,
         )
 
     def _batches(self, plan: RankPlan, skip: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -11,11 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.arkit import resample_frames
-
-
-class TakeError(ValueError):
-    """A take that cannot be cut into windows; the message says why."""
+from pipeline.errors import TakeError
+from pipeline.manifest import FPS
 
 
 @dataclass(frozen=True)
@@ -25,6 +22,19 @@ class Window:
     start_sample: int
     audio: np.ndarray  # float32 [window_samples]
     arkit: np.ndarray  # float32 [window_frames, 52]
+
+
+def resample_frames(times: np.ndarray, values: np.ndarray, fps: float, n_out: int) -> np.ndarray:
+    """Linearly interpolate ``values`` sampled at ``times`` onto ``n_out`` frames at ``fps``.
+
+    Frame k is at k / fps seconds. This is time-based: 60 -> 30 fps averages neither nor drops
+    every other row blindly, and irregular or dropped input frames land where they belong.
+    """
+    t_out = np.arange(n_out) / fps
+    out = np.empty((n_out, values.shape[1]), dtype=np.float32)
+    for j in range(values.shape[1]):
+        out[:, j] = np.interp(t_out, times, values[:, j])
+    return out
 
 
 def frame_to_sample(frame: int, rate: int, fps: int) -> int:
@@ -44,7 +54,7 @@ def cut_take(
     times: np.ndarray,
     values: np.ndarray,
     *,
-    fps: int = 30,
+    fps: int = FPS,
     window_seconds: float = 10.0,
     stride_seconds: float | None = None,
     tolerance_seconds: float = 0.5,

@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import arkit
+from pipeline import arkit, livelink, windows
 from pipeline.arkit import (
     ALPHABETICAL_NAMES,
     ARKIT_NAMES,
     INDEX,
     LIVE_LINK_EXTRA,
     LIVE_LINK_NAMES,
-    AnimationError,
 )
+from pipeline.errors import AnimationError
 
 
 def write_live_link_csv(
@@ -134,9 +134,11 @@ def test_livelink_traps_by_name():
 
 
 def test_parse_timecode():
-    assert arkit.parse_timecode("00:00:00:00.000", 60) == 0.0
-    assert arkit.parse_timecode("01:02:03:30.500", 60) == pytest.approx(3723 + 30.5 / 60, abs=1e-12)
-    assert arkit.parse_timecode(" 00:00:01:15.000 ", 30) == pytest.approx(1.5, abs=1e-12)
+    assert livelink.parse_timecode("00:00:00:00.000", 60) == 0.0
+    assert livelink.parse_timecode("01:02:03:30.500", 60) == pytest.approx(
+        3723 + 30.5 / 60, abs=1e-12
+    )
+    assert livelink.parse_timecode(" 00:00:01:15.000 ", 30) == pytest.approx(1.5, abs=1e-12)
 
 
 def test_csv_columns_land_by_name(tmp_path):
@@ -144,7 +146,7 @@ def test_csv_columns_land_by_name(tmp_path):
     write_live_link_csv(tmp_path / "t.csv", values)
     header = (tmp_path / "t.csv").read_text().splitlines()[0].split(",")
     assert header[:2] == ["Timecode", "BlendshapeCount"] and len(header) == 2 + 52 + 9
-    times, out = arkit.read_live_link_csv(tmp_path / "t.csv")
+    times, out = livelink.read_live_link_csv(tmp_path / "t.csv")
     assert out.dtype == np.float32 and out.shape == (20, 52)
     np.testing.assert_array_equal(out, values)
     for name in ("jawLeft", "jawRight", "mouthLeft", "mouthRight", "eyeBlinkLeft", "tongueOut"):
@@ -158,7 +160,7 @@ def test_csv_case_insensitive_shuffled_header_crlf_bom(tmp_path):
     names = [names[i] for i in rng.permutation(52)]
     values = rng.random((30, 52)).astype(np.float32)
     write_live_link_csv(tmp_path / "t.csv", values, names=names, newline="\r\n", bom=True)
-    times, out = arkit.read_live_link_csv(tmp_path / "t.csv")
+    times, out = livelink.read_live_link_csv(tmp_path / "t.csv")
     np.testing.assert_array_equal(out, values)
     np.testing.assert_allclose(times, np.arange(30) / 60, atol=1e-9)
 
@@ -166,7 +168,7 @@ def test_csv_case_insensitive_shuffled_header_crlf_bom(tmp_path):
 def test_csv_times_follow_timecodes_with_dropped_frames(tmp_path):
     pos = np.array([0, 1, 2, 5, 6, 7.5, 9])  # frames 3-4 dropped, one late frame
     enc = write_live_link_csv(tmp_path / "t.csv", distinct_values(len(pos)), pos)
-    times, _ = arkit.read_live_link_csv(tmp_path / "t.csv", fps=60)
+    times, _ = livelink.read_live_link_csv(tmp_path / "t.csv", fps=60)
     np.testing.assert_allclose(times, pos / 60, atol=1e-9)
     np.testing.assert_allclose(times, enc, atol=1e-9)
 
@@ -174,7 +176,7 @@ def test_csv_times_follow_timecodes_with_dropped_frames(tmp_path):
 def test_csv_unusable_timecodes_fall_back_to_even_spacing(tmp_path):
     pos = np.array([0, 1, 1, 2, 3])  # a repeated timecode: not increasing
     write_live_link_csv(tmp_path / "t.csv", distinct_values(5), pos)
-    times, _ = arkit.read_live_link_csv(tmp_path / "t.csv", fps=60)
+    times, _ = livelink.read_live_link_csv(tmp_path / "t.csv", fps=60)
     np.testing.assert_allclose(times, np.arange(5) / 60)
 
 
@@ -184,18 +186,18 @@ def test_csv_nan_inf_rejected_naming_the_row(tmp_path, bad):
     values[6, INDEX["jawopen"]] = bad
     write_live_link_csv(tmp_path / "t.csv", values)
     with pytest.raises(AnimationError, match="NaN or inf in data row 7"):
-        arkit.read_live_link_csv(tmp_path / "t.csv")
+        livelink.read_live_link_csv(tmp_path / "t.csv")
 
 
 def test_csv_missing_column_and_no_rows(tmp_path):
     names = [n for n in LIVE_LINK_NAMES if n != "JawLeft"]
     write_live_link_csv(tmp_path / "t.csv", distinct_values(5), names=names)
     with pytest.raises(AnimationError, match="missing 1 of the 52 ARKit columns: jawLeft"):
-        arkit.read_live_link_csv(tmp_path / "t.csv")
+        livelink.read_live_link_csv(tmp_path / "t.csv")
     header = "Timecode,BlendshapeCount," + ",".join(LIVE_LINK_NAMES + LIVE_LINK_EXTRA)
     (tmp_path / "e.csv").write_text(header + "\n")
     with pytest.raises(AnimationError, match="no data rows"):
-        arkit.read_live_link_csv(tmp_path / "e.csv")
+        livelink.read_live_link_csv(tmp_path / "e.csv")
 
 
 def test_csv_unreadable_value(tmp_path):
@@ -203,7 +205,7 @@ def test_csv_unreadable_value(tmp_path):
     text = (tmp_path / "t.csv").read_text().replace("0.015625", "zero", 1)
     (tmp_path / "t.csv").write_text(text)
     with pytest.raises(AnimationError, match="unreadable value"):
-        arkit.read_live_link_csv(tmp_path / "t.csv")
+        livelink.read_live_link_csv(tmp_path / "t.csv")
 
 
 # ---------------------------------------------------------------- fps resampling
@@ -217,7 +219,7 @@ def ramp(t: np.ndarray) -> np.ndarray:
 
 def test_resample_60_to_30_on_a_ramp_is_exact():
     t60 = np.arange(600) / 60
-    out = arkit.resample_frames(t60, ramp(t60), 30, 300)
+    out = windows.resample_frames(t60, ramp(t60), 30, 300)
     assert out.shape == (300, 52) and out.dtype == np.float32
     np.testing.assert_allclose(out, ramp(np.arange(300) / 30), rtol=0, atol=1e-6)
 
@@ -229,7 +231,7 @@ def test_resample_irregular_timestamps_is_time_based_not_every_other_row():
     pos[0] = 0
     pos = np.delete(pos, list(range(100, 104)) + list(range(500, 509)))
     t = pos / 60
-    out = arkit.resample_frames(t, ramp(t), 30, 440)
+    out = windows.resample_frames(t, ramp(t), 30, 440)
     want = ramp(np.arange(440) / 30)
     np.testing.assert_allclose(out, want, rtol=0, atol=1e-6)
     naive = ramp(t)[::2][:440]  # what [::2] would give: wrong after jitter and drops
@@ -238,12 +240,12 @@ def test_resample_irregular_timestamps_is_time_based_not_every_other_row():
 
 def test_resample_other_rates_and_non_linear_signal():
     t24 = np.arange(240) / 24  # 24 fps -> 30 fps
-    out = arkit.resample_frames(t24, ramp(t24), 30, 298)
+    out = windows.resample_frames(t24, ramp(t24), 30, 298)
     np.testing.assert_allclose(out, ramp(np.arange(298) / 30), rtol=0, atol=1e-6)
     # regular 60 fps of any signal: 30 fps frame k sits exactly on 60 fps row 2k
     v = np.random.default_rng(5).random((120, 52)).astype(np.float32)
-    out = arkit.resample_frames(np.arange(120) / 60, v, 30, 60)
+    out = windows.resample_frames(np.arange(120) / 60, v, 30, 60)
     np.testing.assert_array_equal(out, v[::2])
     # halfway between two rows is their mean (linear interpolation in time)
-    out = arkit.resample_frames(np.array([0.0, 0.1]), np.array([[0.0] * 52, [1.0] * 52]), 20, 2)
+    out = windows.resample_frames(np.array([0.0, 0.1]), np.array([[0.0] * 52, [1.0] * 52]), 20, 2)
     np.testing.assert_allclose(out[1], 0.5)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline import audio
-from pipeline.audio import AudioError
+from pipeline import audio, members
+from pipeline.errors import AudioError, MemberError
 
 
 def sine(seconds: float, rate: int, freq: float, amp: float, phase: float = 0.0) -> np.ndarray:
@@ -32,11 +32,11 @@ def test_to_pcm16_rounds_and_clips():
     x = np.array(
         [0.0, 1 / 32768, 1.4 / 32768, 1.6 / 32768, -1.6 / 32768, 0.5, -1.0, 1.0, 2.0, -3.0]
     )
-    got = audio.to_pcm16(x)
+    got = members.to_pcm16(x)
     assert got.dtype == np.dtype("<i2")
     assert got.tolist() == [0, 1, 1, 2, -2, 16384, -32768, 32767, 32767, -32768]
     ints = np.arange(-32768, 32768, dtype=np.int64)
-    np.testing.assert_array_equal(audio.to_pcm16(ints / 32768.0), ints)  # exact round trip
+    np.testing.assert_array_equal(members.to_pcm16(ints / 32768.0), ints)  # exact round trip
 
 
 def test_wav_header_matches_the_wave_module():
@@ -47,8 +47,8 @@ def test_wav_header_matches_the_wave_module():
         w.setsampwidth(2)
         w.setframerate(16000)
         w.writeframes(pcm.tobytes())
-    blob = audio.canonical_wav_bytes(pcm)
-    assert len(audio.wav_header(1234)) == audio.WAV_HEADER_BYTES == 44
+    blob = members.canonical_wav_bytes(pcm)
+    assert len(members.wav_header(1234)) == members.WAV_HEADER_BYTES == 44
     assert blob == buf.getvalue()
     assert struct.unpack("<I", blob[40:44])[0] == 2 * 1234
 
@@ -56,9 +56,9 @@ def test_wav_header_matches_the_wave_module():
 def test_canonical_wav_round_trip_bit_for_bit():
     pcm = np.random.default_rng(1).integers(-32768, 32768, 160000).astype("<i2")
     pcm[:2] = [-32768, 32767]
-    blob = audio.canonical_wav_bytes(pcm)
+    blob = members.canonical_wav_bytes(pcm)
     assert len(blob) == 44 + 320000
-    np.testing.assert_array_equal(audio.parse_canonical_wav(blob, 160000), pcm)
+    np.testing.assert_array_equal(members.parse_canonical_wav(blob, 160000), pcm)
     # any other WAV reader sees the same samples
     data, rate = sf.read(io.BytesIO(blob), dtype="int16")
     assert rate == 16000
@@ -66,10 +66,10 @@ def test_canonical_wav_round_trip_bit_for_bit():
 
 
 def test_canonical_wav_bytes_refuses_non_int16():
-    with pytest.raises(AudioError, match="1-D int16"):
-        audio.canonical_wav_bytes(np.zeros(10, np.float32))
-    with pytest.raises(AudioError, match="1-D int16"):
-        audio.canonical_wav_bytes(np.zeros((10, 2), "<i2"))
+    with pytest.raises(ValueError, match="1-D int16"):
+        members.canonical_wav_bytes(np.zeros(10, np.float32))
+    with pytest.raises(ValueError, match="1-D int16"):
+        members.canonical_wav_bytes(np.zeros((10, 2), "<i2"))
 
 
 def _sf_wav(n: int, rate: int = 16000, channels: int = 1, subtype: str = "PCM_16") -> bytes:
@@ -82,18 +82,24 @@ def _sf_wav(n: int, rate: int = 16000, channels: int = 1, subtype: str = "PCM_16
 @pytest.mark.parametrize(
     "blob_fn, reason",
     [
-        (lambda: audio.canonical_wav_bytes(np.zeros(99, "<i2")), "WAV is 242 bytes, expected 244"),
-        (lambda: b"RIFX" + audio.canonical_wav_bytes(np.zeros(100, "<i2"))[4:], "not a RIFF/WAVE"),
+        (
+            lambda: members.canonical_wav_bytes(np.zeros(99, "<i2")),
+            "WAV is 242 bytes, expected 244",
+        ),
+        (
+            lambda: b"RIFX" + members.canonical_wav_bytes(np.zeros(100, "<i2"))[4:],
+            "not a RIFF/WAVE",
+        ),
         (lambda: _sf_wav(50, channels=2), "2 channels, expected mono"),
         (lambda: _sf_wav(100, rate=22050), "sample rate 22050, expected 16000"),
         (lambda: _sf_wav(100, subtype="FLOAT"), "canonical 44-byte layout|format tag 3"),
         (lambda: _sf_wav(100, subtype="PCM_U8"), "format tag 1 with 8 bits"),
-        (lambda: audio.wav_header(50) + bytes(200), "data chunk of 100 bytes, expected 200"),
+        (lambda: members.wav_header(50) + bytes(200), "data chunk of 100 bytes, expected 200"),
     ],
 )
 def test_parse_canonical_wav_names_what_differs(blob_fn, reason):
-    with pytest.raises(AudioError, match=reason):
-        audio.parse_canonical_wav(blob_fn(), 100)
+    with pytest.raises(MemberError, match=reason):
+        members.parse_canonical_wav(blob_fn(), 100)
 
 
 # ---------------------------------------------------------------- reading any input
@@ -104,7 +110,7 @@ def test_read_16k_pcm16_is_exact(tmp_path):
     write(tmp_path / "a.wav", pcm, 16000, "PCM_16")
     x = audio.read_audio(tmp_path / "a.wav")
     assert x.dtype == np.float32 and x.shape == (40000,)
-    np.testing.assert_array_equal(audio.to_pcm16(x), pcm)
+    np.testing.assert_array_equal(members.to_pcm16(x), pcm)
     np.testing.assert_array_equal(x, pcm / np.float32(32768))
 
 
@@ -163,7 +169,7 @@ def test_wav_cut_short_is_an_error_not_a_shorter_take(tmp_path):
     """libsndfile would read what is there; a truncated file must be rejected, not trimmed."""
     import soundfile as sf
 
-    from pipeline.audio import AudioError, read_audio
+    from pipeline.audio import read_audio
 
     path = tmp_path / "cut.wav"
     sf.write(path, np.zeros(16000, np.float32), 16000, subtype="PCM_16")

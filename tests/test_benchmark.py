@@ -1,43 +1,47 @@
-"""benchmarks/throughput.py end to end with --quick on the tiny dataset: files and schema only.
+"""benchmarks/throughput.py end to end with --quick on the tiny dataset: files and schema only;
+and the row registry: default rows, --help, refused rows and datasets.
 
 Benchmarks measure; this test never asserts a timing, only that every row ran, the numbers are
-positive and finite, and the derived columns agree with samples_per_s.
+positive and finite, and the derived columns agree with samples_per_s. The measurement itself
+is tested in test_measure.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
+from benchmarks import throughput
+from benchmarks.rows import (
+    ROW_ORDER,
+    ROWS,
+    available_rows,
+    ensure_dataset,
+    make_row,
+    select_rows,
+)
+from pipeline.errors import ConfigError, DatasetError
 
-
-def load_benchmark():
-    """The script as a module (benchmarks/ is a folder of scripts, not a package)."""
-    if "benchmarks_throughput" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("benchmarks_throughput", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up here
-        spec.loader.exec_module(module)
-    return sys.modules["benchmarks_throughput"]
+CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
 
 @pytest.fixture(scope="module")
 def quick_run(tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    bench = load_benchmark()
     assert (
-        bench.main(["--quick", "--data", str(tiny_dataset), "--out", str(out), "--workers", "2"])
+        throughput.main(
+            ["--quick", "--data", str(tiny_dataset), "--out", str(out), "--workers", "2"]
+        )
         == 0
     )
     return out, json.loads((out / "throughput.json").read_text())
 
 
+@pytest.mark.slow
 def test_quick_run_writes_json_markdown_and_png(quick_run):
     out, _ = quick_run
     for name in ("throughput.json", "throughput.md", "throughput.png"):
@@ -47,6 +51,7 @@ def test_quick_run_writes_json_markdown_and_png(quick_run):
     assert "| `torch` |" in md and "| `dali-cpu` |" in md and "benchmarks/throughput.py" in md
 
 
+@pytest.mark.slow
 def test_every_row_ran_in_both_modes_with_positive_numbers(quick_run):
     _, result = quick_run
     rows = {(r["name"], r["mode"]): r for r in result["rows"]}
@@ -74,6 +79,7 @@ def test_every_row_ran_in_both_modes_with_positive_numbers(quick_run):
             assert r["steps_per_s"] == pytest.approx(1 / r["median_s_per_batch"])
 
 
+@pytest.mark.slow
 def test_derived_columns_agree_with_samples_per_s(quick_run):
     _, result = quick_run
     batch = result["env"]["config"]["batch_size"]
@@ -92,6 +98,7 @@ def test_derived_columns_agree_with_samples_per_s(quick_run):
         assert rows["torch"]["ratio_to_torch"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_environment_records_machine_versions_dataset_and_command(quick_run, tiny_dataset):
     _, result = quick_run
     env = result["env"]
@@ -104,23 +111,78 @@ def test_environment_records_machine_versions_dataset_and_command(quick_run, tin
 
 
 def test_unknown_row_and_cuda_only_rows_are_refused_with_a_message(tiny_dataset, tmp_path):
-    bench = load_benchmark()
-    with pytest.raises(SystemExit, match="unknown row"):
-        bench.main(
-            ["--quick", "--data", str(tiny_dataset), "--out", str(tmp_path), "--rows", "nope"]
-        )
-    import torch
-
+    with pytest.raises(ConfigError, match="unknown row 'nope'; rows: torch, webdataset"):
+        select_rows("torch,nope", CPU)
+    with pytest.raises(ConfigError, match="unknown row"):
+        make_row("nope", None, None, CPU)
+    for name in ("dali-gpu", "h2d-pinned", "synthetic-gpu"):
+        with pytest.raises(ConfigError, match=f"row {name} needs CUDA"):
+            select_rows(name, CPU)
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="needs CUDA"):
-            bench.main(
-                [
-                    "--quick",
-                    "--data",
-                    str(tiny_dataset),
-                    "--out",
-                    str(tmp_path),
-                    "--rows",
-                    "dali-gpu",
-                ]
-            )
+        with pytest.raises(ConfigError, match="needs CUDA; dali-raw runs its graph on CPU"):
+            make_row("dali-gpu", None, None, CPU)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [("nope", "error: unknown row 'nope'"), ("dali-gpu", "error: row dali-gpu needs CUDA")],
+)
+def test_main_prints_a_refused_row_and_exits_1(tiny_dataset, tmp_path, capsys, rows, message):
+    if rows == "dali-gpu" and torch.cuda.is_available():
+        pytest.skip("dali-gpu runs here")
+    argv = ["--quick", "--data", str(tiny_dataset), "--out", str(tmp_path), "--rows", rows]
+    assert throughput.main(argv) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "throughput.json").exists()
+
+
+def test_a_directory_without_manifest_is_refused_not_rebuilt(tmp_path, capsys):
+    data = tmp_path / "half"
+    data.mkdir()
+    (data / "train-000000.tar").write_bytes(b"")
+    with pytest.raises(DatasetError, match="has no manifest.json"):
+        ensure_dataset(data, 8)
+    argv = ["--data", str(data), "--out", str(tmp_path / "out"), "--rows", "read-only"]
+    assert throughput.main(argv) == 1
+    assert "error: " in capsys.readouterr().err
+    assert sorted(p.name for p in data.iterdir()) == ["train-000000.tar"]
+
+
+def test_registry_drives_the_default_rows_and_the_help(capsys):
+    assert ROW_ORDER == tuple(ROWS)
+    assert available_rows(CPU) == [
+        "torch",
+        "webdataset",
+        "dali-cpu",
+        "dali-cpu-copy",
+        "dali-raw",
+        "read-only",
+        "synthetic-cpu",
+    ]
+    assert available_rows(CUDA) == [
+        "torch",
+        "webdataset",
+        "dali-cpu",
+        "dali-cpu-copy",
+        "dali-gpu",
+        "read-only",
+        "h2d-pinned",
+        "synthetic-gpu",
+    ]
+    # each row once, in registry order, whatever order --rows names them in
+    assert select_rows("read-only, torch,torch", CPU) == ["torch", "read-only"]
+    assert select_rows(None, CPU) == available_rows(CPU)
+    limits = {n: s.modes for n, s in ROWS.items() if s.kind == "limit"}
+    assert limits == {
+        "read-only": ("loader",),
+        "h2d-pinned": ("loader",),
+        "synthetic-gpu": ("train",),
+        "synthetic-cpu": ("train",),
+    }
+    assert all(s.modes == ("loader", "train") for s in ROWS.values() if s.kind == "loader")
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--help"])
+    out = capsys.readouterr().out
+    for spec in ROWS.values():
+        assert f"  {spec.name:14s} {spec.description}" in out
+    assert "python benchmarks/throughput.py --quick" in out

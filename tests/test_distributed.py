@@ -83,14 +83,14 @@ def _rank_main(rank: int, world: int, port: int, args: list[str], out: str) -> N
         TQDM_DISABLE="1",
     )
     torch.set_num_threads(1)
-    from train.__main__ import main
+    from train.cli import main
     from train.trainer import Trainer
 
     seen: list[int] = []
     orig = Trainer.load_state_dict
 
-    def load(self, state):  # noqa: ANN001 - record where each rank's loader resumes
-        orig(self, state)
+    def load(self, state, **kw):  # noqa: ANN001 - record where each rank's loader resumes
+        orig(self, state, **kw)
         seen.append(self.train_loader.state_dict()["batch"])
 
     Trainer.load_state_dict = load
@@ -135,6 +135,7 @@ def _args(run_dir: Path, dataset: Path, loader: str, *sets: str) -> list[str]:
     return args
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["dali", "torch"])
 def test_ddp_ranks_stay_in_step_identical_and_resume_with_the_same_batches(
     tmp_path, tiny_dataset, loader

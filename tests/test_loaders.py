@@ -19,8 +19,10 @@ import pytest
 import torch
 
 from pipeline import build_loader
-from pipeline.shard_format import DatasetError, load_manifest, parse_index
+from pipeline.errors import ConfigError, DatasetError, ResumeError
+from pipeline.manifest import load_manifest
 from pipeline.sharding import epoch_order, rank_plan
+from pipeline.tars import read_index
 
 CLIP, FRAMES = 160000, 300
 N_TRAIN, N_VAL = 36, 4
@@ -58,9 +60,7 @@ class Written:
                 for info in tf.getmembers():
                     key, _, ext = info.name.partition(".")
                     members.setdefault(key, {})[ext] = tf.extractfile(info).read()
-            order = [
-                comps[0][3].partition(".")[0] for comps in parse_index(Path(idx_path).read_text())
-            ]
+            order = [sample[0].key for sample in read_index(idx_path)]
             assert order == list(members)  # the index lists samples in tar order
             for key in order:
                 wav, npy = members[key]["wav"], members[key]["arkit.npy"]
@@ -362,7 +362,7 @@ def test_load_state_dict_refuses_other_settings(tiny_dataset, key, value):
     state = loader.state_dict()
     have = state[key]
     state[key] = value
-    with pytest.raises(ValueError, match="cannot resume") as err:
+    with pytest.raises(ResumeError, match="cannot resume") as err:
         loader.load_state_dict(state)
     assert f"{key}={value}" in str(err.value) and f"{key}={have}" in str(err.value)
     assert loader.state_dict()["epoch"] == 0 and loader.state_dict()["batch"] == 0  # unchanged
@@ -370,7 +370,7 @@ def test_load_state_dict_refuses_other_settings(tiny_dataset, key, value):
 
 def test_load_state_dict_refuses_another_batch_size_on_dali(tiny_dataset):
     state = make("dali-cpu", tiny_dataset, batch_size=8).state_dict()
-    with pytest.raises(ValueError, match="batch_size=8.*batch_size=4"):
+    with pytest.raises(ResumeError, match="batch_size=8.*batch_size=4"):
         make("dali-cpu", tiny_dataset, batch_size=4).load_state_dict(state)
 
 
@@ -404,8 +404,8 @@ def test_dir_without_manifest_is_not_a_dataset(copy_dataset, backend):
 @pytest.mark.parametrize("backend", ALL)
 def test_a_damaged_wav_header_names_the_sample(copy_dataset, backend):
     data = copy_dataset()
-    comps = parse_index((data / "train-000002.idx").read_text())[1]
-    (_, offset, _, name) = next(c for c in comps if c[0] == "wav")
+    comps = read_index(data / "train-000002.idx")[1]
+    offset, name = next((c.offset, c.name) for c in comps if c.ext == "wav")
     with open(data / "train-000002.tar", "r+b") as f:  # byte rate field: size stays the same
         f.seek(offset + 28)
         f.write(b"\x7f")
@@ -422,8 +422,9 @@ def test_a_damaged_wav_header_names_the_sample(copy_dataset, backend):
 def test_dali_epochs_never_start_with_the_last_epochs_padding(
     tiny_dataset, written, backend, shuffle
 ):
-    """DESIGN pitfall: with several shards, DROP + pad_last_batch hands the dropped padding out
-    as the next epoch's first batch. Parts of 18 and batches of 8 leave a tail every epoch."""
+    """A pitfall of docs/loaders.md: with several shards, DROP + pad_last_batch hands the dropped
+    padding out as the next epoch's first batch. Parts of 18 and batches of 8 leave a tail every
+    epoch."""
     ref = written["train"]
     loaders = [
         make(backend, tiny_dataset, batch_size=8, shuffle=shuffle, seed=4, rank=r, world_size=2)
@@ -466,13 +467,9 @@ def _cuda_graph(tiny_dataset, decode: str):
 
     m = load_manifest(tiny_dataset)
     return build_pipeline(
-        m.tar_paths("train"),
-        m.idx_paths("train"),
+        m,
+        "train",
         batch_size=4,
-        clip_samples=m.clip_samples,
-        frames=m.frames,
-        wav_header_bytes=m.wav_header_bytes,
-        npy_header_bytes=m.npy_header_bytes,
         decode=decode,
         device_id=0,
     )
@@ -509,9 +506,9 @@ def test_cuda_graph_decodes_on_the_gpu(tiny_dataset):
 
 
 def test_unknown_backend_and_decode_are_refused(tiny_dataset):
-    with pytest.raises(ValueError, match="unknown loader"):
+    with pytest.raises(ConfigError, match="unknown loader"):
         build_loader("jax", tiny_dataset)
-    with pytest.raises(ValueError, match="decode"):
+    with pytest.raises(ConfigError, match="decode"):
         make("dali-cpu", tiny_dataset, decode="tpu")
 
 
@@ -560,13 +557,9 @@ def test_cuda_graph_serializes_without_a_gpu(tiny_dataset, decode):
 
     m = load_manifest(tiny_dataset)
     pipe = build_pipeline(
-        m.tar_paths("train"),
-        m.idx_paths("train"),
+        m,
+        "train",
         batch_size=4,
-        clip_samples=m.clip_samples,
-        frames=m.frames,
-        wav_header_bytes=m.wav_header_bytes,
-        npy_header_bytes=m.npy_header_bytes,
         decode=decode,
         device_id=None,
         gpu_ops=True,
@@ -579,13 +572,9 @@ def test_cuda_graph_serializes_without_a_gpu(tiny_dataset, decode):
         assert b"decoders__Audio" in blob and b"Reinterpret" not in blob
     # the same definition without GPU operators mentions no GPU placement at all
     cpu = build_pipeline(
-        m.tar_paths("train"),
-        m.idx_paths("train"),
+        m,
+        "train",
         batch_size=4,
-        clip_samples=m.clip_samples,
-        frames=m.frames,
-        wav_header_bytes=m.wav_header_bytes,
-        npy_header_bytes=m.npy_header_bytes,
         decode=decode,
         device_id=None,
     ).serialize()

@@ -19,7 +19,7 @@ import soundfile as sf
 from conftest import build_synthetic
 
 from pipeline import make_shards
-from pipeline import shard_format as fmt
+from pipeline import members as fmt
 from pipeline.arkit import (
     ALPHABETICAL_NAMES,
     ARKIT_NAMES,
@@ -27,7 +27,10 @@ from pipeline.arkit import (
     LIVE_LINK_EXTRA,
     LIVE_LINK_NAMES,
 )
-from pipeline.audio import parse_canonical_wav, wav_header
+from pipeline.manifest import SPLITS
+from pipeline.members import parse_canonical_wav, wav_header
+from pipeline.tars import read_index
+from pipeline.verify import check_dataset
 
 EXTS = (fmt.WAV_EXT, fmt.NPY_EXT, fmt.JSON_EXT)
 
@@ -124,7 +127,7 @@ def parsed(root: Path) -> list[dict]:
     for s in out:
         assert sorted(k for k in s if k in EXTS) == sorted(EXTS), s["key"]
         s["pcm"] = parse_canonical_wav(s["wav"], man["clip_samples"])
-        s["arkit"] = fmt.parse_arkit_npy(s["arkit.npy"], man["frames"])
+        s["arkit"] = fmt.parse_arkit_npy(s["arkit.npy"], man["frames"], 52)
         s["meta"] = json.loads(s["json"])
         assert s["meta"]["split"] == s["split"]
     return out
@@ -257,7 +260,7 @@ def test_other_window_length_and_train_stats(tmp_path):
     np.testing.assert_allclose(man["train_stats"]["frame_mean"], frames.mean(0), atol=1e-6)
     firsts = np.stack([s["arkit"][0] for s in samples])
     np.testing.assert_allclose(man["train_stats"]["first_frame_mean"], firsts.mean(0), atol=1e-6)
-    assert make_shards.verify_dataset(out) == []
+    assert list(check_dataset(out)) == []
 
 
 # ---------------------------------------------------------------- 3. 60 -> 30 fps on a ramp
@@ -440,17 +443,29 @@ def test_no_usable_window_fails(tmp_path):
     assert "shorter than one" in rejects(tmp_path / "out")["short.wav"]
 
 
-def test_non_empty_out_needs_overwrite(tmp_path):
+def test_out_must_be_empty_or_our_dataset_and_overwrite_touches_only_ours(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(SystemExit) as exc:
-        run("--synthetic", "2", "--out", out)
-    assert exc.value.code not in (0, None) and "--overwrite" in str(exc.value.code)
-    assert not (out / "manifest.json").exists()
-    # --overwrite replaces an old dataset: stale shards go, other files stay
-    (out / "train-000099.tar").write_bytes(b"stale")
-    (out / "train-000099.idx").write_text("stale")
+    (out / "train-000099.tar").write_bytes(b"not ours")
+    # a folder that is not one of our datasets is never written into, --overwrite or not
+    for extra in ((), ("--overwrite",)):
+        assert run("--synthetic", "2", "--out", out, *extra) == 1
+        err = capsys.readouterr().err
+        assert "not one of our datasets" in err and "keep.txt" in err
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "train-000099.tar"]
+        assert (out / "train-000099.tar").read_bytes() == b"not ours"
+    (out / "train-000099.tar").unlink()
+    # our dataset beside a file of the user's: replacing it needs --overwrite ...
+    ours = tmp_path / "ours"
+    build_synthetic(ours, 40, "--samples-per-shard", "8", "--val-fraction", "0")
+    for p in ours.iterdir():
+        p.rename(out / p.name)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert run("--synthetic", "2", "--out", out) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # ... and then replaces only that dataset's files: its stale shards go, keep.txt stays
     build_synthetic(out, 2, "--overwrite", "--val-fraction", "0")
     assert sorted(p.name for p in out.iterdir()) == [
         "keep.txt",
@@ -459,6 +474,7 @@ def test_non_empty_out_needs_overwrite(tmp_path):
         "train-000000.idx",
         "train-000000.tar",
     ]
+    assert (out / "keep.txt").read_text() == "mine"
     assert manifest(out)["splits"] == {"train": 2, "val": 0}
 
 
@@ -471,8 +487,8 @@ def test_verify_ok(tiny_dataset, capsys):
 
 
 def _component(root: Path, shard: str, sample: int, ext: str) -> tuple[int, int, str]:
-    idx = fmt.parse_index((root / shard).with_suffix(".idx").read_text())
-    ((off, size, name),) = [(o, s, n) for e, o, s, n in idx[sample] if e == ext]
+    idx = read_index((root / shard).with_suffix(".idx"))
+    ((off, size, name),) = [(m.offset, m.size, m.name) for m in idx[sample] if m.ext == ext]
     return off, size, name.partition(".")[0]
 
 
@@ -583,7 +599,7 @@ def test_webdataset_library_reads_the_shards(tiny_dataset):
 
     man = manifest(tiny_dataset)
     ref = read_shards(tiny_dataset)
-    for split in fmt.SPLITS:
+    for split in SPLITS:
         tars = [str(tiny_dataset / s["name"]) for s in man["shards"] if s["split"] == split]
         got = list(wds.WebDataset(tars, shardshuffle=False, empty_check=False))
         want = [s for s in ref if s["split"] == split]
@@ -606,7 +622,7 @@ def test_dali_reader_reads_the_shards_with_our_index(tiny_dataset):
     man = manifest(tiny_dataset)
     ref = read_shards(tiny_dataset)
     batch = 4
-    for split in fmt.SPLITS:
+    for split in SPLITS:
         tars = [str(tiny_dataset / s["name"]) for s in man["shards"] if s["split"] == split]
         want = [s for s in ref if s["split"] == split]
         assert len(want) % batch == 0
@@ -634,7 +650,7 @@ def test_dali_reader_reads_the_shards_with_our_index(tiny_dataset):
                     np.array(outs[3][i]).reshape(-1), parse_canonical_wav(w["wav"], 160000)
                 )
                 np.testing.assert_array_equal(
-                    np.array(outs[4][i]), fmt.parse_arkit_npy(w["arkit.npy"])
+                    np.array(outs[4][i]), fmt.parse_arkit_npy(w["arkit.npy"], 300, 52)
                 )
         del pipe
 

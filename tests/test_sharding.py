@@ -1,9 +1,10 @@
 """The rank plan (pipeline.sharding): pure arithmetic, no DALI, no data.
 
 Per epoch a rank consumes ``epoch_order(plan, shuffle)[: plan.steps * batch]``; these tests hold
-that to the promises in the module docstring and DESIGN.md: equal steps on every rank, disjoint
-parts that cover all but fewer than ``world_size * batch`` samples, parts cut exactly as DALI cuts
-``shard_id`` / ``num_shards``, rotation over epochs, and seeded, repeatable shuffles.
+that to the promises in the module docstring and docs/loaders.md: equal steps on every rank,
+disjoint parts that cover all but fewer than ``world_size * batch`` samples, parts cut exactly
+as DALI cuts ``shard_id`` / ``num_shards``, rotation over epochs, and seeded, repeatable
+shuffles.
 """
 
 from __future__ import annotations

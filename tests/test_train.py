@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from train.__main__ import main
-from train.config import ConfigError, load_config
-from train.trainer import targets
+from pipeline.errors import ConfigError
+from train.cli import main
+from train.config import load_config
+from train.step import targets
 
 SMALL = [
     "model.hidden=16",
@@ -80,7 +81,7 @@ def test_sequence_target_trains_the_sequence_model(tmp_path, tiny_dataset):
 
 
 def test_unknown_set_key_fails_listing_valid_keys(tmp_path, tiny_dataset, capsys):
-    assert run(tmp_path, tiny_dataset, "train.lrr=1") == 2
+    assert run(tmp_path, tiny_dataset, "train.lrr=1") == 1
     err = capsys.readouterr().err
     assert "train.lrr" in err and "valid keys" in err and "train.lr" in err and "data.dir" in err
     with pytest.raises(ConfigError, match="must be int"):
@@ -140,7 +141,7 @@ def test_a_dataset_without_val_split_trains_without_validation(tmp_path, capsys)
 
 
 def test_val_batch_divides_each_ranks_share_so_validation_sees_every_sample():
-    from train.trainer import val_batch_size
+    from train.builders import val_batch_size
 
     assert val_batch_size(36, 1, 16) == 12  # 3 batches of 12: all 36
     assert val_batch_size(100, 1, 16) == 10
@@ -162,5 +163,5 @@ def test_resume_keeps_the_checkpoints_loader_unless_told(tmp_path, tiny_dataset)
 def test_a_cuda_device_without_cuda_is_a_clear_error(tmp_path, tiny_dataset, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert run(tmp_path, tiny_dataset, "run.device=cuda:0") == 2
+    assert run(tmp_path, tiny_dataset, "run.device=cuda:0") == 1
     assert "CUDA is not available" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Checkpoints: plain tensors and Python values, loadable with ``torch.load(weights_only=True)``,
-written atomically (temp file, fsync, rename) so a crash while saving never destroys the last one.
+written atomically (temp file, fsync, rename) so a crash or a full disk while saving never
+destroys the last one.
 """
 
 from __future__ import annotations
@@ -9,17 +10,25 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import ResumeError, RunError
+
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise RunError(
+            f"could not write checkpoint {path} ({exc.strerror or exc}); the previous one, if "
+            "any, is intact"
+        ) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -28,10 +37,14 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise ResumeError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise RuntimeError(
-            f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})"
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a file it cannot read
+        raise ResumeError(
+            f"checkpoint {path} is unreadable or not ours ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})"
         ) from None
+    if not isinstance(state, dict):
+        raise ResumeError(f"checkpoint {path} is not a checkpoint of this trainer")
+    return state

@@ -1,38 +1,39 @@
-"""Configuration: YAML (``yaml.safe_load``) resolved once into typed dataclasses.
+"""Configuration: YAML (``yaml.safe_load``) resolved once into typed dataclasses, then checked.
 
-Every knob has a default here and a comment saying what it does; ``configs/default.yaml``
-holds the seed's values. ``--set section.key=value`` overrides one key (the value is parsed
-as YAML, so ``--set train.lr=3e-4`` is a float); unknown keys are rejected with the list of
-valid ones.
+Every knob has a default and a comment in one place: here, or for a loader's own knobs in
+``pipeline.loading`` (``DaliOptions``, ``TorchOptions``, whose fields are ``data.*`` keys under
+the same names). ``configs/default.yaml`` holds the seed's values. ``--set section.key=value``
+overrides one key (the value is parsed as YAML, so ``--set train.lr=3e-4`` is a float, ``null``
+is None); unknown keys are rejected with the list of valid ones, and every value is checked
+against its range before anything runs.
 """
 
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
+from pipeline.errors import ConfigError
+from pipeline.loading import DaliOptions, TorchOptions
+
+TARGETS = ("first_frame", "sequence")
+
 
 @dataclass
-class DataConfig:
+class DataConfig(DaliOptions, TorchOptions):
     dir: str = "data/synthetic"  # dataset folder made by pipeline/make_shards.py
     batch_size: int = 16  # samples per batch per rank
     val_batch_size: int = 0  # 0: same as batch_size (clamped to what each rank's part holds)
-    sample_rate: int = 16000  # must match the dataset's manifest
-    clip_samples: int = 160000  # 10 s at 16 kHz; must match the manifest
-    frames: int = 300  # 10 s at 30 fps; must match the manifest
-    num_blendshapes: int = 52
     shuffle: bool = True  # seeded shuffle of the training split (val is never shuffled)
-    # torch (DataLoader baseline) backend
-    num_workers: int = 4
-    pin_memory: bool = True
-    drop_last: bool = True
-    # dali backend
-    decode: str = "auto"  # gpu: raw bytes decoded on the device; cpu: DALI CPU decoders
-    dali_threads: int = 0  # 0: min(4, CPU count)
-    dali_prefetch: int = 2  # batches DALI prepares ahead
-    shuffle_buffer: int = 1024  # DALI reader's shuffle buffer (shards are pre-shuffled too)
+    # checks against the dataset's manifest (null: take the dataset's value)
+    sample_rate: int | None = None
+    clip_samples: int | None = None
+    frames: int | None = None
+    num_blendshapes: int | None = None
 
 
 @dataclass
@@ -52,12 +53,13 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimizer steps in total (0: no limit)
     lr: float = 1e-3
     weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max gradient norm (0: off)
+    grad_clip: float | None = 1.0  # max gradient norm (null: no clipping)
     target: str = "first_frame"  # first_frame: arkit[:, 0, :] (the seed's); sequence: all frames
     seed: int = 0
     debug: bool = False  # stop each epoch after 3 batches
     log_every: int = 10  # steps between train lines in metrics.jsonl
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    allow_new_data: bool = False  # let --resume continue on a dataset other than the checkpoint's
 
 
 @dataclass
@@ -81,15 +83,79 @@ class Config:
         return asdict(self)
 
 
-class ConfigError(ValueError):
-    pass
-
-
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "run": RunConfig}
+
+# every knob's range: key -> (test, what it must be)
+_POSITIVE = (lambda v: v >= 1, ">= 1")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+RANGES: dict[str, tuple[typing.Callable, str]] = {
+    "data.batch_size": _POSITIVE,
+    "data.val_batch_size": (_NON_NEGATIVE[0], ">= 0 (0: same as data.batch_size)"),
+    "data.decode": (lambda v: v in ("auto", "gpu", "cpu"), "auto, gpu or cpu"),
+    "data.dali_threads": (_NON_NEGATIVE[0], ">= 0 (0: one per CPU, at most 4)"),
+    "data.dali_prefetch": _POSITIVE,
+    "data.reader_prefetch": _POSITIVE,
+    "data.shuffle_buffer": _POSITIVE,
+    "data.num_workers": _NON_NEGATIVE,
+    "data.prefetch_factor": (lambda v: v is None or v >= 1, ">= 1 or null"),
+    "data.sample_rate": (lambda v: v is None or v >= 1, ">= 1 or null"),
+    "data.clip_samples": (lambda v: v is None or v >= 1, ">= 1 or null"),
+    "data.frames": (lambda v: v is None or v >= 1, ">= 1 or null"),
+    "data.num_blendshapes": (lambda v: v is None or v >= 1, ">= 1 or null"),
+    "model.name": (
+        lambda v: v in ("auto", "simplified", "sequence"),
+        "auto, simplified or sequence",
+    ),
+    "model.n_mels": _POSITIVE,
+    "model.n_fft": _POSITIVE,
+    "model.win_length": _POSITIVE,
+    "model.hop_length": _POSITIVE,
+    "model.hidden": _POSITIVE,
+    "model.context_seconds": (lambda v: v > 0, "> 0"),
+    "train.epochs": _POSITIVE,
+    "train.max_steps": (_NON_NEGATIVE[0], ">= 0 (0: no limit)"),
+    "train.lr": (lambda v: v > 0, "> 0"),
+    "train.weight_decay": _NON_NEGATIVE,
+    "train.grad_clip": (lambda v: v is None or v > 0, "> 0 or null"),
+    "train.target": (lambda v: v in TARGETS, " or ".join(TARGETS)),
+    "train.log_every": _POSITIVE,
+    "run.dir": (lambda v: bool(v.strip()), "a folder"),
+    "run.checkpoint_every": (_NON_NEGATIVE[0], ">= 0 (0: every epoch)"),
+    "run.torch_threads": (_NON_NEGATIVE[0], ">= 0 (0: torch's default)"),
+    "data.dir": (lambda v: bool(v.strip()), "a dataset folder"),
+}
 
 
 def valid_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, t in SECTIONS.items() for f in fields(t)]
+
+
+def _types(section: str) -> dict[str, typing.Any]:
+    return typing.get_type_hints(SECTIONS[section])
+
+
+def _coerce(key: str, value, hint):
+    """``value`` as the field's type, or ConfigError naming the key."""
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union,) else ()
+    if not allowed and hasattr(hint, "__args__"):  # X | None on Python >= 3.10
+        allowed = hint.__args__
+    options = allowed or (hint,)
+    if value is None and type(None) in options:
+        return None
+    for want in options:
+        if want is type(None):
+            continue
+        if want is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+                value = float(value)
+            except ValueError:
+                continue
+        if isinstance(value, want) and not (want in (int, float) and isinstance(value, bool)):
+            if want is float and not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
+            return value
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in options)
+    raise ConfigError(f"{key} must be {names}, got {value!r}")
 
 
 def _set(cfg: Config, key: str, value) -> None:
@@ -98,23 +164,16 @@ def _set(cfg: Config, key: str, value) -> None:
     names = {f.name for f in fields(stype)} if stype else set()
     if name not in names:
         raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
-    current = getattr(getattr(cfg, section), name)
-    want = type(current)
-    if want is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
-            value = float(value)
-        except ValueError:
-            pass
-    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-        raise ConfigError(f"{key} must be {want.__name__}, got {value!r}")
-    setattr(getattr(cfg, section), name, value)
+    setattr(getattr(cfg, section), name, _coerce(key, value, _types(section)[name]))
 
 
-def from_dict(d: dict, cfg: Config | None = None) -> Config:
+def from_dict(d: dict, cfg: Config | None = None, where: str = "config") -> Config:
     cfg = cfg or Config()
-    for section, values in (d or {}).items():
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must be a mapping of sections, got {type(d).__name__}")
+    for section, values in d.items():
         if not isinstance(values, dict):
-            raise ConfigError(f"config section {section!r} must be a mapping")
+            raise ConfigError(f"{where}: section {section!r} must be a mapping")
         for name, value in values.items():
             _set(cfg, f"{section}.{name}", value)
     return cfg
@@ -124,17 +183,33 @@ def parse_override(text: str) -> tuple[str, object]:
     key, eq, raw = text.partition("=")
     if not eq:
         raise ConfigError(f"--set needs key=value, got {text!r}")
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: not a YAML value ({_yaml_reason(exc)})") from None
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    return " ".join(str(exc).split())
+
+
+def read_yaml(path: str | Path) -> dict:
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f) or {}
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML ({_yaml_reason(exc)})") from None
 
 
 def load_config(
     path: str | Path | None, overrides: list[str] = (), base: dict | None = None
 ) -> Config:
     """Defaults <- ``base`` (e.g. a checkpoint's config) <- YAML file <- ``--set`` overrides."""
-    cfg = from_dict(base or {})
+    cfg = from_dict(base or {}, where="the checkpoint's config")
     if path is not None:
-        with open(path) as f:
-            cfg = from_dict(yaml.safe_load(f) or {}, cfg)
+        cfg = from_dict(read_yaml(path), cfg, where=str(path))
     for text in overrides:
         _set(cfg, *parse_override(text))
     validate(cfg)
@@ -142,9 +217,16 @@ def load_config(
 
 
 def validate(cfg: Config) -> None:
-    if cfg.train.target not in ("first_frame", "sequence"):
-        raise ConfigError(f"train.target must be first_frame or sequence, not {cfg.train.target!r}")
-    if cfg.data.decode not in ("auto", "gpu", "cpu"):
-        raise ConfigError(f"data.decode must be auto, gpu or cpu, not {cfg.data.decode!r}")
-    if cfg.data.batch_size < 1:
-        raise ConfigError("data.batch_size must be >= 1")
+    """Every knob in its range, named with what it must be and what it is."""
+    for key, (ok, must) in RANGES.items():
+        section, _, name = key.partition(".")
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            raise ConfigError(f"{key} must be {must} (got {value!r})")
+    m = cfg.model
+    if m.win_length > m.n_fft:
+        raise ConfigError(f"model.win_length ({m.win_length}) must be <= model.n_fft ({m.n_fft})")
+    if cfg.train.target == "first_frame" and m.name not in ("auto", "simplified"):
+        raise ConfigError("train.target first_frame needs model.name simplified (or auto)")
+    if cfg.train.target == "sequence" and m.name not in ("auto", "sequence"):
+        raise ConfigError("train.target sequence needs model.name sequence (or auto)")

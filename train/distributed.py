@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -31,9 +33,9 @@ def init_distributed(device: str) -> tuple[Dist, torch.device]:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     d = Dist(rank, world, local)
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device={device} but CUDA is not available")
+        raise ConfigError(f"run.device={device} but CUDA is not available")
     if device.startswith("cuda:") and d.enabled:
-        raise RuntimeError(
+        raise ConfigError(
             f"run.device={device} pins every rank to one GPU; under torchrun use "
             "run.device=auto or cuda (each rank takes GPU LOCAL_RANK)"
         )

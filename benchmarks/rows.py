@@ -1,0 +1,380 @@
+"""The benchmark's rows: a registry of name -> ``RowSpec``, the factories that build each row,
+and the dataset they all read.
+
+A row is an endless stream of batches opened at an epoch: a loader (the DataLoader baseline,
+webdataset, DALI in its decode modes) or a limit (the cheapest possible data for a mode: the
+bytes read from the page cache, copied to the device, or a batch already in place). The
+registry is the one list of rows: ``--help``'s table, the default rows and the checks come
+from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.measure import MODES, Row
+from pipeline import build_loader
+from pipeline.errors import ConfigError, DatasetError
+from pipeline.manifest import Manifest, load_manifest
+from pipeline.members import NPY_EXT, WAV_EXT, decode_sample
+from pipeline.sharding import epoch_order, rank_plan
+from pipeline.verify import sample_refs
+
+Factory = Callable[["RowSpec", argparse.Namespace, Manifest, torch.device], Row]
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    name: str
+    factory: Factory  # (spec, args, manifest, device) -> Row
+    description: str  # one line, for --help
+    needs_cuda: bool = False
+    modes: tuple[str, ...] = MODES
+    kind: str = "loader"  # or "limit"
+    # a CPU stand-in for a CUDA row: a default row only where that row cannot run
+    cpu_stand_in: bool = False
+    # the end of "row X needs CUDA...": what to run instead
+    without_cuda: str = ""
+
+    def row(
+        self, what: str, stream: Callable[[int], Iterator], close: Callable[[], None] | None = None
+    ) -> Row:
+        row = Row(self.name, what, self.kind, self.modes, stream)
+        if close is not None:
+            row.close = close
+        return row
+
+
+# ---------------------------------------------------------------- dataset
+
+
+def ensure_dataset(path: Path, windows: int, samples_per_shard: int | None = None) -> Manifest:
+    """Use the dataset at ``path``; build the synthetic one there if nothing is there yet."""
+    if (path / "manifest.json").is_file():
+        return load_manifest(path)
+    if path.exists() and any(path.iterdir()):
+        raise DatasetError(
+            f"{path} exists but has no manifest.json (an interrupted build?): delete it "
+            f"to let the benchmark rebuild it, or pass --data with a complete dataset"
+        )
+    from pipeline import make_shards
+
+    print(
+        f"building a synthetic dataset of {windows} windows in {path} (once; reused later)",
+        flush=True,
+    )
+    args = ["--synthetic", str(windows), "--out", str(path), "--quiet"]
+    if samples_per_shard:
+        args += ["--samples-per-shard", str(samples_per_shard)]
+    t0 = time.perf_counter()
+    if make_shards.main(args) != 0:
+        raise DatasetError(f"building {path} failed")
+    print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
+    return load_manifest(path)
+
+
+def warm_page_cache(m: Manifest, chunk: int = 16 << 20) -> float:
+    """Read every train shard once in big chunks; returns the sequential MB/s."""
+    total, t0 = 0, time.perf_counter()
+    for p in m.tar_paths("train"):
+        with open(p, "rb", buffering=0) as f:
+            while b := f.read(chunk):
+                total += len(b)
+    return total / (time.perf_counter() - t0) / 1e6
+
+
+# ---------------------------------------------------------------- loader rows
+
+
+def loader_stream(loader, epoch: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches from ``epoch`` on, continuing into later epochs if the timed run is longer."""
+    while True:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            if batch["wav"].device != device:  # only dali-raw on a CUDA machine
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            yield batch
+        epoch += 1
+
+
+def loader_row(
+    spec: RowSpec,
+    what: str,
+    args,
+    device: torch.device,
+    backend: str,
+    loader_device: torch.device | None = None,
+    **options,
+) -> Row:
+    loader = build_loader(
+        backend, args.data, batch_size=args.batch_size, device=loader_device or device, **options
+    )
+    if len(loader) < args.warmup + args.batches:
+        print(
+            f"note: {spec.name}: the timed run is longer than an epoch ({len(loader)} batches); "
+            "it continues into the next one",
+            flush=True,
+        )
+    return spec.row(what, lambda epoch: loader_stream(loader, epoch, device))
+
+
+def torch_row(spec: RowSpec, args, m: Manifest, device: torch.device) -> Row:
+    what = f"DataLoader, {args.workers} workers, pin_memory"
+    return loader_row(spec, what, args, device, "torch", num_workers=args.workers, pin_memory=True)
+
+
+def dali_row(decode: str, what: str, on_cpu: bool = False, **options) -> Factory:
+    """A DALI row's factory: ``decode`` mode, the graph on CPU operators if ``on_cpu``."""
+
+    def factory(spec: RowSpec, args, m: Manifest, device: torch.device) -> Row:
+        from pipeline.dali_loader import default_threads
+
+        threads = args.dali_threads or f"default {default_threads()}"
+        return loader_row(
+            spec,
+            f"{what}, {threads} threads, prefetch {args.dali_prefetch}",
+            args,
+            device,
+            "dali",
+            loader_device=torch.device("cpu") if on_cpu else None,
+            decode=decode,
+            dali_threads=args.dali_threads,
+            dali_prefetch=args.dali_prefetch,
+            reader_prefetch=args.reader_prefetch,
+            shuffle_buffer=args.shuffle_buffer,
+            **options,
+        )
+
+    return factory
+
+
+def _wds_decoder(m: Manifest):
+    def decode(sample: dict) -> tuple[np.ndarray, np.ndarray]:
+        # our own parser on the raw member bytes (as the torch row): no pickle, no autodecode
+        return decode_sample(sample[WAV_EXT], sample[NPY_EXT], m)
+
+    return decode
+
+
+def _wds_collate(samples: list) -> dict[str, torch.Tensor]:
+    return {
+        "wav": torch.from_numpy(np.stack([s[0] for s in samples])),
+        "arkit": torch.from_numpy(np.stack([s[1] for s in samples])),
+    }
+
+
+def webdataset_row(spec: RowSpec, args, m: Manifest, device: torch.device) -> Row:
+    import webdataset as wds
+
+    tars = m.tar_paths("train")
+    dataset = (
+        # shard shuffle over all shards: fewer shards than workers leaves some idle
+        wds.WebDataset(tars, shardshuffle=len(tars), seed=0, empty_check=False)
+        .shuffle(args.wds_shuffle, seed=0)
+        .map(_wds_decoder(m))
+        .batched(args.batch_size, collation_fn=_wds_collate, partial=False)
+    )
+    loader = wds.WebLoader(
+        dataset,
+        batch_size=None,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0,
+    )
+
+    def stream(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        while True:  # one pass of WebLoader is one epoch
+            for batch in loader:
+                yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    what = f"webdataset WebLoader, {args.workers} workers, our parsers, shuffle {args.wds_shuffle}"
+    return spec.row(what, stream)
+
+
+# ---------------------------------------------------------------- limit rows
+
+
+def read_only_row(spec: RowSpec, args, m: Manifest, device: torch.device) -> Row:
+    """The member bytes of each batch, read from the page cache into one reused buffer."""
+    fds = {tar: os.open(tar, os.O_RDONLY) for tar in m.tar_paths("train")}
+    items = [(fds[r.tar], *r.wav, *r.npy) for r in sample_refs(m, "train")]
+    buf = memoryview(bytearray(args.batch_size * m.sample_bytes))
+    B = args.batch_size
+
+    def stream(epoch: int) -> Iterator[int]:
+        while True:  # the torch baseline's sample order: random access, like every loader
+            plan = rank_plan(0, epoch, 0, 1, len(items), B)
+            order = epoch_order(plan, shuffle=True)
+            for start in range(0, plan.steps * B, B):
+                pos = 0
+                for i in order[start : start + B]:
+                    fd, w_off, w_size, n_off, n_size = items[i]
+                    pos += os.preadv(fd, [buf[pos : pos + w_size]], w_off)
+                    pos += os.preadv(fd, [buf[pos : pos + n_size]], n_off)
+                yield pos
+            epoch += 1
+
+    def close() -> None:
+        for fd in fds.values():
+            os.close(fd)
+
+    return spec.row("limit: member bytes preadv'd from the page cache, no decode", stream, close)
+
+
+def h2d_row(spec: RowSpec, args, m: Manifest, device: torch.device) -> Row:
+    n = args.batch_size * m.sample_bytes
+    host = torch.empty(n, dtype=torch.uint8).pin_memory()
+    dev = torch.empty(n, dtype=torch.uint8, device=device)
+
+    def stream(epoch: int) -> Iterator[torch.Tensor]:
+        while True:
+            yield dev.copy_(host, non_blocking=True)
+
+    return spec.row(f"limit: pinned host->device copy of a batch's {n / 1e6:.1f} MB", stream)
+
+
+def synthetic_row(spec: RowSpec, args, m: Manifest, device: torch.device) -> Row:
+    # synthetic-cpu on a CUDA machine keeps its batch in host memory: the step copies it over
+    where = device if spec.needs_cuda else torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    B = args.batch_size
+    batch = {
+        "wav": (torch.rand(B, m.clip_samples, generator=g) * 2 - 1).to(where),
+        "arkit": torch.rand(B, m.frames, m.num_blendshapes, generator=g).to(where),
+    }
+
+    def stream(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            yield batch
+
+    what = f"limit: the batch already on the {where.type} (the step alone)"
+    if where != device:
+        what = f"limit: the batch in {where.type} memory (the step and its copy to the device)"
+    return spec.row(what, stream)
+
+
+# ---------------------------------------------------------------- the registry
+
+_NO_CUDA = " (without it: read-only, synthetic-cpu)"
+_LOADER_ONLY, _TRAIN_ONLY = ("loader",), ("train",)
+ROWS: dict[str, RowSpec] = {
+    s.name: s
+    for s in (
+        RowSpec(
+            "torch",
+            torch_row,
+            "the seed's DataLoader (4 workers, pin_memory, batch 16) over the shards",
+        ),
+        RowSpec(
+            "webdataset",
+            webdataset_row,
+            "the webdataset library's own loader (WebLoader, 4 workers), our parsers",
+        ),
+        RowSpec(
+            "dali-cpu",
+            dali_row("cpu", "DALI decode=cpu (decoders.audio/numpy)"),
+            'DALI, decode="cpu" (fn.decoders.audio / fn.decoders.numpy)',
+        ),
+        RowSpec(
+            "dali-cpu-copy",
+            # the loader's default maps the tars (safe: the start-up check puts every index
+            # entry inside its tar first); this row shows what reading through copies costs
+            dali_row("cpu", "DALI decode=cpu, tars read by copy", dont_use_mmap=True),
+            "the same with dont_use_mmap=True: the reader copies from the tars (no mmap)",
+        ),
+        RowSpec(
+            "dali-gpu",
+            dali_row("gpu", "DALI decode=gpu (raw bytes to the GPU)"),
+            'DALI, decode="gpu": raw bytes to the GPU, headers sliced off there',
+            needs_cuda=True,
+            without_cuda="; dali-raw runs its graph on CPU",
+        ),
+        RowSpec(
+            "dali-raw",
+            dali_row("gpu", "DALI raw-bytes graph on CPU operators", on_cpu=True),
+            "the same raw-bytes graph on DALI's CPU operators (device_id=None)",
+            cpu_stand_in=True,
+        ),
+        RowSpec(
+            "read-only",
+            read_only_row,
+            "limit: the member bytes read from the page cache (os.preadv), nothing else",
+            modes=_LOADER_ONLY,
+            kind="limit",
+        ),
+        RowSpec(
+            "h2d-pinned",
+            h2d_row,
+            "limit: pinned host->device copies of the bytes a batch needs",
+            needs_cuda=True,
+            modes=_LOADER_ONLY,
+            kind="limit",
+            without_cuda=_NO_CUDA,
+        ),
+        RowSpec(
+            "synthetic-gpu",
+            synthetic_row,
+            "limit for ``train``: the batch already on the GPU",
+            needs_cuda=True,
+            modes=_TRAIN_ONLY,
+            kind="limit",
+            without_cuda=_NO_CUDA,
+        ),
+        RowSpec(
+            "synthetic-cpu",
+            synthetic_row,
+            "limit for ``train``: the batch in host memory (synthetic-gpu's stand-in)",
+            modes=_TRAIN_ONLY,
+            kind="limit",
+            cpu_stand_in=True,
+        ),
+    )
+}
+ROW_ORDER = tuple(ROWS)
+
+
+def available_rows(device: torch.device) -> list[str]:
+    """The default rows: every row this machine can run, CPU stand-ins only without CUDA."""
+    cuda = device.type == "cuda"
+    return [n for n, s in ROWS.items() if (not s.cpu_stand_in if cuda else not s.needs_cuda)]
+
+
+def spec_for(name: str, device: torch.device) -> RowSpec:
+    """The row called ``name``; ConfigError if there is none or it cannot run here."""
+    spec = ROWS.get(name)
+    if spec is None:
+        raise ConfigError(f"unknown row {name!r}; rows: {', '.join(ROW_ORDER)}")
+    if spec.needs_cuda and device.type != "cuda":
+        raise ConfigError(f"row {name} needs CUDA{spec.without_cuda}")
+    return spec
+
+
+def select_rows(rows: str | None, device: torch.device) -> list[str]:
+    """The rows a ``--rows`` comma list names (default: ``available_rows``), checked, each
+    once, in registry order."""
+    names = [x.strip() for x in rows.split(",") if x.strip()] if rows else available_rows(device)
+    for name in names:
+        spec_for(name, device)
+    return sorted(dict.fromkeys(names), key=ROW_ORDER.index)
+
+
+def make_row(name: str, args, m: Manifest, device: torch.device) -> Row:
+    spec = spec_for(name, device)
+    return spec.factory(spec, args, m, device)
+
+
+def rows_help() -> str:
+    """The table of rows for ``--help``."""
+    lines = ["rows (--rows; the default is every row this machine can run):"]
+    for s in ROWS.values():
+        cuda = " (CUDA only)" if s.needs_cuda else ""
+        lines.append(f"  {s.name:14s} {s.description}{cuda}")
+    return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""What make_shards converts: recordings found on disk (or synthetic takes), each loaded into
+audio and animation and cut into encoded windows. Runs in worker processes, one recording each.
+
+Inputs are paired by file stem in the same folder: audio (.wav/.flac, any rate, channels and
+sample format) with a Live Link Face CSV or a ``[T, 52]`` .npy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import arkit, audio, synthetic
+from pipeline.errors import AnimationError, InputError
+from pipeline.livelink import read_live_link_csv
+from pipeline.manifest import FPS
+from pipeline.members import SAMPLE_RATE, canonical_wav_bytes, npy_member, to_pcm16
+from pipeline.windows import cut_take
+
+AUDIO_EXTS = (".wav", ".flac")
+ANIM_EXTS = (".csv", ".npy")
+
+
+@dataclass(frozen=True)
+class Recording:
+    """One take to convert: an audio file with its animation, or synthetic take ``order``."""
+
+    order: int  # position in the sorted input list: makes the output independent of timing
+    source: str  # the audio file's path, or "synthetic:<i>"
+    audio: str | None = None
+    anim: str | None = None
+
+    @property
+    def stem(self) -> str:
+        return Path(self.source).stem if self.audio else self.source
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides how a recording becomes windows."""
+
+    seed: int
+    window_seconds: float
+    stride_seconds: float | None
+    tolerance_seconds: float
+    csv_fps: float
+    npy_fps: float
+    npy_order: str
+
+
+@dataclass(frozen=True)
+class EncodedWindow:
+    index: int  # window number within its take
+    start_sample: int  # where it starts in the take's 16 kHz audio
+    wav: bytes  # the canonical WAV member
+    npy: bytes  # the float32 [frames, 52] npy member
+
+
+@dataclass(frozen=True)
+class Converted:
+    recording: Recording
+    windows: list[EncodedWindow]
+    seconds: float  # the take's audio duration
+
+
+@dataclass(frozen=True)
+class Rejected:
+    recording: Recording
+    reason: str
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A line of rejects.jsonl."""
+
+    file: str
+    reason: str
+
+
+def synthetic_recordings(n: int) -> list[Recording]:
+    return [Recording(i, f"synthetic:{i}") for i in range(n)]
+
+
+def find_recordings(root: Path) -> tuple[list[Recording], list[Reject]]:
+    """Pair audio and animation files by stem (same folder). Unpaired files are rejects."""
+    by_stem: dict[Path, dict[str, list[Path]]] = {}
+    for p in sorted(p for p in root.rglob("*") if p.is_file()):
+        ext = p.suffix.lower()
+        kind = "audio" if ext in AUDIO_EXTS else "anim" if ext in ANIM_EXTS else None
+        if kind is not None:
+            by_stem.setdefault(p.with_suffix(""), {}).setdefault(kind, []).append(p)
+    recordings: list[Recording] = []
+    rejects: list[Reject] = []
+    for _stem, slot in sorted(by_stem.items()):
+        for extra in sorted(slot.get("audio", [])[1:] + slot.get("anim", [])[1:]):
+            rejects.append(Reject(str(extra), "second file with the same stem"))
+        if "audio" in slot and "anim" in slot:
+            wav, anim = str(slot["audio"][0]), str(slot["anim"][0])
+            recordings.append(Recording(len(recordings), wav, wav, anim))
+        elif "audio" in slot:
+            reason = "audio has no animation file (.csv or .npy with the same stem)"
+            rejects.append(Reject(str(slot["audio"][0]), reason))
+        else:
+            reason = "animation has no audio file (.wav or .flac with the same stem)"
+            rejects.append(Reject(str(slot["anim"][0]), reason))
+    return recordings, rejects
+
+
+def read_npy_animation(path: str, fps: float, order: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        raw = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise AnimationError(f"unreadable npy: {exc}") from None
+    if raw.ndim != 2 or raw.shape[1] != arkit.NUM_BLENDSHAPES:
+        raise AnimationError(f"npy has shape {raw.shape}, expected [T, {arkit.NUM_BLENDSHAPES}]")
+    if not np.isfinite(raw).all():
+        raise AnimationError("npy contains NaN or inf")
+    values = arkit.to_canonical(raw.astype(np.float32), order)
+    return np.arange(len(values)) / fps, values
+
+
+def load_take(rec: Recording, s: Settings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(audio float32 at 16 kHz, animation times [T] s, values [T, 52]) of one recording."""
+    if rec.audio is None:
+        return synthetic.make_take(s.seed, rec.order, s.window_seconds)
+    a = audio.read_audio(rec.audio)
+    if rec.anim.lower().endswith(".csv"):
+        times, values = read_live_link_csv(rec.anim, fps=s.csv_fps)
+    else:
+        times, values = read_npy_animation(rec.anim, s.npy_fps, s.npy_order)
+    return a, times, values
+
+
+def convert(job: tuple[Recording, Settings]) -> Converted | Rejected:
+    """Worker: one recording to its encoded windows, or the reason it cannot be used.
+
+    Only the user's situation becomes a reject (InputError, or a file that cannot be opened);
+    anything else is a bug and propagates.
+    """
+    rec, s = job
+    try:
+        a, times, values = load_take(rec, s)
+        windows = cut_take(
+            a,
+            SAMPLE_RATE,
+            times,
+            values,
+            fps=FPS,
+            window_seconds=s.window_seconds,
+            stride_seconds=s.stride_seconds,
+            tolerance_seconds=s.tolerance_seconds,
+        )
+    except InputError as exc:
+        return Rejected(rec, str(exc))
+    except OSError as exc:
+        return Rejected(rec, f"unreadable: {exc.strerror or exc}")
+    encoded = [
+        EncodedWindow(
+            w.index, w.start_sample, canonical_wav_bytes(to_pcm16(w.audio)), npy_member(w.arkit)
+        )
+        for w in windows
+    ]
+    return Converted(rec, encoded, len(a) / SAMPLE_RATE)

@@ -1,0 +1,254 @@
+"""``manifest.json``: the one reader and writer of a dataset's description.
+
+A dataset directory holds ``manifest.json`` (written last: its presence means complete),
+``<split>-NNNNNN.tar`` shards with a DALI ``.idx`` beside each, and ``rejects.jsonl``. The
+manifest records the format's sizes and rates, the shards (samples, bytes, sha256), the
+train-split blendshape means and how the dataset was made. Every module that needs a size or
+a rate asks a ``Manifest``; the canonical values below are what ``make_shards`` writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.arkit import ARKIT_NAMES
+from pipeline.errors import DatasetError
+from pipeline.members import SAMPLE_RATE, WAV_HEADER_BYTES, canonical_npy_header, wav_bytes
+from pipeline.members import npy_bytes as npy_member_bytes
+from pipeline.tars import idx_path
+
+FORMAT_VERSION = 1
+FPS = 30  # animation frames per second in every shard
+WINDOW_SECONDS = 10.0  # make_shards' default window ...
+WINDOW_SAMPLES = round(SAMPLE_RATE * WINDOW_SECONDS)  # ... of 160000 samples
+WINDOW_FRAMES = round(FPS * WINDOW_SECONDS)  # ... and 300 frames
+SPLITS = ("train", "val")
+MANIFEST_NAME = "manifest.json"
+MAKE_SHARDS_HINT = "python pipeline/make_shards.py --synthetic 400 --out DIR"
+VERIFY_HINT = "python pipeline/make_shards.py --verify {dir}"
+
+
+def verify_hint(root: str | Path) -> str:
+    return VERIFY_HINT.format(dir=root)
+
+
+@dataclass(frozen=True)
+class Shard:
+    split: str
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A dataset's description; ``root`` is where it lies (not stored in the file)."""
+
+    root: Path
+    sample_rate: int
+    clip_samples: int
+    fps: int
+    frames: int
+    shards: tuple[Shard, ...] = ()
+    names: tuple[str, ...] = ARKIT_NAMES
+    wav_header_bytes: int = WAV_HEADER_BYTES
+    npy_header_bytes: int = 0  # 0: the canonical header's size for frames x 52
+    input_hours: float = 0.0
+    rejects: int = 0
+    train_stats: dict = field(default_factory=dict)
+    args: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.npy_header_bytes:
+            head = len(canonical_npy_header(self.frames, self.num_blendshapes))
+            object.__setattr__(self, "npy_header_bytes", head)
+
+    @classmethod
+    def for_window(cls, root: str | Path, window_seconds: float = WINDOW_SECONDS, **fields):
+        """The manifest of a dataset of ``window_seconds`` windows at the canonical rates."""
+        return cls(
+            root=Path(root),
+            sample_rate=SAMPLE_RATE,
+            clip_samples=int(round(window_seconds * SAMPLE_RATE)),
+            fps=FPS,
+            frames=int(round(window_seconds * FPS)),
+            **fields,
+        )
+
+    # ------------------------------------------------------------ sizes and rates
+    @property
+    def num_blendshapes(self) -> int:
+        return len(self.names)
+
+    @property
+    def window_seconds(self) -> float:
+        return self.clip_samples / self.sample_rate
+
+    @property
+    def wav_bytes(self) -> int:
+        """Size of one ``.wav`` member."""
+        return wav_bytes(self.clip_samples)
+
+    @property
+    def npy_bytes(self) -> int:
+        """Size of one ``.arkit.npy`` member."""
+        return self.npy_header_bytes + 4 * self.frames * self.num_blendshapes
+
+    @property
+    def sample_bytes(self) -> int:
+        """Bytes of one sample's wav + npy members: what every loader must read."""
+        return self.wav_bytes + self.npy_bytes
+
+    @property
+    def identity(self) -> str:
+        """A digest of the dataset's content (its layout and every shard's sha256): equal for
+        the same data wherever it lies, different as soon as one shard differs."""
+        doc = [self.sample_rate, self.clip_samples, self.fps, self.frames, list(self.names)]
+        doc.append([[s.split, s.name, s.samples, s.sha256] for s in self.shards])
+        return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:16]
+
+    @property
+    def hours(self) -> float:
+        return sum(s.samples for s in self.shards) * self.window_seconds / 3600
+
+    # ------------------------------------------------------------ shards
+    def split_shards(self, split: str) -> list[Shard]:
+        return [s for s in self.shards if s.split == split]
+
+    def num_samples(self, split: str) -> int:
+        return sum(s.samples for s in self.split_shards(split))
+
+    def tar_paths(self, split: str) -> list[str]:
+        return [str(self.root / s.name) for s in self.split_shards(split)]
+
+    def idx_paths(self, split: str) -> list[str]:
+        return [str(idx_path(p)) for p in self.tar_paths(split)]
+
+    def train_mean(self, target: str) -> np.ndarray | None:
+        """The mean predictor: the train split's mean first frame or mean frame."""
+        key = "first_frame_mean" if target == "first_frame" else "frame_mean"
+        return (
+            None if key not in self.train_stats else np.asarray(self.train_stats[key], np.float32)
+        )
+
+    def check(self, **expected) -> None:
+        """Refuse settings that disagree with the dataset, naming both values."""
+        for key, want in expected.items():
+            if want is None:
+                continue
+            have = getattr(self, key)
+            if have != want:
+                raise DatasetError(
+                    f"{self.root}: config asks for {key}={want} but the dataset's manifest says "
+                    f"{key}={have}; change the config or rebuild the shards"
+                )
+
+    # ------------------------------------------------------------ the file
+    def to_json(self) -> str:
+        counts = {s: self.num_samples(s) for s in SPLITS}
+        doc = {
+            "format_version": self.format_version,
+            "sample_rate": self.sample_rate,
+            "clip_samples": self.clip_samples,
+            "fps": self.fps,
+            "frames": self.frames,
+            "names": list(self.names),
+            "wav_header_bytes": self.wav_header_bytes,
+            "npy_header_bytes": self.npy_header_bytes,
+            "shards": [dataclasses.asdict(s) for s in self.shards],
+            "splits": counts,
+            "hours": self.hours,
+            "input_hours": self.input_hours,
+            "rejects": self.rejects,
+            "train_stats": self.train_stats,
+            "args": self.args,
+            "versions": self.versions,
+        }
+        return json.dumps(doc, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, root: str | Path) -> Manifest:
+        """Parse and check a manifest; DatasetError naming the field that is wrong."""
+        path = Path(root) / MANIFEST_NAME
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{path} is unreadable ({exc}): rebuild the dataset") from None
+        if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
+            version = raw.get("format_version") if isinstance(raw, dict) else None
+            raise DatasetError(
+                f"{path} has format_version {version!r}, this code reads {FORMAT_VERSION}: "
+                "rebuild with this version's make_shards"
+            )
+        try:
+            m = cls(
+                root=Path(root),
+                sample_rate=int(raw["sample_rate"]),
+                clip_samples=int(raw["clip_samples"]),
+                fps=int(raw["fps"]),
+                frames=int(raw["frames"]),
+                names=tuple(raw["names"]),
+                wav_header_bytes=int(raw["wav_header_bytes"]),
+                npy_header_bytes=int(raw["npy_header_bytes"]),
+                shards=tuple(Shard(**s) for s in raw["shards"]),
+                input_hours=float(raw.get("input_hours", 0.0)),
+                rejects=int(raw.get("rejects", 0)),
+                train_stats=dict(raw.get("train_stats") or {}),
+                args=dict(raw.get("args") or {}),
+                versions=dict(raw.get("versions") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DatasetError(
+                f"{path} is missing or has a bad field ({exc}): rebuild it"
+            ) from None
+        if m.names != ARKIT_NAMES:
+            raise DatasetError(f"{path}: blendshape names are not the canonical ARKit order")
+        if m.wav_header_bytes != WAV_HEADER_BYTES:
+            raise DatasetError(
+                f"{path}: wav_header_bytes {m.wav_header_bytes}, expected {WAV_HEADER_BYTES}"
+            )
+        if m.npy_bytes != npy_member_bytes(m.frames, m.num_blendshapes):
+            raise DatasetError(
+                f"{path}: npy_header_bytes {m.npy_header_bytes} is not the float32 "
+                f"[{m.frames}, {m.num_blendshapes}] header's size"
+            )
+        return m
+
+    def write(self) -> Path:
+        """Write ``manifest.json`` atomically (temp name, fsync, rename)."""
+        path = self.root / MANIFEST_NAME
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(self.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+
+def load_manifest(data_dir: str | Path) -> Manifest:
+    """The manifest of the dataset at ``data_dir``; DatasetError saying what to do if absent."""
+    root = Path(data_dir)
+    path = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise DatasetError(f"no dataset at {root}: make one with `{MAKE_SHARDS_HINT}`")
+    if not path.is_file():
+        raise DatasetError(
+            f"{root} has no manifest.json, so it is not a complete dataset (make_shards writes "
+            f"it last; an interrupted run leaves none): make one with `{MAKE_SHARDS_HINT}`"
+        )
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise DatasetError(f"{path} is unreadable ({exc.strerror})") from None
+    return Manifest.from_json(text, root)

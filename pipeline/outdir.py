@@ -1,0 +1,121 @@
+"""Where make_shards writes: one conversion at a time, nothing replaced until the new dataset is
+complete, and nothing deleted that is not ours.
+
+``--out`` must be empty, absent, or hold one of our datasets (a ``manifest.json`` we can read);
+replacing a dataset needs ``--overwrite`` and touches only that dataset's files (its shards,
+indexes, rejects and manifest): other files in the folder stay. A lock (``flock`` on
+``.make_shards.lock``, released by the kernel if the process dies) makes a second conversion
+into the same folder refuse instead of mixing. Work happens in ``<out>/in-progress/``: converted
+takes (kept after a failure or Ctrl-C, so a rerun reuses them) and the new shards. Only when
+everything is written is the old manifest removed, the new files renamed into place, the old
+dataset's leftover shards deleted and the new manifest renamed in last.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+from pipeline.errors import ArkitError, DatasetError
+from pipeline.manifest import MANIFEST_NAME, Manifest, load_manifest
+from pipeline.tars import idx_path
+
+LOCK_NAME = ".make_shards.lock"
+WORK_NAME = "in-progress"
+REJECTS_NAME = "rejects.jsonl"
+
+
+class OutDir:
+    def __init__(self, path: str | Path, overwrite: bool) -> None:
+        self.path = Path(path)
+        self.overwrite = overwrite
+        self.work = self.path / WORK_NAME
+        self._lock_fd: int | None = None
+
+    # ------------------------------------------------------------ opening
+    def __enter__(self) -> OutDir:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock()
+            self._check_contents()
+            self.work.mkdir(exist_ok=True)
+        except PermissionError as exc:
+            self._unlock()
+            raise DatasetError(f"--out {self.path} is not writable ({exc.strerror})") from None
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._unlock()
+
+    def _lock(self) -> None:
+        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DatasetError(
+                f"another make_shards (pid {holder}) is writing {self.path}; wait for it to end "
+                "or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            (self.path / LOCK_NAME).unlink(missing_ok=True)
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    def old_dataset(self) -> Manifest | None:
+        """Our dataset already in the folder, if there is one."""
+        if not (self.path / MANIFEST_NAME).is_file():
+            return None
+        try:
+            return load_manifest(self.path)
+        except ArkitError:
+            return None
+
+    def _check_contents(self) -> None:
+        others = sorted(p.name for p in self.path.iterdir() if p.name not in (LOCK_NAME, WORK_NAME))
+        if not others:
+            return
+        if self.old_dataset() is None:
+            listed = ", ".join(others[:5]) + (" ..." if len(others) > 5 else "")
+            raise DatasetError(
+                f"--out {self.path} holds files that are not one of our datasets ({listed}); "
+                "make_shards writes only into an empty folder or over a dataset of its own: "
+                "choose another --out"
+            )
+        if not self.overwrite:
+            raise DatasetError(
+                f"--out {self.path} already holds a dataset; pass --overwrite to replace it"
+            )
+
+    # ------------------------------------------------------------ committing
+    def commit(self, manifest: Manifest, rejects_text: str) -> None:
+        """Swap the dataset written in the work folder in, manifest last."""
+        (self.work / REJECTS_NAME).write_text(rejects_text)
+        new = [REJECTS_NAME]
+        for s in manifest.shards:
+            new += [s.name, idx_path(s.name).name]
+        old = self.old_dataset()
+        stale: set[str] = set()
+        if old is not None:
+            stale = {REJECTS_NAME} | {
+                n for s in old.shards for n in (s.name, idx_path(s.name).name)
+            }
+        # from here the folder holds no complete dataset until the new manifest is renamed in
+        (self.path / MANIFEST_NAME).unlink(missing_ok=True)
+        for name in new:
+            os.replace(self.work / name, self.path / name)
+        for name in sorted(stale - set(new)):
+            (self.path / name).unlink(missing_ok=True)
+        manifest.write()
+        shutil.rmtree(self.work, ignore_errors=True)

@@ -1,0 +1,247 @@
+"""The one verifier of a dataset: it yields a ``Problem`` (file, sample, member, reason) for each
+thing that is wrong, at three depths, and every caller takes what it needs of the same checks:
+
+- ``STARTUP`` (every loader, before DALI reads a byte; stops at the first problem): each shard
+  is there at its manifest size; its index parses, lists the manifest's sample count, and every
+  wav/npy member is present, of the canonical size and inside its tar; a few tar headers per
+  shard are where the index says; every member's WAV/npy header is canonical (the GPU path
+  slices headers off unread). About a second per million samples from the page cache, and it
+  turns what would crash or confuse DALI (a memory-mapped truncated tar can segfault it) into
+  a named error.
+- ``DECODE`` (after DALI failed, to name the sample behind it): also decodes every sample as
+  the Python readers do, values included.
+- ``FULL`` (``make_shards --verify``; lists everything): also the sha256 of every shard, a walk
+  of every tar header, the index against the tar's real members, and the ``.json`` member.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import DatasetError, MemberError
+from pipeline.manifest import MANIFEST_NAME, SPLITS, Manifest, Shard, load_manifest, verify_hint
+from pipeline.members import (
+    JSON_EXT,
+    NPY_EXT,
+    WAV_EXT,
+    canonical_npy_header,
+    check_wav_header,
+    decode_sample,
+)
+from pipeline.tars import Member, group_by_key, header_before, idx_path, read_index, walk_tar
+
+
+class Depth(enum.IntEnum):
+    STARTUP = 0
+    DECODE = 1
+    FULL = 2
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str  # the tar, index or manifest
+    reason: str
+    sample: str | None = None  # the sample's key
+    member: str | None = None  # the member's extension
+
+    def __str__(self) -> str:
+        where = f"{self.file}: sample {self.sample}" if self.sample else self.file
+        return f"{where}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one sample's members lie in its tar (from the DALI index)."""
+
+    tar: str
+    key: str
+    wav: tuple[int, int]  # (offset, size)
+    npy: tuple[int, int]
+
+
+def check_dataset(root: str | Path, depth: Depth = Depth.FULL) -> Iterator[Problem]:
+    """Every problem of the dataset at ``root``, manifest first."""
+    try:
+        m = load_manifest(root)
+    except DatasetError as exc:
+        yield Problem(str(Path(root) / MANIFEST_NAME), f"missing or unreadable ({exc})")
+        return
+    for split in SPLITS:
+        yield from check_split(m, split, depth)
+
+
+def check_split(m: Manifest, split: str, depth: Depth = Depth.STARTUP) -> Iterator[Problem]:
+    for shard in m.split_shards(split):
+        yield from check_shard(m, shard, depth)
+
+
+def first_problem(m: Manifest, split: str, depth: Depth = Depth.STARTUP) -> Problem | None:
+    return next(check_split(m, split, depth), None)
+
+
+def sample_refs(m: Manifest, split: str) -> list[SampleRef]:
+    """A split's samples in order, after the start-up check: DatasetError on the first problem."""
+    problem = first_problem(m, split, Depth.STARTUP)
+    if problem is not None:
+        raise DatasetError(
+            f"{problem}; run `{verify_hint(m.root)}` to list every bad shard and sample"
+        )
+    refs = []
+    for tar in m.tar_paths(split):
+        for sample in read_index(idx_path(tar)):
+            by_ext = {c.ext: c for c in sample}
+            wav, npy = by_ext[WAV_EXT], by_ext[NPY_EXT]
+            refs.append(SampleRef(tar, wav.key, (wav.offset, wav.size), (npy.offset, npy.size)))
+    return refs
+
+
+def check_shard(m: Manifest, shard: Shard, depth: Depth = Depth.STARTUP) -> Iterator[Problem]:
+    tar = m.root / shard.name
+    try:
+        fd = os.open(tar, os.O_RDONLY)
+    except FileNotFoundError:
+        yield Problem(str(tar), "listed in the manifest but missing")
+        return
+    except OSError as exc:
+        yield Problem(str(tar), f"unreadable ({exc.strerror})")
+        return
+    try:
+        yield from _check_open_shard(m, shard, tar, fd, depth)
+    finally:
+        os.close(fd)
+
+
+def _check_open_shard(
+    m: Manifest, shard: Shard, tar: Path, fd: int, depth: Depth
+) -> Iterator[Problem]:
+    size = os.fstat(fd).st_size
+    if size != shard.bytes:
+        yield Problem(
+            str(tar), f"{size} bytes, manifest says {shard.bytes} (truncated or rewritten)"
+        )
+        if depth < Depth.FULL:
+            return
+    idx = idx_path(tar)
+    try:
+        index = read_index(idx)
+    except FileNotFoundError:
+        yield Problem(str(idx), "missing: the tar has no index beside it; rebuild the dataset")
+        index = None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        yield Problem(str(idx), f"unreadable index ({exc})")
+        index = None
+    if depth >= Depth.FULL:
+        yield from _check_whole_file(shard, tar, fd)
+        members, error = walk_tar(tar)
+        if error:
+            yield Problem(str(tar), f"not a readable tar ({error}) after {len(members)} members")
+        truth = group_by_key(members)
+        if index is not None and index != truth:
+            yield Problem(str(idx), _index_mismatch(index, truth))
+        index = truth  # check the samples that are really there
+    if index is None:
+        return
+    if len(index) != shard.samples:
+        yield Problem(
+            str(tar if depth >= Depth.FULL else idx),
+            f"{len(index)} samples, manifest says {shard.samples}",
+        )
+        if depth < Depth.FULL:
+            return
+    yield from _check_samples(m, tar, fd, size, index, depth)
+
+
+def _check_whole_file(shard: Shard, tar: Path, fd: int) -> Iterator[Problem]:
+    digest = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    if digest.hexdigest() != shard.sha256:
+        yield Problem(str(tar), "sha256 differs from the manifest (corrupted)")
+
+
+def _index_mismatch(index: list[list[Member]], truth: list[list[Member]]) -> str:
+    k = next(
+        (i for i, (a, b) in enumerate(zip(index, truth, strict=False)) if a != b),
+        min(len(index), len(truth)),
+    )
+    first = (index if k < len(index) else truth)[k][0].key
+    return (
+        f"does not match its tar from sample {first} (number {k}) on: truncated shard or "
+        "stale index"
+    )
+
+
+def _spot_checks(n: int, count: int = 8) -> set[int]:
+    """Evenly spread sample positions whose tar headers the start-up check reads."""
+    return {round(i * (n - 1) / max(count - 1, 1)) for i in range(count)} if n else set()
+
+
+def _check_samples(
+    m: Manifest, tar: Path, fd: int, size: int, index: list[list[Member]], depth: Depth
+) -> Iterator[Problem]:
+    want = {WAV_EXT: m.wav_bytes, NPY_EXT: m.npy_bytes}
+    what = {WAV_EXT: "a canonical WAV", NPY_EXT: f"float32 [{m.frames}, {m.num_blendshapes}]"}
+    npy_head = canonical_npy_header(m.frames, m.num_blendshapes)
+    spots = _spot_checks(len(index)) if depth < Depth.FULL else set()
+    for i, sample in enumerate(index):
+        key = sample[0].key
+        by_ext = {c.ext: c for c in sample}
+
+        def problem(reason: str, member: str | None = None, key=key) -> Problem:
+            return Problem(str(tar), reason, key, member)
+
+        required = (WAV_EXT, NPY_EXT, JSON_EXT) if depth >= Depth.FULL else (WAV_EXT, NPY_EXT)
+        missing = [ext for ext in required if ext not in by_ext]
+        for ext in missing:
+            yield problem(f"has no .{ext} member", ext)
+        bad = bool(missing)
+        for ext in (WAV_EXT, NPY_EXT):
+            c = by_ext.get(ext)
+            if c is None:
+                continue
+            if c.size != want[ext]:
+                yield problem(f".{ext} is {c.size} bytes, {what[ext]} is {want[ext]}", ext)
+                bad = True
+            elif c.offset < 512 or c.offset + c.size > size:
+                yield problem(
+                    f".{ext} at bytes {c.offset}..{c.offset + c.size} lies outside the "
+                    f"{size}-byte tar (truncated or stale index)",
+                    ext,
+                )
+                bad = True
+            elif i in spots:
+                info = header_before(fd, c.offset)
+                if info is None or (info.name, info.size) != (c.name, c.size):
+                    yield problem(
+                        f"the tar header before byte {c.offset} is not {c.name} ({c.size} "
+                        f"bytes) as {idx_path(tar).name} says (corrupt tar header or an index "
+                        "from another tar)",
+                        ext,
+                    )
+                    bad = True
+        if bad:
+            continue
+        wav, npy = by_ext[WAV_EXT], by_ext[NPY_EXT]
+        try:
+            if depth >= Depth.DECODE:
+                decode_sample(
+                    os.pread(fd, wav.size, wav.offset), os.pread(fd, npy.size, npy.offset), m
+                )
+            else:  # the headers only: what the GPU path slices off unread
+                check_wav_header(
+                    os.pread(fd, m.wav_header_bytes, wav.offset), m.clip_samples, m.sample_rate
+                )
+                if os.pread(fd, len(npy_head), npy.offset) != npy_head:
+                    raise MemberError(
+                        f"the npy header is not float32 [{m.frames}, {m.num_blendshapes}] in "
+                        "C order"
+                    )
+        except MemberError as exc:
+            yield problem(str(exc))

@@ -1,0 +1,83 @@
+"""What a run is made of, built from its config: the loaders and the model. The trainer takes
+them ready-made, so a test can hand it small ones."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from model import build_model
+from pipeline import build_loader
+from pipeline.loading import LOADERS, EpochLoader
+from pipeline.manifest import Manifest
+from train.config import Config
+from train.distributed import Dist
+
+
+def val_batch_size(n_val: int, world_size: int, at_most: int) -> int:
+    """The largest batch <= ``at_most`` that divides each rank's share of the val split, so
+    validation covers every sample (up to ``world_size - 1`` when the split does not divide)."""
+    share = max(1, n_val // world_size)
+    return max(b for b in range(1, min(at_most, share) + 1) if share % b == 0)
+
+
+def make_loader(
+    cfg: Config, loader: str, split: str, device: torch.device, d: Dist, n_val: int = 0
+) -> EpochLoader:
+    data = cfg.data
+    batch = data.batch_size
+    if split == "val":
+        batch = val_batch_size(n_val, d.world_size, data.val_batch_size or batch)
+    options_cls = LOADERS[loader][2] if loader in LOADERS else None
+    options = {}
+    if options_cls is not None:  # the backend's knobs, under their config names
+        options = {f.name: getattr(data, f.name) for f in dataclasses.fields(options_cls)}
+    expect = {
+        k: getattr(data, k) for k in ("sample_rate", "clip_samples", "frames", "num_blendshapes")
+    }
+    return build_loader(
+        loader,
+        data.dir,
+        split=split,
+        batch_size=batch,
+        device=device,
+        shuffle=data.shuffle and split == "train",
+        seed=cfg.train.seed,
+        rank=d.rank,
+        world_size=d.world_size,
+        expect=expect,
+        **options,
+    )
+
+
+def build_loaders(
+    cfg: Config, loader: str, device: torch.device, d: Dist
+) -> tuple[EpochLoader, EpochLoader | None]:
+    """The train loader, and the val loader unless the dataset has no val split (one made with
+    --val-fraction 0, or fewer val samples than ranks): then training runs without validation
+    rather than refusing to start."""
+    train = make_loader(cfg, loader, "train", device, d)
+    n_val = train.manifest.num_samples("val")
+    val = make_loader(cfg, loader, "val", device, d, n_val) if n_val >= d.world_size else None
+    return train, val
+
+
+def build_model_for(cfg: Config, m: Manifest) -> nn.Module:
+    """The configured model for the dataset's sizes and rates."""
+    mc = cfg.model
+    return build_model(
+        mc.name,
+        cfg.train.target,
+        n_mels=mc.n_mels,
+        hidden=mc.hidden,
+        n_fft=mc.n_fft,
+        win_length=mc.win_length,
+        hop_length=mc.hop_length,
+        sample_rate=m.sample_rate,
+        frames=m.frames,
+        fps=m.fps,
+        num_blendshapes=m.num_blendshapes,
+        context_seconds=mc.context_seconds,
+    )

@@ -1,0 +1,104 @@
+"""``python -m train`` (or ``arkit-train``): train an audio -> ARKit blendshape model on shards.
+
+    python -m train --loader dali                                  # configs/default.yaml
+    python -m train --loader torch --config configs/demo.yaml --set train.epochs=3
+    python -m train --loader dali --resume runs/default/last.pt    # continue where it stopped
+    torchrun --nproc_per_node=8 -m train --loader dali             # DDP on every GPU
+
+``--resume PATH`` continues in PATH's folder (``--set run.dir=...`` chooses another) with the
+checkpoint's config, then ``--config``, then ``--set`` on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import ArkitError
+from pipeline.loading import LOADERS
+from train.builders import build_loaders, build_model_for
+from train.checkpoint import load_checkpoint
+from train.config import Config, load_config
+from train.distributed import init_distributed, shutdown
+from train.trainer import Interrupted, Trainer, seed_everything
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--loader",
+        choices=sorted(LOADERS),
+        default=None,
+        help="data loader backend (default: dali, or the checkpoint's with --resume)",
+    )
+    p.add_argument("--config", default=None, help=f"YAML config (default {DEFAULT_CONFIG.name})")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+    p.add_argument("--debug", action="store_true", help="stop each epoch after 3 batches")
+    p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint (last.pt)")
+    return p.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace) -> tuple[Config, dict | None, str]:
+    """The run's config, the checkpoint to resume (or None) and the loader backend."""
+    overrides = list(args.overrides) + (["train.debug=true"] if args.debug else [])
+    if not args.resume:
+        return load_config(args.config or DEFAULT_CONFIG, overrides), None, args.loader or "dali"
+    state = load_checkpoint(args.resume)
+    if not any(o.split("=", 1)[0].strip() == "run.dir" for o in overrides):
+        # a resumed run writes beside its checkpoint, never into the folder the checkpoint
+        # recorded (a copied checkpoint would append to and overwrite another run)
+        overrides.append(f"run.dir={Path(args.resume).resolve().parent}")
+    config = state.get("config") if isinstance(state, dict) else None
+    cfg = load_config(args.config, overrides, base=config if isinstance(config, dict) else {})
+    loader = args.loader or (state.get("loader") or {}).get("backend", "dali")
+    return cfg, state, loader
+
+
+def run(cfg: Config, loader: str, state: dict | None, resume: str | None) -> None:
+    d, device = init_distributed(cfg.run.device)
+    try:
+        if cfg.run.torch_threads:
+            torch.set_num_threads(cfg.run.torch_threads)
+        seed_everything(cfg.train.seed)
+        train_loader, val_loader = build_loaders(cfg, loader, device, d)
+        model = build_model_for(cfg, train_loader.manifest)
+        trainer = Trainer(cfg, model, train_loader, val_loader, device, d)
+        if state is not None:
+            trainer.load_state_dict(state, source=str(resume))
+            trainer.say(f"resumed from {resume} at step {trainer.step} into {trainer.run_dir}")
+        try:
+            trainer.fit()
+        except Interrupted as stop:
+            trainer.say(f"{stop} at step {trainer.step}; continue with --resume {stop.checkpoint}")
+            raise
+    finally:
+        shutdown(d)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg, state, loader = resolve(args)
+        run(cfg, loader, state, args.resume)
+    except Interrupted as stop:
+        return 128 + stop.signum
+    except ArkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
