@@ -64,7 +64,9 @@ class StoredTake:
     recording: Recording
     windows: list[StoredWindow]
     seconds: float
-    reused: bool = False
+    dropped: list[str] = field(default_factory=list)  # windows left out, and why
+    duplicates: int = 0  # capture rows dropped for repeating a timecode
+    reused: bool = False  # converted by an earlier, interrupted run
 
 
 def safe_key(text: str) -> str:
@@ -118,6 +120,8 @@ class TakeStore:
         doc = {
             "seconds": result.seconds,
             "windows": [[w.index, w.start_sample, len(w.wav), len(w.npy)] for w in result.windows],
+            "dropped": result.dropped,
+            "duplicates": result.duplicates,
         }
         _atomic_write(meta, json.dumps(doc).encode())
         return self._take(rec, digest, doc, reused=False)
@@ -127,7 +131,7 @@ class TakeStore:
         for index, start, wav_size, npy_size in doc["windows"]:
             windows.append(StoredWindow(rec, index, start, path, offset, wav_size, npy_size))
             offset += wav_size + npy_size
-        return StoredTake(rec, windows, doc["seconds"], reused)
+        return StoredTake(rec, windows, doc["seconds"], doc["dropped"], doc["duplicates"], reused)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

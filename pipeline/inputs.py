@@ -7,17 +7,18 @@ sample format) with a Live Link Face CSV or a ``[T, 52]`` .npy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import arkit, audio, synthetic
 from pipeline.errors import AnimationError, InputError
-from pipeline.livelink import read_live_link_csv
-from pipeline.manifest import FPS
+from pipeline.livelink import LIVE_LINK_FPS, Animation, read_live_link_csv
+from pipeline.manifest import FPS, WINDOW_SECONDS
 from pipeline.members import SAMPLE_RATE, canonical_wav_bytes, npy_member, to_pcm16
-from pipeline.windows import cut_take
+from pipeline.windows import MAX_GAP_SECONDS, TOLERANCE_RATIO, TOLERANCE_SECONDS, cut_take
 
 AUDIO_EXTS = (".wav", ".flac")
 ANIM_EXTS = (".csv", ".npy")
@@ -39,15 +40,19 @@ class Recording:
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything that decides how a recording becomes windows."""
+    """Everything that decides how a recording becomes windows (make_shards' flags)."""
 
-    seed: int
-    window_seconds: float
-    stride_seconds: float | None
-    tolerance_seconds: float
-    csv_fps: float
-    npy_fps: float
-    npy_order: str
+    seed: int = 0
+    window_seconds: float = WINDOW_SECONDS
+    stride_seconds: float | None = None
+    tolerance_seconds: float = TOLERANCE_SECONDS
+    tolerance_ratio: float = TOLERANCE_RATIO
+    max_gap_seconds: float = MAX_GAP_SECONDS
+    csv_fps: float | None = None  # None: each CSV's rate from its timecodes
+    csv_scale: float = 1.0
+    npy_fps: float = LIVE_LINK_FPS
+    npy_order: str = "arkit"
+    npy_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,8 @@ class Converted:
     recording: Recording
     windows: list[EncodedWindow]
     seconds: float  # the take's audio duration
+    dropped: list[str] = field(default_factory=list)  # windows left out (gaps), and why
+    duplicates: int = 0  # capture rows dropped for repeating a timecode
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,36 @@ def find_recordings(root: Path) -> tuple[list[Recording], list[Reject]]:
     return recordings, rejects
 
 
-def read_npy_animation(path: str, fps: float, order: str) -> tuple[np.ndarray, np.ndarray]:
+SLACK = 0.01  # values this far outside [0, 1] are float noise and clipped; further, a reject
+
+
+def check_scale(values: np.ndarray, flag: str, scale: float) -> np.ndarray:
+    """Blendshape weights lie in [0, 1]: clip what lies a hair outside, reject what lies
+    clearly outside (another scale, or not blendshape weights) naming the range and a fix."""
+    lo, hi = float(values.min()), float(values.max())
+    if lo >= -SLACK and hi <= 1 + SLACK:
+        return np.clip(values, 0.0, 1.0)
+    worst = int(np.argmax(np.maximum(values - 1, -values).max(axis=0)))
+    name = arkit.ARKIT_NAMES[worst]
+    found = (
+        f"blendshape values span [{lo:.4g}, {hi:.4g}] ({name} reaches {_extreme(values, worst)})"
+    )
+    scaled = f" after {flag} {scale:g}" if scale != 1 else ""
+    if lo >= -SLACK * 100 and 1 + SLACK < hi <= 100 * (1 + SLACK):
+        fix = f"a 0-100 scale? pass {flag} {0.01 * scale:g}"
+    elif lo < -SLACK:
+        fix = "negative weights are not ARKit blendshape weights (another rig's curves?)"
+    else:
+        fix = f"pass {flag} to bring them into [0, 1]"
+    raise AnimationError(f"{found}{scaled}, outside [0, 1]: {fix}")
+
+
+def _extreme(values: np.ndarray, col: int) -> str:
+    v = values[:, col]
+    return f"{v.max():.4g}" if v.max() - 1 >= -v.min() else f"{v.min():.4g}"
+
+
+def read_npy_animation(path: str, s: Settings) -> tuple[np.ndarray, np.ndarray]:
     try:
         raw = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
@@ -117,20 +153,22 @@ def read_npy_animation(path: str, fps: float, order: str) -> tuple[np.ndarray, n
         raise AnimationError(f"npy has shape {raw.shape}, expected [T, {arkit.NUM_BLENDSHAPES}]")
     if not np.isfinite(raw).all():
         raise AnimationError("npy contains NaN or inf")
-    values = arkit.to_canonical(raw.astype(np.float32), order)
-    return np.arange(len(values)) / fps, values
+    values = arkit.to_canonical(raw.astype(np.float32) * np.float32(s.npy_scale), s.npy_order)
+    return np.arange(len(values)) / s.npy_fps, check_scale(values, "--npy-scale", s.npy_scale)
 
 
-def load_take(rec: Recording, s: Settings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(audio float32 at 16 kHz, animation times [T] s, values [T, 52]) of one recording."""
+def load_take(rec: Recording, s: Settings) -> tuple[np.ndarray, Animation]:
+    """(audio float32 at 16 kHz, the animation) of one recording; values checked and in [0, 1]."""
     if rec.audio is None:
-        return synthetic.make_take(s.seed, rec.order, s.window_seconds)
+        audio_16k, times, values = synthetic.make_take(s.seed, rec.order, s.window_seconds)
+        return audio_16k, Animation(times, values, synthetic.CAPTURE_FPS)
     a = audio.read_audio(rec.audio)
     if rec.anim.lower().endswith(".csv"):
-        times, values = read_live_link_csv(rec.anim, fps=s.csv_fps)
-    else:
-        times, values = read_npy_animation(rec.anim, s.npy_fps, s.npy_order)
-    return a, times, values
+        anim = read_live_link_csv(rec.anim, fps=s.csv_fps)
+        values = check_scale(anim.values * np.float32(s.csv_scale), "--csv-scale", s.csv_scale)
+        return a, dataclasses.replace(anim, values=values)
+    times, values = read_npy_animation(rec.anim, s)
+    return a, Animation(times, values, s.npy_fps)
 
 
 def convert(job: tuple[Recording, Settings]) -> Converted | Rejected:
@@ -141,16 +179,18 @@ def convert(job: tuple[Recording, Settings]) -> Converted | Rejected:
     """
     rec, s = job
     try:
-        a, times, values = load_take(rec, s)
-        windows = cut_take(
+        a, anim = load_take(rec, s)
+        cut = cut_take(
             a,
             SAMPLE_RATE,
-            times,
-            values,
+            anim.times,
+            anim.values,
             fps=FPS,
             window_seconds=s.window_seconds,
             stride_seconds=s.stride_seconds,
             tolerance_seconds=s.tolerance_seconds,
+            tolerance_ratio=s.tolerance_ratio,
+            max_gap_seconds=s.max_gap_seconds,
         )
     except InputError as exc:
         return Rejected(rec, str(exc))
@@ -160,6 +200,6 @@ def convert(job: tuple[Recording, Settings]) -> Converted | Rejected:
         EncodedWindow(
             w.index, w.start_sample, canonical_wav_bytes(to_pcm16(w.audio)), npy_member(w.arkit)
         )
-        for w in windows
+        for w in cut.windows
     ]
-    return Converted(rec, encoded, len(a) / SAMPLE_RATE)
+    return Converted(rec, encoded, len(a) / SAMPLE_RATE, cut.dropped, anim.duplicates)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -43,35 +44,43 @@ from pipeline.inputs import (
 )
 from pipeline.livelink import LIVE_LINK_FPS
 from pipeline.manifest import SPLITS, WINDOW_SECONDS, Manifest
-from pipeline.outdir import REJECTS_NAME, OutDir
+from pipeline.outdir import REJECTS_NAME, WORK_NAME, OutDir
 from pipeline.verify import check_dataset
+from pipeline.windows import MAX_GAP_SECONDS, TOLERANCE_RATIO, TOLERANCE_SECONDS
 
 
 @dataclass
 class Summary:
     out: Path
     manifest: Manifest
-    takes: int
-    reused: int
+    takes: list[StoredTake]
     rejects: list[Reject]
     minutes: float
+
+    @property
+    def reused(self) -> int:
+        return sum(t.reused for t in self.takes)
+
+    @property
+    def duplicates(self) -> int:
+        return sum(t.duplicates for t in self.takes)
+
+    @property
+    def dropped(self) -> int:
+        return sum(len(t.dropped) for t in self.takes)
 
 
 # ---------------------------------------------------------------- the stages, chained
 
 
+def settings_of(args: argparse.Namespace) -> Settings:
+    return Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
+
+
 def make_dataset(args: argparse.Namespace) -> Summary:
     from tqdm import tqdm
 
-    settings = Settings(
-        args.seed,
-        args.window_seconds,
-        args.stride_seconds,
-        args.tolerance_seconds,
-        args.csv_fps,
-        args.npy_fps,
-        args.npy_order,
-    )
+    settings = settings_of(args)
     t0 = time.perf_counter()
     with OutDir(args.out, args.overwrite) as out:
         # 1. find inputs
@@ -90,13 +99,16 @@ def make_dataset(args: argparse.Namespace) -> Summary:
                 rejects.append(Reject(result.recording.source, result.reason))
             else:
                 takes.append(result)
+                rejects.extend(Reject(result.recording.source, r) for r in result.dropped)
             hours = sum(t.seconds for t in takes) / 3600
             bar.set_postfix(hours=f"{hours:.2f}", rejects=len(rejects))
 
         store = TakeStore(out.work / "takes")
-        for _ in convert_takes(recordings, settings, store, args.workers, progress):
-            pass
-        bar.close()
+        try:
+            for _ in convert_takes(recordings, settings, store, args.workers, progress):
+                pass
+        finally:
+            bar.close()
 
         # 3. split by recording and shuffle
         ordered = split_windows(takes, args.val_fraction, args.seed)
@@ -107,7 +119,7 @@ def make_dataset(args: argparse.Namespace) -> Summary:
             )
         if args.strict and rejects:
             raise DatasetError(
-                f"--strict and {len(rejects)} inputs were rejected (see "
+                f"--strict and {len(rejects)} inputs or windows were rejected (see "
                 f"{_write_failed_rejects(out, rejects)}); no dataset written"
             )
 
@@ -127,14 +139,7 @@ def make_dataset(args: argparse.Namespace) -> Summary:
             versions={"python": sys.version.split()[0], "numpy": np.__version__},
         )
         out.commit(manifest, reject_lines(rejects))
-    return Summary(
-        out=Path(args.out),
-        manifest=manifest,
-        takes=len(takes),
-        reused=sum(t.reused for t in takes),
-        rejects=rejects,
-        minutes=(time.perf_counter() - t0) / 60,
-    )
+    return Summary(Path(args.out), manifest, takes, rejects, (time.perf_counter() - t0) / 60)
 
 
 def _write_failed_rejects(out: OutDir, rejects: list[Reject]) -> Path:
@@ -156,7 +161,13 @@ def report(s: Summary) -> str:
         f"{s.out}: {counts['train']} train + {counts['val']} val windows "
         f"({m.hours:.2f} h of windows from {hours_in:.2f} h of input) in "
         f"{len(m.shards)} shards; {len(s.rejects)} rejected"
-        + (f" (see {s.out / REJECTS_NAME})" if s.rejects else "")
+        + (
+            f" ({s.dropped} of them windows at gaps; see {s.out / REJECTS_NAME})"
+            if s.rejects
+            else ""
+        )
+        + (f"; {s.duplicates} duplicate timecode rows dropped" if s.duplicates else "")
+        + (f"; {s.reused} takes reused from an earlier run" if s.reused else "")
         + f"; {hours_in / max(s.minutes, 1e-9):.1f} h of audio per minute"
     ]
     lines += [f"  rejected {r.file}: {r.reason}" for r in s.rejects[:20]]
@@ -183,35 +194,77 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--tolerance-seconds",
         type=float,
-        default=0.5,
-        help="largest audio/animation duration difference accepted",
+        default=TOLERANCE_SECONDS,
+        help="audio and animation lengths may differ by this many seconds ...",
+    )
+    p.add_argument(
+        "--tolerance-ratio",
+        type=float,
+        default=TOLERANCE_RATIO,
+        help="... plus this share of the take's length",
+    )
+    p.add_argument(
+        "--max-gap-seconds",
+        type=float,
+        default=MAX_GAP_SECONDS,
+        help="windows overlapping a longer hole in the capture are left out",
     )
     p.add_argument("--samples-per-shard", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--csv-fps", type=float, default=LIVE_LINK_FPS, help="Live Link CSV frame rate")
     p.add_argument(
-        "--npy-fps", type=float, default=LIVE_LINK_FPS, help="frame rate of .npy animation"
+        "--csv-fps",
+        type=float,
+        default=None,
+        help="Live Link CSV timecode rate (default: read from each file; 59.94 or 29.97 for "
+        "NTSC captures with non-drop timecode)",
     )
+    p.add_argument("--csv-scale", type=float, default=1.0, help="multiply CSV values by this")
+    p.add_argument("--npy-fps", type=float, default=LIVE_LINK_FPS, help=".npy animation rate")
     p.add_argument(
         "--npy-order",
         choices=sorted(ORDERS),
         default="arkit",
         help="column order of .npy animation",
     )
+    p.add_argument("--npy-scale", type=float, default=1.0, help="multiply .npy values by this")
     p.add_argument("--overwrite", action="store_true", help="replace the dataset in --out")
     p.add_argument("--strict", action="store_true", help="fail if any input is rejected")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    if not args.verify and not args.out:
-        p.error("--out is required with --synthetic or --input")
-    if args.input and not Path(args.input).is_dir():
-        p.error(f"--input {args.input} is not a folder")
-    if args.synthetic is not None and args.synthetic < 1:
-        p.error("--synthetic needs N >= 1")
-    if args.samples_per_shard < 1:
-        p.error("--samples-per-shard needs N >= 1")
+    problems = usage_problems(args)
+    if problems:
+        p.error("; ".join(problems))
     return args
+
+
+def usage_problems(args: argparse.Namespace) -> list[str]:
+    """Every flag out of its range, before any work."""
+    bad = []
+    if not args.verify and not args.out:
+        bad.append("--out is required with --synthetic or --input")
+    if args.input and not Path(args.input).is_dir():
+        bad.append(f"--input {args.input} is not a folder")
+    checks = [
+        ("--synthetic", args.synthetic, lambda v: v is None or v >= 1, ">= 1"),
+        ("--val-fraction", args.val_fraction, lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("--window-seconds", args.window_seconds, lambda v: v > 0, "> 0"),
+        ("--stride-seconds", args.stride_seconds, lambda v: v is None or v > 0, "> 0"),
+        ("--tolerance-seconds", args.tolerance_seconds, lambda v: v >= 0, ">= 0"),
+        ("--tolerance-ratio", args.tolerance_ratio, lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("--max-gap-seconds", args.max_gap_seconds, lambda v: v > 0, "> 0"),
+        ("--samples-per-shard", args.samples_per_shard, lambda v: v >= 1, ">= 1"),
+        ("--seed", args.seed, lambda v: v >= 0, ">= 0"),
+        ("--workers", args.workers, lambda v: v >= 1, ">= 1"),
+        ("--csv-fps", args.csv_fps, lambda v: v is None or v > 0, "> 0"),
+        ("--csv-scale", args.csv_scale, lambda v: v > 0, "> 0"),
+        ("--npy-fps", args.npy_fps, lambda v: v > 0, "> 0"),
+        ("--npy-scale", args.npy_scale, lambda v: v > 0, "> 0"),
+    ]
+    for flag, value, ok, must in checks:
+        if not (ok(value) and (value is None or math.isfinite(value))):
+            bad.append(f"{flag} must be {must} (got {value})")
+    return bad
 
 
 def verify(root: str) -> int:
@@ -231,6 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     except ArkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        work = Path(args.out) / WORK_NAME
+        print(
+            f"interrupted: nothing in {args.out} was replaced; the takes converted so far are "
+            f"kept in {work} (rerun the same command to continue, or delete it)",
+            file=sys.stderr,
+        )
+        return 130
     if not args.quiet:
         print(report(summary))
     return 0

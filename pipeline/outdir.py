@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import signal
 from pathlib import Path
 
 from pipeline.errors import ArkitError, DatasetError
@@ -111,11 +112,21 @@ class OutDir:
             stale = {REJECTS_NAME} | {
                 n for s in old.shards for n in (s.name, idx_path(s.name).name)
             }
-        # from here the folder holds no complete dataset until the new manifest is renamed in
-        (self.path / MANIFEST_NAME).unlink(missing_ok=True)
-        for name in new:
-            os.replace(self.work / name, self.path / name)
-        for name in sorted(stale - set(new)):
-            (self.path / name).unlink(missing_ok=True)
-        manifest.write()
+        # from here the folder holds no complete dataset until the new manifest is renamed in:
+        # a few renames, which Ctrl-C must not cut in half
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            (self.path / MANIFEST_NAME).unlink(missing_ok=True)
+            for name in new:
+                os.replace(self.work / name, self.path / name)
+            for name in sorted(stale - set(new)):
+                (self.path / name).unlink(missing_ok=True)
+            manifest.write()
+        except OSError as exc:
+            raise DatasetError(
+                f"could not move the new dataset into {self.path} ({exc.strerror or exc}): it "
+                f"holds no complete dataset now; rerun to finish"
+            ) from None
+        finally:
+            signal.signal(signal.SIGINT, previous)
         shutil.rmtree(self.work, ignore_errors=True)

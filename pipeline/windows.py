@@ -3,16 +3,27 @@
 Alignment rule: animation frame k (at ``fps``) starts at audio sample ``round(k * rate / fps)``.
 A window that starts at frame f therefore starts at sample ``round(f * rate / fps)``, holds
 ``window_frames`` frames and ``window_samples`` samples.
+
+The animation is resampled to ``fps`` by time (``resample_frames``), trimmed with the audio to
+the shorter of the two, and checked: lengths that differ by more than an absolute plus a
+relative tolerance reject the take (with a hint when the ratio is NTSC's 1000/1001), and a
+window that overlaps a gap in the capture longer than ``max_gap_seconds`` is dropped, never
+filled in by interpolation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from pipeline.errors import TakeError
 from pipeline.manifest import FPS
+
+NTSC = 1000 / 1001
+TOLERANCE_SECONDS = 0.1  # audio and animation lengths may differ by this ...
+TOLERANCE_RATIO = 0.0002  # ... plus this share of the take (12 ms a minute: clock drift)
+MAX_GAP_SECONDS = 0.1  # a longer hole between capture rows is not bridged
 
 
 @dataclass(frozen=True)
@@ -24,17 +35,52 @@ class Window:
     arkit: np.ndarray  # float32 [window_frames, 52]
 
 
-def resample_frames(times: np.ndarray, values: np.ndarray, fps: float, n_out: int) -> np.ndarray:
-    """Linearly interpolate ``values`` sampled at ``times`` onto ``n_out`` frames at ``fps``.
+@dataclass(frozen=True)
+class Cut:
+    windows: list[Window]
+    dropped: list[str] = field(default_factory=list)  # one reason per window left out
 
-    Frame k is at k / fps seconds. This is time-based: 60 -> 30 fps averages neither nor drops
-    every other row blindly, and irregular or dropped input frames land where they belong.
+
+def resample_frames(times: np.ndarray, values: np.ndarray, fps: float, n_out: int) -> np.ndarray:
+    """``values`` sampled at ``times`` (seconds, increasing) onto ``n_out`` frames at ``fps``.
+
+    Frame k is at k / fps seconds, and takes a weighted straight-line fit of the input rows
+    within one output frame period of it (a triangle of weights, as image scalers filter
+    before they shrink). That is the anti-aliasing low-pass of down-sampling: 60 -> 30 fps
+    weighs rows (2k-1, 2k, 2k+1) by (1/4, 1/2, 1/4) instead of keeping row 2k and folding
+    frame-to-frame capture jitter into the result. A straight line is kept exactly, at the
+    ends too, irregular or dropped rows weigh by their true times, and where fewer than two
+    rows lie that close (up-sampling, 30 -> 30 fps, a short gap) it is linear interpolation.
     """
+    times = np.asarray(times, np.float64)
+    values = np.asarray(values, np.float64)
     t_out = np.arange(n_out) / fps
-    out = np.empty((n_out, values.shape[1]), dtype=np.float32)
+    out = np.empty((n_out, values.shape[1]), np.float64)
     for j in range(values.shape[1]):
         out[:, j] = np.interp(t_out, times, values[:, j])
-    return out
+    half = 1.0 / fps
+    lo = np.searchsorted(times, t_out - half, side="right")
+    hi = np.searchsorted(times, t_out + half, side="left")
+    width = int((hi - lo).max(initial=0))
+    if width >= 2:
+        idx = lo[:, None] + np.arange(width)[None, :]  # [n_out, width]
+        inside = idx < hi[:, None]
+        idx = np.minimum(idx, len(times) - 1)
+        d = times[idx] - t_out[:, None]
+        w = np.where(inside, 1.0 - np.abs(d) / half, 0.0)
+        sw = w.sum(1)
+        mean_d = (w * d).sum(1) / np.maximum(sw, 1e-300)
+        var_d = (w * (d - mean_d[:, None]) ** 2).sum(1) / np.maximum(sw, 1e-300)
+        fit = (inside.sum(1) >= 2) & (var_d > 1e-18)
+        rows = np.nonzero(fit)[0]
+        if len(rows):
+            v = values[idx[rows]]  # [n, width, 52]
+            wr = w[rows][:, :, None]
+            mean_v = (wr * v).sum(1) / sw[rows][:, None]
+            dr = (d[rows] - mean_d[rows][:, None])[:, :, None]
+            slope = (wr * dr * (v - mean_v[:, None, :])).sum(1) / (sw[rows] * var_d[rows])[:, None]
+            out[rows] = mean_v - slope * mean_d[rows][:, None]  # the line's value at d = 0
+    return out.astype(np.float32)
 
 
 def frame_to_sample(frame: int, rate: int, fps: int) -> int:
@@ -48,6 +94,39 @@ def window_starts(total_frames: int, window_frames: int, stride_frames: int) -> 
     return list(range(0, total_frames - window_frames + 1, stride_frames))
 
 
+def check_lengths(
+    audio_seconds: float, anim_seconds: float, tolerance_seconds: float, tolerance_ratio: float
+) -> None:
+    """Refuse a take whose streams differ in length by more than the tolerances: one of them
+    holds time the other does not, and nothing says where."""
+    diff = abs(anim_seconds - audio_seconds)
+    allowed = tolerance_seconds + tolerance_ratio * max(anim_seconds, audio_seconds)
+    if diff <= allowed:
+        return
+    msg = (
+        f"audio is {audio_seconds:.2f} s but animation is {anim_seconds:.2f} s (they differ by "
+        f"{diff:.2f} s, more than the {allowed:.2f} s allowed)"
+    )
+    ratio = anim_seconds / audio_seconds
+    if abs(ratio - NTSC) < 2e-4:
+        msg += (
+            ": the animation is 1000/1001 of the audio, as a 59.94 or 29.97 fps capture read "
+            "at 60 or 30 fps is; pass --csv-fps 59.94 (or 29.97)"
+        )
+    elif abs(ratio - 1 / NTSC) < 2e-4:
+        msg += (
+            ": the animation is 1001/1000 of the audio, as a 60 or 30 fps capture read at "
+            "59.94 or 29.97 fps is; check --csv-fps"
+        )
+    raise TakeError(msg)
+
+
+def gaps(times: np.ndarray, max_gap_seconds: float) -> list[tuple[float, float]]:
+    """(last row before, first row after) of every hole longer than ``max_gap_seconds``."""
+    where = np.nonzero(np.diff(times) > max_gap_seconds)[0]
+    return [(float(times[i]), float(times[i + 1])) for i in where]
+
+
 def cut_take(
     audio: np.ndarray,
     rate: int,
@@ -57,22 +136,20 @@ def cut_take(
     fps: int = FPS,
     window_seconds: float = 10.0,
     stride_seconds: float | None = None,
-    tolerance_seconds: float = 0.5,
-) -> list[Window]:
+    tolerance_seconds: float = TOLERANCE_SECONDS,
+    tolerance_ratio: float = TOLERANCE_RATIO,
+    max_gap_seconds: float = MAX_GAP_SECONDS,
+) -> Cut:
     """Resample animation to ``fps`` by time, trim audio and animation to the shorter one and
-    cut aligned windows. Raises TakeError when durations differ by more than the tolerance or
-    the take is shorter than one window.
+    cut aligned windows, leaving out those that overlap a gap. Raises TakeError when the
+    lengths differ by more than the tolerances or the take is shorter than one window.
     """
     if len(times) < 2:
         raise TakeError("animation has fewer than 2 frames")
     step = float(np.median(np.diff(times)))
     anim_seconds = float(times[-1]) + step  # the last frame lasts one frame period
     audio_seconds = len(audio) / rate
-    if abs(anim_seconds - audio_seconds) > tolerance_seconds:
-        raise TakeError(
-            f"audio is {audio_seconds:.2f} s but animation is {anim_seconds:.2f} s "
-            f"(differ by more than {tolerance_seconds} s)"
-        )
+    check_lengths(audio_seconds, anim_seconds, tolerance_seconds, tolerance_ratio)
     seconds = min(anim_seconds, audio_seconds)
     window_frames = int(round(window_seconds * fps))
     window_samples = int(round(window_seconds * rate))
@@ -86,17 +163,28 @@ def cut_take(
         total_frames -= 1
     if total_frames < window_frames:
         raise TakeError(f"take is {seconds:.2f} s, shorter than one {window_seconds:g} s window")
-    frames30 = resample_frames(times, values, fps, total_frames)
-    out = []
+    frames = resample_frames(times, values, fps, total_frames)
+    holes = gaps(times, max_gap_seconds)
+    windows, dropped = [], []
     for w, f0 in enumerate(window_starts(total_frames, window_frames, stride_frames)):
+        t0, t1 = f0 / fps, (f0 + window_frames) / fps
+        hole = next(((a, b) for a, b in holes if a < t1 and b > t0), None)
+        if hole is not None:
+            a, b = hole
+            dropped.append(
+                f"window {w} ({t0:.2f}-{t1:.2f} s) left out: the capture has no rows from "
+                f"{a:.2f} to {b:.2f} s (a {b - a:.2f} s gap, tracking lost?), longer than "
+                f"--max-gap-seconds {max_gap_seconds:g}"
+            )
+            continue
         s0 = frame_to_sample(f0, rate, fps)
-        out.append(
+        windows.append(
             Window(
                 index=w,
                 start_frame=f0,
                 start_sample=s0,
                 audio=audio[s0 : s0 + window_samples],
-                arkit=np.clip(frames30[f0 : f0 + window_frames], 0.0, 1.0),
+                arkit=np.clip(frames[f0 : f0 + window_frames], 0.0, 1.0),
             )
         )
-    return out
+    return Cut(windows, dropped)

@@ -146,7 +146,8 @@ def test_csv_columns_land_by_name(tmp_path):
     write_live_link_csv(tmp_path / "t.csv", values)
     header = (tmp_path / "t.csv").read_text().splitlines()[0].split(",")
     assert header[:2] == ["Timecode", "BlendshapeCount"] and len(header) == 2 + 52 + 9
-    times, out = livelink.read_live_link_csv(tmp_path / "t.csv")
+    anim = livelink.read_live_link_csv(tmp_path / "t.csv")
+    times, out = anim.times, anim.values
     assert out.dtype == np.float32 and out.shape == (20, 52)
     np.testing.assert_array_equal(out, values)
     for name in ("jawLeft", "jawRight", "mouthLeft", "mouthRight", "eyeBlinkLeft", "tongueOut"):
@@ -160,7 +161,8 @@ def test_csv_case_insensitive_shuffled_header_crlf_bom(tmp_path):
     names = [names[i] for i in rng.permutation(52)]
     values = rng.random((30, 52)).astype(np.float32)
     write_live_link_csv(tmp_path / "t.csv", values, names=names, newline="\r\n", bom=True)
-    times, out = livelink.read_live_link_csv(tmp_path / "t.csv")
+    anim = livelink.read_live_link_csv(tmp_path / "t.csv")
+    times, out = anim.times, anim.values
     np.testing.assert_array_equal(out, values)
     np.testing.assert_allclose(times, np.arange(30) / 60, atol=1e-9)
 
@@ -168,16 +170,19 @@ def test_csv_case_insensitive_shuffled_header_crlf_bom(tmp_path):
 def test_csv_times_follow_timecodes_with_dropped_frames(tmp_path):
     pos = np.array([0, 1, 2, 5, 6, 7.5, 9])  # frames 3-4 dropped, one late frame
     enc = write_live_link_csv(tmp_path / "t.csv", distinct_values(len(pos)), pos)
-    times, _ = livelink.read_live_link_csv(tmp_path / "t.csv", fps=60)
+    times = livelink.read_live_link_csv(tmp_path / "t.csv", fps=60).times
     np.testing.assert_allclose(times, pos / 60, atol=1e-9)
     np.testing.assert_allclose(times, enc, atol=1e-9)
 
 
-def test_csv_unusable_timecodes_fall_back_to_even_spacing(tmp_path):
-    pos = np.array([0, 1, 1, 2, 3])  # a repeated timecode: not increasing
-    write_live_link_csv(tmp_path / "t.csv", distinct_values(5), pos)
-    times, _ = livelink.read_live_link_csv(tmp_path / "t.csv", fps=60)
-    np.testing.assert_allclose(times, np.arange(5) / 60)
+def test_csv_repeated_timecode_drops_the_row_and_keeps_the_times(tmp_path):
+    pos = np.array([0, 1, 1, 2, 3])  # a repeated timecode: the second row goes, times stay
+    values = distinct_values(5) * np.arange(1, 6, dtype=np.float32)[:, None] / 5
+    write_live_link_csv(tmp_path / "t.csv", values, pos)
+    anim = livelink.read_live_link_csv(tmp_path / "t.csv", fps=60)
+    np.testing.assert_allclose(anim.times, np.arange(4) / 60)
+    np.testing.assert_array_equal(anim.values, values[[0, 1, 3, 4]])
+    assert anim.duplicates == 1
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -242,10 +247,17 @@ def test_resample_other_rates_and_non_linear_signal():
     t24 = np.arange(240) / 24  # 24 fps -> 30 fps
     out = windows.resample_frames(t24, ramp(t24), 30, 298)
     np.testing.assert_allclose(out, ramp(np.arange(298) / 30), rtol=0, atol=1e-6)
-    # regular 60 fps of any signal: 30 fps frame k sits exactly on 60 fps row 2k
+    # regular 60 fps of any signal: 30 fps frame k is rows (2k-1, 2k, 2k+1) weighed
+    # (1/4, 1/2, 1/4), the anti-aliasing low-pass; frame 0 is row 0 (a line through rows 0, 1)
     v = np.random.default_rng(5).random((120, 52)).astype(np.float32)
     out = windows.resample_frames(np.arange(120) / 60, v, 30, 60)
-    np.testing.assert_array_equal(out, v[::2])
+    want = 0.25 * v[1:-1:2] + 0.5 * v[2::2] + 0.25 * v[3::2]
+    np.testing.assert_allclose(out[1:], want[:59], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(out[0], v[0], atol=1e-6, rtol=0)
+    # the same rate in and out is the input itself
+    np.testing.assert_array_equal(
+        windows.resample_frames(np.arange(60) / 30, v[:60], 30, 60), v[:60]
+    )
     # halfway between two rows is their mean (linear interpolation in time)
     out = windows.resample_frames(np.array([0.0, 0.1]), np.array([[0.0] * 52, [1.0] * 52]), 20, 2)
     np.testing.assert_allclose(out[1], 0.5)

@@ -5,9 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.windows import TakeError, cut_take, frame_to_sample, window_starts
+from pipeline.errors import TakeError
+from pipeline.windows import cut_take, frame_to_sample, window_starts
 
 RATE, FPS = 16000, 30
+
+
+def cut(*args, **kw):
+    """The windows of cut_take (none are left out: these takes have no gaps)."""
+    result = cut_take(*args, **kw)
+    assert result.dropped == []
+    return result.windows
 
 
 def exact_start(k: int) -> int:
@@ -65,7 +73,7 @@ def check_windows(windows, audio, *, stride_frames: int):
 
 def test_cut_take_aligned_windows():
     audio, times, values = take(35.0, 35.0)
-    windows = cut_take(audio, RATE, times, values)
+    windows = cut(audio, RATE, times, values)
     assert len(windows) == 3
     check_windows(windows, audio, stride_frames=300)
 
@@ -80,20 +88,20 @@ def test_cut_take_aligned_windows():
 def test_cut_take_with_stride(stride, frames, starts):
     seconds = 20.0 if stride == 2.5 else 14.0
     audio, times, values = take(seconds, seconds)
-    windows = cut_take(audio, RATE, times, values, stride_seconds=stride)
+    windows = cut(audio, RATE, times, values, stride_seconds=stride)
     assert [w.start_sample for w in windows] == starts
     check_windows(windows, audio, stride_frames=frames)
 
 
 def test_cut_take_trims_to_the_shorter_stream():
-    audio, times, values = take(20.4, 20.0)  # audio 0.4 s longer: within the tolerance
-    assert len(cut_take(audio, RATE, times, values)) == 2
+    audio, times, values = take(20.4, 20.0)  # audio 0.4 s longer: within a tolerance of 0.5 s
+    assert len(cut(audio, RATE, times, values, tolerance_seconds=0.5)) == 2
     audio, times, values = take(19.7, 20.0)  # animation longer
-    windows = cut_take(audio, RATE, times, values)
+    windows = cut(audio, RATE, times, values, tolerance_seconds=0.5)
     assert len(windows) == 1
     check_windows(windows, audio, stride_frames=300)
     # with a stride the last window is the last one whose audio and frames both fit
-    windows = cut_take(audio, RATE, times, values, stride_seconds=1.0)
+    windows = cut(audio, RATE, times, values, stride_seconds=1.0, tolerance_seconds=0.5)
     assert windows[-1].start_frame == 270  # 9 s + 10 s = 19 s <= 19.7 s < 10 s + 10 s
     assert windows[-1].start_sample + 160000 <= len(audio)
 
@@ -102,7 +110,7 @@ def test_cut_take_last_window_audio_must_fit():
     # frames say 10 s but the audio is one sample short of 10 s: no window
     audio, times, values = take(10.0, 10.0)
     with pytest.raises(TakeError, match="shorter than one 10 s window"):
-        cut_take(audio[:-1], RATE, times, values)
+        cut(audio[:-1], RATE, times, values)
 
 
 def test_cut_take_exactly_one_window_despite_float_noise_in_times():
@@ -110,29 +118,37 @@ def test_cut_take_exactly_one_window_despite_float_noise_in_times():
     # (600 rows at 60 fps, 160000 samples) must still give its window
     audio, times, values = take(10.0, 10.0)
     for noisy in (times * (1 - 1e-13), times * (1 + 1e-13), times - 1e-13 * np.arange(600) / 600):
-        windows = cut_take(audio, RATE, noisy, values)
+        windows = cut(audio, RATE, noisy, values)
         assert len(windows) == 1 and windows[0].start_sample == 0
 
 
-def test_cut_take_tolerance_and_errors():
+def test_cut_take_tolerance_is_absolute_plus_relative_and_errors():
     audio, times, values = take(20.0, 20.6)
     with pytest.raises(TakeError, match=r"audio is 20.00 s but animation is 20.60 s"):
-        cut_take(audio, RATE, times, values)
-    assert len(cut_take(audio, RATE, times, values, tolerance_seconds=0.7)) == 2
-    audio, times, values = take(21.0, 20.0)
-    with pytest.raises(TakeError, match="differ by more than 0.5 s"):
-        cut_take(audio, RATE, times, values)
+        cut(audio, RATE, times, values)
+    assert len(cut(audio, RATE, times, values, tolerance_seconds=0.7)) == 2
+    # 0.1 s + 0.02 % of the length by default: 0.104 s on 20 s, 0.22 s on 10 minutes
+    audio, times, values = take(20.1, 20.0)
+    assert len(cut(audio, RATE, times, values)) == 2
+    audio, times, values = take(20.11, 20.0)
+    with pytest.raises(TakeError, match="differ by 0.11 s, more than the 0.10 s allowed"):
+        cut(audio, RATE, times, values)
+    audio, times, values = take(600.2, 600.0, anim_fps=30)
+    assert len(cut(audio, RATE, times, values)) == 60
+    audio, times, values = take(600.3, 600.0, anim_fps=30)
+    with pytest.raises(TakeError, match="differ by 0.30 s, more than the 0.22 s allowed"):
+        cut(audio, RATE, times, values)
     audio, times, values = take(9.9, 9.9)
     with pytest.raises(TakeError, match="take is 9.90 s, shorter than one 10 s window"):
-        cut_take(audio, RATE, times, values)
+        cut(audio, RATE, times, values)
     with pytest.raises(TakeError, match="fewer than 2 frames"):
-        cut_take(audio, RATE, times[:1], values[:1])
+        cut(audio, RATE, times[:1], values[:1])
 
 
 def test_cut_take_clips_values_and_other_window_lengths():
     audio, times, values = take(6.0, 6.0)
     values = values * 40 - 1  # from -1 to above 1
-    windows = cut_take(audio, RATE, times, values, window_seconds=2.0)
+    windows = cut(audio, RATE, times, values, window_seconds=2.0)
     assert len(windows) == 3
     for w in windows:
         assert w.audio.shape == (32000,) and w.arkit.shape == (60, 52)
