@@ -96,6 +96,8 @@ class TakeStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        for tmp in root.glob("*.tmp"):  # an interrupted write of a take's json
+            tmp.unlink(missing_ok=True)
 
     def get(self, rec: Recording, digest: str) -> StoredTake | Rejected | None:
         meta = self.root / f"{digest}.json"

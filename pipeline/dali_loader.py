@@ -34,7 +34,7 @@ from pipeline.loading import DaliOptions, EpochLoader
 from pipeline.manifest import Manifest, verify_hint
 from pipeline.members import NPY_EXT, PCM16_SCALE, WAV_EXT
 from pipeline.sharding import RankPlan
-from pipeline.verify import Depth, first_problem, sample_refs
+from pipeline.verify import Depth, changed_shards, first_problem, sample_refs
 
 READER = "Reader"
 OUTPUTS = ["wav", "arkit", "source"]
@@ -57,14 +57,12 @@ def build_pipeline(
     num_shards: int = 1,
     shuffle: bool = False,
     seed: int = 0,
-    shuffle_buffer: int = 1024,
-    dali_threads: int = 0,
-    dali_prefetch: int = 2,
-    reader_prefetch: int = 2,
-    dont_use_mmap: bool = False,
+    shuffle_buffer: int | None = None,
+    options: DaliOptions | None = None,
 ):
     """The DALI graph over ``split`` of the dataset ``m``. ``device_id=None`` runs it on CPU
-    operators only.
+    operators only. ``options`` are the loader's knobs (threads, prefetch, read mode);
+    ``shuffle_buffer`` overrides theirs.
 
     ``gpu_ops`` (default: whether ``device_id`` is set) places the decode on GPU operators;
     ``gpu_ops=True`` with ``device_id=None`` defines the CUDA graph on a machine without CUDA,
@@ -76,12 +74,13 @@ def build_pipeline(
 
     if decode not in DECODES:
         raise ConfigError(f"decode must be 'gpu' or 'cpu', not {decode!r}")
+    o = options or DaliOptions()
     pipe = Pipeline(
         batch_size=batch_size,
-        num_threads=dali_threads or default_threads(),
+        num_threads=o.dali_threads or default_threads(),
         device_id=device_id,
         seed=seed,
-        prefetch_queue_depth=dali_prefetch,
+        prefetch_queue_depth=o.dali_prefetch,
     )
     with pipe:
         wav, npy = fn.readers.webdataset(
@@ -90,15 +89,16 @@ def build_pipeline(
             ext=[WAV_EXT, NPY_EXT],
             missing_component_behavior="error",
             random_shuffle=shuffle,
-            initial_fill=shuffle_buffer,
+            initial_fill=shuffle_buffer or o.shuffle_buffer,
             seed=seed,
             shard_id=shard_id,
             num_shards=num_shards,
-            # a memory-mapped truncated tar can crash the process: the start-up check makes
-            # sure every index entry lies inside its tar before DALI opens it, which is what
-            # makes mmap (20-40% faster on CPU, an instant shuffle-buffer fill) safe here
-            dont_use_mmap=dont_use_mmap,
-            prefetch_queue_depth=reader_prefetch,
+            # a memory-mapped tar that is cut short kills the process (SIGBUS): before DALI
+            # opens them the start-up check makes sure every index entry lies inside its tar,
+            # but only reading by copy (the default) also survives a shard truncated while
+            # the run reads it
+            dont_use_mmap=o.dont_use_mmap,
+            prefetch_queue_depth=o.reader_prefetch,
             bytes_per_sample_hint=[m.wav_bytes, m.npy_bytes],
             name=READER,
         )
@@ -158,10 +158,7 @@ class DaliLoader(EpochLoader):
             shuffle=self.shuffle,
             seed=plan.epoch_seed,
             shuffle_buffer=max(1, min(o.shuffle_buffer, plan.stop - plan.start)),
-            dali_threads=o.dali_threads,
-            dali_prefetch=o.dali_prefetch,
-            reader_prefetch=o.reader_prefetch,
-            dont_use_mmap=o.dont_use_mmap,
+            options=o,
         )
 
     def _error(self, what: str) -> DatasetError:
@@ -172,7 +169,9 @@ class DaliLoader(EpochLoader):
     def _dali_failed(self, what: str, exc: BaseException) -> DatasetError:
         """Our error for a DALI failure: the sample that explains it, found by decoding the
         split as the Python readers do, or DALI's own first line when the data looks right."""
-        culprit = first_problem(self.manifest, self.split, Depth.DECODE)
+        culprit = changed_shards(self._stamps) or first_problem(
+            self.manifest, self.split, Depth.DECODE
+        )
         if culprit is not None:
             return self._error(str(culprit))
         text = str(exc).strip()

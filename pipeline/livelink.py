@@ -33,7 +33,6 @@ LIVE_LINK_FPS = 60.0  # Live Link Face's usual rate; the rate of a file without 
 NOMINAL_RATES = (24, 25, 30, 48, 50, 60)  # what the frame field of a timecode can count to
 NTSC = 1000 / 1001  # 59.94 = 60 * NTSC, 29.97 = 30 * NTSC
 _TIMECODE = re.compile(r"^\s*(\d{1,2}):(\d{2}):(\d{2})([:;.,])(\d{1,3})(?:\.(\d+))?\s*$")
-DAY_FRAMES = 24 * 3600  # per unit of nominal rate
 
 
 @dataclass(frozen=True)
@@ -148,9 +147,11 @@ def timecode_times(
     nominal = round(rate)
     counts = np.array([c.frame_count(nominal) for c in codes])
     steps = np.diff(counts)
-    # a step back by most of a day is midnight passing, not a row out of order
-    wraps = steps < -(DAY_FRAMES * nominal) / 2
-    counts[1:] += np.cumsum(wraps) * (DAY_FRAMES * nominal)
+    # a step back by most of a day is midnight passing, not a row out of order (a drop-frame
+    # day holds fewer frame numbers than a non-drop one)
+    day = Timecode(24, 0, 0, 0, 0.0, any(c.drop_frame for c in codes)).frame_count(nominal)
+    wraps = steps < -day / 2
+    counts[1:] += np.cumsum(wraps) * day
     steps = np.diff(counts)
     back = np.nonzero(steps < 0)[0]
     if len(back):

@@ -24,6 +24,7 @@ import torch
 from pipeline.errors import ConfigError, DatasetError, ResumeError
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.sharding import RankPlan, rank_plan
+from pipeline.verify import changed_shards, shard_stamps
 
 
 @dataclass
@@ -34,7 +35,9 @@ class DaliOptions:
     dali_prefetch: int = 2  # batches DALI prepares ahead
     reader_prefetch: int = 2  # batches the reader reads ahead
     shuffle_buffer: int = 1024  # the reader's shuffle buffer (shards are pre-shuffled too)
-    dont_use_mmap: bool = False  # read the tars by copy instead of mapping them
+    # read the tars by copy (true) or map them (false: faster on CPU, but a shard truncated
+    # while DALI reads it kills the process with SIGBUS instead of a named error)
+    dont_use_mmap: bool = True
     check_values: bool = True  # stop on blendshapes that are NaN, inf or outside [0, 1]
 
 
@@ -103,6 +106,8 @@ class EpochLoader:
             )
         self._epoch = 0  # position: epoch in progress (or next) ...
         self._skip = 0  # ... and batches of it already consumed
+        # what the shards looked like when the run started: checked again at every epoch
+        self._stamps = shard_stamps(self.manifest, split)
 
     def plan(self, epoch: int) -> RankPlan:
         return rank_plan(
@@ -134,8 +139,15 @@ class EpochLoader:
         if restart or self._position()[0] != epoch:
             self._epoch, self._skip = epoch, 0
 
+    def check_unchanged(self) -> None:
+        """DatasetError if a shard was rewritten or truncated since the loader was made."""
+        problem = changed_shards(self._stamps)
+        if problem is not None:
+            raise DatasetError(str(problem))
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """Continue from the position: the rest of an epoch, or the next whole epoch."""
+        self.check_unchanged()
         epoch, skip = self._position()
         for i, batch in enumerate(self._batches(self.plan(epoch), skip), start=skip):
             self._epoch, self._skip = epoch, i + 1

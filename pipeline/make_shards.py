@@ -143,9 +143,9 @@ def make_dataset(args: argparse.Namespace) -> Summary:
 
 
 def _write_failed_rejects(out: OutDir, rejects: list[Reject]) -> Path:
-    """Where a failed run leaves its rejects: beside the dataset it would have been, unless a
-    previous dataset is there (its own rejects.jsonl stays whole)."""
-    path = (out.work if out.old_dataset() else out.path) / REJECTS_NAME
+    """Where a failed run leaves its rejects: in the work folder, with the converted takes (a
+    previous dataset's rejects.jsonl stays whole, and a rerun finds the folder as it was)."""
+    path = out.work / REJECTS_NAME
     path.write_text(reject_lines(rejects))
     return path
 
@@ -195,13 +195,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tolerance-seconds",
         type=float,
         default=TOLERANCE_SECONDS,
-        help="audio and animation lengths may differ by this many seconds ...",
+        help="audio and animation lengths may differ by this many seconds, ...",
     )
     p.add_argument(
         "--tolerance-ratio",
         type=float,
         default=TOLERANCE_RATIO,
-        help="... plus this share of the take's length",
+        help="... and by this share of the take (differences under a frame always pass it)",
     )
     p.add_argument(
         "--max-gap-seconds",

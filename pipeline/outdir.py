@@ -25,6 +25,7 @@ from pipeline.tars import idx_path
 
 LOCK_NAME = ".make_shards.lock"
 WORK_NAME = "in-progress"
+WORK_MARK = ".make_shards-work"  # inside WORK_NAME: the folder is ours
 REJECTS_NAME = "rejects.jsonl"
 
 
@@ -42,6 +43,7 @@ class OutDir:
             self._lock()
             self._check_contents()
             self.work.mkdir(exist_ok=True)
+            (self.work / WORK_MARK).touch()
         except PermissionError as exc:
             self._unlock()
             raise DatasetError(f"--out {self.path} is not writable ({exc.strerror})") from None
@@ -54,16 +56,27 @@ class OutDir:
         self._unlock()
 
     def _lock(self) -> None:
-        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        path = self.path / LOCK_NAME
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise DatasetError(
+                    f"another make_shards (pid {holder}) is writing {self.path}; wait for it to "
+                    "end or choose another --out"
+                ) from None
+            # the holder we waited on may have unlinked the file between our open and flock:
+            # a lock on a file no longer at the path excludes nobody, so take the new one
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            raise DatasetError(
-                f"another make_shards (pid {holder}) is writing {self.path}; wait for it to end "
-                "or choose another --out"
-            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
@@ -84,7 +97,8 @@ class OutDir:
             return None
 
     def _check_contents(self) -> None:
-        others = sorted(p.name for p in self.path.iterdir() if p.name not in (LOCK_NAME, WORK_NAME))
+        ours = {LOCK_NAME} | ({WORK_NAME} if (self.work / WORK_MARK).is_file() else set())
+        others = sorted(p.name for p in self.path.iterdir() if p.name not in ours)
         if not others:
             return
         if self.old_dataset() is None:

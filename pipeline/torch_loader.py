@@ -20,7 +20,7 @@ from pipeline.loading import EpochLoader, TorchOptions
 from pipeline.manifest import Manifest, verify_hint
 from pipeline.members import decode_sample
 from pipeline.sharding import RankPlan, epoch_order
-from pipeline.verify import SampleRef, sample_refs
+from pipeline.verify import SampleRef, changed_shards, sample_refs, shard_stamps
 
 
 class ShardSamples(Dataset):
@@ -29,6 +29,7 @@ class ShardSamples(Dataset):
     def __init__(self, manifest: Manifest, split: str) -> None:
         self.manifest = manifest
         self.items: list[SampleRef] = sample_refs(manifest, split)
+        self.stamps = shard_stamps(manifest, split)
         self._fds: dict[str, int] = {}
         self._pid = -1
 
@@ -54,8 +55,10 @@ class ShardSamples(Dataset):
             audio, arkit = decode_sample(wav, npy, self.manifest)
         except MemberError as exc:
             ref = self.items[i]
+            changed = changed_shards({ref.tar: self.stamps[ref.tar]})
+            reason = changed.reason if changed else exc
             raise DatasetError(
-                f"{ref.tar}: sample {ref.key}: {exc}; run `{verify_hint(self.manifest.root)}`"
+                f"{ref.tar}: sample {ref.key}: {reason}; run `{verify_hint(self.manifest.root)}`"
             ) from None
         return {"wav": torch.from_numpy(audio), "arkit": torch.from_numpy(arkit)}
 

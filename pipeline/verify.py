@@ -100,6 +100,39 @@ def sample_refs(m: Manifest, split: str) -> list[SampleRef]:
     return refs
 
 
+def shard_stamps(m: Manifest, split: str) -> dict[str, tuple[int, int]]:
+    """Each shard's (size, modification time) now: what a run checks again at every epoch."""
+    stamps = {}
+    for tar in m.tar_paths(split):
+        try:
+            st = os.stat(tar)
+        except OSError:
+            continue  # the start-up check names a missing shard
+        stamps[tar] = (st.st_size, st.st_mtime_ns)
+    return stamps
+
+
+def changed_shards(stamps: dict[str, tuple[int, int]]) -> Problem | None:
+    """The first shard whose size or modification time differs from ``stamps``."""
+    for tar, (size, mtime) in stamps.items():
+        try:
+            st = os.stat(tar)
+        except OSError as exc:
+            return Problem(tar, f"vanished while the run was reading it ({exc.strerror})")
+        if (st.st_size, st.st_mtime_ns) != (size, mtime):
+            what = (
+                f"its size went from {size} to {st.st_size} bytes"
+                if st.st_size != size
+                else ("it was modified")
+            )
+            return Problem(
+                tar,
+                f"changed while the run was reading it ({what}): rewritten or truncated during "
+                "training? Let the writer finish, check it, and resume from the last checkpoint",
+            )
+    return None
+
+
 def check_shard(m: Manifest, shard: Shard, depth: Depth = Depth.STARTUP) -> Iterator[Problem]:
     tar = m.root / shard.name
     try:

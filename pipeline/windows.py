@@ -21,8 +21,14 @@ from pipeline.errors import TakeError
 from pipeline.manifest import FPS
 
 NTSC = 1000 / 1001
-TOLERANCE_SECONDS = 0.1  # audio and animation lengths may differ by this ...
-TOLERANCE_RATIO = 0.0002  # ... plus this share of the take (12 ms a minute: clock drift)
+# The audio may end at most this many seconds away from the capture's last frame. Nothing tells
+# where extra time sits, and at the start it shifts every frame, so the default is the
+# alignment promise itself (20 ms).
+TOLERANCE_SECONDS = 0.02
+# However large that tolerance is set, a difference beyond 20 ms may not exceed this share of
+# the take: a raised tolerance must not let long takes drift (59.94 fps read as 60 drifts 0.1%).
+TOLERANCE_RATIO = 0.0005
+ALIGNMENT_SECONDS = 0.02  # what the project promises: animation within 20 ms of its sound
 MAX_GAP_SECONDS = 0.1  # a longer hole between capture rows is not bridged
 
 
@@ -95,25 +101,38 @@ def window_starts(total_frames: int, window_frames: int, stride_frames: int) -> 
 
 
 def check_lengths(
-    audio_seconds: float, anim_seconds: float, tolerance_seconds: float, tolerance_ratio: float
+    audio_seconds: float,
+    anim_seconds: float,
+    tolerance_seconds: float,
+    tolerance_ratio: float,
+    frame_seconds: float = 0.0,
 ) -> None:
     """Refuse a take whose streams differ in length by more than the tolerances: one of them
-    holds time the other does not, and nothing says where."""
-    diff = abs(anim_seconds - audio_seconds)
-    allowed = tolerance_seconds + tolerance_ratio * max(anim_seconds, audio_seconds)
-    if diff <= allowed:
+    holds time the other does not, and nothing says where. The capture's last row lasts up to
+    one frame (``frame_seconds``), so the audio may end anywhere in it."""
+    last = anim_seconds - frame_seconds
+    diff = max(0.0, last - audio_seconds, audio_seconds - anim_seconds)
+    longest = max(anim_seconds, audio_seconds)
+    if diff > tolerance_seconds:
+        why = f"more than --tolerance-seconds {tolerance_seconds:g}"
+    elif diff > ALIGNMENT_SECONDS and diff > tolerance_ratio * longest:
+        why = f"more than --tolerance-ratio {tolerance_ratio:g} of the take"
+    else:
         return
     msg = (
-        f"audio is {audio_seconds:.2f} s but animation is {anim_seconds:.2f} s (they differ by "
-        f"{diff:.2f} s, more than the {allowed:.2f} s allowed)"
+        f"audio is {audio_seconds:.3f} s but animation is {anim_seconds:.3f} s (they differ by "
+        f"{diff:.3f} s, {why}; extra time at the start would shift every frame)"
     )
     ratio = anim_seconds / audio_seconds
-    if abs(ratio - NTSC) < 2e-4:
+    near = frame_seconds / longest + 1e-4
+    if longest * (1 - NTSC) < 2 * frame_seconds:
+        pass  # too short for 1000/1001 to show beyond a frame or two
+    elif abs(ratio - NTSC) <= near:
         msg += (
             ": the animation is 1000/1001 of the audio, as a 59.94 or 29.97 fps capture read "
             "at 60 or 30 fps is; pass --csv-fps 59.94 (or 29.97)"
         )
-    elif abs(ratio - 1 / NTSC) < 2e-4:
+    elif abs(ratio - 1 / NTSC) <= near:
         msg += (
             ": the animation is 1001/1000 of the audio, as a 60 or 30 fps capture read at "
             "59.94 or 29.97 fps is; check --csv-fps"
@@ -149,7 +168,7 @@ def cut_take(
     step = float(np.median(np.diff(times)))
     anim_seconds = float(times[-1]) + step  # the last frame lasts one frame period
     audio_seconds = len(audio) / rate
-    check_lengths(audio_seconds, anim_seconds, tolerance_seconds, tolerance_ratio)
+    check_lengths(audio_seconds, anim_seconds, tolerance_seconds, tolerance_ratio, step)
     seconds = min(anim_seconds, audio_seconds)
     window_frames = int(round(window_seconds * fps))
     window_samples = int(round(window_seconds * rate))

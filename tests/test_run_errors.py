@@ -130,7 +130,7 @@ def test_resume_writes_where_the_user_points_and_never_into_the_source_run(
 # ---------------------------------------------------------------- 2. dataset identity
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # builds a second dataset
 def test_resume_on_other_data_is_refused_unless_allowed_and_identity_is_content(
     trained, copied, other_dataset, tiny_dataset, copy_dataset, capsys
 ):
@@ -389,7 +389,6 @@ def test_full_disk_while_appending_metrics_is_a_named_error(
     assert_user_error(code, err, str(run_dir / "metrics.jsonl"), "No space left")
 
 
-@pytest.mark.slow
 def test_the_process_exits_1_with_one_error_line_for_bad_yaml(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("train:\n  lr: [1,\n")

@@ -94,14 +94,15 @@ def test_cut_take_with_stride(stride, frames, starts):
 
 
 def test_cut_take_trims_to_the_shorter_stream():
+    loose = dict(tolerance_seconds=0.5, tolerance_ratio=0.05)
     audio, times, values = take(20.4, 20.0)  # audio 0.4 s longer: within a tolerance of 0.5 s
-    assert len(cut(audio, RATE, times, values, tolerance_seconds=0.5)) == 2
+    assert len(cut(audio, RATE, times, values, **loose)) == 2
     audio, times, values = take(19.7, 20.0)  # animation longer
-    windows = cut(audio, RATE, times, values, tolerance_seconds=0.5)
+    windows = cut(audio, RATE, times, values, **loose)
     assert len(windows) == 1
     check_windows(windows, audio, stride_frames=300)
     # with a stride the last window is the last one whose audio and frames both fit
-    windows = cut(audio, RATE, times, values, stride_seconds=1.0, tolerance_seconds=0.5)
+    windows = cut(audio, RATE, times, values, stride_seconds=1.0, **loose)
     assert windows[-1].start_frame == 270  # 9 s + 10 s = 19 s <= 19.7 s < 10 s + 10 s
     assert windows[-1].start_sample + 160000 <= len(audio)
 
@@ -122,21 +123,31 @@ def test_cut_take_exactly_one_window_despite_float_noise_in_times():
         assert len(windows) == 1 and windows[0].start_sample == 0
 
 
-def test_cut_take_tolerance_is_absolute_plus_relative_and_errors():
+def test_cut_take_tolerance_is_absolute_and_relative_and_errors():
     audio, times, values = take(20.0, 20.6)
-    with pytest.raises(TakeError, match=r"audio is 20.00 s but animation is 20.60 s"):
+    with pytest.raises(TakeError, match=r"audio is 20.000 s but animation is 20.600 s"):
         cut(audio, RATE, times, values)
-    assert len(cut(audio, RATE, times, values, tolerance_seconds=0.7)) == 2
-    # 0.1 s + 0.02 % of the length by default: 0.104 s on 20 s, 0.22 s on 10 minutes
-    audio, times, values = take(20.1, 20.0)
-    assert len(cut(audio, RATE, times, values)) == 2
-    audio, times, values = take(20.11, 20.0)
-    with pytest.raises(TakeError, match="differ by 0.11 s, more than the 0.10 s allowed"):
+    assert len(cut(audio, RATE, times, values, tolerance_seconds=0.7, tolerance_ratio=0.05)) == 2
+    # the audio may end within the last frame's 1/60 s, or at most 0.02 s away from it ...
+    for audio_seconds in (20.02, 19.99, 19.984 - 0.019):
+        audio, times, values = take(audio_seconds, 20.0)
+        assert len(cut(audio, RATE, times, values)) == 1 + (audio_seconds >= 20), audio_seconds
+    audio, times, values = take(20.03, 20.0)
+    with pytest.raises(TakeError, match="differ by 0.030 s, more than --tolerance-seconds 0.02"):
         cut(audio, RATE, times, values)
-    audio, times, values = take(600.2, 600.0, anim_fps=30)
-    assert len(cut(audio, RATE, times, values)) == 60
+    audio, times, values = take(19.95, 20.0)  # 0.033 s before the last frame starts
+    with pytest.raises(TakeError, match="differ by 0.033 s"):
+        cut(audio, RATE, times, values)
+    # ... and, however large the absolute tolerance, beyond 20 ms at most 0.05 % of the take:
+    # a 10-minute take may not drift by 0.5 s
     audio, times, values = take(600.3, 600.0, anim_fps=30)
-    with pytest.raises(TakeError, match="differ by 0.30 s, more than the 0.22 s allowed"):
+    assert len(cut(audio, RATE, times, values, tolerance_seconds=1.0)) == 60
+    audio, times, values = take(600.5, 600.0, anim_fps=30)
+    with pytest.raises(TakeError, match="more than --tolerance-ratio 0.0005 of the take"):
+        cut(audio, RATE, times, values, tolerance_seconds=1.0)
+    # lengths in NTSC's ratio 1000/1001 say how to read the capture
+    audio, times, values = take(240.24, 240.0)
+    with pytest.raises(TakeError, match="1000/1001 of the audio.*--csv-fps 59.94"):
         cut(audio, RATE, times, values)
     audio, times, values = take(9.9, 9.9)
     with pytest.raises(TakeError, match="take is 9.90 s, shorter than one 10 s window"):

@@ -34,8 +34,14 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
         raise
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "loader", "config")
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """A checkpoint of this trainer, or ResumeError saying why the file is not one."""
     path = Path(path)
+    if path.is_dir():
+        raise ResumeError(f"checkpoint {path} is a folder: pass the checkpoint in it (last.pt)")
     if not path.is_file():
         raise ResumeError(f"checkpoint {path} does not exist")
     try:
@@ -45,6 +51,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
             f"checkpoint {path} is unreadable or not ours ({type(exc).__name__}: "
             f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})"
         ) from None
-    if not isinstance(state, dict):
-        raise ResumeError(f"checkpoint {path} is not a checkpoint of this trainer")
+    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else []
+    if not isinstance(state, dict) or missing:
+        lacks = f" (no {', '.join(missing)})" if missing else ""
+        raise ResumeError(f"checkpoint {path} is not a checkpoint of this trainer{lacks}")
     return state

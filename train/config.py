@@ -201,6 +201,10 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"--config {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--config {path}: not valid YAML ({_yaml_reason(exc)})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"--config {path}: not a YAML text file ({exc.reason} at byte {exc.start})"
+        ) from None
 
 
 def load_config(

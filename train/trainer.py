@@ -25,13 +25,11 @@ from torch import nn
 
 from pipeline.errors import ResumeError, RunError
 from pipeline.loading import EpochLoader
-from train.checkpoint import save_checkpoint
+from train.checkpoint import CHECKPOINT_KEYS, save_checkpoint
 from train.config import Config
 from train.distributed import Dist
 from train.step import TrainStep
 from train.validate import summary_lines, validate
-
-CHECKPOINT_KEYS = ("model", "optimizer", "step", "loader", "config")
 
 
 class Interrupted(Exception):
@@ -132,8 +130,12 @@ class Trainer:
         if not self.dist.is_main:
             return
         record = {**record, "world_size": self.dist.world_size, "loader": self.train_loader.name}
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise RunError(f"could not append to {path} ({exc.strerror or exc})") from None
 
     def say(self, text: str) -> None:
         if self.dist.is_main:
