@@ -12,6 +12,8 @@ Three measurements on 60 fps curves, each resampled to 30 fps both ways:
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from pipeline.windows import resample_frames
@@ -69,4 +71,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -111,6 +111,17 @@ class TakeStore:
     def put(
         self, rec: Recording, digest: str, result: Converted | Rejected
     ) -> StoredTake | Rejected:
+        try:
+            return self._put(rec, digest, result)
+        except OSError as exc:
+            raise DatasetError(
+                f"could not store a converted take in {self.root} ({exc.strerror or exc}); "
+                "nothing in place was changed"
+            ) from None
+
+    def _put(
+        self, rec: Recording, digest: str, result: Converted | Rejected
+    ) -> StoredTake | Rejected:
         meta = self.root / f"{digest}.json"
         if isinstance(result, Rejected):
             _atomic_write(meta, json.dumps({"reason": result.reason}).encode())

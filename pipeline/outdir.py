@@ -44,9 +44,11 @@ class OutDir:
             self._check_contents()
             self.work.mkdir(exist_ok=True)
             (self.work / WORK_MARK).touch()
-        except PermissionError as exc:
+        except OSError as exc:
             self._unlock()
-            raise DatasetError(f"--out {self.path} is not writable ({exc.strerror})") from None
+            raise DatasetError(
+                f"--out {self.path} cannot be written ({exc.strerror or exc}: {exc.filename})"
+            ) from None
         except BaseException:
             self._unlock()
             raise

@@ -165,3 +165,39 @@ def test_a_cuda_device_without_cuda_is_a_clear_error(tmp_path, tiny_dataset, cap
         pytest.skip("this machine has CUDA")
     assert run(tmp_path, tiny_dataset, "run.device=cuda:0") == 1
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_the_trainer_takes_its_model_and_loaders_ready_made(tmp_path, tiny_dataset):
+    """A test (or a user) hands the trainer a small model of its own and a loader built
+    directly; the trainer builds neither, and fits, validates and checkpoints with them."""
+    from pipeline import build_loader
+    from train.config import Config
+    from train.trainer import Trainer
+
+    class Mean(torch.nn.Module):  # first frame from the clip's loudness: tiny and learnable
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(1, 52)
+
+        def forward(self, wav):
+            return torch.sigmoid(self.head(wav.abs().mean(1, keepdim=True)))
+
+    cfg = Config()
+    cfg.run.dir, cfg.run.progress, cfg.train.epochs, cfg.train.log_every = (
+        str(tmp_path),
+        False,
+        2,
+        1,
+    )
+    loader = build_loader("torch", tiny_dataset, batch_size=6, device="cpu", num_workers=0)
+    val = build_loader(
+        "torch", tiny_dataset, split="val", batch_size=2, device="cpu", shuffle=False, num_workers=0
+    )
+    model = Mean()
+    trainer = Trainer(cfg, model, loader, val, torch.device("cpu"))
+    rec = trainer.fit()
+    assert trainer.step == 12 and trainer.model is model  # 36 samples / 6 = 6 steps, 2 epochs
+    assert rec["samples"] == 4 and rec["epoch"] == 1
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert set(state["model"]) == {"head.weight", "head.bias"}
+    assert state["dataset"]["identity"] == loader.manifest.identity
