@@ -8,7 +8,7 @@ sample format) with a Live Link Face CSV or a ``[T, 52]`` .npy.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +17,14 @@ from pipeline import arkit, audio, synthetic
 from pipeline.errors import AnimationError, InputError
 from pipeline.livelink import LIVE_LINK_FPS, Animation, read_live_link_csv
 from pipeline.manifest import FPS, WINDOW_SECONDS
-from pipeline.members import SAMPLE_RATE, canonical_wav_bytes, npy_member, to_pcm16
-from pipeline.windows import MAX_GAP_SECONDS, TOLERANCE_RATIO, TOLERANCE_SECONDS, cut_take
+from pipeline.members import SAMPLE_RATE
+from pipeline.windows import (
+    MAX_GAP_SECONDS,
+    TOLERANCE_RATIO,
+    TOLERANCE_SECONDS,
+    PreparedTake,
+    prepare_take,
+)
 
 AUDIO_EXTS = (".wav", ".flac")
 ANIM_EXTS = (".csv", ".npy")
@@ -45,6 +51,7 @@ class Settings:
     seed: int = 0
     window_seconds: float = WINDOW_SECONDS
     stride_seconds: float | None = None
+    segment_seconds: float | None = None  # train members; None: the window
     tolerance_seconds: float = TOLERANCE_SECONDS
     tolerance_ratio: float = TOLERANCE_RATIO
     max_gap_seconds: float = MAX_GAP_SECONDS
@@ -56,19 +63,10 @@ class Settings:
 
 
 @dataclass(frozen=True)
-class EncodedWindow:
-    index: int  # window number within its take
-    start_sample: int  # where it starts in the take's 16 kHz audio
-    wav: bytes  # the canonical WAV member
-    npy: bytes  # the float32 [frames, 52] npy member
-
-
-@dataclass(frozen=True)
 class Converted:
     recording: Recording
-    windows: list[EncodedWindow]
+    take: PreparedTake  # checked, on the shards' clocks, not yet cut
     seconds: float  # the take's audio duration
-    dropped: list[str] = field(default_factory=list)  # windows left out (gaps), and why
     duplicates: int = 0  # capture rows dropped for repeating a timecode
 
 
@@ -160,7 +158,8 @@ def read_npy_animation(path: str, s: Settings) -> tuple[np.ndarray, np.ndarray]:
 def load_take(rec: Recording, s: Settings) -> tuple[np.ndarray, Animation]:
     """(audio float32 at 16 kHz, the animation) of one recording; values checked and in [0, 1]."""
     if rec.audio is None:
-        audio_16k, times, values = synthetic.make_take(s.seed, rec.order, s.window_seconds)
+        seconds = max(s.window_seconds, s.segment_seconds or 0)
+        audio_16k, times, values = synthetic.make_take(s.seed, rec.order, seconds)
         return audio_16k, Animation(times, values, synthetic.CAPTURE_FPS)
     a = audio.read_audio(rec.audio)
     if rec.anim.lower().endswith(".csv"):
@@ -172,7 +171,7 @@ def load_take(rec: Recording, s: Settings) -> tuple[np.ndarray, Animation]:
 
 
 def convert(job: tuple[Recording, Settings]) -> Converted | Rejected:
-    """Worker: one recording to its encoded windows, or the reason it cannot be used.
+    """Worker: one recording prepared for cutting, or the reason it cannot be used.
 
     Only the user's situation becomes a reject (InputError, or a file that cannot be opened);
     anything else is a bug and propagates.
@@ -180,14 +179,13 @@ def convert(job: tuple[Recording, Settings]) -> Converted | Rejected:
     rec, s = job
     try:
         a, anim = load_take(rec, s)
-        cut = cut_take(
+        take = prepare_take(
             a,
             SAMPLE_RATE,
             anim.times,
             anim.values,
             fps=FPS,
             window_seconds=s.window_seconds,
-            stride_seconds=s.stride_seconds,
             tolerance_seconds=s.tolerance_seconds,
             tolerance_ratio=s.tolerance_ratio,
             max_gap_seconds=s.max_gap_seconds,
@@ -196,10 +194,4 @@ def convert(job: tuple[Recording, Settings]) -> Converted | Rejected:
         return Rejected(rec, str(exc))
     except OSError as exc:
         return Rejected(rec, f"unreadable: {exc.strerror or exc}")
-    encoded = [
-        EncodedWindow(
-            w.index, w.start_sample, canonical_wav_bytes(to_pcm16(w.audio)), npy_member(w.arkit)
-        )
-        for w in cut.windows
-    ]
-    return Converted(rec, encoded, len(a) / SAMPLE_RATE, cut.dropped, anim.duplicates)
+    return Converted(rec, take, len(a) / SAMPLE_RATE, anim.duplicates)

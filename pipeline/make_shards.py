@@ -25,15 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.arkit import ORDERS
-from pipeline.convert import (
-    StoredTake,
-    TakeStore,
-    TrainStats,
-    convert_takes,
-    reject_lines,
-    split_windows,
-    write_shards,
-)
+from pipeline.convert import Cutting, TrainStats, reject_lines, split_pieces, write_shards
 from pipeline.errors import ArkitError, DatasetError
 from pipeline.inputs import (
     Reject,
@@ -45,6 +37,7 @@ from pipeline.inputs import (
 from pipeline.livelink import LIVE_LINK_FPS
 from pipeline.manifest import SPLITS, WINDOW_SECONDS, Manifest
 from pipeline.outdir import REJECTS_NAME, WORK_NAME, OutDir
+from pipeline.takestore import StoredTake, TakeStore, convert_takes
 from pipeline.verify import check_dataset
 from pipeline.windows import MAX_GAP_SECONDS, TOLERANCE_RATIO, TOLERANCE_SECONDS
 
@@ -56,6 +49,7 @@ class Summary:
     takes: list[StoredTake]
     rejects: list[Reject]
     minutes: float
+    dropped: int = 0  # pieces left out at gaps (part of the rejects)
 
     @property
     def reused(self) -> int:
@@ -64,10 +58,6 @@ class Summary:
     @property
     def duplicates(self) -> int:
         return sum(t.duplicates for t in self.takes)
-
-    @property
-    def dropped(self) -> int:
-        return sum(len(t.dropped) for t in self.takes)
 
 
 # ---------------------------------------------------------------- the stages, chained
@@ -99,7 +89,6 @@ def make_dataset(args: argparse.Namespace) -> Summary:
                 rejects.append(Reject(result.recording.source, result.reason))
             else:
                 takes.append(result)
-                rejects.extend(Reject(result.recording.source, r) for r in result.dropped)
             hours = sum(t.seconds for t in takes) / 3600
             bar.set_postfix(hours=f"{hours:.2f}", rejects=len(rejects))
 
@@ -110,8 +99,10 @@ def make_dataset(args: argparse.Namespace) -> Summary:
         finally:
             bar.close()
 
-        # 3. split by recording and shuffle
-        ordered = split_windows(takes, args.val_fraction, args.seed)
+        # 3. cut, split by recording and shuffle
+        cutting = Cutting(args.window_seconds, args.stride_seconds, args.segment_seconds)
+        ordered, dropped = split_pieces(takes, cutting, args.val_fraction, args.seed)
+        rejects += dropped
         if not any(ordered.values()):
             raise DatasetError(
                 f"no usable windows ({len(rejects)} rejects, see "
@@ -124,8 +115,9 @@ def make_dataset(args: argparse.Namespace) -> Summary:
             )
 
         # 4. write shards (into the work folder)
-        layout = Manifest.for_window(out.path, args.window_seconds)
-        stats = TrainStats(frames=layout.frames)
+        layout = Manifest.for_window(out.path, args.window_seconds, args.segment_seconds)
+        crops = layout.segment_frames - layout.frames + 1
+        stats = TrainStats(frames=layout.segment_frames, crops=crops)
         shards = write_shards(ordered, out.work, args.samples_per_shard, stats)
 
         # 5. the manifest, then swap the new dataset in
@@ -139,7 +131,8 @@ def make_dataset(args: argparse.Namespace) -> Summary:
             versions={"python": sys.version.split()[0], "numpy": np.__version__},
         )
         out.commit(manifest, reject_lines(rejects))
-    return Summary(Path(args.out), manifest, takes, rejects, (time.perf_counter() - t0) / 60)
+    minutes = (time.perf_counter() - t0) / 60
+    return Summary(Path(args.out), manifest, takes, rejects, minutes, len(dropped))
 
 
 def _write_failed_rejects(out: OutDir, rejects: list[Reject]) -> Path:
@@ -191,6 +184,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of recordings for val")
     p.add_argument("--window-seconds", type=float, default=WINDOW_SECONDS)
     p.add_argument("--stride-seconds", type=float, default=None, help="default: the window")
+    p.add_argument(
+        "--segment-seconds",
+        type=float,
+        default=None,
+        help="store training segments this long, overlapping by one window, for the loader's "
+        "random crops (default: the window, no crops)",
+    )
     p.add_argument(
         "--tolerance-seconds",
         type=float,
@@ -250,6 +250,12 @@ def usage_problems(args: argparse.Namespace) -> list[str]:
         ("--val-fraction", args.val_fraction, lambda v: 0 <= v < 1, "in [0, 1)"),
         ("--window-seconds", args.window_seconds, lambda v: v > 0, "> 0"),
         ("--stride-seconds", args.stride_seconds, lambda v: v is None or v > 0, "> 0"),
+        (
+            "--segment-seconds",
+            args.segment_seconds,
+            lambda v: v is None or v >= args.window_seconds,
+            ">= --window-seconds",
+        ),
         ("--tolerance-seconds", args.tolerance_seconds, lambda v: v >= 0, ">= 0"),
         ("--tolerance-ratio", args.tolerance_ratio, lambda v: 0 <= v < 1, "in [0, 1)"),
         ("--max-gap-seconds", args.max_gap_seconds, lambda v: v > 0, "> 0"),

@@ -49,8 +49,44 @@ class Shard:
 
 
 @dataclass(frozen=True)
+class Layout:
+    """The members of one split's samples: ``samples`` audio samples and ``frames`` frames each
+    (a window, or in the train split of a dataset made with --segment-seconds a segment)."""
+
+    sample_rate: int
+    samples: int
+    frames: int
+    num_blendshapes: int
+
+    @property
+    def clip_samples(self) -> int:  # the name decode_sample reads
+        return self.samples
+
+    @property
+    def npy_header_bytes(self) -> int:
+        return len(canonical_npy_header(self.frames, self.num_blendshapes))
+
+    @property
+    def wav_bytes(self) -> int:
+        return wav_bytes(self.samples)
+
+    @property
+    def npy_bytes(self) -> int:
+        return npy_member_bytes(self.frames, self.num_blendshapes)
+
+    @property
+    def sample_bytes(self) -> int:
+        return self.wav_bytes + self.npy_bytes
+
+
+@dataclass(frozen=True)
 class Manifest:
-    """A dataset's description; ``root`` is where it lies (not stored in the file)."""
+    """A dataset's description; ``root`` is where it lies (not stored in the file).
+
+    ``clip_samples`` and ``frames`` are the window every loader yields; the train split's
+    members hold ``segment_samples`` / ``segment_frames`` (equal to the window unless the
+    dataset was made with --segment-seconds), which the loaders crop windows from.
+    """
 
     root: Path
     sample_rate: int
@@ -58,6 +94,8 @@ class Manifest:
     fps: int
     frames: int
     shards: tuple[Shard, ...] = ()
+    segment_samples: int = 0  # 0: the window
+    segment_frames: int = 0
     names: tuple[str, ...] = ARKIT_NAMES
     wav_header_bytes: int = WAV_HEADER_BYTES
     npy_header_bytes: int = 0  # 0: the canonical header's size for frames x 52
@@ -69,21 +107,48 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        if not self.segment_samples:
+            object.__setattr__(self, "segment_samples", self.clip_samples)
+        if not self.segment_frames:
+            object.__setattr__(self, "segment_frames", self.frames)
         if not self.npy_header_bytes:
             head = len(canonical_npy_header(self.frames, self.num_blendshapes))
             object.__setattr__(self, "npy_header_bytes", head)
 
     @classmethod
-    def for_window(cls, root: str | Path, window_seconds: float = WINDOW_SECONDS, **fields):
-        """The manifest of a dataset of ``window_seconds`` windows at the canonical rates."""
+    def for_window(
+        cls,
+        root: str | Path,
+        window_seconds: float = WINDOW_SECONDS,
+        segment_seconds: float | None = None,
+        **fields,
+    ):
+        """The manifest of a dataset of ``window_seconds`` windows (train members of
+        ``segment_seconds``, default the window) at the canonical rates."""
+        segment = segment_seconds or window_seconds
         return cls(
             root=Path(root),
             sample_rate=SAMPLE_RATE,
             clip_samples=int(round(window_seconds * SAMPLE_RATE)),
             fps=FPS,
             frames=int(round(window_seconds * FPS)),
+            segment_samples=int(round(segment * SAMPLE_RATE)),
+            segment_frames=int(round(segment * FPS)),
             **fields,
         )
+
+    def layout(self, split: str) -> Layout:
+        """The member sizes of ``split``: segments in train, windows elsewhere."""
+        if split == "train":
+            samples, frames = self.segment_samples, self.segment_frames
+        else:
+            samples, frames = self.clip_samples, self.frames
+        return Layout(self.sample_rate, samples, frames, self.num_blendshapes)
+
+    @property
+    def segmented(self) -> bool:
+        """Whether the train split holds segments longer than the window (crops are drawn)."""
+        return self.segment_frames > self.frames
 
     # ------------------------------------------------------------ sizes and rates
     @property
@@ -114,6 +179,8 @@ class Manifest:
         """A digest of the dataset's content (its layout and every shard's sha256): equal for
         the same data wherever it lies, different as soon as one shard differs."""
         doc = [self.sample_rate, self.clip_samples, self.fps, self.frames, list(self.names)]
+        if self.segmented:
+            doc.append([self.segment_samples, self.segment_frames])
         doc.append([[s.split, s.name, s.samples, s.sha256] for s in self.shards])
         return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:16]
 
@@ -165,6 +232,8 @@ class Manifest:
             "names": list(self.names),
             "wav_header_bytes": self.wav_header_bytes,
             "npy_header_bytes": self.npy_header_bytes,
+            "segment_samples": self.segment_samples,
+            "segment_frames": self.segment_frames,
             "shards": [dataclasses.asdict(s) for s in self.shards],
             "splits": counts,
             "hours": self.hours,
@@ -201,6 +270,8 @@ class Manifest:
                 wav_header_bytes=int(raw["wav_header_bytes"]),
                 npy_header_bytes=int(raw["npy_header_bytes"]),
                 shards=tuple(Shard(**s) for s in raw["shards"]),
+                segment_samples=int(raw.get("segment_samples", 0)),
+                segment_frames=int(raw.get("segment_frames", 0)),
                 input_hours=float(raw.get("input_hours", 0.0)),
                 rejects=int(raw.get("rejects", 0)),
                 train_stats=dict(raw.get("train_stats") or {}),

@@ -186,7 +186,7 @@ def _check_open_shard(
         )
         if depth < Depth.FULL:
             return
-    yield from _check_samples(m, tar, fd, size, index, depth)
+    yield from _check_samples(m, shard, fd, size, index, depth)
 
 
 def _check_whole_file(shard: Shard, tar: Path, fd: int) -> Iterator[Problem]:
@@ -217,11 +217,14 @@ def _spot_checks(n: int, count: int = 8) -> set[int]:
 
 
 def _check_samples(
-    m: Manifest, tar: Path, fd: int, size: int, index: list[list[Member]], depth: Depth
+    m: Manifest, shard: Shard, fd: int, size: int, index: list[list[Member]], depth: Depth
 ) -> Iterator[Problem]:
-    want = {WAV_EXT: m.wav_bytes, NPY_EXT: m.npy_bytes}
-    what = {WAV_EXT: "a canonical WAV", NPY_EXT: f"float32 [{m.frames}, {m.num_blendshapes}]"}
-    npy_head = canonical_npy_header(m.frames, m.num_blendshapes)
+    tar = m.root / shard.name
+    lay = m.layout(shard.split)
+    want = {WAV_EXT: lay.wav_bytes, NPY_EXT: lay.npy_bytes}
+    shape = f"float32 [{lay.frames}, {lay.num_blendshapes}]"
+    what = {WAV_EXT: "a canonical WAV", NPY_EXT: shape}
+    npy_head = canonical_npy_header(lay.frames, lay.num_blendshapes)
     spots = _spot_checks(len(index)) if depth < Depth.FULL else set()
     for i, sample in enumerate(index):
         key = sample[0].key
@@ -265,16 +268,13 @@ def _check_samples(
         try:
             if depth >= Depth.DECODE:
                 decode_sample(
-                    os.pread(fd, wav.size, wav.offset), os.pread(fd, npy.size, npy.offset), m
+                    os.pread(fd, wav.size, wav.offset), os.pread(fd, npy.size, npy.offset), lay
                 )
             else:  # the headers only: what the GPU path slices off unread
                 check_wav_header(
-                    os.pread(fd, m.wav_header_bytes, wav.offset), m.clip_samples, m.sample_rate
+                    os.pread(fd, m.wav_header_bytes, wav.offset), lay.samples, m.sample_rate
                 )
                 if os.pread(fd, len(npy_head), npy.offset) != npy_head:
-                    raise MemberError(
-                        f"the npy header is not float32 [{m.frames}, {m.num_blendshapes}] in "
-                        "C order"
-                    )
+                    raise MemberError(f"the npy header is not {shape} in C order")
         except MemberError as exc:
             yield problem(str(exc))

@@ -146,6 +146,138 @@ def gaps(times: np.ndarray, max_gap_seconds: float) -> list[tuple[float, float]]
     return [(float(times[i]), float(times[i + 1])) for i in where]
 
 
+@dataclass(frozen=True)
+class PreparedTake:
+    """A take checked and on the shards' clocks, before it is cut: the audio (16 kHz float32)
+    and ``total_frames`` frames at ``fps`` (the animation resampled by time, in [0, 1]), trimmed
+    to the shorter stream; the capture's gaps, which no piece may overlap."""
+
+    audio: np.ndarray
+    frames: np.ndarray  # float32 [total_frames, 52]
+    rate: int
+    fps: int
+    gaps: list[tuple[float, float]]
+    max_gap_seconds: float
+
+    @property
+    def total_frames(self) -> int:
+        return len(self.frames)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Where a window or segment lies in its take: frames ``[start_frame, +frames)`` and
+    samples ``[start_sample, +samples)``, ``start_sample = round(start_frame * rate / fps)``."""
+
+    index: int
+    start_frame: int
+    frames: int
+    start_sample: int
+    samples: int
+
+
+def prepare_take(
+    audio: np.ndarray,
+    rate: int,
+    times: np.ndarray,
+    values: np.ndarray,
+    *,
+    fps: int = FPS,
+    window_seconds: float = 10.0,
+    tolerance_seconds: float = TOLERANCE_SECONDS,
+    tolerance_ratio: float = TOLERANCE_RATIO,
+    max_gap_seconds: float = MAX_GAP_SECONDS,
+) -> PreparedTake:
+    """Check the lengths, resample the animation to ``fps`` by time and trim both streams to the
+    shorter one. Raises TakeError when the lengths differ by more than the tolerances or the
+    take is shorter than one window."""
+    if len(times) < 2:
+        raise TakeError("animation has fewer than 2 frames")
+    step = float(np.median(np.diff(times)))
+    anim_seconds = float(times[-1]) + step  # the last frame lasts one frame period
+    audio_seconds = len(audio) / rate
+    check_lengths(audio_seconds, anim_seconds, tolerance_seconds, tolerance_ratio, step)
+    seconds = min(anim_seconds, audio_seconds)
+    window_frames = int(round(window_seconds * fps))
+    window_samples = int(round(window_seconds * rate))
+    # the small epsilon absorbs float error in times (timecodes are large numbers of seconds)
+    total_frames = int(np.floor(seconds * fps + 1e-6))
+    # the last window's audio must fit as well as its frames
+    while total_frames >= window_frames and frame_to_sample(
+        total_frames - window_frames, rate, fps
+    ) + window_samples > len(audio):
+        total_frames -= 1
+    if total_frames < window_frames:
+        raise TakeError(f"take is {seconds:.2f} s, shorter than one {window_seconds:g} s window")
+    frames = np.clip(resample_frames(times, values, fps, total_frames), 0.0, 1.0)
+    return PreparedTake(audio, frames, rate, fps, gaps(times, max_gap_seconds), max_gap_seconds)
+
+
+def window_pieces(take: PreparedTake, seconds: float, stride_seconds: float | None) -> list[Piece]:
+    """Windows of ``seconds`` every ``stride_seconds`` (default: back to back)."""
+    frames = int(round(seconds * take.fps))
+    stride = int(round((stride_seconds or seconds) * take.fps))
+    starts = window_starts(take.total_frames, frames, stride)
+    return _pieces(take, starts, frames, int(round(seconds * take.rate)))
+
+
+def segment_pieces(take: PreparedTake, seconds: float, window_seconds: float) -> list[Piece]:
+    """Segments of ``seconds`` that overlap by one window, the last one ending with the take, so
+    that every window-long stretch of the take lies inside some segment: a random crop of the
+    segments can reach every frame."""
+    frames = int(round(seconds * take.fps))
+    samples = int(round(seconds * take.rate))
+    step = frames - int(round(window_seconds * take.fps))
+    if step < 1:
+        raise ValueError("a segment must be longer than a window")
+    starts = list(range(0, take.total_frames - frames + 1, step))
+    if starts and starts[-1] + frames < take.total_frames:
+        last = take.total_frames - frames
+        while frame_to_sample(last, take.rate, take.fps) + samples > len(take.audio):
+            last -= 1
+        starts.append(last)
+    return _pieces(take, starts, frames, samples)
+
+
+def _pieces(take: PreparedTake, starts: list[int], frames: int, samples: int) -> list[Piece]:
+    out = []
+    for i, f0 in enumerate(starts):
+        s0 = frame_to_sample(f0, take.rate, take.fps)
+        if s0 + samples <= len(take.audio):
+            out.append(Piece(i, f0, frames, s0, samples))
+    return out
+
+
+def outside_gaps(
+    take: PreparedTake, pieces: list[Piece], kind: str
+) -> tuple[list[Piece], list[str]]:
+    """The pieces that overlap no gap of the capture, and a reason for each one left out."""
+    kept, dropped = [], []
+    for p in pieces:
+        t0, t1 = p.start_frame / take.fps, (p.start_frame + p.frames) / take.fps
+        hole = next(((a, b) for a, b in take.gaps if a < t1 and b > t0), None)
+        if hole is None:
+            kept.append(p)
+            continue
+        a, b = hole
+        dropped.append(
+            f"{kind} {p.index} ({t0:.2f}-{t1:.2f} s) left out: the capture has no rows from "
+            f"{a:.2f} to {b:.2f} s (a {b - a:.2f} s gap, tracking lost?), longer than "
+            f"--max-gap-seconds {take.max_gap_seconds:g}"
+        )
+    return kept, dropped
+
+
+def window_of(take: PreparedTake, p: Piece) -> Window:
+    return Window(
+        index=p.index,
+        start_frame=p.start_frame,
+        start_sample=p.start_sample,
+        audio=take.audio[p.start_sample : p.start_sample + p.samples],
+        arkit=take.frames[p.start_frame : p.start_frame + p.frames],
+    )
+
+
 def cut_take(
     audio: np.ndarray,
     rate: int,
@@ -163,47 +295,18 @@ def cut_take(
     cut aligned windows, leaving out those that overlap a gap. Raises TakeError when the
     lengths differ by more than the tolerances or the take is shorter than one window.
     """
-    if len(times) < 2:
-        raise TakeError("animation has fewer than 2 frames")
-    step = float(np.median(np.diff(times)))
-    anim_seconds = float(times[-1]) + step  # the last frame lasts one frame period
-    audio_seconds = len(audio) / rate
-    check_lengths(audio_seconds, anim_seconds, tolerance_seconds, tolerance_ratio, step)
-    seconds = min(anim_seconds, audio_seconds)
-    window_frames = int(round(window_seconds * fps))
-    window_samples = int(round(window_seconds * rate))
-    stride_frames = int(round((stride_seconds or window_seconds) * fps))
-    # the small epsilon absorbs float error in times (timecodes are large numbers of seconds)
-    total_frames = int(np.floor(seconds * fps + 1e-6))
-    # the last window's audio must fit as well as its frames
-    while total_frames >= window_frames and frame_to_sample(
-        total_frames - window_frames, rate, fps
-    ) + window_samples > len(audio):
-        total_frames -= 1
-    if total_frames < window_frames:
-        raise TakeError(f"take is {seconds:.2f} s, shorter than one {window_seconds:g} s window")
-    frames = resample_frames(times, values, fps, total_frames)
-    holes = gaps(times, max_gap_seconds)
-    windows, dropped = [], []
-    for w, f0 in enumerate(window_starts(total_frames, window_frames, stride_frames)):
-        t0, t1 = f0 / fps, (f0 + window_frames) / fps
-        hole = next(((a, b) for a, b in holes if a < t1 and b > t0), None)
-        if hole is not None:
-            a, b = hole
-            dropped.append(
-                f"window {w} ({t0:.2f}-{t1:.2f} s) left out: the capture has no rows from "
-                f"{a:.2f} to {b:.2f} s (a {b - a:.2f} s gap, tracking lost?), longer than "
-                f"--max-gap-seconds {max_gap_seconds:g}"
-            )
-            continue
-        s0 = frame_to_sample(f0, rate, fps)
-        windows.append(
-            Window(
-                index=w,
-                start_frame=f0,
-                start_sample=s0,
-                audio=audio[s0 : s0 + window_samples],
-                arkit=np.clip(frames[f0 : f0 + window_frames], 0.0, 1.0),
-            )
-        )
-    return Cut(windows, dropped)
+    take = prepare_take(
+        audio,
+        rate,
+        times,
+        values,
+        fps=fps,
+        window_seconds=window_seconds,
+        tolerance_seconds=tolerance_seconds,
+        tolerance_ratio=tolerance_ratio,
+        max_gap_seconds=max_gap_seconds,
+    )
+    kept, dropped = outside_gaps(
+        take, window_pieces(take, window_seconds, stride_seconds), "window"
+    )
+    return Cut([window_of(take, p) for p in kept], dropped)

@@ -212,7 +212,7 @@ def assert_previous_dataset_whole(out: Path, previous: dict[str, bytes]) -> None
 
 
 def test_a_failing_run_leaves_the_previous_dataset_whole(tmp_path, monkeypatch, capsys):
-    from pipeline.convert import TakeStore
+    from pipeline import convert
 
     out = tmp_path / "out"
     assert run("--synthetic", "8", "--samples-per-shard", "4", "--out", out) == 0
@@ -231,22 +231,23 @@ def test_a_failing_run_leaves_the_previous_dataset_whole(tmp_path, monkeypatch, 
     assert "short.wav" in (out / WORK / "rejects.jsonl").read_text()
     assert_previous_dataset_whole(out, previous)
 
-    # (b) a bug in the middle of the conversion propagates, and nothing is replaced
-    real_put, calls = TakeStore.put, []
+    # (b) a bug in the middle of the conversion (cutting the stored takes, in the main
+    # process) propagates, and nothing is replaced
+    real_cut, calls = convert.cut_pieces, []
 
-    def put_that_fails(self, rec, digest, result):
-        calls.append(rec.source)
+    def cut_that_fails(take, split, cutting):
+        calls.append(take.recording.source)
         if len(calls) == 3:
-            raise RuntimeError("injected bug while storing a take")
-        return real_put(self, rec, digest, result)
+            raise RuntimeError("injected bug while cutting a take")
+        return real_cut(take, split, cutting)
 
-    monkeypatch.setattr(TakeStore, "put", put_that_fails)
+    monkeypatch.setattr(convert, "cut_pieces", cut_that_fails)
     with pytest.raises(RuntimeError, match="injected bug"):
         run("--synthetic", "8", "--seed", "1", "--out", out, "--overwrite")
     assert len(calls) == 3
     monkeypatch.undo()
-    # kept for a rerun: both inputs of (a) (a reject is stored too), two synthetic takes of (b)
-    assert stored_takes(out) == 2 + 2
+    # kept for a rerun: both inputs of (a) (a reject is stored too), the 8 takes of (b)
+    assert stored_takes(out) == 2 + 8
     assert_previous_dataset_whole(out, previous)
 
 
@@ -378,7 +379,7 @@ def test_a_users_folder_named_in_progress_is_not_taken_for_ours(tmp_path, capsys
 
 
 def test_a_finished_run_leaves_only_the_dataset(tmp_path, monkeypatch):
-    from pipeline.convert import TakeStore
+    from pipeline.takestore import TakeStore
 
     out = tmp_path / "out"
     args = ("--synthetic", "6", "--samples-per-shard", "2", "--val-fraction", "0", "--out", out)
@@ -392,7 +393,8 @@ def test_a_finished_run_leaves_only_the_dataset(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="injected bug"):
         run(*args)
     monkeypatch.undo()
-    assert stored_takes(out) == 1  # a failed earlier run's work folder, kept
+    # a failed earlier run's work folder, kept (the workers store takes: one each got there)
+    assert stored_takes(out) >= 1
     assert run(*args) == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "manifest.json",

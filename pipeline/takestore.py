@@ -1,0 +1,185 @@
+"""Stage 2 of make_shards: load and prepare takes in worker processes, into a take store.
+
+A take is stored once it is checked and on the shards' clocks, before it is cut: its 16 kHz
+audio as PCM16 and its 30 fps frames as float32 (``<hash>.bin``), and what cutting needs to
+know (``<hash>.json``: lengths, the capture's gaps), the json written last so its presence means
+the take is whole. The hash is the take's fingerprint (its files and every setting), so a rerun
+after Ctrl-C or a failure reuses the takes already converted, and the workers write the store
+themselves, so only a few numbers cross the process boundary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.arkit import NUM_BLENDSHAPES
+from pipeline.errors import DatasetError
+from pipeline.inputs import Converted, Recording, Rejected, Settings, convert
+from pipeline.manifest import FPS
+from pipeline.members import SAMPLE_RATE, to_pcm16
+from pipeline.windows import PreparedTake
+
+STORE_VERSION = 2  # bump when a stored take's bytes would differ for the same inputs
+
+
+@dataclass(frozen=True)
+class StoredTake:
+    recording: Recording
+    path: str  # <hash>.bin: PCM16 audio, then float32 frames
+    samples: int
+    total_frames: int
+    gaps: list[tuple[float, float]]
+    max_gap_seconds: float
+    seconds: float  # the take's audio duration
+    duplicates: int = 0  # capture rows dropped for repeating a timecode
+    reused: bool = False  # converted by an earlier, interrupted run
+
+    def prepared(self) -> PreparedTake:
+        """The take, mapped from the store (nothing is read until it is sliced)."""
+        audio = np.memmap(self.path, dtype="<i2", mode="r", shape=(self.samples,))
+        frames = np.memmap(
+            self.path,
+            dtype="<f4",
+            mode="r",
+            offset=2 * self.samples,
+            shape=(self.total_frames, NUM_BLENDSHAPES),
+        )
+        gaps = [tuple(g) for g in self.gaps]
+        return PreparedTake(audio, frames, SAMPLE_RATE, FPS, gaps, self.max_gap_seconds)
+
+
+def fingerprint(rec: Recording, s: Settings) -> str:
+    """What decides a stored take: its files (path, size, modification time) or its synthetic
+    number, and the settings. Equal fingerprints give equal bytes."""
+    files = []
+    for path in (rec.audio, rec.anim):
+        if path is not None:
+            st = os.stat(path)
+            files.append([str(Path(path).resolve()), st.st_size, st.st_mtime_ns])
+    doc = {"v": STORE_VERSION, "files": files, "synthetic": None if rec.audio else rec.order}
+    doc["settings"] = asdict(s)
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class TakeStore:
+    def __init__(self, root: Path, clean: bool = True) -> None:
+        """``clean``: remove what an interrupted run half wrote (the main process does, once;
+        a worker must not, while the others write)."""
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        for tmp in root.glob("*.tmp") if clean else ():
+            tmp.unlink(missing_ok=True)
+
+    def get(self, rec: Recording, digest: str) -> StoredTake | Rejected | None:
+        meta = self.root / f"{digest}.json"
+        if not meta.is_file():
+            return None
+        doc = json.loads(meta.read_text())
+        if "reason" in doc:
+            return Rejected(rec, doc["reason"])
+        return self._take(rec, digest, doc, reused=True)
+
+    def put(self, rec: Recording, digest: str, result: Converted | Rejected):
+        try:
+            return self._put(rec, digest, result)
+        except OSError as exc:
+            raise DatasetError(
+                f"could not store a converted take in {self.root} ({exc.strerror or exc}); "
+                "nothing in place was changed"
+            ) from None
+
+    def _put(self, rec: Recording, digest: str, result: Converted | Rejected):
+        meta = self.root / f"{digest}.json"
+        if isinstance(result, Rejected):
+            _atomic_write(meta, json.dumps({"reason": result.reason}).encode())
+            return result
+        take = result.take
+        tmp = self.root / f"{digest}.bin.tmp"
+        with open(tmp, "wb") as f:
+            f.write(to_pcm16(take.audio).tobytes())
+            f.write(np.ascontiguousarray(take.frames, "<f4").tobytes())
+        os.replace(tmp, self.root / f"{digest}.bin")
+        doc = {
+            "seconds": result.seconds,
+            "samples": len(take.audio),
+            "total_frames": take.total_frames,
+            "gaps": take.gaps,
+            "max_gap_seconds": take.max_gap_seconds,
+            "duplicates": result.duplicates,
+        }
+        _atomic_write(meta, json.dumps(doc).encode())
+        return self._take(rec, digest, doc, reused=False)
+
+    def _take(self, rec: Recording, digest: str, doc: dict, reused: bool) -> StoredTake:
+        return StoredTake(
+            rec,
+            str(self.root / f"{digest}.bin"),
+            doc["samples"],
+            doc["total_frames"],
+            [tuple(g) for g in doc["gaps"]],
+            doc["max_gap_seconds"],
+            doc["seconds"],
+            doc["duplicates"],
+            reused,
+        )
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C goes to the whole process group: the main process handles it once, the workers
+    # must not each print a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _convert_and_store(job: tuple[Recording, Settings, str, str]) -> StoredTake | Rejected:
+    """Worker: convert one recording and write it to the store."""
+    rec, settings, root, digest = job
+    return TakeStore(Path(root), clean=False).put(rec, digest, convert((rec, settings)))
+
+
+def convert_takes(
+    recordings: list[Recording],
+    settings: Settings,
+    store: TakeStore,
+    workers: int,
+    on_result: Callable[[StoredTake | Rejected], None] = lambda r: None,
+) -> Iterator[StoredTake | Rejected]:
+    """Convert every recording not already in the store, in parallel; yield each result (in
+    completion order) once it is stored."""
+    todo: list[tuple[Recording, Settings, str, str]] = []
+    for rec in recordings:
+        try:
+            digest = fingerprint(rec, settings)
+        except OSError as exc:  # vanished or unreadable since it was listed
+            result = Rejected(rec, f"unreadable: {exc.strerror or exc}")
+            on_result(result)
+            yield result
+            continue
+        done = store.get(rec, digest)
+        if done is None:
+            todo.append((rec, settings, str(store.root), digest))
+        else:
+            on_result(done)
+            yield done
+    if not todo:
+        return
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ctx.Pool(max(1, min(workers, len(todo))), initializer=_ignore_sigint) as pool:
+        for stored in pool.imap_unordered(_convert_and_store, todo, chunksize=1):
+            on_result(stored)
+            yield stored
