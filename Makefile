@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 data/demo/manifest.json: | $(STAMP)
-	$(BIN)/python pipeline/make_shards.py --synthetic 360 --out data/demo --overwrite
+	$(BIN)/python pipeline/make_shards.py --synthetic 360 --segment-seconds 12 --out data/demo --overwrite
 
 demo: $(STAMP) data/demo/manifest.json
 	$(BIN)/python -m train --loader dali --config configs/demo.yaml
@@ -37,3 +37,10 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# For a GPU machine (benchmarks/gpu_check.py says how one gets DALI): runs with the python given
+# (PYTHON=python3 there) and never builds .venv; GPU_CHECK_ARGS passes options, e.g. --dry-run.
+.PHONY: gpu-check
+gpu-check: PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	PYTHONPATH=$${PYTHONPATH:+$$PYTHONPATH:}$(CURDIR) $(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

@@ -210,7 +210,7 @@ def trainer_step(
     warmed up."""
     from model import build_model
     from train.config import TrainConfig
-    from train.step import TrainStep
+    from train.step import TrainStep, make_optimizer
 
     # the trainer's defaults, read rather than copied: a copy drifts (the old one lost clipping)
     t = TrainConfig()
@@ -222,7 +222,7 @@ def trainer_step(
         num_blendshapes=m.num_blendshapes,
     )
     net = net.to(device).train()
-    opt = torch.optim.AdamW(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    opt = make_optimizer(net.parameters(), t.lr, t.weight_decay, device)
     step = TrainStep(net, opt, device, "first_frame", t.grad_clip, t.amp)
     # the first steps pay one-off costs (kernels, optimizer state): not the first row's fault
     dummy = {

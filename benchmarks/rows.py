@@ -11,19 +11,19 @@ from it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from benchmarks.measure import MODES, Row
 from pipeline import build_loader
-from pipeline.errors import ConfigError, DatasetError
-from pipeline.manifest import Manifest, load_manifest
+from pipeline.errors import ConfigError
+from pipeline.manifest import Manifest
 from pipeline.members import NPY_EXT, WAV_EXT, decode_sample
 from pipeline.sharding import epoch_order, rank_plan
 from pipeline.verify import sample_refs
@@ -43,6 +43,7 @@ class RowSpec:
     cpu_stand_in: bool = False
     # the end of "row X needs CUDA...": what to run instead
     without_cuda: str = ""
+    augmented: bool = False  # the same loader with crops and augmentation (--augment)
 
     def row(
         self, what: str, stream: Callable[[int], Iterator], close: Callable[[], None] | None = None
@@ -51,44 +52,6 @@ class RowSpec:
         if close is not None:
             row.close = close
         return row
-
-
-# ---------------------------------------------------------------- dataset
-
-
-def ensure_dataset(path: Path, windows: int, samples_per_shard: int | None = None) -> Manifest:
-    """Use the dataset at ``path``; build the synthetic one there if nothing is there yet."""
-    if (path / "manifest.json").is_file():
-        return load_manifest(path)
-    if path.exists() and any(path.iterdir()):
-        raise DatasetError(
-            f"{path} exists but has no manifest.json (an interrupted build?): delete it "
-            f"to let the benchmark rebuild it, or pass --data with a complete dataset"
-        )
-    from pipeline import make_shards
-
-    print(
-        f"building a synthetic dataset of {windows} windows in {path} (once; reused later)",
-        flush=True,
-    )
-    args = ["--synthetic", str(windows), "--out", str(path), "--quiet"]
-    if samples_per_shard:
-        args += ["--samples-per-shard", str(samples_per_shard)]
-    t0 = time.perf_counter()
-    if make_shards.main(args) != 0:
-        raise DatasetError(f"building {path} failed")
-    print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
-    return load_manifest(path)
-
-
-def warm_page_cache(m: Manifest, chunk: int = 16 << 20) -> float:
-    """Read every train shard once in big chunks; returns the sequential MB/s."""
-    total, t0 = 0, time.perf_counter()
-    for p in m.tar_paths("train"):
-        with open(p, "rb", buffering=0) as f:
-            while b := f.read(chunk):
-                total += len(b)
-    return total / (time.perf_counter() - t0) / 1e6
 
 
 # ---------------------------------------------------------------- loader rows
@@ -114,6 +77,9 @@ def loader_row(
     loader_device: torch.device | None = None,
     **options,
 ) -> Row:
+    if spec.augmented:
+        options["augment"] = args.augment_config
+        what += ", augmented: " + ", ".join(f"{k} {v}" for k, v in args.augment_config.items())
     loader = build_loader(
         backend, args.data, batch_size=args.batch_size, device=loader_device or device, **options
     )
@@ -338,13 +304,31 @@ ROWS: dict[str, RowSpec] = {
         ),
     )
 }
+# --augment: the loaders again, each with crops and the same paired augmentation
+for _base in ("torch", "dali-cpu", "dali-gpu", "dali-raw"):
+    _s = ROWS[_base]
+    ROWS[f"{_base}-aug"] = dataclasses.replace(
+        _s, name=f"{_base}-aug", description=_s.description + ", augmented", augmented=True
+    )
 ROW_ORDER = tuple(ROWS)
 
 
-def available_rows(device: torch.device) -> list[str]:
-    """The default rows: every row this machine can run, CPU stand-ins only without CUDA."""
+def augment_for(m: Manifest, speed_up: float = 1.1) -> dict:
+    """The augmentation --augment rows use: gain +-6 dB, SNR 15-40 dB, speed 0.9 up to 1.1 or
+    as fast as the dataset's train members allow a window to be cropped (1.0 from windows)."""
+    top = math.floor(1000 * min(speed_up, m.segment_frames / (m.frames + 1))) / 1000
+    return {"gain_db": [-6.0, 6.0], "snr_db": [15.0, 40.0], "speed": [0.9, top]}
+
+
+def available_rows(device: torch.device, augment: bool = False) -> list[str]:
+    """The default rows: every row this machine can run, CPU stand-ins only without CUDA, and
+    the augmented ones with ``augment``."""
     cuda = device.type == "cuda"
-    return [n for n, s in ROWS.items() if (not s.cpu_stand_in if cuda else not s.needs_cuda)]
+    return [
+        n
+        for n, s in ROWS.items()
+        if (not s.cpu_stand_in if cuda else not s.needs_cuda) and (augment or not s.augmented)
+    ]
 
 
 def spec_for(name: str, device: torch.device) -> RowSpec:
@@ -357,10 +341,11 @@ def spec_for(name: str, device: torch.device) -> RowSpec:
     return spec
 
 
-def select_rows(rows: str | None, device: torch.device) -> list[str]:
+def select_rows(rows: str | None, device: torch.device, augment: bool = False) -> list[str]:
     """The rows a ``--rows`` comma list names (default: ``available_rows``), checked, each
     once, in registry order."""
-    names = [x.strip() for x in rows.split(",") if x.strip()] if rows else available_rows(device)
+    names = [x.strip() for x in rows.split(",") if x.strip()] if rows else None
+    names = names or available_rows(device, augment)
     for name in names:
         spec_for(name, device)
     return sorted(dict.fromkeys(names), key=ROW_ORDER.index)
@@ -373,8 +358,10 @@ def make_row(name: str, args, m: Manifest, device: torch.device) -> Row:
 
 def rows_help() -> str:
     """The table of rows for ``--help``."""
-    lines = ["rows (--rows; the default is every row this machine can run):"]
+    lines = ["rows (--rows; the default is every row this machine can run, -aug with --augment):"]
     for s in ROWS.values():
+        if s.augmented:
+            continue
         cuda = " (CUDA only)" if s.needs_cuda else ""
         lines.append(f"  {s.name:14s} {s.description}{cuda}")
     return "\n".join(lines)

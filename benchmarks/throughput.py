@@ -29,15 +29,15 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.dataset import ensure_dataset, warm_page_cache
 from benchmarks.measure import MODES, add_ratios, measure, run_repeats, summarize, trainer_step
 from benchmarks.report import closing_notes, environment, markdown, steady_state_note, write_reports
 from benchmarks.rows import (
     ROW_ORDER,
-    ensure_dataset,
+    augment_for,
     make_row,
     rows_help,
     select_rows,
-    warm_page_cache,
 )
 from pipeline.errors import ArkitError
 from pipeline.loading import DaliOptions, resolve_device
@@ -117,6 +117,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument(
+        "--augment",
+        action="store_true",
+        help="add the -aug rows: the loaders with random crops, gain, noise and speed",
+    )
+    p.add_argument(
         "--torch-threads",
         type=int,
         help="intra-op threads of the train step (default: 1 on CPU, torch's on CUDA)",
@@ -153,12 +158,14 @@ def run(args: argparse.Namespace) -> int:
         # the step's OpenMP barriers spin against the loader's threads and a step takes 4x longer,
         # with 10x spread (measured on 2 cores)
         torch.set_num_threads(args.torch_threads or 1)
-    names = select_rows(args.rows, device)  # before a dataset build that a typo would waste
+    # rows checked before a dataset build that a typo would waste
+    names = select_rows(args.rows, device, args.augment)
     data = Path(args.data)
     if not data.exists() and args.data in (DEFAULTS["data"], QUICK["data"]):
         data = ROOT / data  # the default location is inside the repository (git-ignored /data/)
     m = ensure_dataset(data, args.windows, 16 if args.quick else None)
     args.data = str(data)
+    args.augment_config = augment_for(m)
 
     notes: list[str] = []
     B, n_train = args.batch_size, m.num_samples("train")

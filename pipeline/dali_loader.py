@@ -18,8 +18,9 @@ becoming silently wrong tensors. (Checking headers per batch in the graph instea
 the CPU path's throughput: DALI's per-sample slicing is not free.)
 
 Each epoch builds a fresh pipeline reading the part of the split that ``pipeline.sharding``
-assigns to this rank, with that epoch's seed: epochs are independent and a resumed epoch
-replays exactly (the consumed batches are skipped).
+assigns to this rank, its shuffle seeded by the epoch and its random crops and augmentation by
+the epoch and the part: epochs are independent, ranks draw their own augmentation, and a
+resumed epoch replays exactly (the consumed batches are skipped).
 """
 
 from __future__ import annotations
@@ -29,15 +30,18 @@ from collections.abc import Iterator
 
 import torch
 
+from pipeline.augment import NAMES as AUGMENT_NAMES
+from pipeline.augment import Augment
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.loading import DaliOptions, EpochLoader
 from pipeline.manifest import Manifest, verify_hint
 from pipeline.members import NPY_EXT, PCM16_SCALE, WAV_EXT
-from pipeline.sharding import RankPlan
+from pipeline.sharding import RankPlan, epoch_seed
 from pipeline.verify import Depth, changed_shards, first_problem, sample_refs
 
 READER = "Reader"
 OUTPUTS = ["wav", "arkit", "source"]
+PARAMS = ["offset", *AUGMENT_NAMES]  # with_params: what each sample drew
 DECODES = ("gpu", "cpu")
 
 
@@ -57,12 +61,18 @@ def build_pipeline(
     num_shards: int = 1,
     shuffle: bool = False,
     seed: int = 0,
+    draw_seed: int | None = None,
     shuffle_buffer: int | None = None,
     options: DaliOptions | None = None,
+    augment: Augment | None = None,
+    with_params: bool = False,
 ):
     """The DALI graph over ``split`` of the dataset ``m``. ``device_id=None`` runs it on CPU
     operators only. ``options`` are the loader's knobs (threads, prefetch, read mode);
-    ``shuffle_buffer`` overrides theirs.
+    ``shuffle_buffer`` overrides theirs. ``seed`` seeds the reader's shuffle, ``draw_seed``
+    (default: ``seed``) the crops and augmentation. The train split is cropped (and
+    augmented) when its members are longer than the window or ``augment`` enables something;
+    ``with_params`` adds the drawn values to the outputs (``PARAMS``, after ``OUTPUTS``).
 
     ``gpu_ops`` (default: whether ``device_id`` is set) places the decode on GPU operators;
     ``gpu_ops=True`` with ``device_id=None`` defines the CUDA graph on a machine without CUDA,
@@ -75,11 +85,13 @@ def build_pipeline(
     if decode not in DECODES:
         raise ConfigError(f"decode must be 'gpu' or 'cpu', not {decode!r}")
     o = options or DaliOptions()
+    aug = augment or Augment()
+    lay = m.layout(split)
     pipe = Pipeline(
         batch_size=batch_size,
         num_threads=o.dali_threads or default_threads(),
         device_id=device_id,
-        seed=seed,
+        seed=seed if draw_seed is None else draw_seed,
         prefetch_queue_depth=o.dali_prefetch,
     )
     with pipe:
@@ -99,7 +111,7 @@ def build_pipeline(
             # the run reads it
             dont_use_mmap=o.dont_use_mmap,
             prefetch_queue_depth=o.reader_prefetch,
-            bytes_per_sample_hint=[m.wav_bytes, m.npy_bytes],
+            bytes_per_sample_hint=[lay.wav_bytes, lay.npy_bytes],
             name=READER,
         )
         source = fn.pad(fn.get_property(wav, key="source_info"), fill_value=0)
@@ -112,8 +124,8 @@ def build_pipeline(
             # Both headers end on a sample boundary: 44 bytes, and npy's 64-byte multiples.
             audio = fn.reinterpret(wav, dtype=types.INT16)[m.wav_header_bytes // 2 :]
             audio = audio * (1.0 / PCM16_SCALE)
-            arkit = fn.reinterpret(npy, dtype=types.FLOAT)[m.npy_header_bytes // 4 :]
-            arkit = fn.reshape(arkit, shape=[m.frames, m.num_blendshapes])
+            arkit = fn.reinterpret(npy, dtype=types.FLOAT)[lay.npy_header_bytes // 4 :]
+            arkit = fn.reshape(arkit, shape=[lay.frames, lay.num_blendshapes])
         else:
             audio, _ = fn.decoders.audio(
                 wav, dtype=types.FLOAT, downmix=True, sample_rate=m.sample_rate
@@ -121,8 +133,63 @@ def build_pipeline(
             arkit = fn.decoders.numpy(npy)  # float32 by contract (the header is checked)
             if to_gpu:
                 audio, arkit = audio.gpu(), arkit.gpu()
-        pipe.set_outputs(audio, arkit, source)
+        params = []
+        if split == "train" and (m.segmented or aug.enabled):
+            audio, arkit, drawn = crop_and_augment(audio, arkit, m, aug, to_gpu)
+            params = [drawn[name] for name in PARAMS] if with_params else []
+        pipe.set_outputs(audio, arkit, source, *params)
     return pipe
+
+
+def crop_and_augment(audio, arkit, m: Manifest, aug: Augment, to_gpu: bool):
+    """The graph's part of ``pipeline.augment``: a frame-aligned random crop of each train
+    member, after speed and before gain and noise, on the device the data is on. Returns the
+    window's audio and arkit, and what was drawn (zeros for what is off)."""
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn, types
+
+    def on_data(node):  # per-sample values are drawn on the host; the data may be on the GPU
+        return node.gpu() if to_gpu else node
+
+    lay = m.layout("train")
+    window, frames = m.clip_samples, m.frames
+    rate, fps = m.sample_rate, m.fps
+    drawn = {n: fn.random.uniform(range=getattr(aug, n)) for n in aug.enabled}
+    u = fn.random.uniform(range=[0.0, 1.0])
+    if aug.speed:
+        speed = drawn["speed"]
+        top = dmath.floor(lay.frames / speed) - (frames + 1)  # as augment.max_offset
+        audio = fn.audio_resample(audio, scale=1.0 / speed)
+    else:
+        top = lay.frames - frames
+    offset = fn.cast(dmath.floor(u * (top + 1)), dtype=types.INT32)
+    start = (offset * (2 * rate) + fps) // (2 * fps)  # round(offset * rate / fps)
+    audio = fn.slice(audio, start=start, shape=[window], axes=[0])
+    if aug.speed:
+        # new frame k is the source at k * speed: a linear resize of [frames, 52] along time,
+        # its region chosen so that output pixel centres land exactly there
+        y0 = fn.cast(offset, dtype=types.FLOAT) * speed + 0.5 - 0.5 * speed
+        image = fn.reshape(arkit, shape=[lay.frames, lay.num_blendshapes, 1], layout="HWC")
+        image = fn.resize(
+            image,
+            size=[frames, lay.num_blendshapes],
+            roi_start=fn.stack(y0, 0.0),
+            roi_end=fn.stack(y0 + frames * speed, float(lay.num_blendshapes)),
+            interp_type=types.INTERP_LINEAR,
+            antialias=False,
+        )
+        arkit = fn.reshape(image, shape=[frames, lay.num_blendshapes], layout="")
+    else:
+        arkit = fn.slice(arkit, start=offset, shape=[frames], axes=[0])
+    if aug.gain_db:
+        audio = audio * on_data(dmath.pow(10.0, drawn["gain_db"] / 20.0))
+    if aug.snr_db:
+        scale = fn.reductions.rms(audio) / on_data(dmath.pow(10.0, drawn["snr_db"] / 20.0))
+        audio = audio + fn.random.normal(audio) * scale
+    drawn["offset"] = fn.cast(offset, dtype=types.INT64)
+    for name in AUGMENT_NAMES:
+        drawn.setdefault(name, fn.cast(u * 0.0, dtype=types.FLOAT))
+    return audio, arkit, drawn
 
 
 class DaliLoader(EpochLoader):
@@ -157,8 +224,12 @@ class DaliLoader(EpochLoader):
             num_shards=self.world_size,
             shuffle=self.shuffle,
             seed=plan.epoch_seed,
+            # every part draws its own crops and augmentation (the shuffle's seed is shared)
+            draw_seed=epoch_seed(plan.epoch_seed, plan.part),
             shuffle_buffer=max(1, min(o.shuffle_buffer, plan.stop - plan.start)),
             options=o,
+            augment=self.augment,
+            with_params=self.with_params,
         )
 
     def _error(self, what: str) -> DatasetError:
@@ -182,6 +253,19 @@ class DaliLoader(EpochLoader):
     def _source(batch: dict[str, torch.Tensor], i: int) -> str:
         return bytes(batch["source"][i].numpy()).rstrip(b"\0").decode(errors="replace")
 
+    def _params(self, out: dict) -> dict:
+        """The samples' keys (from the member names DALI read) and what each drew."""
+        n = out["wav"].shape[0]
+        keys = [self._source(out, i).rpartition("/")[2].rpartition(":")[2] for i in range(n)]
+        params = {"key": [k.partition(".")[0] for k in keys]}
+        if not self.crops:
+            params["offset"] = torch.zeros(n, dtype=torch.int64)
+            return params
+        params["offset"] = out["offset"].reshape(n).cpu()
+        for name in self.augment.enabled:
+            params[name] = out[name].reshape(n).float().cpu()
+        return params
+
     def _check_values(self, arkit: torch.Tensor, bounds: torch.Tensor, batch) -> None:
         """Raise if a batch held blendshapes that are NaN, inf or outside [0, 1]."""
         lo, hi = bounds.tolist()
@@ -201,9 +285,10 @@ class DaliLoader(EpochLoader):
         try:
             pipe = self.make_pipeline(plan)
             pipe.build()
+            names = OUTPUTS + (PARAMS if self.with_params and self.crops else [])
             it = DALIGenericIterator(
                 [pipe],
-                OUTPUTS,
+                names,
                 reader_name=READER,
                 last_batch_policy=LastBatchPolicy.DROP,
                 auto_reset=False,
@@ -253,7 +338,10 @@ class DaliLoader(EpochLoader):
                 if wav.device != self.device:
                     wav = wav.to(self.device, non_blocking=True)
                     arkit = arkit.to(self.device, non_blocking=True)
-                yield {"wav": wav, "arkit": arkit}
+                batch = {"wav": wav, "arkit": arkit}
+                if self.with_params:
+                    batch.update(self._params(out))
+                yield batch
             if pending is not None:
                 pending[3].synchronize()
                 self._check_values(*pending[:3])

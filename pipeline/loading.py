@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.augment import Augment
 from pipeline.errors import ConfigError, DatasetError, ResumeError
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.sharding import RankPlan, rank_plan
@@ -87,6 +88,8 @@ class EpochLoader:
         rank: int = 0,
         world_size: int = 1,
         expect: dict | None = None,
+        augment: Augment | dict | None = None,
+        with_params: bool = False,
     ) -> None:
         self.manifest: Manifest = load_manifest(data_dir)
         self.manifest.check(**(expect or {}))
@@ -99,6 +102,12 @@ class EpochLoader:
         self.shuffle = shuffle
         self.seed = seed
         self.rank, self.world_size = rank, world_size
+        self.augment = augment if isinstance(augment, Augment) else Augment.from_dict(augment)
+        self.with_params = with_params
+        # train members longer than the window, or augmentation: a random crop per sample
+        self.crops = split == "train" and (self.manifest.segmented or bool(self.augment.enabled))
+        if self.crops:
+            self.augment.check_fits(self.manifest.segment_frames, self.manifest.frames)
         if len(self) == 0:
             raise DatasetError(
                 f"{data_dir}: {self.num_samples} {split} samples over {world_size} rank(s) make "
@@ -193,9 +202,15 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     expect: dict | None = None,
+    augment: Augment | dict | None = None,
+    with_params: bool = False,
     **options,
 ) -> EpochLoader:
-    """Make a loader by backend name (a key of ``LOADERS``) with that backend's ``options``."""
+    """Make a loader by backend name (a key of ``LOADERS``) with that backend's ``options``.
+
+    ``augment``: the config's ``augment:`` section (see ``pipeline.augment``; the train split
+    only); ``with_params``: each batch also carries ``"key"`` (the samples' keys) and
+    ``"offset"`` (crop offsets in frames), and each enabled augmentation's drawn values."""
     if name not in LOADERS:
         raise ConfigError(f"unknown loader {name!r}: choose from {', '.join(LOADERS)}")
     module, cls_name, options_cls = LOADERS[name]
@@ -217,5 +232,7 @@ def build_loader(
         rank=rank,
         world_size=world_size,
         expect=expect,
+        augment=augment,
+        with_params=with_params,
         options=options_cls(**options),
     )

@@ -5,6 +5,10 @@ with ``.to(device, non_blocking=True)``. Samples are read straight from the tars
 in their DALI index (no pickle, no tar scanning), so a sampler can give this loader exactly
 the order ``pipeline.sharding`` plans, which keeps ranks disjoint and resume exact. Every rank
 runs the same number of whole batches, so the last partial batch is always dropped.
+
+Crops and augmentation (``pipeline.augment``) run in the workers, in numpy and soxr, drawn
+from the same distributions as the DALI graph's: each sample's generator is seeded by the
+epoch's seed and the sample's index, so an epoch replays exactly whatever the worker.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pipeline.augment import Augment, apply, draw
 from pipeline.errors import DatasetError, MemberError
 from pipeline.loading import EpochLoader, TorchOptions
 from pipeline.manifest import Manifest, verify_hint
@@ -24,12 +30,21 @@ from pipeline.verify import SampleRef, changed_shards, sample_refs, shard_stamps
 
 
 class ShardSamples(Dataset):
-    """Random access to a split's samples through the DALI indexes."""
+    """Random access to a split's samples through the DALI indexes; with ``augment`` set (a
+    train split to crop), each sample is cropped and augmented as ``pipeline.augment`` says."""
 
-    def __init__(self, manifest: Manifest, split: str) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        split: str,
+        augment: Augment | None = None,
+        with_params: bool = False,
+    ) -> None:
         self.manifest = manifest
+        self.layout = manifest.layout(split)
         self.items: list[SampleRef] = sample_refs(manifest, split)
         self.stamps = shard_stamps(manifest, split)
+        self.augment, self.with_params = augment, with_params
         self._fds: dict[str, int] = {}
         self._pid = -1
 
@@ -49,10 +64,11 @@ class ShardSamples(Dataset):
         fd = self._fd(ref.tar)
         return os.pread(fd, ref.wav[1], ref.wav[0]), os.pread(fd, ref.npy[1], ref.npy[0])
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        i, epoch_seed = item if isinstance(item, tuple) else (item, 0)
         wav, npy = self.read(i)
         try:
-            audio, arkit = decode_sample(wav, npy, self.manifest)
+            audio, arkit = decode_sample(wav, npy, self.layout)
         except MemberError as exc:
             ref = self.items[i]
             changed = changed_shards({ref.tar: self.stamps[ref.tar]})
@@ -60,17 +76,35 @@ class ShardSamples(Dataset):
             raise DatasetError(
                 f"{ref.tar}: sample {ref.key}: {reason}; run `{verify_hint(self.manifest.root)}`"
             ) from None
-        return {"wav": torch.from_numpy(audio), "arkit": torch.from_numpy(arkit)}
+        out: dict = {}
+        if self.augment is not None:
+            m = self.manifest
+            rng = np.random.default_rng([epoch_seed, i])
+            p = draw(rng, self.augment, self.layout.frames, m.frames)
+            audio, arkit = apply(
+                audio, arkit, p, m.clip_samples, m.frames, m.sample_rate, m.fps, rng
+            )
+            out["offset"] = p.offset
+            out.update({n: torch.tensor(getattr(p, n)) for n in self.augment.enabled})
+        elif self.with_params:
+            out["offset"] = 0
+        if self.with_params:
+            out["key"] = self.items[i].key
+        else:
+            out = {}
+        return {"wav": torch.from_numpy(audio), "arkit": torch.from_numpy(arkit), **out}
 
 
-class _EpochSampler(Sampler[int]):
-    """Yields whatever order the loader sets before each epoch (the plan's, from sharding)."""
+class _EpochSampler(Sampler):
+    """Yields whatever order the loader sets before each epoch (the plan's, from sharding),
+    each index with the epoch's seed, which seeds the sample's crop and augmentation."""
 
     def __init__(self) -> None:
         self.order: list[int] = []
+        self.seed = 0
 
     def __iter__(self):
-        return iter(self.order)
+        return iter([(i, self.seed) for i in self.order])
 
     def __len__(self) -> int:
         return len(self.order)
@@ -82,7 +116,8 @@ class TorchLoader(EpochLoader):
     def __init__(self, *args, options: TorchOptions | None = None, **kw) -> None:
         super().__init__(*args, **kw)
         self.options = o = options or TorchOptions()
-        self.dataset = ShardSamples(self.manifest, self.split)
+        augment = self.augment if self.crops else None
+        self.dataset = ShardSamples(self.manifest, self.split, augment, self.with_params)
         self._sampler = _EpochSampler()
         self.loader = DataLoader(
             self.dataset,
@@ -94,8 +129,12 @@ class TorchLoader(EpochLoader):
             prefetch_factor=o.prefetch_factor if o.num_workers > 0 else None,
         )
 
-    def _batches(self, plan: RankPlan, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+    def _batches(self, plan: RankPlan, skip: int) -> Iterator[dict]:
         order = epoch_order(plan, self.shuffle)[: plan.steps * self.batch_size]
         self._sampler.order = order[skip * self.batch_size :].tolist()
+        self._sampler.seed = plan.epoch_seed
         for batch in self.loader:
-            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            yield {
+                k: v.to(self.device, non_blocking=True) if k in ("wav", "arkit") else v
+                for k, v in batch.items()
+            }

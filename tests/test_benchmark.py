@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from benchmarks import throughput
+from benchmarks.dataset import ensure_dataset
 from benchmarks.rows import (
     ROW_ORDER,
     ROWS,
     available_rows,
-    ensure_dataset,
     make_row,
     select_rows,
 )
@@ -169,6 +169,10 @@ def test_registry_drives_the_default_rows_and_the_help(capsys):
         "h2d-pinned",
         "synthetic-gpu",
     ]
+    # --augment adds each loader again with crops and augmentation
+    aug = ["torch-aug", "dali-cpu-aug", "dali-raw-aug"]
+    assert available_rows(CPU, augment=True) == available_rows(CPU) + aug
+    assert ROWS["dali-gpu-aug"].needs_cuda and all(ROWS[n].augmented for n in aug)
     # each row once, in registry order, whatever order --rows names them in
     assert select_rows("read-only, torch,torch", CPU) == ["torch", "read-only"]
     assert select_rows(None, CPU) == available_rows(CPU)
@@ -184,5 +188,7 @@ def test_registry_drives_the_default_rows_and_the_help(capsys):
         throughput.parse_args(["--help"])
     out = capsys.readouterr().out
     for spec in ROWS.values():
-        assert f"  {spec.name:14s} {spec.description}" in out
+        if not spec.augmented:  # the -aug rows are said once, in the heading
+            assert f"  {spec.name:14s} {spec.description}" in out
+    assert "-aug with --augment" in out
     assert "python benchmarks/throughput.py --quick" in out

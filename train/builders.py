@@ -48,6 +48,7 @@ def make_loader(
         rank=d.rank,
         world_size=d.world_size,
         expect=expect,
+        augment=dataclasses.asdict(cfg.augment) if split == "train" else None,
         **options,
     )
 

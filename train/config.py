@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.augment import Augment
 from pipeline.errors import ConfigError
 from pipeline.loading import DaliOptions, TorchOptions
 
@@ -34,6 +35,15 @@ class DataConfig(DaliOptions, TorchOptions):
     clip_samples: int | None = None
     frames: int | None = None
     num_blendshapes: int | None = None
+
+
+@dataclass
+class AugmentConfig:
+    """Train-split augmentation (``pipeline.augment``); each ``[low, high]`` or null (off)."""
+
+    gain_db: list[float] | None = None  # audio gain, uniform in dB
+    snr_db: list[float] | None = None  # Gaussian noise at a uniform SNR in dB
+    speed: list[float] | None = None  # audio and animation sped up alike by a uniform factor
 
 
 @dataclass
@@ -75,6 +85,7 @@ class RunConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -83,7 +94,13 @@ class Config:
         return asdict(self)
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "run": RunConfig}
+SECTIONS = {
+    "data": DataConfig,
+    "augment": AugmentConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "run": RunConfig,
+}
 
 # every knob's range: key -> (test, what it must be)
 _POSITIVE = (lambda v: v >= 1, ">= 1")
@@ -142,6 +159,13 @@ def _coerce(key: str, value, hint):
     options = allowed or (hint,)
     if value is None and type(None) in options:
         return None
+    for want in options:
+        if typing.get_origin(want) is list:  # [low, high] ranges; their bounds are checked later
+            if isinstance(value, (list, tuple)) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+            ):
+                return [float(v) for v in value]
+            raise ConfigError(f"{key} must be a list of numbers or null, got {value!r}")
     for want in options:
         if want is type(None):
             continue
@@ -227,6 +251,7 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if not ok(value):
             raise ConfigError(f"{key} must be {must} (got {value!r})")
+    Augment.from_dict(asdict(cfg.augment))  # names the key whose range is wrong
     m = cfg.model
     if m.win_length > m.n_fft:
         raise ConfigError(f"model.win_length ({m.win_length}) must be <= model.n_fft ({m.n_fft})")

@@ -2,15 +2,26 @@
 
 The seed's step: move the batch to the device, keep ``arkit[:, 0, :]`` for target
 ``first_frame``, forward (bf16 autocast on CUDA), MSE, backward, clip the gradient norm, step.
+
+A bad batch never reaches the optimizer. The CUDA loader checks a batch's blendshape values one
+batch late (so that it never waits for the device), so a batch with a NaN, or a value outside
+[0, 1], can reach this step before the loader raises. The step therefore computes a device-side
+flag ``bad`` (the whole ``arkit`` holds a value outside [0, 1] or non-finite, ``wav`` a
+non-finite value, the loss or the clipped gradient norm is non-finite) and skips the update on
+it without a host sync: fused AdamW reads ``opt.found_inf`` (GradScaler's hook) on the device
+and leaves parameters, moments and step counts untouched where it is 1. Optimizers without a
+fused kernel get their parameters and state put back with ``torch.where``.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 def targets(arkit: torch.Tensor, target: str) -> torch.Tensor:
@@ -27,8 +38,73 @@ def autocast(device: torch.device, amp: bool = True):
     return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
+def make_optimizer(
+    params: Iterable[torch.Tensor], lr: float, weight_decay: float, device: torch.device
+) -> torch.optim.Optimizer:
+    """The trainer's AdamW, fused where the device has the kernel (CPU, CUDA, MPS, XPU, ...):
+    its ``found_inf`` lets ``TrainStep`` skip a bad batch's update without a host sync.
+    Elsewhere AdamW with its step counts on the device (``capturable``) where it can, so that
+    ``TrainStep``'s ``torch.where`` restore covers them too."""
+    params = list(params)
+    with contextlib.suppress(RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    capturable = device.type in _capturable_devices()
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, capturable=capturable)
+
+
+def _capturable_devices() -> list[str]:
+    from torch.optim import optimizer
+
+    supported = getattr(optimizer, "_get_capturable_supported_devices", None)
+    return supported() if supported else ["cuda"]
+
+
+def _fused_devices() -> list[str]:
+    from torch.optim import optimizer
+
+    supported = getattr(optimizer, "_get_fused_kernels_supported_devices", None)
+    return supported() if supported else ["cuda"]
+
+
+def is_fused(opt: torch.optim.Optimizer) -> bool:
+    return all(g.get("fused") for g in opt.param_groups)
+
+
+def fuse(opt: torch.optim.Optimizer) -> bool:
+    """Switch an Adam/AdamW to its fused kernel where every parameter's device has one; True if
+    ``opt`` is fused afterwards. The state is kept (step counts move to the parameters' device,
+    as fused AdamW keeps them). Needed where the optimizer was not built by ``make_optimizer``,
+    or lost ``fused`` by loading the state of one that was not (``load_state_dict`` takes the
+    saved param groups' settings, ``fused`` included)."""
+    if is_fused(opt):
+        return True
+    if not isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
+        return False
+    devices = _fused_devices()
+    for g in opt.param_groups:
+        if g.get("differentiable") or any(
+            p.device.type not in devices or not torch.is_floating_point(p) or p.is_complex()
+            for p in g["params"]
+        ):
+            return False
+    for g in opt.param_groups:
+        g["fused"], g["foreach"] = True, None
+        for p in g["params"]:
+            state = opt.state.get(p)
+            if state and "step" in state:
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device)
+    opt.defaults["fused"], opt.defaults["foreach"] = True, None
+    opt._step_supports_amp_scaling = True
+    return True
+
+
 class TrainStep:
-    """``step(batch) -> loss`` (a 0-d tensor, not synchronised: call ``.item()`` to wait)."""
+    """``step(batch) -> loss`` (a 0-d tensor, not synchronised: call ``.item()`` to wait).
+
+    A bad batch (see the module's doc) takes no optimizer step; ``last_skipped`` (0-d bool) and
+    ``skipped`` (0-d int64, the count since this step was made) say so, on the device: read
+    them where the host waits anyway (``loss.item()``). Under DDP the flag is all-reduced, so
+    that every rank skips the same steps and the replicas stay equal."""
 
     def __init__(
         self,
@@ -42,16 +118,69 @@ class TrainStep:
         self.net, self.opt, self.device = net, opt, device
         self.target, self.grad_clip, self.amp = target, grad_clip, amp
         self.params = [p for g in opt.param_groups for p in g["params"]]
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self.last_skipped = torch.zeros((), dtype=torch.bool, device=device)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         wav = batch["wav"].to(self.device, non_blocking=True)
-        y = targets(batch["arkit"].to(self.device, non_blocking=True), self.target)
+        arkit = batch["arkit"].to(self.device, non_blocking=True)
+        y = targets(arkit, self.target)
         with autocast(self.device, self.amp):
             pred = self.net(wav)
         loss = F.mse_loss(pred.float(), y.float())
+        bad = self._bad_batch(wav, arkit, loss)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.opt.step()
+            norm = torch.nn.utils.clip_grad_norm_(
+                self.params, self.grad_clip, error_if_nonfinite=False
+            )
+            bad = bad | ~torch.isfinite(norm)
+        self._step_unless(bad)
+        self.skipped += bad
+        self.last_skipped = bad
         return loss.detach()
+
+    def _bad_batch(self, wav: torch.Tensor, arkit: torch.Tensor, loss: torch.Tensor):
+        """0-d bool on the device; min/max propagate NaN, so two reductions check it all."""
+        lo, hi = torch.aminmax(arkit.detach())
+        wav_lo, wav_hi = torch.aminmax(wav.detach())
+        ok = (lo >= 0) & (hi <= 1) & torch.isfinite(wav_lo) & torch.isfinite(wav_hi)
+        bad = ~(ok & torch.isfinite(loss.detach()))
+        if isinstance(self.net, DistributedDataParallel):  # one rank's bad batch: all skip
+            flag = bad.to(torch.float32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            bad = flag > 0
+        return bad
+
+    def _step_unless(self, bad: torch.Tensor) -> None:
+        if fuse(self.opt):
+            self.opt.found_inf = bad.to(torch.float32)  # fused AdamW: no update where 1
+            try:
+                self.opt.step()
+            finally:
+                del self.opt.found_inf
+            return
+        self._step_and_restore(bad)
+
+    def _step_and_restore(self, bad: torch.Tensor) -> None:
+        """Any other optimizer: step, then put parameters and state back where ``bad``. State
+        the step created (the first step's) goes back to zeros, an Adam's fresh state. A step
+        count kept on the host (a non-fused, non-capturable Adam on an accelerator) cannot be
+        put back without a sync and is left counted."""
+        before = {p: p.detach().clone() for p in self.params}
+        state = {
+            (p, k): v.clone()
+            for p in self.params
+            for k, v in self.opt.state.get(p, {}).items()
+            if isinstance(v, torch.Tensor) and v.device == bad.device
+        }
+        self.opt.step()
+        with torch.no_grad():
+            for p, old in before.items():
+                p.copy_(torch.where(bad, old, p))
+            for p in self.params:
+                for k, v in self.opt.state.get(p, {}).items():
+                    if isinstance(v, torch.Tensor) and v.device == bad.device:
+                        old = state.get((p, k))
+                        v.copy_(torch.where(bad, torch.zeros_like(v) if old is None else old, v))

@@ -28,7 +28,7 @@ from pipeline.loading import EpochLoader
 from train.checkpoint import CHECKPOINT_KEYS, save_checkpoint
 from train.config import Config
 from train.distributed import Dist
-from train.step import TrainStep
+from train.step import TrainStep, make_optimizer
 from train.validate import summary_lines, validate
 
 
@@ -59,7 +59,7 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         t = cfg.train
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.opt = make_optimizer(self.model.parameters(), t.lr, t.weight_decay, device)
         self.train_step = TrainStep(self.net, self.opt, device, t.target, t.grad_clip, t.amp)
         self.step = 0
         self.best_val = math.inf
@@ -170,7 +170,9 @@ class Trainer:
             seen += batch["wav"].shape[0] * self.dist.world_size
             if self.step % t.log_every == 0 or batch_idx == 0:
                 rate = seen / max(time.perf_counter() - tick, 1e-9)
-                self._log_train(epoch, loss.item(), rate, bar)
+                loss_value = loss.item()  # the host waits here anyway: read the skip count too
+                skipped = int(self.train_step.skipped.item())
+                self._log_train(epoch, loss_value, rate, bar, skipped)
             bar.update(1)
             if self.cfg.run.checkpoint_every and self.step % self.cfg.run.checkpoint_every == 0:
                 self.save()
@@ -219,7 +221,7 @@ class Trainer:
             file=sys.stdout,
         )
 
-    def _log_train(self, epoch: int, loss: float, rate: float, bar) -> None:
+    def _log_train(self, epoch: int, loss: float, rate: float, bar, skipped: int = 0) -> None:
         bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.0f}")
         lr = self.opt.param_groups[0]["lr"]
         self.log(
@@ -230,6 +232,7 @@ class Trainer:
                 "loss": loss,
                 "lr": lr,
                 "samples_per_s": rate,
+                "skipped_steps": skipped,
             }
         )
 

@@ -1,0 +1,44 @@
+"""The data every benchmark row reads: the synthetic dataset built once, the page cache warmed."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pipeline.errors import DatasetError
+from pipeline.manifest import Manifest, load_manifest
+
+
+def ensure_dataset(path: Path, windows: int, samples_per_shard: int | None = None) -> Manifest:
+    """Use the dataset at ``path``; build the synthetic one there if nothing is there yet."""
+    if (path / "manifest.json").is_file():
+        return load_manifest(path)
+    if path.exists() and any(path.iterdir()):
+        raise DatasetError(
+            f"{path} exists but has no manifest.json (an interrupted build?): delete it "
+            f"to let the benchmark rebuild it, or pass --data with a complete dataset"
+        )
+    from pipeline import make_shards
+
+    print(
+        f"building a synthetic dataset of {windows} windows in {path} (once; reused later)",
+        flush=True,
+    )
+    args = ["--synthetic", str(windows), "--out", str(path), "--quiet"]
+    if samples_per_shard:
+        args += ["--samples-per-shard", str(samples_per_shard)]
+    t0 = time.perf_counter()
+    if make_shards.main(args) != 0:
+        raise DatasetError(f"building {path} failed")
+    print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
+    return load_manifest(path)
+
+
+def warm_page_cache(m: Manifest, chunk: int = 16 << 20) -> float:
+    """Read every train shard once in big chunks; returns the sequential MB/s."""
+    total, t0 = 0, time.perf_counter()
+    for p in m.tar_paths("train"):
+        with open(p, "rb", buffering=0) as f:
+            while b := f.read(chunk):
+                total += len(b)
+    return total / (time.perf_counter() - t0) / 1e6

@@ -1,0 +1,143 @@
+"""Random crops and paired augmentation of training samples: one definition of what is drawn,
+used by both loaders (the DALI graph on its operators, the DataLoader's workers in numpy).
+
+A training sample is a member of ``segment_frames`` frames (a window, or a longer segment);
+each epoch it yields a window cropped at a whole number of frames ``offset``, drawn uniformly
+among the crops that fit, so the alignment rule holds inside every crop: audio starts at sample
+``round(offset * rate / fps)``, animation at frame ``offset``. Augmentation, each off unless
+given a ``[low, high]`` range (drawn uniformly per sample):
+
+- ``speed``: the segment is played ``speed`` times faster, audio resampled and animation
+  resampled along time by the same factor (new frame k is the source at ``k * speed``), so the
+  mouth stays on its sound; the crop is taken after, so shapes never change;
+- ``gain_db``: the crop's audio times ``10 ** (gain_db / 20)``;
+- ``snr_db``: Gaussian noise added to the audio at that signal-to-noise ratio (its standard
+  deviation is the crop's RMS over ``10 ** (snr_db / 20)``).
+
+The animation is only ever moved by the crop and by speed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.errors import ConfigError
+
+NAMES = ("gain_db", "snr_db", "speed")
+LIMITS = {"gain_db": (-60.0, 60.0), "snr_db": (-20.0, 120.0), "speed": (0.25, 4.0)}
+
+
+@dataclass(frozen=True)
+class Augment:
+    gain_db: tuple[float, float] | None = None
+    snr_db: tuple[float, float] | None = None
+    speed: tuple[float, float] | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> Augment:
+        """From the config's ``augment:`` section (absent or empty: nothing, crops only)."""
+        d = dict(d or {})
+        unknown = sorted(set(d) - set(NAMES))
+        if unknown:
+            raise ConfigError(f"augment has no {', '.join(unknown)}; it has {', '.join(NAMES)}")
+        ranges = {}
+        for name, value in d.items():
+            if value is None:
+                continue
+            lo, hi = LIMITS[name]
+            ok = isinstance(value, (list, tuple)) and len(value) == 2
+            ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            ok = ok and lo <= value[0] <= value[1] <= hi and all(math.isfinite(v) for v in value)
+            if not ok:
+                raise ConfigError(
+                    f"augment.{name} must be [low, high] with {lo:g} <= low <= high <= {hi:g} "
+                    f"or null (got {value!r})"
+                )
+            ranges[name] = (float(value[0]), float(value[1]))
+        return cls(**ranges)
+
+    @property
+    def enabled(self) -> list[str]:
+        return [n for n in NAMES if getattr(self, n) is not None]
+
+    def to_dict(self) -> dict:
+        return {n: list(getattr(self, n)) for n in self.enabled}
+
+    def check_fits(self, segment_frames: int, window_frames: int) -> None:
+        """A window must fit in every sped-up segment."""
+        if self.speed and max_offset(segment_frames, window_frames, self.speed[1], True) < 0:
+            most = math.floor(1000 * segment_frames / (window_frames + 1)) / 1000
+            raise ConfigError(
+                f"augment.speed up to {self.speed[1]:g} needs train segments of at least "
+                f"{math.ceil(self.speed[1] * (window_frames + 1))} frames, these hold "
+                f"{segment_frames}: lower the speed to at most {most:g} or make the shards "
+                "with a longer --segment-seconds"
+            )
+
+
+def max_offset(segment_frames: int, window_frames: int, speed: float, with_speed: bool) -> int:
+    """The largest crop offset, in frames of the sped-up segment. With speed on, one frame of
+    margin keeps the crop's last audio sample inside the resampled audio, whose length rounds."""
+    return int(math.floor(segment_frames / speed)) - window_frames - (1 if with_speed else 0)
+
+
+def start_sample(offset: int, rate: int, fps: int) -> int:
+    """``round(offset * rate / fps)`` in integers, as the DALI graph computes it."""
+    return (2 * offset * rate + fps) // (2 * fps)
+
+
+@dataclass(frozen=True)
+class Params:
+    """What was drawn for one sample."""
+
+    offset: int
+    gain_db: float | None = None
+    snr_db: float | None = None
+    speed: float | None = None
+
+
+def draw(rng: np.random.Generator, aug: Augment, segment_frames: int, window_frames: int) -> Params:
+    """One sample's crop and augmentation, from the distributions the DALI graph uses."""
+    values = {n: float(rng.uniform(*getattr(aug, n))) for n in aug.enabled}
+    speed = values.get("speed", 1.0)
+    top = max_offset(segment_frames, window_frames, speed, aug.speed is not None)
+    offset = int(math.floor(rng.uniform(0.0, 1.0) * (top + 1)))
+    return Params(offset, **values)
+
+
+def apply(
+    audio: np.ndarray,
+    arkit: np.ndarray,
+    p: Params,
+    window_samples: int,
+    window_frames: int,
+    rate: int,
+    fps: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A segment's (audio float32, arkit [frames, 52]) to the window ``p`` describes, in numpy
+    (the DataLoader workers' side; the DALI graph does the same on its operators)."""
+    if p.speed is not None:
+        import soxr
+
+        # soxr keeps sample 0 at time 0: new sample j is the source at j * speed
+        audio = soxr.resample(audio, rate, rate / p.speed, quality="HQ").astype(np.float32)
+        t = (p.offset + np.arange(window_frames)) * p.speed
+        source = np.arange(len(arkit))
+        arkit = np.stack([np.interp(t, source, arkit[:, j]) for j in range(arkit.shape[1])], 1)
+    else:
+        arkit = arkit[p.offset : p.offset + window_frames]
+    s0 = start_sample(p.offset, rate, fps)
+    audio = audio[s0 : s0 + window_samples]
+    if len(audio) != window_samples:
+        raise ValueError(f"crop at {s0} leaves {len(audio)} of {window_samples} samples")
+    if p.gain_db is not None:
+        audio = audio * np.float32(10 ** (p.gain_db / 20))
+    if p.snr_db is not None:
+        rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
+        noise = rng.standard_normal(window_samples).astype(np.float32)
+        audio = audio + noise * np.float32(rms / 10 ** (p.snr_db / 20))
+    return audio.astype(np.float32), np.ascontiguousarray(arkit, np.float32)
