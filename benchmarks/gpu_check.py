@@ -1,16 +1,15 @@
 """``make gpu-check``: one command that turns a lent GPU machine into figures in results/gpu/.
 
 On a CUDA machine with DALI it runs, in order, each step's stdout+stderr into ``<out>/<step>.log``:
-``pytest-gpu`` (``pytest -m gpu``); ``bench-plain`` and ``bench-augment``
-(``benchmarks/throughput.py --device cuda --repeats 3``, every row, then again with ``--augment``:
-skipped while the benchmark has no such flag); ``train-dali`` and ``train-torch`` (300 steps of
+``pytest-gpu`` (``pytest -m gpu``); ``bench`` (``benchmarks/throughput.py --device cuda
+--repeats 3 --augment``: every row with augmentation off and on, in one run, read as
+``bench-plain`` and ``bench-augment``); ``train-dali`` and ``train-torch`` (300 steps of
 ``python -m train`` with each loader on data/bench, which the benchmark builds on first use).
 ``<out>/summary.md`` and ``summary.json``, rewritten after every step, hold the device, the
 CUDA/torch/DALI versions, each step's exit code and wall time, the benchmark's headline ratios
-(the DALI row against torch and against the limit, per mode) and each train run's final loss,
-samples/s and last val mse. Exit 0 when every step passed or was skipped, 1 when one failed, 2
-without CUDA or DALI (before any work). Children run with ``sys.executable`` and inherit
-PYTHONPATH. About 5-8 minutes on one H100.
+(DALI against torch, the limit and, augmented, plain DALI) and each train run's final loss,
+samples/s and last val mse. Exit 0 when every step passed, 1 when one failed, 2 without CUDA
+or DALI (before any work). Children run with ``sys.executable`` and inherit PYTHONPATH.
 
     make gpu-check PYTHON=python3                        # on the GPU machine: no venv, no index
     python3 benchmarks/gpu_check.py --dry-run            # the commands, one a line (any machine)
@@ -38,7 +37,6 @@ import json
 import math
 import os
 import platform
-import re
 import shlex
 import signal
 import subprocess
@@ -52,8 +50,6 @@ from pipeline.errors import ArkitError, RunError
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("pytest", "bench", "train")
 MODES = ("loader", "train")  # the benchmark's, in its JSON rows
-NO_AUGMENT = "skipped: the benchmark has no --augment yet"
-UNKNOWN_AUGMENT = re.compile(r"unrecognized arguments:.*--augment")
 NOT_HERE = (
     "error: make gpu-check is for a GPU machine with DALI (how: benchmarks/gpu_check.py's "
     "docstring); on CPU, --dry-run prints its commands and --allow-cpu --quick runs them"
@@ -78,7 +74,6 @@ class Step:
     name: str  # also its log, <out>/<name>.log
     argv: list[str]
     timeout: float
-    may_lack_augment: bool = False  # exit 2 "unrecognized arguments: --augment" is a skip
     status: str = "not run"
     exit_code: int | None = None
     wall_s: float | None = None
@@ -108,6 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, help="default 300 (--quick: 5)")
     p.add_argument("--budget", type=float, default=DEFAULTS["budget"], help="seconds for all steps")
     p.add_argument("--train-set", action="append", default=[], help="one more --set for training")
+    p.add_argument("--bench-rows", help="the benchmark's --rows (default: every row)")
     for step in STEPS:
         s = DEFAULTS[f"{step}_timeout"]
         p.add_argument(f"--{step}-timeout", type=float, default=s, help=f"seconds (default {s:g})")
@@ -134,9 +130,9 @@ def plan(args: argparse.Namespace) -> list[Step]:
         bench = [py, here("benchmarks/throughput.py"), "--device", device]
         bench += ["--data", args.data, *(["--quick"] if args.quick else [])]
         bench += [] if args.quick else ["--repeats", str(args.repeats)]
-        for name, extra in (("bench-plain", []), ("bench-augment", ["--augment"])):
-            argv = [*bench, *extra, "--out", str(out / name)]
-            steps.append(Step(name, argv, args.bench_timeout, may_lack_augment=bool(extra)))
+        bench += ["--rows", args.bench_rows] if args.bench_rows else []
+        argv = [*bench, "--augment", "--out", str(out / "bench")]
+        steps.append(Step("bench", argv, args.bench_timeout))
     if "train" in args.steps:
         for loader in ("dali", "torch"):
             sets = [f"data.dir={args.data}", f"train.max_steps={args.train_steps}"]
@@ -222,8 +218,6 @@ def run_step(step: Step, log: Path) -> None:
         step.status = f"failed: timeout after {round(step.timeout, 1):g} s"
     elif code == 0:
         step.status = "ok"
-    elif step.may_lack_augment and code == 2 and UNKNOWN_AUGMENT.search(log.read_text()):
-        step.status = NO_AUGMENT
     else:
         step.status = f"failed: exit {code}"
 
@@ -231,17 +225,20 @@ def run_step(step: Step, log: Path) -> None:
 # ---------------------------------------------------------------- figures
 
 
-def bench_figures(folder: Path) -> dict:
+def bench_figures(folder: Path, aug: str = "") -> dict:
     """Headline figures of one benchmark run, read from its throughput.json rows: per mode the
-    DALI row (dali-gpu; dali-raw, its CPU stand-in, without CUDA) against torch and the limit."""
+    DALI row (dali-gpu; dali-raw, its CPU stand-in, without CUDA) against torch and the limit;
+    with ``aug="-aug"`` the augmented rows, and augmented DALI against plain DALI."""
     rows = json.loads((folder / "throughput.json").read_text())["rows"]
     at = {(r["name"], r["mode"]): r for r in rows}
-    dali = next((n for n in ("dali-gpu", "dali-raw") for m in MODES if (n, m) in at), None)
+    names = (f"dali-gpu{aug}", f"dali-raw{aug}")
+    dali = next((n for n in names for m in MODES if (n, m) in at), None)
     if dali is None:
-        raise ValueError(f"{folder / 'throughput.json'} has neither a dali-gpu nor a dali-raw row")
+        raise ValueError(f"{folder / 'throughput.json'} has neither a {' nor a '.join(names)} row")
     figures: dict = {"dali_row": dali}
     for mode in (m for m in MODES if (dali, m) in at):
-        d, t = at[dali, mode], at.get(("torch", mode))
+        d, t = at[dali, mode], at.get((f"torch{aug}", mode))
+        plain = at.get((dali.removesuffix(aug), mode)) if aug else None
         fig = {"dali_samples_per_s": d["samples_per_s"]}
         if t:
             fig["torch_samples_per_s"] = t["samples_per_s"]
@@ -249,6 +246,8 @@ def bench_figures(folder: Path) -> dict:
         if limit := at.get((d.get("limit"), mode)):
             fig["limit"] = limit["name"]
             fig["dali_vs_limit"] = d["samples_per_s"] / limit["samples_per_s"]
+        if plain:
+            fig["dali_vs_plain_dali"] = d["samples_per_s"] / plain["samples_per_s"]
         if mode == "train":  # the share of the time spent waiting for data
             fig.update(dali_wait_share=d["wait_share"], torch_wait_share=t and t["wait_share"])
         figures[mode] = fig
@@ -274,9 +273,12 @@ def figures(steps: list[Step], out: Path) -> dict:
     found = {}
     for step in steps:
         if step.status == "ok" and step.name != "pytest-gpu":
-            read = bench_figures if step.name.startswith("bench") else train_figures
             try:
-                found[step.name] = read(out / step.name)
+                if step.name == "bench":
+                    found["bench-plain"] = bench_figures(out / step.name)
+                    found["bench-augment"] = bench_figures(out / step.name, "-aug")
+                else:
+                    found[step.name] = train_figures(out / step.name)
             except (OSError, ValueError, KeyError) as exc:
                 step.status = f"failed: its figures cannot be read ({type(exc).__name__}: {exc})"
     return found
@@ -338,7 +340,7 @@ def markdown(doc: dict, out: Path) -> str:
 
 def write_summary(out: Path, args, env: dict, steps: list[Step], t0: float) -> dict:
     doc = {
-        "ok": all(s.status in ("ok", NO_AUGMENT) for s in steps),
+        "ok": all(s.status == "ok" for s in steps),
         "wall_s": round(time.perf_counter() - t0, 1),
         "env": env,
         "args": {k: v for k, v in vars(args).items() if k != "dry_run"},

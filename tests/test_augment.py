@@ -620,3 +620,58 @@ def test_the_suggested_speed_limit_is_accepted(segment_frames):
     most = float(re.search(r"at most ([\d.]+)", str(err.value)).group(1))
     assert most <= segment_frames / (FRAMES + 1)
     Augment(speed=(1.0, most)).check_fits(segment_frames, FRAMES)  # no error
+
+
+# ---------------------------------------------------------------- on CUDA (make gpu-check)
+
+
+def _cuda_batches(data: Path, device: str, aug: dict | None, epochs: int = 2) -> list[dict]:
+    loader = build_loader(
+        "dali",
+        data,
+        batch_size=4,
+        shuffle=True,
+        seed=7,
+        device=device,
+        decode="gpu",
+        augment=aug,
+        with_params=True,
+    )
+    out = []
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        out += [{k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()} for b in loader]
+    return out
+
+
+@pytest.mark.gpu
+def test_gpu_crops_equal_the_cpu_graphs_bit_for_bit(segs):
+    """Without augmentation the GPU graph crops exactly as the CPU graph does: the draws are
+    made on the host with the same seeds, and slicing is exact."""
+    gpu, cpu = _cuda_batches(segs, "cuda", None), _cuda_batches(segs, "cpu", None)
+    assert len(gpu) == len(cpu) > 0
+    for a, b in zip(gpu, cpu, strict=True):
+        assert a["key"] == b["key"] and torch.equal(a["offset"], b["offset"])
+        assert torch.equal(a["wav"], b["wav"]) and torch.equal(a["arkit"], b["arkit"])
+
+
+@pytest.mark.gpu
+def test_gpu_augmentation_equals_the_cpu_graphs_in_distribution(segs, segs_members):
+    """With augmentation the values drawn are the same (host draws, same seeds), the GPU's
+    arithmetic matches the CPU operators' to float precision, and the noise, from the GPU's own
+    generator, has the drawn SNR (see test_noise_has_the_drawn_snr_and_leaves_animation)."""
+    no_noise = {"gain_db": [-12, 12], "speed": [0.85, 1.15]}
+    gpu, cpu = _cuda_batches(segs, "cuda", no_noise), _cuda_batches(segs, "cpu", no_noise)
+    for a, b in zip(gpu, cpu, strict=True):
+        for name in ("offset", "gain_db", "speed"):
+            assert torch.equal(a[name], b[name]), name
+        torch.testing.assert_close(a["arkit"], b["arkit"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(a["wav"], b["wav"], atol=2e-3, rtol=0)
+    ref = segs_members["train"]
+    for batch in _cuda_batches(segs, "cuda", {"snr_db": [5, 30]}, epochs=1):
+        for i, key in enumerate(batch["key"]):
+            clean, arkit = ref.crop(key, int(batch["offset"][i]))
+            np.testing.assert_allclose(batch["arkit"][i].numpy(), arkit, rtol=0, atol=1e-6)
+            noise = batch["wav"][i].numpy().astype(np.float64) - clean
+            snr = 20 * np.log10(np.sqrt(np.mean(clean**2)) / np.sqrt(np.mean(noise**2)))
+            assert abs(snr - float(batch["snr_db"][i])) <= 0.3, (key, snr)

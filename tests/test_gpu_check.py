@@ -43,13 +43,13 @@ def test_without_dali_it_says_so_and_exits_2(monkeypatch, tmp_path, capsys):
     assert not (tmp_path / "gpu").exists()
 
 
-def test_dry_run_prints_the_five_commands_even_without_cuda(monkeypatch, tmp_path, capsys):
+def test_dry_run_prints_the_four_commands_even_without_cuda(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out, data = tmp_path / "gpu", os.path.relpath(gpu_check.ROOT / "data" / "bench")
     assert gpu_check.main(["--dry-run", "--out", str(out)]) == 0
     lines = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
-    assert len(lines) == 5 and all(argv[0] == sys.executable for argv in lines)
-    tests, plain, augment, dali, torch_ = lines
+    assert len(lines) == 4 and all(argv[0] == sys.executable for argv in lines)
+    tests, bench, dali, torch_ = lines
     assert tests[1:] == [
         "-m",
         "pytest",
@@ -58,12 +58,11 @@ def test_dry_run_prints_the_five_commands_even_without_cuda(monkeypatch, tmp_pat
         "-q",
         os.path.relpath(gpu_check.ROOT / "tests"),
     ]
-    for argv, name in ((plain, "bench-plain"), (augment, "bench-augment")):
-        assert argv[1] == os.path.relpath(gpu_check.ROOT / "benchmarks" / "throughput.py")
-        assert flag(argv, "--device") == "cuda" and flag(argv, "--repeats") == "3"
-        assert flag(argv, "--data") == data and flag(argv, "--out") == str(out / name)
-        assert "--quick" not in argv and "--rows" not in argv  # every row
-    assert "--augment" in augment and "--augment" not in plain
+    # every row, augmentation off and on, in one run
+    assert bench[1] == os.path.relpath(gpu_check.ROOT / "benchmarks" / "throughput.py")
+    assert flag(bench, "--device") == "cuda" and flag(bench, "--repeats") == "3"
+    assert flag(bench, "--data") == data and flag(bench, "--out") == str(out / "bench")
+    assert "--quick" not in bench and "--rows" not in bench and "--augment" in bench
     for argv, loader in ((dali, "dali"), (torch_, "torch")):
         assert argv[1:5] == ["-m", "train", "--loader", loader]
         run_dir = f"run.dir={out / f'train-{loader}'}"
@@ -89,19 +88,15 @@ def test_plan_on_cpu_quick(tmp_path, capsys):
         "bench,train",
     ]
     assert gpu_check.main(argv) == 0
-    plain, augment, dali, torch_ = (shlex.split(x) for x in capsys.readouterr().out.splitlines())
-    for bench in (plain, augment):
-        assert "--quick" in bench and flag(bench, "--device") == "cpu" and "--repeats" not in bench
+    bench, dali, torch_ = (shlex.split(x) for x in capsys.readouterr().out.splitlines())
+    assert "--quick" in bench and flag(bench, "--device") == "cpu" and "--repeats" not in bench
     for train in (dali, torch_):
         assert {"data.dir=D", "train.max_steps=5", "run.device=cpu"} <= set(sets(train))
 
 
-def test_an_unknown_augment_flag_is_a_skip_and_any_other_exit_a_failure(tmp_path):
+def test_a_step_that_exits_non_zero_fails(tmp_path):
     parse = [sys.executable, "-c", "import argparse; argparse.ArgumentParser().parse_args()"]
-    step = gpu_check.Step("bench-augment", [*parse, "--augment"], 60, may_lack_augment=True)
-    gpu_check.run_step(step, tmp_path / "a.log")
-    assert (step.status, step.exit_code, step.failed) == (gpu_check.NO_AUGMENT, 2, False)
-    step = gpu_check.Step("bench-plain", [*parse, "--augment"], 60)
+    step = gpu_check.Step("bench", [*parse, "--augment"], 60)
     gpu_check.run_step(step, tmp_path / "b.log")
     assert (step.status, step.exit_code, step.failed) == ("failed: exit 2", 2, True)
     assert "unrecognized arguments: --augment" in (tmp_path / "b.log").read_text()
@@ -127,29 +122,24 @@ def test_steps_past_the_budget_are_not_started(tmp_path, capsys):
 def test_quick_cpu_run_writes_results_and_a_summary(tiny_dataset, tmp_path, capsys):
     out = tmp_path / "gpu"
     argv = ["--allow-cpu", "--quick", "--data", str(tiny_dataset), "--out", str(out)]
-    assert gpu_check.main(argv) == 0
+    argv += ["--steps", "bench,train"]  # pytest -m gpu's command: the dry-run test
+    # the quick plumbing run: one loader in each mode, augmented and not (every row: minutes)
+    rows = "torch,torch-aug,dali-raw,dali-raw-aug,read-only,synthetic-cpu"
+    assert gpu_check.main([*argv, "--bench-rows", rows, "--train-steps", "3"]) == 0
     doc = json.loads((out / "summary.json").read_text())
     steps = {s["name"]: s for s in doc["steps"]}
-    assert doc["ok"] and list(steps) == [
-        "pytest-gpu",
-        "bench-plain",
-        "bench-augment",
-        "train-dali",
-        "train-torch",
-    ]
+    assert doc["ok"] and list(steps) == ["bench", "train-dali", "train-torch"]
     for name, s in steps.items():
-        assert s["exit_code"] == 0 or s["status"] == gpu_check.NO_AUGMENT, s
+        assert s["exit_code"] == 0, s
         assert finite(s["wall_s"]) and (out / f"{name}.log").is_file()
     assert {"device", "torch", "dali", "cuda"} <= set(doc["env"])
-
-    benches = ["bench-plain"] + (
-        ["bench-augment"] if steps["bench-augment"]["exit_code"] == 0 else []
-    )
-    for name in benches:
-        for ext in ("json", "md", "png"):
-            assert (out / name / f"throughput.{ext}").is_file()
+    for ext in ("json", "md", "png"):
+        assert (out / "bench" / f"throughput.{ext}").is_file()
+    for name, aug in (("bench-plain", ""), ("bench-augment", "-aug")):
         fig = doc["figures"][name]
-        assert fig["dali_row"] == "dali-raw"  # dali-gpu's stand-in without CUDA
+        assert fig["dali_row"] == f"dali-raw{aug}"  # dali-gpu's stand-in without CUDA
+        if aug:
+            assert all(finite(fig[mode]["dali_vs_plain_dali"]) for mode in ("loader", "train"))
         for mode, limit in (("loader", "read-only"), ("train", "synthetic-cpu")):
             assert fig[mode]["limit"] == limit
             for key in ("dali_samples_per_s", "torch_samples_per_s", "dali_vs_torch"):
@@ -158,12 +148,13 @@ def test_quick_cpu_run_writes_results_and_a_summary(tiny_dataset, tmp_path, caps
     for loader in ("dali", "torch"):
         fig = doc["figures"][f"train-{loader}"]
         assert (out / f"train-{loader}" / "metrics.jsonl").is_file()
-        assert fig["step"] == 5
+        assert fig["step"] == 3
         assert all(finite(fig[k]) for k in ("loss", "samples_per_s", "val_mse")), fig
 
     md = (out / "summary.md").read_text()
     assert "every step passed" in md and "| bench-plain | loader | dali-raw |" in md
-    assert "| train-torch | 5 |" in md and "failed" not in md
+    assert "| bench-augment | loader | dali-raw-aug |" in md
+    assert "| train-torch | 3 |" in md and "failed" not in md
     assert "summary.md" in capsys.readouterr().out
 
 
