@@ -201,3 +201,26 @@ def test_the_trainer_takes_its_model_and_loaders_ready_made(tmp_path, tiny_datas
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert set(state["model"]) == {"head.weight", "head.bias"}
     assert state["dataset"]["identity"] == loader.manifest.identity
+
+
+def test_resume_with_augmentation_gives_the_same_losses(tmp_path, tiny_dataset):
+    """Crops and augmentation are drawn from seeds of the epoch (and part): a run stopped after
+    5 steps and resumed gives the uninterrupted run's losses, step for step."""
+    aug = ("augment.gain_db=[-6, 6]", "augment.snr_db=[10, 30]", "augment.speed=[0.9, 0.99]")
+    full = tmp_path / "full"
+    full.mkdir()
+    assert run(full, tiny_dataset, "train.max_steps=12", *aug) == 0
+    ref = {r["step"]: r["loss"] for r in metrics(full) if r["split"] == "train"}
+    assert run(tmp_path, tiny_dataset, "train.max_steps=5", *aug) == 0
+    last = str(tmp_path / "run" / "last.pt")
+    assert main(["--loader", "dali", "--resume", last, "--set", "train.max_steps=12"]) == 0
+    got = {r["step"]: r["loss"] for r in metrics(tmp_path) if r["split"] == "train"}
+    assert [got[s] for s in range(6, 13)] == [ref[s] for s in range(6, 13)]
+    state = torch.load(last, weights_only=True)
+    assert state["config"]["augment"]["speed"] == [0.9, 0.99]  # the resume kept it
+    # and augmentation changes what the model sees: other losses than without it
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert run(plain, tiny_dataset, "train.max_steps=5") == 0
+    losses = {r["step"]: r["loss"] for r in metrics(plain) if r["split"] == "train"}
+    assert losses[5] != ref[5]
