@@ -15,8 +15,9 @@ def ensure_dataset(path: Path, windows: int, samples_per_shard: int | None = Non
         return load_manifest(path)
     if path.exists() and any(path.iterdir()):
         raise DatasetError(
-            f"{path} exists but has no manifest.json (an interrupted build?): delete it "
-            f"to let the benchmark rebuild it, or pass --data with a complete dataset"
+            f"{path} exists but has no manifest.json (an interrupted build?): finish it with "
+            f"`python pipeline/make_shards.py --synthetic {windows} --out {path}`, or pass "
+            "--data with a complete dataset"
         )
     from pipeline import make_shards
 

@@ -101,7 +101,10 @@ class Params:
 
 def draw(rng: np.random.Generator, aug: Augment, segment_frames: int, window_frames: int) -> Params:
     """One sample's crop and augmentation, from the distributions the DALI graph uses."""
-    values = {n: float(rng.uniform(*getattr(aug, n))) for n in aug.enabled}
+    values = {}
+    for n in aug.enabled:  # lo + (hi - lo) * U[0, 1), as the DALI graph draws
+        lo, hi = getattr(aug, n)
+        values[n] = lo + (hi - lo) * float(rng.uniform(0.0, 1.0))
     speed = values.get("speed", 1.0)
     top = max_offset(segment_frames, window_frames, speed, aug.speed is not None)
     offset = int(math.floor(rng.uniform(0.0, 1.0) * (top + 1)))

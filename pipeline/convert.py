@@ -21,7 +21,7 @@ import numpy as np
 from pipeline.arkit import NUM_BLENDSHAPES
 from pipeline.errors import DatasetError
 from pipeline.inputs import Recording, Reject
-from pipeline.manifest import SPLITS, Shard
+from pipeline.manifest import FPS, SPLITS, Shard
 from pipeline.members import (
     JSON_EXT,
     NPY_EXT,
@@ -76,7 +76,10 @@ class Cutting:
 
     @property
     def segmented(self) -> bool:
-        return bool(self.segment_seconds) and self.segment_seconds > self.window_seconds
+        """Segments of more frames than a window (as ``Manifest.segmented`` counts them)."""
+        if not self.segment_seconds:
+            return False
+        return round(self.segment_seconds * FPS) > round(self.window_seconds * FPS)
 
 
 def safe_key(text: str) -> str:

@@ -66,13 +66,15 @@ def build_pipeline(
     options: DaliOptions | None = None,
     augment: Augment | None = None,
     with_params: bool = False,
+    crop: bool | None = None,
 ):
     """The DALI graph over ``split`` of the dataset ``m``. ``device_id=None`` runs it on CPU
     operators only. ``options`` are the loader's knobs (threads, prefetch, read mode);
     ``shuffle_buffer`` overrides theirs. ``seed`` seeds the reader's shuffle, ``draw_seed``
     (default: ``seed``) the crops and augmentation. The train split is cropped (and
     augmented) when its members are longer than the window or ``augment`` enables something;
-    ``with_params`` adds the drawn values to the outputs (``PARAMS``, after ``OUTPUTS``).
+    ``with_params`` adds the drawn values to the outputs (``PARAMS``, after ``OUTPUTS``);
+    ``crop`` (default: as the loaders decide, ``EpochLoader.crops``) forces it either way.
 
     ``gpu_ops`` (default: whether ``device_id`` is set) places the decode on GPU operators;
     ``gpu_ops=True`` with ``device_id=None`` defines the CUDA graph on a machine without CUDA,
@@ -134,7 +136,7 @@ def build_pipeline(
             if to_gpu:
                 audio, arkit = audio.gpu(), arkit.gpu()
         params = []
-        if split == "train" and (m.segmented or aug.enabled):
+        if crop if crop is not None else split == "train" and (m.segmented or aug.enabled):
             audio, arkit, drawn = crop_and_augment(audio, arkit, m, aug, to_gpu)
             params = [drawn[name] for name in PARAMS] if with_params else []
         pipe.set_outputs(audio, arkit, source, *params)
@@ -154,7 +156,12 @@ def crop_and_augment(audio, arkit, m: Manifest, aug: Augment, to_gpu: bool):
     lay = m.layout("train")
     window, frames = m.clip_samples, m.frames
     rate, fps = m.sample_rate, m.fps
-    drawn = {n: fn.random.uniform(range=getattr(aug, n)) for n in aug.enabled}
+    # lo + (hi - lo) * U[0, 1): the same distribution as U[lo, hi), and a fixed value when
+    # lo == hi (which DALI's uniform refuses)
+    drawn = {}
+    for n in aug.enabled:
+        lo, hi = getattr(aug, n)
+        drawn[n] = lo + (hi - lo) * fn.random.uniform(range=[0.0, 1.0])
     u = fn.random.uniform(range=[0.0, 1.0])
     if aug.speed:
         speed = drawn["speed"]
@@ -230,6 +237,7 @@ class DaliLoader(EpochLoader):
             options=o,
             augment=self.augment,
             with_params=self.with_params,
+            crop=self.crops,
         )
 
     def _error(self, what: str) -> DatasetError:
@@ -237,12 +245,13 @@ class DaliLoader(EpochLoader):
             f"{what}. Run `{verify_hint(self.manifest.root)}` to list every bad shard and sample"
         )
 
-    def _dali_failed(self, what: str, exc: BaseException) -> DatasetError:
+    def _dali_failed(self, what: str, exc: BaseException, decode: bool = True) -> DatasetError:
         """Our error for a DALI failure: the sample that explains it, found by decoding the
-        split as the Python readers do, or DALI's own first line when the data looks right."""
-        culprit = changed_shards(self._stamps) or first_problem(
-            self.manifest, self.split, Depth.DECODE
-        )
+        split as the Python readers do (``decode``: not for a pipeline that failed to build,
+        which read no data), or DALI's own first line when the data looks right."""
+        culprit = changed_shards(self._stamps)
+        if culprit is None and decode:
+            culprit = first_problem(self.manifest, self.split, Depth.DECODE)
         if culprit is not None:
             return self._error(str(culprit))
         text = str(exc).strip()
@@ -294,9 +303,8 @@ class DaliLoader(EpochLoader):
                 auto_reset=False,
             )
         except RuntimeError as exc:
-            raise self._dali_failed(
-                f"{root}: DALI could not open the {split} shards", exc
-            ) from None
+            what = f"{root}: DALI could not build the {split} pipeline"
+            raise self._dali_failed(what, exc, decode=False) from None
         pending = None  # on CUDA: the previous batch's value check, read one batch later
         try:
             for i in range(plan.steps):

@@ -74,6 +74,7 @@ class Converted:
 class Rejected:
     recording: Recording
     reason: str
+    transient: bool = False  # a file that could not be read now: tried again on a rerun
 
 
 @dataclass(frozen=True)
@@ -193,5 +194,5 @@ def convert(job: tuple[Recording, Settings]) -> Converted | Rejected:
     except InputError as exc:
         return Rejected(rec, str(exc))
     except OSError as exc:
-        return Rejected(rec, f"unreadable: {exc.strerror or exc}")
+        return Rejected(rec, f"unreadable: {exc.strerror or exc}", transient=True)
     return Converted(rec, take, len(a) / SAMPLE_RATE, anim.duplicates)

@@ -129,6 +129,8 @@ def _capture_rate(codes: list[Timecode], fps: float | None) -> tuple[float, str]
         )
     if drop and fps == nominal:
         return nominal * NTSC, f"drop-frame timecode: {nominal * NTSC:.2f} fps"
+    if abs(fps - nominal * NTSC) < 0.01:  # 59.94 and 29.97 name 60000/1001 and 30000/1001
+        return nominal * NTSC, f"--csv-fps {fps:g}: {nominal}000/1001 fps"
     return fps, f"--csv-fps {fps:g}"
 
 

@@ -35,7 +35,7 @@ from pipeline.inputs import (
     synthetic_recordings,
 )
 from pipeline.livelink import LIVE_LINK_FPS
-from pipeline.manifest import SPLITS, WINDOW_SECONDS, Manifest
+from pipeline.manifest import FPS, SPLITS, WINDOW_SECONDS, Manifest
 from pipeline.outdir import REJECTS_NAME, WORK_NAME, OutDir
 from pipeline.takestore import StoredTake, TakeStore, convert_takes
 from pipeline.verify import check_dataset
@@ -253,8 +253,9 @@ def usage_problems(args: argparse.Namespace) -> list[str]:
         (
             "--segment-seconds",
             args.segment_seconds,
-            lambda v: v is None or v >= args.window_seconds,
-            ">= --window-seconds",
+            # in frames, as segments are cut: a segment a hair longer is the window
+            lambda v: v is None or round(v * FPS) > round(args.window_seconds * FPS),
+            "at least a frame longer than --window-seconds",
         ),
         ("--tolerance-seconds", args.tolerance_seconds, lambda v: v >= 0, ">= 0"),
         ("--tolerance-ratio", args.tolerance_ratio, lambda v: 0 <= v < 1, "in [0, 1)"),

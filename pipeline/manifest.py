@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,7 +185,9 @@ class Manifest:
 
     @property
     def hours(self) -> float:
-        return sum(s.samples for s in self.shards) * self.window_seconds / 3600
+        """Audio stored in the shards (overlapping segments count each time they are stored)."""
+        seconds = {s: self.layout(s).samples / self.sample_rate for s in SPLITS}
+        return sum(sh.samples * seconds.get(sh.split, 0.0) for sh in self.shards) / 3600
 
     # ------------------------------------------------------------ shards
     def split_shards(self, split: str) -> list[Shard]:
@@ -294,17 +295,6 @@ class Manifest:
                 f"[{m.frames}, {m.num_blendshapes}] header's size"
             )
         return m
-
-    def write(self) -> Path:
-        """Write ``manifest.json`` atomically (temp name, fsync, rename)."""
-        path = self.root / MANIFEST_NAME
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(self.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
 
 
 def load_manifest(data_dir: str | Path) -> Manifest:

@@ -14,6 +14,7 @@ dataset's leftover shards deleted and the new manifest renamed in last.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -27,6 +28,16 @@ LOCK_NAME = ".make_shards.lock"
 WORK_NAME = "in-progress"
 WORK_MARK = ".make_shards-work"  # inside WORK_NAME: the folder is ours
 REJECTS_NAME = "rejects.jsonl"
+JOURNAL_NAME = "commit.json"  # in WORK_NAME: what a swap-in does, written before it starts
+
+
+def _write_synced(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class OutDir:
@@ -41,6 +52,7 @@ class OutDir:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock()
+            self._finish_interrupted_commit()
             self._check_contents()
             self.work.mkdir(exist_ok=True)
             (self.work / WORK_MARK).touch()
@@ -99,8 +111,12 @@ class OutDir:
             return None
 
     def _check_contents(self) -> None:
-        ours = {LOCK_NAME} | ({WORK_NAME} if (self.work / WORK_MARK).is_file() else set())
-        others = sorted(p.name for p in self.path.iterdir() if p.name not in ours)
+        if self.work.exists() and not (self.work / WORK_MARK).is_file():
+            raise DatasetError(
+                f"--out {self.path} holds a folder {WORK_NAME}/ that is not make_shards' work "
+                "folder; make_shards needs that name: move it, or choose another --out"
+            )
+        others = sorted(p.name for p in self.path.iterdir() if p.name not in (LOCK_NAME, WORK_NAME))
         if not others:
             return
         if self.old_dataset() is None:
@@ -128,21 +144,35 @@ class OutDir:
             stale = {REJECTS_NAME} | {
                 n for s in old.shards for n in (s.name, idx_path(s.name).name)
             }
-        # from here the folder holds no complete dataset until the new manifest is renamed in:
-        # a few renames, which Ctrl-C must not cut in half
+        # from here the folder holds no complete dataset until the new manifest is renamed in.
+        # The journal, written first, lets the next run finish what a crash, a kill or a full
+        # disk cut short; Ctrl-C waits for these few renames
+        journal = {"manifest": manifest.to_json(), "new": new, "stale": sorted(stale - set(new))}
+        _write_synced(self.work / JOURNAL_NAME, json.dumps(journal))
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
+            self._apply(journal)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _apply(self, journal: dict) -> None:
+        try:
             (self.path / MANIFEST_NAME).unlink(missing_ok=True)
-            for name in new:
-                os.replace(self.work / name, self.path / name)
-            for name in sorted(stale - set(new)):
+            for name in journal["new"]:
+                if (self.work / name).exists():  # a resumed commit finds some moved already
+                    os.replace(self.work / name, self.path / name)
+            for name in journal["stale"]:
                 (self.path / name).unlink(missing_ok=True)
-            manifest.write()
+            _write_synced(self.path / MANIFEST_NAME, journal["manifest"])
         except OSError as exc:
             raise DatasetError(
                 f"could not move the new dataset into {self.path} ({exc.strerror or exc}): it "
-                f"holds no complete dataset now; rerun to finish"
+                "holds no complete dataset now; rerun the same command to finish"
             ) from None
-        finally:
-            signal.signal(signal.SIGINT, previous)
         shutil.rmtree(self.work, ignore_errors=True)
+
+    def _finish_interrupted_commit(self) -> None:
+        """An earlier run was cut short while swapping its dataset in: finish it first."""
+        path = self.work / JOURNAL_NAME
+        if (self.work / WORK_MARK).is_file() and path.is_file():
+            self._apply(json.loads(path.read_text()))

@@ -101,7 +101,8 @@ class TakeStore:
     def _put(self, rec: Recording, digest: str, result: Converted | Rejected):
         meta = self.root / f"{digest}.json"
         if isinstance(result, Rejected):
-            _atomic_write(meta, json.dumps({"reason": result.reason}).encode())
+            if not result.transient:  # a permission or I/O error may be fixed before a rerun
+                _atomic_write(meta, json.dumps({"reason": result.reason}).encode())
             return result
         take = result.take
         tmp = self.root / f"{digest}.bin.tmp"

@@ -30,6 +30,7 @@ TOLERANCE_SECONDS = 0.02
 TOLERANCE_RATIO = 0.0005
 ALIGNMENT_SECONDS = 0.02  # what the project promises: animation within 20 ms of its sound
 MAX_GAP_SECONDS = 0.1  # a longer hole between capture rows is not bridged
+CHUNK_FRAMES = 8192  # output frames resampled at a time
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,18 @@ def resample_frames(times: np.ndarray, values: np.ndarray, fps: float, n_out: in
     """
     times = np.asarray(times, np.float64)
     values = np.asarray(values, np.float64)
-    t_out = np.arange(n_out) / fps
-    out = np.empty((n_out, values.shape[1]), np.float64)
+    out = np.empty((n_out, values.shape[1]), np.float32)
+    for k in range(0, n_out, CHUNK_FRAMES):  # bounded memory on hour-long takes
+        t_out = np.arange(k, min(k + CHUNK_FRAMES, n_out)) / fps
+        out[k : k + len(t_out)] = _fit(times, values, t_out, 1.0 / fps)
+    return out
+
+
+def _fit(times: np.ndarray, values: np.ndarray, t_out: np.ndarray, half: float) -> np.ndarray:
+    """``resample_frames`` at the times ``t_out``, within ``half`` seconds of each."""
+    out = np.empty((len(t_out), values.shape[1]), np.float64)
     for j in range(values.shape[1]):
         out[:, j] = np.interp(t_out, times, values[:, j])
-    half = 1.0 / fps
     lo = np.searchsorted(times, t_out - half, side="right")
     hi = np.searchsorted(times, t_out + half, side="left")
     width = int((hi - lo).max(initial=0))
@@ -86,7 +94,7 @@ def resample_frames(times: np.ndarray, values: np.ndarray, fps: float, n_out: in
             dr = (d[rows] - mean_d[rows][:, None])[:, :, None]
             slope = (wr * dr * (v - mean_v[:, None, :])).sum(1) / (sw[rows] * var_d[rows])[:, None]
             out[rows] = mean_v - slope * mean_d[rows][:, None]  # the line's value at d = 0
-    return out.astype(np.float32)
+    return out
 
 
 def frame_to_sample(frame: int, rate: int, fps: int) -> int:

@@ -675,3 +675,15 @@ def test_gpu_augmentation_equals_the_cpu_graphs_in_distribution(segs, segs_membe
             noise = batch["wav"][i].numpy().astype(np.float64) - clean
             snr = 20 * np.log10(np.sqrt(np.mean(clean**2)) / np.sqrt(np.mean(noise**2)))
             assert abs(snr - float(batch["snr_db"][i])) <= 0.3, (key, snr)
+
+
+@pytest.mark.parametrize("backend", ["dali-cpu", "torch"])
+def test_a_fixed_value_is_a_range_of_one(segs, segs_members, backend):
+    """gain_db [3, 3]: every sample gets exactly +3 dB (DALI's uniform refuses an empty range;
+    draws are low + (high - low) * U[0, 1))."""
+    ref = segs_members["train"]
+    loader = make(backend, segs, batch_size=4, shuffle=True, seed=2, augment={"gain_db": [3, 3]})
+    for key, wav, _, p in samples(loader):
+        assert p["gain_db"] == pytest.approx(3.0, abs=1e-6)
+        plain, _ = ref.crop(key, p["offset"])
+        np.testing.assert_allclose(wav, plain * 10 ** (3 / 20), rtol=1e-5, atol=1e-7)

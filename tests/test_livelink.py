@@ -291,8 +291,8 @@ def test_fps_given_and_agreeing(tmp_path):
     np.testing.assert_allclose(anim.times, np.arange(240) / 60, rtol=0, atol=1e-9)
     # 59.94 reads the same non-drop numbers as frames at 60000/1001 per second
     anim = read(tmp_path, labels, fps=59.94)
-    assert anim.fps == 59.94
-    np.testing.assert_allclose(anim.times, np.arange(240) / 59.94, rtol=0, atol=1e-9)
+    assert anim.fps == 60000 / 1001
+    np.testing.assert_allclose(anim.times, np.arange(240) * 1001 / 60000, rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -412,3 +412,13 @@ def test_bom_crlf_quotes_and_unclipped_values(tmp_path):
     assert anim.fps == 60 and anim.values.shape == (240, 52)
     np.testing.assert_allclose(anim.times, np.arange(240) / 60, rtol=0, atol=1e-9)
     assert (anim.values[:, JAW] == np.float32(1.5)).all()
+
+
+def test_csv_fps_59_94_is_60000_over_1001_exactly(tmp_path):
+    from pipeline.livelink import NTSC, _capture_rate, parse_timecode_fields
+
+    codes = [
+        parse_timecode_fields(f"00:00:{s:02d}:{f:02d}.000") for s in range(3) for f in range(60)
+    ]
+    rate, note = _capture_rate(codes, 59.94)
+    assert rate == 60 * NTSC and "60000/1001" in note

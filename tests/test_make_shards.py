@@ -690,3 +690,10 @@ def test_val_split_is_chosen_among_recordings_that_gave_windows(tmp_path):
         assert run("--input", src, "--out", out, "--val-fraction", "0.1", "--seed", str(seed)) == 0
         m = json.loads((out / "manifest.json").read_text())
         assert m["splits"] == {"train": 2, "val": 1}, (seed, m["splits"])
+
+
+def test_a_segment_must_be_at_least_a_frame_longer_than_the_window(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run("--synthetic", "2", "--out", tmp_path / "o", "--segment-seconds", "10.01")
+    assert "--segment-seconds must be at least a frame longer" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

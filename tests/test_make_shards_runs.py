@@ -372,7 +372,7 @@ def test_a_users_folder_named_in_progress_is_not_taken_for_ours(tmp_path, capsys
     rc = run("--synthetic", "2", "--out", out)
     err = capsys.readouterr().err
     assert tree(out) == {f"{WORK}/notes.txt": b"the user's notes"}, (rc, err)
-    assert rc == 1 and "not one of our datasets" in err, (rc, err)
+    assert rc == 1 and "not make_shards' work folder" in err, (rc, err)
 
 
 # ---------------------------------------------------------------- 5. what a finished run leaves
@@ -406,3 +406,72 @@ def test_a_finished_run_leaves_only_the_dataset(tmp_path, monkeypatch):
         "train-000002.idx",
         "train-000002.tar",
     ]
+
+
+# ---------------------------------------------------------------- 6. found in review
+
+
+def test_a_users_in_progress_folder_beside_our_dataset_is_never_taken(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run("--synthetic", "4", "--val-fraction", "0", "--out", out) == 0
+    (out / WORK).mkdir()
+    (out / WORK / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert run("--synthetic", "4", "--val-fraction", "0", "--out", out, "--overwrite") == 1
+    assert "not make_shards' work folder" in capsys.readouterr().err
+    assert (out / WORK / "notes.txt").read_text() == "mine"
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_a_swap_cut_short_is_finished_by_the_next_run(tmp_path, monkeypatch, capsys):
+    """The swap-in writes a journal first: a failure half way through it (here a full disk on
+    the second rename) leaves no complete dataset, and the next run finishes it."""
+    from pipeline import build_loader
+    from pipeline.errors import DatasetError
+
+    args = ("--synthetic", "8", "--samples-per-shard", "2", "--val-fraction", "0")
+    ref = tmp_path / "ref"
+    assert run(*args, "--out", ref) == 0
+    out = tmp_path / "out"
+    assert run(*args, "--seed", "3", "--out", out) == 0
+    real_replace, calls = os.replace, []
+
+    def replace_until_full(src, dst):
+        if "in-progress" in str(src) and not str(src).endswith(".tmp"):
+            calls.append(src)
+            if len(calls) == 2:
+                raise OSError(28, "No space left on device", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_until_full)
+    assert run(*args, "--out", out, "--overwrite") == 1
+    monkeypatch.undo()
+    assert "rerun the same command to finish" in capsys.readouterr().err
+    with pytest.raises(DatasetError, match="no manifest.json"):
+        build_loader("torch", out, num_workers=0, device="cpu")
+    assert run(*args, "--out", out, "--overwrite") == 0
+    assert make_shards.main(["--verify", str(out)]) == 0
+    assert manifest(out)["shards"] == manifest(ref)["shards"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+
+
+def test_a_file_that_could_not_be_read_is_tried_again_on_the_rerun(tmp_path, monkeypatch):
+    """A permission or I/O error is not stored with the converted takes: fixed, it converts."""
+    from pipeline import audio as audio_module
+
+    src = tmp_path / "in"
+    pcm16_take(src, "a", 12.0, seed=1)
+    pcm16_take(src, "b", 12.0, seed=2)
+    real_read = audio_module.read_audio
+
+    def denied(path, *a, **kw):
+        if Path(path).stem == "b":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read(path, *a, **kw)
+
+    monkeypatch.setattr(audio_module, "read_audio", denied)
+    out = tmp_path / "out"
+    assert run("--input", src, "--out", out, "--strict", "--val-fraction", "0") == 1
+    monkeypatch.undo()
+    assert run("--input", src, "--out", out, "--strict", "--val-fraction", "0") == 0
+    assert manifest(out)["splits"]["train"] == 2

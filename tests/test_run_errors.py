@@ -466,3 +466,14 @@ def test_make_shards_flag_out_of_range_is_a_usage_error_before_any_work(
     assert f"{flag} must be {must}" in err, err
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_checkpoint_config_of_an_earlier_version_is_read_in_todays_keys():
+    from pipeline.errors import ConfigError
+    from train.config import load_config
+
+    old = {"data": {"drop_last": True, "batch_size": 4}, "train": {"grad_clip": 0}}
+    cfg = load_config(None, [], base=old)
+    assert cfg.data.batch_size == 4 and cfg.train.grad_clip is None
+    with pytest.raises(ConfigError, match="the checkpoint's config: unknown config key"):
+        load_config(None, [], base={"data": {"nonsense": 1}})

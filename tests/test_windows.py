@@ -168,3 +168,14 @@ def test_cut_take_clips_values_and_other_window_lengths():
         np.testing.assert_allclose(w.arkit, want, atol=1e-5, rtol=0)
     assert windows[0].arkit.min() == 0.0 and windows[0].arkit.max() == 1.0
     assert [w.start_sample for w in windows] == [0, 32000, 64000]
+
+
+def test_resampling_in_chunks_changes_nothing(monkeypatch):
+    from pipeline import windows
+
+    rng = np.random.default_rng(0)
+    t = np.sort(rng.uniform(0, 30, 1790))
+    v = rng.random((1790, 52)).astype(np.float32)
+    whole = windows.resample_frames(t, v, 30, 899)
+    monkeypatch.setattr(windows, "CHUNK_FRAMES", 7)
+    np.testing.assert_array_equal(windows.resample_frames(t, v, 30, 899), whole)

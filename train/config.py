@@ -199,7 +199,10 @@ def from_dict(d: dict, cfg: Config | None = None, where: str = "config") -> Conf
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: section {section!r} must be a mapping")
         for name, value in values.items():
-            _set(cfg, f"{section}.{name}", value)
+            try:
+                _set(cfg, f"{section}.{name}", value)
+            except ConfigError as exc:
+                raise ConfigError(exc if where == "config" else f"{where}: {exc}") from None
     return cfg
 
 
@@ -231,11 +234,22 @@ def read_yaml(path: str | Path) -> dict:
         ) from None
 
 
+def retire(old: dict) -> dict:
+    """A config saved by an earlier version (a checkpoint's) in today's keys: ``data.drop_last``
+    is gone (always true) and ``train.grad_clip: 0`` meant no clipping, today ``null``."""
+    new = {k: dict(v) if isinstance(v, dict) else v for k, v in (old or {}).items()}
+    if isinstance(new.get("data"), dict):
+        new["data"].pop("drop_last", None)
+    if isinstance(new.get("train"), dict) and new["train"].get("grad_clip") == 0:
+        new["train"]["grad_clip"] = None
+    return new
+
+
 def load_config(
     path: str | Path | None, overrides: list[str] = (), base: dict | None = None
 ) -> Config:
     """Defaults <- ``base`` (e.g. a checkpoint's config) <- YAML file <- ``--set`` overrides."""
-    cfg = from_dict(base or {}, where="the checkpoint's config")
+    cfg = from_dict(retire(base), where="the checkpoint's config")
     if path is not None:
         cfg = from_dict(read_yaml(path), cfg, where=str(path))
     for text in overrides:
