@@ -69,7 +69,7 @@ def environment(args, m: Manifest, device: torch.device, seq_mb_s: float) -> dic
             "train_samples": m.num_samples("train"),
             "train_shards": len(train_shards),
             "train_bytes": sum(s.bytes for s in train_shards),
-            "sample_bytes": m.sample_bytes,
+            "sample_bytes": m.layout("train").sample_bytes,
             "hours": m.hours,
             "sequential_read_mb_per_s": round(seq_mb_s, 1),
         },

@@ -172,7 +172,7 @@ def read_only_row(spec: RowSpec, args, m: Manifest, device: torch.device) -> Row
     """The member bytes of each batch, read from the page cache into one reused buffer."""
     fds = {tar: os.open(tar, os.O_RDONLY) for tar in m.tar_paths("train")}
     items = [(fds[r.tar], *r.wav, *r.npy) for r in sample_refs(m, "train")]
-    buf = memoryview(bytearray(args.batch_size * m.sample_bytes))
+    buf = memoryview(bytearray(args.batch_size * m.layout("train").sample_bytes))
     B = args.batch_size
 
     def stream(epoch: int) -> Iterator[int]:
@@ -196,7 +196,7 @@ def read_only_row(spec: RowSpec, args, m: Manifest, device: torch.device) -> Row
 
 
 def h2d_row(spec: RowSpec, args, m: Manifest, device: torch.device) -> Row:
-    n = args.batch_size * m.sample_bytes
+    n = args.batch_size * m.layout("train").sample_bytes
     host = torch.empty(n, dtype=torch.uint8).pin_memory()
     dev = torch.empty(n, dtype=torch.uint8, device=device)
 

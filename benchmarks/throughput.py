@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
 
     row_of = {r.name: r for r in rows}
     results = [
-        summarize(row_of[name], mode, reps[(name, mode)], B, m.sample_bytes)
+        summarize(row_of[name], mode, reps[(name, mode)], B, m.layout("train").sample_bytes)
         for mode in args.modes
         for name in names
         if (name, mode) in reps

@@ -159,21 +159,6 @@ class Manifest:
         return self.clip_samples / self.sample_rate
 
     @property
-    def wav_bytes(self) -> int:
-        """Size of one ``.wav`` member."""
-        return wav_bytes(self.clip_samples)
-
-    @property
-    def npy_bytes(self) -> int:
-        """Size of one ``.arkit.npy`` member."""
-        return self.npy_header_bytes + 4 * self.frames * self.num_blendshapes
-
-    @property
-    def sample_bytes(self) -> int:
-        """Bytes of one sample's wav + npy members: what every loader must read."""
-        return self.wav_bytes + self.npy_bytes
-
-    @property
     def identity(self) -> str:
         """A digest of the dataset's content (its layout and every shard's sha256): equal for
         the same data wherever it lies, different as soon as one shard differs."""
@@ -289,7 +274,7 @@ class Manifest:
             raise DatasetError(
                 f"{path}: wav_header_bytes {m.wav_header_bytes}, expected {WAV_HEADER_BYTES}"
             )
-        if m.npy_bytes != npy_member_bytes(m.frames, m.num_blendshapes):
+        if m.npy_header_bytes != m.layout("val").npy_header_bytes:
             raise DatasetError(
                 f"{path}: npy_header_bytes {m.npy_header_bytes} is not the float32 "
                 f"[{m.frames}, {m.num_blendshapes}] header's size"
