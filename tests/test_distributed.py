@@ -111,6 +111,8 @@ def _rank_main(rank: int, world: int, port: int, args: list[str], out: str) -> N
             "resumed_at": seen,
             "params": {k: v.detach().clone() for k, v in t.model.state_dict().items()},
             "loader": t.train_loader.state_dict(),
+            # the run let go of its DDP wrapper, so the gloo group is not torn down at exit
+            "released": t.net is t.model and t.train_step.net is t.model,
         },
         Path(out) / f"rank{rank}.pt",
     )
@@ -145,6 +147,7 @@ def test_ddp_ranks_stay_in_step_identical_and_resume_with_the_same_batches(
         _args(tmp_path / "full", tiny_dataset, loader, "train.max_steps=7"), tmp_path / "full-out"
     )
     assert [r["rc"] for r in full] == [0, 0]
+    assert [r["released"] for r in full] == [True, True]
     assert [r["step"] for r in full] == [7, 7]
     for k, v in full[0]["params"].items():
         assert torch.equal(v, full[1]["params"][k]), f"{k} differs across ranks"

@@ -12,6 +12,7 @@ checkpoint's config, then ``--config``, then ``--set`` on top.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -72,6 +73,7 @@ def resolve(args: argparse.Namespace) -> tuple[Config, dict | None, str]:
 
 def run(cfg: Config, loader: str, state: dict | None, resume: str | None) -> None:
     d, device = init_distributed(cfg.run.device)
+    trainer = None
     try:
         if cfg.run.torch_threads:
             torch.set_num_threads(cfg.run.torch_threads)
@@ -88,6 +90,10 @@ def run(cfg: Config, loader: str, state: dict | None, resume: str | None) -> Non
             trainer.say(f"{stop} at step {trainer.step}; continue with --resume {stop.checkpoint}")
             raise
     finally:
+        if trainer is not None:
+            trainer.release()
+        del trainer
+        gc.collect()  # the DDP reducer's cycles go before the group does, not at exit
         shutdown(d)
 
 

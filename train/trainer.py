@@ -137,6 +137,14 @@ class Trainer:
         except OSError as exc:
             raise RunError(f"could not append to {path} ({exc.strerror or exc})") from None
 
+    def release(self) -> None:
+        """Drop the DDP wrapper, so its reference to the process group dies with the run.
+
+        A gloo group still referenced at interpreter exit is torn down during finalization,
+        where its worker threads can abort the process (SIGABRT) after a successful run.
+        """
+        self.net = self.train_step.net = self.model
+
     def say(self, text: str) -> None:
         if self.dist.is_main:
             print(text, flush=True)
