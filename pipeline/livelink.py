@@ -26,12 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.arkit import canonical_columns
+from pipeline.arkit import INDEX, LIVE_LINK_EXTRA, LIVE_LINK_NAMES, canonical_columns
 from pipeline.errors import AnimationError
 
 LIVE_LINK_FPS = 60.0  # Live Link Face's usual rate; the rate of a file without timecodes
 NOMINAL_RATES = (24, 25, 30, 48, 50, 60)  # what the frame field of a timecode can count to
 NTSC = 1000 / 1001  # 59.94 = 60 * NTSC, 29.97 = 30 * NTSC
+# for each Live Link column in its order, that blendshape's position in the canonical order
+_LIVE_LINK_FROM_CANONICAL = np.array([INDEX[n.lower()] for n in LIVE_LINK_NAMES])
 _TIMECODE = re.compile(r"^\s*(\d{1,2}):(\d{2}):(\d{2})([:;.,])(\d{1,3})(?:\.(\d+))?\s*$")
 
 
@@ -192,3 +194,37 @@ def read_live_link_csv(path: str | Path, fps: float | None = None) -> Animation:
         return Animation(times, values.astype(np.float32), rate, 0, f"no timecodes: {rate:g} fps")
     times, kept, rate, note = timecode_times([row[tc_col] for row in body], fps)
     return Animation(times, values[kept].astype(np.float32), rate, len(values) - len(kept), note)
+
+
+def format_timecode(frame: int, fps: int) -> str:
+    """Live Link's ``HH:MM:SS:FF.fff`` for a frame counted from midnight at a whole ``fps``
+    (non-drop: FF counts 0 .. fps - 1; .fff, a fraction of a frame, is 0 for a frame start)."""
+    seconds, ff = divmod(int(frame), fps)
+    minutes, ss = divmod(seconds, 60)
+    hours, mm = divmod(minutes, 60)
+    return f"{hours % 24:02d}:{mm:02d}:{ss:02d}:{ff:02d}.000"
+
+
+def write_live_link_csv(
+    path: str | Path, values: np.ndarray, fps: int = int(LIVE_LINK_FPS), decimals: int = 6
+) -> None:
+    """Write ``values`` (``[T, 52]``, canonical order, in [0, 1]) as Live Link Face does: its
+    header (``Timecode``, ``BlendShapeCount``, the 52 names in its own order, the 9 head and eye
+    rotations, written as zeros) and one row per frame at ``fps`` from 00:00:00:00."""
+    if fps not in NOMINAL_RATES:
+        raise ValueError(f"fps {fps} is not a rate Live Link timecode counts at {NOMINAL_RATES}")
+    values = np.asarray(values, np.float64)
+    if values.ndim != 2 or values.shape[1] != len(LIVE_LINK_NAMES):
+        raise ValueError(f"values must be [T, {len(LIVE_LINK_NAMES)}], not {values.shape}")
+    ordered = np.clip(values[:, _LIVE_LINK_FROM_CANONICAL], 0.0, 1.0)
+    count = len(LIVE_LINK_NAMES) + len(LIVE_LINK_EXTRA)
+    zeros = ",".join(["0"] * len(LIVE_LINK_EXTRA))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write(",".join(("Timecode", "BlendShapeCount", *LIVE_LINK_NAMES, *LIVE_LINK_EXTRA)))
+        f.write("\n")
+        for k, row in enumerate(ordered):
+            cells = ",".join(f"{v:.{decimals}f}" for v in row)
+            f.write(f"{format_timecode(k, fps)},{count},{cells},{zeros}\n")
+    tmp.replace(path)

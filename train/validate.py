@@ -1,5 +1,6 @@
 """Validation: MSE and MAE over the whole val split, per blendshape, beside the train-set mean
-predictor's MSE; reduced over ranks under DDP."""
+predictor's; reduced over ranks under DDP. ``Scores`` is the one definition of these numbers:
+the trainer's validation and ``python -m infer --eval`` both add their batches to it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,80 @@ from pipeline.arkit import ARKIT_NAMES
 from pipeline.loading import EpochLoader
 from train.distributed import Dist, all_reduce_sum
 from train.step import autocast, targets
+
+JAW_OPEN = ARKIT_NAMES.index("jawOpen")
+
+
+class Scores:
+    """Running sums over predicted and true frames ``[..., nb]``: squared and absolute error per
+    blendshape, the mean predictor's too, and the sums Pearson's r of jawOpen needs."""
+
+    def __init__(self, nb: int, device: torch.device, mean_predictor: torch.Tensor | None):
+        z = torch.zeros(nb, dtype=torch.float64, device=device)
+        self.sq, self.ab, self.base_sq, self.base_ab = z, z.clone(), z.clone(), z.clone()
+        self.jaw = torch.zeros(6, dtype=torch.float64, device=device)
+        self.mean = mean_predictor
+
+    def add(self, pred: torch.Tensor, y: torch.Tensor) -> None:
+        err = pred.float() - y
+        dims = tuple(range(err.dim() - 1))
+        self.sq += err.square().sum(dims).double()
+        self.ab += err.abs().sum(dims).double()
+        if self.mean is not None:
+            base = self.mean - y
+            self.base_sq += base.square().sum(dims).double()
+            self.base_ab += base.abs().sum(dims).double()
+        x, t = pred[..., JAW_OPEN].double().flatten(), y[..., JAW_OPEN].double().flatten()
+        self.jaw += torch.stack(
+            [
+                torch.tensor(float(len(x)), dtype=torch.float64, device=x.device),
+                x.sum(),
+                t.sum(),
+                x.square().sum(),
+                t.square().sum(),
+                (x * t).sum(),
+            ]
+        )
+
+    def reduce(self, dist: Dist) -> None:
+        for t in (self.sq, self.ab, self.base_sq, self.base_ab, self.jaw):
+            all_reduce_sum(t, dist)
+
+    @property
+    def frames(self) -> int:
+        return int(self.jaw[0].item())
+
+    def record(self) -> dict:
+        """The numbers as plain floats: overall, per blendshape, jawOpen's Pearson r."""
+        n, nb = max(self.frames, 1), len(self.sq)
+        have_base = self.mean is not None
+        per = {}
+        for i, name in enumerate(ARKIT_NAMES[:nb]):
+            per[name] = {
+                "mse": float(self.sq[i] / n),
+                "mae": float(self.ab[i] / n),
+                "baseline_mse": float(self.base_sq[i] / n) if have_base else None,
+                "baseline_mae": float(self.base_ab[i] / n) if have_base else None,
+            }
+        mse = float(self.sq.sum() / (n * nb))
+        base = float(self.base_sq.sum() / (n * nb)) if have_base else None
+        return {
+            "mse": mse,
+            "mae": float(self.ab.sum() / (n * nb)),
+            "baseline_mse": base,
+            "baseline_mae": float(self.base_ab.sum() / (n * nb)) if have_base else None,
+            "mse_ratio": mse / base if base else None,
+            "jaw_open_pearson": pearson(*self.jaw.tolist()),
+            "per_blendshape": per,
+        }
+
+
+def pearson(n: float, sx: float, sy: float, sxx: float, syy: float, sxy: float) -> float | None:
+    """Pearson's r from running sums; None where either side is constant."""
+    vx, vy = n * sxx - sx * sx, n * syy - sy * sy
+    if n < 2 or vx <= 0 or vy <= 0:
+        return None
+    return (n * sxy - sx * sy) / math.sqrt(vx * vy)
 
 
 @torch.no_grad()
@@ -28,11 +103,7 @@ def validate(
 ) -> dict:
     """One unshuffled pass over ``loader`` (the same every time); the metrics as a record."""
     net.eval()
-    nb = loader.manifest.num_blendshapes
-    sq = torch.zeros(nb, dtype=torch.float64, device=device)
-    ab = torch.zeros_like(sq)
-    base = torch.zeros_like(sq)
-    count = torch.zeros(1, dtype=torch.float64, device=device)
+    scores = Scores(loader.manifest.num_blendshapes, device, mean_predictor)
     loader.set_epoch(0, restart=True)
     for batch_idx, batch in enumerate(loader):
         if max_batches is not None and batch_idx >= max_batches:
@@ -41,30 +112,19 @@ def validate(
         y = targets(batch["arkit"].to(device, non_blocking=True), target).float()
         with autocast(device, amp):
             pred = net(wav)
-        err = pred.float() - y
-        dims = tuple(range(err.dim() - 1))
-        sq += err.square().sum(dims).double()
-        ab += err.abs().sum(dims).double()
-        if mean_predictor is not None:
-            base += (mean_predictor - y).square().sum(dims).double()
-        count += math.prod(err.shape[:-1])
-    for t in (sq, ab, base, count):
-        all_reduce_sum(t, dist)
+        scores.add(pred, y)
+    scores.reduce(dist)
     net.train()
-    n = max(count.item(), 1)
-    mse = (sq.sum() / (n * nb)).item()
+    rec = scores.record()
     frames = 1 if target == "first_frame" else loader.manifest.frames
-    per_mae = (ab / n).cpu().numpy()
     return {
         "split": "val",
-        "loss": mse,
-        "mse": mse,
-        "mae": (ab.sum() / (n * nb)).item(),
-        "baseline_mse": (base.sum() / (n * nb)).item() if mean_predictor is not None else None,
-        "samples": int(count.item()) // frames,
-        "per_blendshape_mae": {
-            name: round(float(v), 6) for name, v in zip(ARKIT_NAMES, per_mae, strict=True)
-        },
+        "loss": rec["mse"],
+        "mse": rec["mse"],
+        "mae": rec["mae"],
+        "baseline_mse": rec["baseline_mse"],
+        "samples": scores.frames // frames,
+        "per_blendshape_mae": {k: round(v["mae"], 6) for k, v in rec["per_blendshape"].items()},
     }
 
 

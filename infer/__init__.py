@@ -1,0 +1,1 @@
+"""From a checkpoint to animation: ``python -m infer`` (Live Link CSVs, npy, reports)."""

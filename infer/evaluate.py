@@ -1,0 +1,114 @@
+"""Score a checkpoint on a dataset split the way ``python -m infer`` would use it: every frame
+of every sample predicted (a first_frame model slides over the sample), against the truth and
+the train split's mean frame, with the trainer's own metrics (``train.validate.Scores``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from infer.predict import Predictor
+from infer.report import group_mae, write_report
+from pipeline import build_loader
+from pipeline.errors import DatasetError
+from pipeline.manifest import SPLITS, load_manifest
+from train.builders import val_batch_size
+from train.distributed import Dist
+from train.validate import JAW_OPEN, Scores
+
+
+def evaluate(
+    predictor: Predictor,
+    data_dir: str | Path,
+    split: str = "val",
+    loader: str = "dali",
+    batch_size: int = 16,
+    dist: Dist | None = None,
+) -> tuple[dict, dict | None]:
+    """The evaluation record (see ``infer.report``) and the example window worth plotting: the
+    one whose true jawOpen moves most. Under DDP (``dist``) each rank scores its share."""
+    d = dist or Dist()
+    if split not in SPLITS:
+        raise DatasetError(f"no split {split!r}: choose from {', '.join(SPLITS)}")
+    dev = predictor.device
+    m = load_manifest(data_dir)
+    n = m.num_samples(split)
+    if n < d.world_size:
+        raise DatasetError(f"{m.root} has {n} samples in its {split} split: nothing to score")
+    lay = m.layout(split)
+    if m.sample_rate != predictor.sample_rate or m.fps != predictor.fps:
+        raise DatasetError(
+            f"{m.root} is at {m.sample_rate} Hz and {m.fps:g} fps; the checkpoint's model at "
+            f"{predictor.sample_rate} Hz and {predictor.fps:g} fps"
+        )
+    data = build_loader(
+        loader,
+        data_dir,
+        split=split,
+        batch_size=val_batch_size(n, d.world_size, batch_size),
+        device=dev,
+        shuffle=False,
+        rank=d.rank,
+        world_size=d.world_size,
+    )
+    mean = m.train_mean("sequence")  # every frame is scored: the mean frame is the baseline
+    scores = Scores(
+        m.num_blendshapes, dev, None if mean is None else torch.as_tensor(mean, device=dev)
+    )
+    example, best, index = None, -1.0, 0
+    data.set_epoch(0, restart=True)
+    for batch in data:
+        wav = batch["wav"]
+        y = batch["arkit"].to(dev).float()
+        if lay.frames == predictor.window_frames:
+            pred = predictor.window_batch(wav)
+        else:  # segments longer than the model's window
+            rows = [predictor.predict(w.cpu().numpy(), progress=False) for w in wav]
+            pred = torch.as_tensor(np.stack(rows), device=dev)[:, : lay.frames]
+        scores.add(pred, y)
+        spread = y[..., JAW_OPEN].std(dim=1)
+        i = int(spread.argmax())
+        if float(spread[i]) > best:
+            best = float(spread[i])
+            example = {
+                "pred": pred[i].cpu().numpy(),
+                "true": y[i].cpu().numpy(),
+                "index": index + i,
+            }
+        index += len(wav)
+    scores.reduce(d)
+    rec = scores.record()
+    rec["groups"] = group_mae({k: v["mae"] for k, v in rec["per_blendshape"].items()})
+    rec.update(
+        dataset=str(m.root),
+        split=split,
+        samples=scores.frames // lay.frames,
+        frames=scores.frames,
+        fps=float(m.fps),
+    )
+    if example is not None:
+        example.update(
+            fps=float(m.fps),
+            label=f"{split} sample {example.pop('index')}"
+            + (f" (rank {d.rank})" if d.enabled else ""),
+        )
+    return rec, example
+
+
+def report(
+    predictor: Predictor,
+    checkpoint: str | Path,
+    data_dir: str | Path,
+    out: str | Path,
+    split: str = "val",
+    loader: str = "dali",
+    step: int | None = None,
+) -> list[Path]:
+    """``evaluate`` and write ``out``/report.md, report.json and the PNGs; the paths written."""
+    rec, example = evaluate(predictor, data_dir, split, loader, predictor.batch_size)
+    rec = {"checkpoint": str(checkpoint), **rec}
+    if step is not None:
+        rec["step"] = step
+    return write_report(out, rec, example)

@@ -1,0 +1,180 @@
+"""From a checkpoint and audio of any length to blendshapes at the model's frame rate.
+
+A sequence model sees one window (10 s) at a time and its frames near a window's edges see
+padding instead of audio, so long audio is cut into windows that overlap: each window keeps
+only its frames at least ``margin`` frames from its edges (more than the model's receptive
+field, about 0.3 s for the sequence model), and neighbours crossfade over ``fade`` frames.
+Every kept frame is then what a window centred on it would predict, and no seam shows. A
+``first_frame`` model predicts the frame at the start of its clip from the next 0.3 s, so it
+slides: one clip per output frame, starting at that frame's sample.
+
+Frame k sits at k / fps seconds and its audio at sample round(k * rate / fps): the shard
+format's alignment rule, so a prediction lines up with its audio as the training data did.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from model import build_model
+from pipeline.errors import ConfigError, ResumeError
+from pipeline.manifest import FPS, WINDOW_FRAMES
+from train.checkpoint import load_checkpoint
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} but CUDA is not available")
+    return torch.device(device)
+
+
+def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, dict]:
+    """The checkpoint's model, built as it was trained (its ``model_args``), in eval mode."""
+    state = load_checkpoint(path)
+    args = state.get("model_args")
+    if not isinstance(args, dict) or "name" not in args or "target" not in args:
+        raise ResumeError(
+            f"checkpoint {path} does not record how its model was built (no model_args: "
+            "written by an older trainer); resume it once with this one to rewrite it"
+        )
+    kw = {k: v for k, v in args.items() if k not in ("name", "target")}
+    try:
+        model = build_model(args["name"], args["target"], **kw)
+        model.load_state_dict(state["model"])
+    except (ConfigError, TypeError, RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ResumeError(
+            f"checkpoint {path} holds a model this code cannot rebuild ({first})"
+        ) from None
+    return model.to(device).eval(), state
+
+
+@dataclass
+class Predictor:
+    """A model ready to turn audio into ``[T, num_blendshapes]`` at ``fps``."""
+
+    model: nn.Module
+    target: str  # "sequence" or "first_frame"
+    sample_rate: int
+    fps: float
+    window_frames: int  # a sequence model's frames per window
+    device: torch.device
+    batch_size: int = 16
+    margin: int | None = None  # frames dropped at each inner window edge (None: window / 10)
+    fade: int | None = None  # frames two windows crossfade over (None: window / 10)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, device: str = "auto", batch_size: int = 16
+    ) -> Predictor:
+        dev = pick_device(device)
+        model, state = load_model(path, dev)
+        a = state["model_args"]
+        # a first_frame model has no window of its own: the format's window, for --eval
+        frames, fps = int(a.get("frames", WINDOW_FRAMES)), float(a.get("fps", FPS))
+        return cls(model, a["target"], int(a["sample_rate"]), fps, frames, dev, batch_size)
+
+    # ------------------------------------------------------------ sizes
+    @property
+    def window_samples(self) -> int:
+        return self.sample(self.window_frames)
+
+    def sample(self, frame: int) -> int:
+        """The audio sample frame ``frame`` sits on."""
+        return int(round(frame * self.sample_rate / self.fps))
+
+    def frames_for(self, num_samples: int) -> int:
+        """Output frames for audio of ``num_samples``: every frame time inside the audio."""
+        return max(1, math.ceil(num_samples * self.fps / self.sample_rate - 1e-9))
+
+    def _edges(self) -> tuple[int, int, int]:
+        w = self.window_frames
+        margin = max(1, w // 10) if self.margin is None else self.margin
+        fade = max(1, w // 10) if self.fade is None else self.fade
+        step = w - 2 * margin - fade
+        if step < 1:
+            raise ConfigError(f"window of {w} frames is too short for margin {margin}, fade {fade}")
+        return margin, fade, step
+
+    # ------------------------------------------------------------ prediction
+    @torch.inference_mode()
+    def window_batch(self, wav: torch.Tensor) -> torch.Tensor:
+        """``wav [B, window_samples]`` -> ``[B, window_frames, nb]``: every frame of each window
+        (a first_frame model slides over it, its last clips running into zeros)."""
+        wav = wav.to(self.device, torch.float32)
+        if self.target == "sequence":
+            return self.model(wav).float()
+        padded = torch.nn.functional.pad(wav, (0, self.window_samples))
+        starts = [self.sample(k) for k in range(self.window_frames)]
+        return torch.stack([self._slide(row, starts) for row in padded])
+
+    def _slide(self, audio: torch.Tensor, starts: list[int]) -> torch.Tensor:
+        """First-frame predictions for clips of ``audio`` (1-D, on the device) at ``starts``."""
+        hop = self.model.mel.hop_length
+        need = (self.model.context - 1) * hop + 1
+        out = []
+        for i in range(0, len(starts), self.batch_size * 16):
+            idx = torch.tensor(starts[i : i + self.batch_size * 16], device=audio.device)
+            clips = audio[idx[:, None] + torch.arange(need, device=audio.device)]
+            out.append(self.model(clips).float())
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def predict(self, audio: np.ndarray, progress: bool | None = None) -> np.ndarray:
+        """Mono float32 audio at ``sample_rate``, any length -> ``[T, nb]`` float32 at ``fps``,
+        T = frames_for(len(audio)). ``progress``: a bar (None: only on a terminal, for long
+        inputs)."""
+        from tqdm import tqdm
+
+        n_out = self.frames_for(len(audio))
+        audio_t = torch.as_tensor(np.ascontiguousarray(audio, np.float32))
+        if self.target != "sequence":
+            need = (self.model.context - 1) * self.model.mel.hop_length + 1
+            padded = torch.nn.functional.pad(audio_t, (0, need)).to(self.device)
+            starts = [self.sample(k) for k in range(n_out)]
+            chunks = range(0, n_out, 4096)
+            bar = tqdm(chunks, desc="frames", unit="chunk", disable=_quiet(progress, len(chunks)))
+            parts = [self._slide(padded, starts[i : i + 4096]) for i in bar]
+            return torch.cat(parts).cpu().numpy()[:n_out]
+        margin, fade, step = self._edges()
+        w = self.window_frames
+        n_win = 1 + max(0, math.ceil((n_out - w) / step))
+        total = (n_win - 1) * step + w
+        audio_t = torch.nn.functional.pad(audio_t, (0, self.sample(total) - len(audio_t)))
+        acc = torch.zeros(total, 1, dtype=torch.float64)
+        out = None
+        ramp = (torch.arange(fade, dtype=torch.float64) + 0.5) / fade
+        batches = range(0, n_win, self.batch_size)
+        for b in tqdm(batches, desc="windows", unit="batch", disable=_quiet(progress, n_win)):
+            js = range(b, min(b + self.batch_size, n_win))
+            wav = torch.stack([audio_t[self.sample(j * step) :][: self.window_samples] for j in js])
+            pred = self.window_batch(wav).double().cpu()
+            if out is None:
+                out = torch.zeros(total, pred.shape[-1], dtype=torch.float64)
+            for row, j in zip(pred, js, strict=True):
+                wt = torch.ones(w, dtype=torch.float64)
+                if j > 0:  # drop the left margin, fade in
+                    wt[:margin] = 0
+                    wt[margin : margin + fade] = ramp
+                if j < n_win - 1:  # fade out, drop the right margin
+                    wt[w - margin - fade : w - margin] = ramp.flip(0)
+                    wt[w - margin :] = 0
+                s = j * step
+                out[s : s + w] += wt[:, None] * row
+                acc[s : s + w] += wt[:, None]
+        return (out / acc)[:n_out].float().numpy()
+
+
+def _quiet(progress: bool | None, units: int) -> bool | None:
+    """tqdm's ``disable``: off when asked, on when asked, else on a terminal past 8 units."""
+    if progress is None:
+        return None if units > 8 else True
+    return not progress

@@ -1,0 +1,290 @@
+"""``python -m infer``: checkpoints to Live Link CSVs and npys, seams, short inputs, the round
+trip through make_shards, the evaluation report's numbers, and bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from infer.cli import main as infer
+from infer.predict import Predictor
+from model import build_model
+from pipeline import build_loader, make_shards
+from pipeline.arkit import INDEX, LIVE_LINK_EXTRA, LIVE_LINK_NAMES
+from pipeline.livelink import write_live_link_csv
+from pipeline.manifest import load_manifest
+from pipeline.synthetic import make_take
+from train.cli import main as train
+
+SMALL = ["model.hidden=16", "model.n_mels=32", "data.batch_size=4", "run.progress=false"]
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tiny_dataset, tmp_path_factory) -> Path:
+    """A sequence model trained for a few steps on the tiny dataset: its best.pt."""
+    run = tmp_path_factory.mktemp("infer-run")
+    args = ["--loader", "torch"]
+    sets = ["train.target=sequence", "train.max_steps=6", "data.num_workers=0"]
+    for s in (*SMALL, f"data.dir={tiny_dataset}", f"run.dir={run}", *sets, "train.report=false"):
+        args += ["--set", s]
+    assert train(args) == 0
+    return run / "best.pt"
+
+
+def speech(seconds: float, seed: int = 5) -> np.ndarray:
+    return make_take(77, seed, seconds=seconds)[0]
+
+
+def sequence_predictor(**kw) -> Predictor:
+    torch.manual_seed(0)
+    m = build_model("sequence", "sequence", n_mels=32, hidden=16, frames=300, fps=30.0)
+    return Predictor(m.eval(), "sequence", 16000, 30.0, 300, torch.device("cpu"), **kw)
+
+
+def read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
+    rows = list(csv.reader(path.open(newline="")))
+    return rows[0], rows[1:]
+
+
+# ------------------------------------------------------------------ the CSV layout
+def test_live_link_csv_header_order_timecodes_and_values(tmp_path):
+    values = np.tile(np.arange(52, dtype=np.float32) / 100, (130, 1))
+    values[0, INDEX["jawopen"]] = 1.7  # out of range: clipped
+    write_live_link_csv(tmp_path / "a.csv", values, fps=60)
+    header, rows = read_csv(tmp_path / "a.csv")
+    assert header == ["Timecode", "BlendShapeCount", *LIVE_LINK_NAMES, *LIVE_LINK_EXTRA]
+    # Live Link's own order: JawRight before JawLeft, MouthRight before MouthLeft
+    assert header.index("JawRight") < header.index("JawLeft")
+    assert header.index("MouthRight") < header.index("MouthLeft")
+    assert len(rows) == 130
+    assert [r[0] for r in rows[:2]] == ["00:00:00:00.000", "00:00:00:01.000"]
+    assert rows[65][0] == "00:00:01:05.000" and rows[129][0] == "00:00:02:09.000"
+    assert {r[1] for r in rows} == {"61"}
+    for name in ("JawLeft", "MouthRight", "EyeBlinkLeft", "TongueOut"):
+        col = header.index(name)
+        assert float(rows[5][col]) == pytest.approx(INDEX[name.lower()] / 100, abs=1e-6)
+    assert float(rows[0][header.index("JawOpen")]) == 1.0
+    assert all(float(x) == 0.0 for x in rows[7][-9:])
+
+
+# ------------------------------------------------------------------ the command
+def test_cli_writes_csv_and_npy_of_the_audio_length(checkpoint, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    short = speech(2.5)
+    stereo = np.stack([short, short], 1)
+    # any rate and channel count: 44.1 kHz stereo, resampled as make_shards does
+    import soxr
+
+    sf.write(src / "short.wav", soxr.resample(stereo, 16000, 44100), 44100, subtype="FLOAT")
+    sf.write(src / "long.flac", speech(23.3, 6), 16000)
+    assert infer(["--checkpoint", str(checkpoint), str(src), "--out", str(tmp_path / "out")]) == 0
+    for stem, seconds in (("short", 2.5), ("long", 23.3)):
+        npy = np.load(tmp_path / "out" / f"{stem}.npy")
+        assert npy.dtype == np.float32 and npy.shape[1] == 52
+        assert abs(len(npy) - seconds * 30) <= 1
+        assert npy.min() >= 0 and npy.max() <= 1
+        header, rows = read_csv(tmp_path / "out" / f"{stem}.csv")
+        assert abs(len(rows) - seconds * 60) <= 1
+        values = np.array([[float(r[header.index(n)]) for n in LIVE_LINK_NAMES] for r in rows])
+        # row 2k of the 60 fps CSV is frame k of the 30 fps npy (Live Link order by name)
+        apple = np.array([INDEX[n.lower()] for n in LIVE_LINK_NAMES])
+        assert np.abs(values[::2][: len(npy)] - npy[: len(values[::2])][:, apple]).max() < 1e-6
+
+
+def test_no_seam_at_window_joins_for_constant_input():
+    p = sequence_predictor()
+    t = np.arange(16000 * 30) / 16000
+    tone = (0.3 * np.sin(2 * np.pi * 100 * t)).astype(np.float32)  # the same in every frame
+    y = p.predict(tone)
+    assert y.shape == (900, 52)
+    inner = y[30:-30]  # away from the audio's own ends
+    assert np.abs(inner - inner.mean(0)).max() < 1e-4
+    # without the overlap, windows side by side jump at each join: the test can see a seam
+    windows = torch.from_numpy(tone).reshape(3, 160000)
+    naive = p.window_batch(windows).reshape(900, 52).numpy()[30:-30]
+    assert np.abs(naive - naive.mean(0)).max() > 100 * np.abs(inner - inner.mean(0)).max()
+
+
+@pytest.mark.parametrize("near_join", [False, True])
+def test_a_click_is_predicted_at_its_time_wherever_it_falls(near_join):
+    p = sequence_predictor()
+    margin, fade, step = p._edges()
+    n = 16000 * 25
+    at = (step + margin + fade // 2) / 30 if near_join else 3.0  # mid-crossfade, or mid-window
+    silence = p.predict(np.zeros(n, np.float32))
+    clicked = np.zeros(n, np.float32)
+    i = int(round(at * 16000))
+    clicked[i : i + 32] = 0.9
+    response = np.abs(p.predict(clicked) - silence).sum(1)
+    # the response of one window to a click at 3 s, shifted to the click's time
+    single = np.zeros(160000, np.float32)
+    single[48000 : 48000 + 32] = 0.9
+    one = p.window_batch(torch.from_numpy(np.stack([single, np.zeros_like(single)])))
+    ref = np.abs((one[0] - one[1]).numpy()).sum(1)
+    lag = int(ref.argmax()) - 90
+    assert abs(int(response.argmax()) - (round(at * 30) + lag)) <= 1
+
+
+def test_short_input_is_padded_and_trimmed():
+    p = sequence_predictor()
+    audio = speech(0.5)
+    y = p.predict(audio)
+    assert y.shape == (15, 52)
+    padded = np.zeros(160000, np.float32)
+    padded[: len(audio)] = audio
+    full = p.window_batch(torch.from_numpy(padded)[None])[0].numpy()
+    np.testing.assert_allclose(y, full[:15], atol=1e-6)
+    assert p.predict(audio[:100]).shape == (1, 52)
+
+
+def test_first_frame_model_slides_its_context_over_the_audio():
+    torch.manual_seed(0)
+    m = build_model("simplified", "first_frame", n_mels=32, hidden=16).eval()
+    p = Predictor(m, "first_frame", 16000, 30.0, 300, torch.device("cpu"), batch_size=4)
+    audio = speech(4.0)
+    y = p.predict(audio)
+    assert y.shape == (120, 52)
+    need = (m.context - 1) * m.mel.hop_length + 1
+    for k in (0, 17, 64, 119):
+        start = round(k * 16000 / 30)
+        clip = np.zeros(need, np.float32)
+        part = audio[start : start + need]
+        clip[: len(part)] = part
+        with torch.no_grad():
+            want = m(torch.from_numpy(clip)[None])[0].numpy()
+        np.testing.assert_allclose(y[k], want, atol=1e-5)
+
+
+# ------------------------------------------------------------------ round trip
+@pytest.mark.parametrize("fps", [30, 60])
+def test_round_trip_through_make_shards(checkpoint, tmp_path, fps):
+    take = tmp_path / "take"
+    take.mkdir()
+    sf.write(take / "a.wav", speech(10.5), 16000, subtype="PCM_16")
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(checkpoint), str(take / "a.wav"), "--out", str(out)]
+    assert infer([*args, "--fps", str(fps)]) == 0
+    shutil.copy(out / "a.csv", take / "a.csv")
+    ds = tmp_path / "ds"
+    convert = ["--input", str(take), "--out", str(ds), "--val-fraction", "0", "--quiet"]
+    assert make_shards.main([*convert, "--workers", "1"]) == 0
+    loader = build_loader("torch", ds, batch_size=1, shuffle=False, num_workers=0, device="cpu")
+    (batch,) = list(loader)
+    got = batch["arkit"][0].numpy()  # [300, 52] at 30 fps, Apple order
+    p = np.load(out / "a.npy")[:300].astype(np.float64)
+    if fps == 30:  # frame for frame: only the CSV's 6 decimals differ
+        np.testing.assert_allclose(got, p, atol=1e-6)
+    else:  # 60 fps rows are the frames and their midpoints; make_shards' low-pass (1/4, 1/2,
+        # 1/4) brings them back as 3/4 p[k] + 1/8 (p[k-1] + p[k+1])
+        want = 0.75 * p[1:-1] + 0.125 * (p[:-2] + p[2:])
+        np.testing.assert_allclose(got[1:-1], want, atol=2e-6)
+        assert np.abs(got - p).max() < 0.05
+
+
+# ------------------------------------------------------------------ evaluation report
+def independent_scores(checkpoint: Path, dataset: Path) -> dict:
+    """The report's numbers, from the tars (tarfile, soundfile, numpy) and the model itself."""
+    state = torch.load(checkpoint, weights_only=True)
+    args = dict(state["model_args"])
+    model = build_model(args.pop("name"), args.pop("target"), **args)
+    model.load_state_dict(state["model"])
+    model.eval()
+    m = load_manifest(dataset)
+    preds, trues = [], []
+    for tar_path in m.tar_paths("val"):
+        with tarfile.open(tar_path) as tar:
+            members = {x.name: tar.extractfile(x).read() for x in tar.getmembers() if x.isfile()}
+        for name in sorted(k for k in members if k.endswith(".wav")):
+            wav, _ = sf.read(io.BytesIO(members[name]), dtype="float32")
+            true = np.load(io.BytesIO(members[name[:-4] + ".arkit.npy"]))
+            with torch.no_grad():
+                preds.append(model(torch.from_numpy(wav)[None])[0].numpy())
+            trues.append(true)
+    pred, true = np.concatenate(preds).astype(np.float64), np.concatenate(trues)
+    mean = np.asarray(m.train_stats["frame_mean"])
+    err = pred - true
+    return {
+        "mse": float((err**2).mean()),
+        "mae": float(np.abs(err).mean()),
+        "baseline_mse": float(((mean - true) ** 2).mean()),
+        "per_mae": np.abs(err).mean(0),
+        "jaw_r": float(np.corrcoef(pred[:, INDEX["jawopen"]], true[:, INDEX["jawopen"]])[0, 1]),
+        "frames": len(true),
+    }
+
+
+def test_eval_report_numbers_match_an_independent_computation(checkpoint, tiny_dataset, tmp_path):
+    out = tmp_path / "report"
+    args = ["--checkpoint", str(checkpoint), "--eval", str(tiny_dataset), "--out", str(out)]
+    assert infer([*args, "--loader", "torch"]) == 0
+    rec = json.loads((out / "report.json").read_text())
+    want = independent_scores(checkpoint, tiny_dataset)
+    assert rec["frames"] == want["frames"] and rec["samples"] == want["frames"] // 300
+    for key in ("mse", "mae", "baseline_mse"):
+        assert rec[key] == pytest.approx(want[key], rel=1e-4), key
+    assert rec["mse_ratio"] == pytest.approx(want["mse"] / want["baseline_mse"], rel=1e-4)
+    assert rec["jaw_open_pearson"] == pytest.approx(want["jaw_r"], abs=1e-4)
+    per = np.array([v["mae"] for v in rec["per_blendshape"].values()])  # Apple's order
+    np.testing.assert_allclose(per, want["per_mae"], rtol=1e-4, atol=1e-7)
+    jaw = ("jawForward", "jawLeft", "jawRight", "jawOpen")
+    jaw_mae = np.mean([rec["per_blendshape"][n]["mae"] for n in jaw])
+    assert rec["groups"]["jaw"] == pytest.approx(jaw_mae)
+    md = (out / "report.md").read_text()
+    assert "jawOpen" in md and "(curves.png)" in md and "(mae_by_blendshape.png)" in md
+    for png in ("curves.png", "mae_by_blendshape.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------ bad inputs
+def test_bad_checkpoints_are_named(checkpoint, tmp_path, capsys):
+    wav = tmp_path / "a.wav"
+    sf.write(wav, speech(1.0), 16000)
+    missing = tmp_path / "nope.pt"
+    assert infer(["--checkpoint", str(missing), str(wav), "--out", str(tmp_path / "o")]) == 1
+    assert f"error: checkpoint {missing} does not exist" in capsys.readouterr().err
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    assert infer(["--checkpoint", str(junk), str(wav), "--out", str(tmp_path / "o")]) == 1
+    assert f"checkpoint {junk} is unreadable" in capsys.readouterr().err
+    state = torch.load(checkpoint, weights_only=True)
+    state["model_args"]["hidden"] = 24  # a config that builds another shape
+    other = tmp_path / "other.pt"
+    torch.save(state, other)
+    assert infer(["--checkpoint", str(other), str(wav), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: checkpoint {other} holds a model this code cannot rebuild" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_audio_is_named_and_the_rest_still_convert(checkpoint, tmp_path, capsys):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    sf.write(src / "good.wav", speech(1.5), 16000)
+    sf.write(src / "sub" / "also.wav", speech(1.2), 16000)
+    (src / "bad.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunk")
+    out = tmp_path / "out"
+    assert infer(["--checkpoint", str(checkpoint), str(src), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"skipped {src / 'bad.wav'}: unreadable audio" in err
+    assert (out / "good.csv").is_file() and (out / "sub" / "also.csv").is_file()
+    assert not (out / "bad.csv").exists()
+    assert infer(["--checkpoint", str(checkpoint), str(src / "bad.wav"), "--out", str(out)]) == 1
+    assert infer(["--checkpoint", str(checkpoint), str(tmp_path / "x.wav"), "--out", str(out)]) == 1
+    assert f"error: input {tmp_path / 'x.wav'} does not exist" in capsys.readouterr().err
+
+
+def test_frames_for_durations():
+    p = sequence_predictor()
+    for seconds in (0.01, 1.0, 9.99, 10.0, 61.7):
+        assert p.frames_for(int(round(seconds * 16000))) == max(1, math.ceil(seconds * 30 - 1e-6))
