@@ -26,9 +26,11 @@ def evaluate(
     loader: str = "dali",
     batch_size: int = 16,
     dist: Dist | None = None,
+    options: dict | None = None,
 ) -> tuple[dict, dict | None]:
     """The evaluation record (see ``infer.report``) and the example window worth plotting: the
-    one whose true jawOpen moves most. Under DDP (``dist``) each rank scores its share."""
+    one whose true jawOpen moves most. Under DDP (``dist``) each rank scores its share;
+    ``options``: the loader backend's knobs."""
     d = dist or Dist()
     if split not in SPLITS:
         raise DatasetError(f"no split {split!r}: choose from {', '.join(SPLITS)}")
@@ -52,6 +54,7 @@ def evaluate(
         shuffle=False,
         rank=d.rank,
         world_size=d.world_size,
+        **(options or {}),
     )
     mean = m.train_mean("sequence")  # every frame is scored: the mean frame is the baseline
     scores = Scores(

@@ -111,7 +111,7 @@ class Predictor:
         (a first_frame model slides over it, its last clips running into zeros)."""
         wav = wav.to(self.device, torch.float32)
         if self.target == "sequence":
-            return self.model(wav).float()
+            return self._net(wav)
         padded = torch.nn.functional.pad(wav, (0, self.window_samples))
         starts = [self.sample(k) for k in range(self.window_frames)]
         return torch.stack([self._slide(row, starts) for row in padded])
@@ -124,8 +124,15 @@ class Predictor:
         for i in range(0, len(starts), self.batch_size * 16):
             idx = torch.tensor(starts[i : i + self.batch_size * 16], device=audio.device)
             clips = audio[idx[:, None] + torch.arange(need, device=audio.device)]
-            out.append(self.model(clips).float())
+            out.append(self._net(clips))
         return torch.cat(out)
+
+    def _net(self, wav: torch.Tensor) -> torch.Tensor:
+        """The model on raw audio; a model trained on the loader's log-mel gets its own front
+        end's log-mel of it (the loader's equals it: ``model.features``)."""
+        if getattr(self.model, "features", "wav") == "mel":
+            return self.model(self.model.mel(wav)).float()
+        return self.model(wav).float()
 
     @torch.inference_mode()
     def predict(self, audio: np.ndarray, progress: bool | None = None) -> np.ndarray:

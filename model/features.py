@@ -1,13 +1,74 @@
-"""Log-mel front end in torch: runs on whatever device the batch is on, nothing downloaded."""
+"""The log-mel features, defined once and computed two ways: ``LogMel`` in torch (the model's
+front end, on whatever device the batch is on) and ``dali_log_mel`` in a DALI graph (the
+loader's ``features: mel``). Both: a periodic Hann window of ``win_length`` centred in
+``n_fft``, frames centred at ``i * hop`` with reflect padding (``N // hop + 1`` frames), power
+spectrum, HTK-mel triangles with Slaney's area normalisation, then ``log10(x + 1e-6)``.
+tests/test_features.py holds them equal (about 2e-5 in log10 units, float32 rounding).
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from pipeline.members import SAMPLE_RATE
+
+FLOOR = 1e-6  # added to the mel power before the log: silence gives -6, not -inf
+FEATURES = ("wav", "mel")  # what a loader yields and a model takes: raw audio or log-mel
+
+
+@dataclass(frozen=True)
+class Mel:
+    """The log-mel settings: one source for the model's front end and the loader's graph."""
+
+    sample_rate: int = SAMPLE_RATE
+    n_fft: int = 512
+    win_length: int = 400  # 25 ms
+    hop_length: int = 160  # 10 ms: 100 frames per second
+    n_mels: int = 64
+    fmin: float = 40.0
+    fmax: float = 7600.0
+
+    def frames(self, num_samples: int) -> int:
+        """Frames of ``num_samples`` of audio: frame i is centred at sample i * hop."""
+        return num_samples // self.hop_length + 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def dali_log_mel(audio, mel: Mel):
+    """The DALI graph's log-mel of float32 ``audio`` [N] (a DataNode on the CPU or the GPU):
+    ``[n_mels, N // hop + 1]``, equal to ``LogMel``. DALI's own Hann window is shifted by half
+    a sample from torch's, so torch's is passed; DALI places the window at the start of the
+    ``n_fft`` buffer and torch centres it, which only rotates the buffer (same power)."""
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn
+
+    spec = fn.spectrogram(
+        audio,
+        nfft=mel.n_fft,
+        window_length=mel.win_length,
+        window_step=mel.hop_length,
+        window_fn=torch.hann_window(mel.win_length, dtype=torch.float64).tolist(),
+        center_windows=True,
+        reflect_padding=True,
+        power=2,
+        layout="ft",
+    )
+    bank = fn.mel_filter_bank(
+        spec,
+        sample_rate=mel.sample_rate,
+        nfilter=mel.n_mels,
+        freq_low=mel.fmin,
+        freq_high=mel.fmax,
+        mel_formula="htk",
+        normalize=True,
+    )
+    return dmath.log10(bank + FLOOR)
 
 
 def hz_to_mel(f: torch.Tensor | float) -> torch.Tensor:
@@ -45,6 +106,7 @@ class LogMel(nn.Module):
         fmax: float = 7600.0,
     ) -> None:
         super().__init__()
+        self.settings = Mel(sample_rate, n_fft, win_length, hop_length, n_mels, fmin, fmax)
         self.sample_rate = sample_rate
         self.n_fft, self.win_length, self.hop_length = n_fft, win_length, hop_length
         self.register_buffer("window", torch.hann_window(win_length), persistent=False)
@@ -68,4 +130,4 @@ class LogMel(nn.Module):
                 return_complex=True,
             )
             power = spec.real.square() + spec.imag.square()
-            return torch.log(torch.matmul(self.fb, power) + 1e-6) / math.log(10.0)
+            return torch.log(torch.matmul(self.fb, power) + FLOOR) / math.log(10.0)

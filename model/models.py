@@ -1,14 +1,44 @@
-"""Audio -> ARKit blendshape models. Both take ``wav [B, N]`` and end in a sigmoid ([0, 1])."""
+"""Audio -> ARKit blendshape models, ending in a sigmoid ([0, 1]). Each takes what its
+``features`` says: ``wav [B, N]`` (its own log-mel front end runs) or the loader's log-mel
+``[B, n_mels, T]`` (``data.features: mel``; the front end is skipped). A model refuses the other
+kind of input, so a checkpoint cannot silently be fed what it was not trained on."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from model.features import LogMel
+from model.features import FEATURES, LogMel
 from pipeline.arkit import NUM_BLENDSHAPES
 from pipeline.errors import ConfigError
 from pipeline.manifest import FPS, WINDOW_FRAMES
+
+
+class FrontEnd(nn.Module):
+    """The log-mel of ``wav`` for a ``features="wav"`` model, the given log-mel for "mel"."""
+
+    def __init__(self, features: str, n_mels: int, **mel) -> None:
+        super().__init__()
+        if features not in FEATURES:
+            raise ConfigError(f"unknown features {features!r}: choose {' or '.join(FEATURES)}")
+        self.features = features
+        self.mel = LogMel(n_mels=n_mels, **mel)
+        self.n_mels = n_mels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.features == "wav":
+            if x.dim() != 2:
+                raise ValueError(
+                    f"this model was trained on raw audio [B, samples]; got {tuple(x.shape)} "
+                    "(log-mel? set data.features: wav)"
+                )
+            return self.mel(x)
+        if x.dim() != 3 or x.shape[1] != self.n_mels:
+            raise ValueError(
+                f"this model was trained on log-mel [B, {self.n_mels}, frames]; got "
+                f"{tuple(x.shape)} (raw audio? set data.features: mel)"
+            )
+        return x
 
 
 def conv_block(cin: int, cout: int, kernel: int = 5, dilation: int = 1) -> nn.Sequential:
@@ -32,18 +62,25 @@ class SimplifiedModel(nn.Module):
         hidden: int = 128,
         context_seconds: float = 0.3,
         num_blendshapes: int = NUM_BLENDSHAPES,
+        features: str = "wav",
         **mel,
     ) -> None:
         super().__init__()
-        self.mel = LogMel(n_mels=n_mels, **mel)
+        self.front = FrontEnd(features, n_mels, **mel)
+        self.mel = self.front.mel
         self.context = max(1, int(round(context_seconds * self.mel.frames_per_second)))
         self.norm = nn.BatchNorm1d(n_mels)
         self.body = nn.Sequential(conv_block(n_mels, hidden, 3), conv_block(hidden, hidden, 3))
         self.head = nn.Linear(2 * hidden, num_blendshapes)
 
-    def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        hop = self.mel.hop_length
-        x = self.norm(self.mel(wav[:, : (self.context - 1) * hop + 1]))  # [B, n_mels, context]
+    @property
+    def features(self) -> str:
+        return self.front.features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.features == "wav":  # only the audio the first frames look at
+            x = x[:, : (self.context - 1) * self.mel.hop_length + 1]
+        x = self.norm(self.front(x)[:, :, : self.context])  # [B, n_mels, context]
         h = self.body(x)
         # the first frames matter most: their own features plus the context's average
         feat = torch.cat([h[:, :, :3].mean(-1), h.mean(-1)], dim=1)
@@ -60,11 +97,13 @@ class SequenceModel(nn.Module):
         frames: int = WINDOW_FRAMES,
         fps: float = FPS,
         num_blendshapes: int = NUM_BLENDSHAPES,
+        features: str = "wav",
         **mel,
     ) -> None:
         super().__init__()
         self.frames, self.fps = frames, fps
-        self.mel = LogMel(n_mels=n_mels, **mel)
+        self.front = FrontEnd(features, n_mels, **mel)
+        self.mel = self.front.mel
         self.norm = nn.BatchNorm1d(n_mels)
         self.encoder = nn.Sequential(conv_block(n_mels, hidden), conv_block(hidden, hidden))
         self.context = nn.Sequential(
@@ -74,8 +113,12 @@ class SequenceModel(nn.Module):
         )
         self.head = nn.Conv1d(hidden, num_blendshapes, 1)
 
-    def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        x = self.norm(self.mel(wav))  # [B, n_mels, T] at 100 fps
+    @property
+    def features(self) -> str:
+        return self.front.features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.front(x))  # [B, n_mels, T] at 100 fps
         h = self.encoder(x)
         # mel frame j is centred at j / mel_fps s and blendshape frame k at k / fps s: sample h
         # at those times

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 
 import torch
 
+from model.features import Mel, dali_log_mel
 from pipeline.augment import NAMES as AUGMENT_NAMES
 from pipeline.augment import Augment
 from pipeline.errors import ConfigError, DatasetError
@@ -67,6 +68,8 @@ def build_pipeline(
     augment: Augment | None = None,
     with_params: bool = False,
     crop: bool | None = None,
+    features: str = "wav",
+    mel: Mel | None = None,
 ):
     """The DALI graph over ``split`` of the dataset ``m``. ``device_id=None`` runs it on CPU
     operators only. ``options`` are the loader's knobs (threads, prefetch, read mode);
@@ -75,6 +78,8 @@ def build_pipeline(
     augmented) when its members are longer than the window or ``augment`` enables something;
     ``with_params`` adds the drawn values to the outputs (``PARAMS``, after ``OUTPUTS``);
     ``crop`` (default: as the loaders decide, ``EpochLoader.crops``) forces it either way.
+    ``features="mel"`` ends the audio's way in the log-mel (``model.features``, settings
+    ``mel``), on the device the audio is on: GPU operators on CUDA.
 
     ``gpu_ops`` (default: whether ``device_id`` is set) places the decode on GPU operators;
     ``gpu_ops=True`` with ``device_id=None`` defines the CUDA graph on a machine without CUDA,
@@ -139,6 +144,8 @@ def build_pipeline(
         if crop if crop is not None else split == "train" and (m.segmented or aug.enabled):
             audio, arkit, drawn = crop_and_augment(audio, arkit, m, aug, to_gpu)
             params = [drawn[name] for name in PARAMS] if with_params else []
+        if features == "mel":
+            audio = dali_log_mel(audio, mel or Mel(sample_rate=m.sample_rate))
         pipe.set_outputs(audio, arkit, source, *params)
     return pipe
 
@@ -212,6 +219,8 @@ class DaliLoader(EpochLoader):
             raise ConfigError(f"decode must be 'auto', 'gpu' or 'cpu', not {self.decode!r}")
         m = self.manifest
         self._wav_shape, self._arkit_shape = (m.clip_samples,), (m.frames, m.num_blendshapes)
+        if self.features == "mel":
+            self._wav_shape = (self.mel.n_mels, self.mel.frames(m.clip_samples))
         sample_refs(m, self.split)  # the start-up check, before DALI reads a byte
 
     def make_pipeline(self, plan: RankPlan):
@@ -238,6 +247,8 @@ class DaliLoader(EpochLoader):
             augment=self.augment,
             with_params=self.with_params,
             crop=self.crops,
+            features=self.features,
+            mel=self.mel,
         )
 
     def _error(self, what: str) -> DatasetError:
@@ -264,7 +275,7 @@ class DaliLoader(EpochLoader):
 
     def _params(self, out: dict) -> dict:
         """The samples' keys (from the member names DALI read) and what each drew."""
-        n = out["wav"].shape[0]
+        n = out["arkit"].shape[0]
         keys = [self._source(out, i).rpartition("/")[2].rpartition(":")[2] for i in range(n)]
         params = {"key": [k.partition(".")[0] for k in keys]}
         if not self.crops:
@@ -294,7 +305,9 @@ class DaliLoader(EpochLoader):
         try:
             pipe = self.make_pipeline(plan)
             pipe.build()
-            names = OUTPUTS + (PARAMS if self.with_params and self.crops else [])
+            names = [self.features, *OUTPUTS[1:]] + (
+                PARAMS if self.with_params and self.crops else []
+            )
             it = DALIGenericIterator(
                 [pipe],
                 names,
@@ -320,12 +333,12 @@ class DaliLoader(EpochLoader):
                     raise self._dali_failed(what, exc) from None
                 if i < skip:
                     continue
-                wav, arkit = out["wav"], out["arkit"]
+                wav, arkit = out[self.features], out["arkit"]
                 if wav.shape[1:] != self._wav_shape or arkit.shape[1:] != self._arkit_shape:
                     raise self._error(
                         f"{root}: batch {i} decoded to {tuple(wav.shape)} and "
-                        f"{tuple(arkit.shape)}, expected [B, {self._wav_shape[0]}] and "
-                        f"[B, {', '.join(map(str, self._arkit_shape))}]"
+                        f"{tuple(arkit.shape)}, expected {_shape(self._wav_shape)} and "
+                        f"{_shape(self._arkit_shape)}"
                     )
                 if self.options.check_values:
                     # one min/max per batch. On CUDA it is copied to pinned memory behind an
@@ -346,7 +359,7 @@ class DaliLoader(EpochLoader):
                 if wav.device != self.device:
                     wav = wav.to(self.device, non_blocking=True)
                     arkit = arkit.to(self.device, non_blocking=True)
-                batch = {"wav": wav, "arkit": arkit}
+                batch = {self.features: wav, "arkit": arkit}
                 if self.with_params:
                     batch.update(self._params(out))
                 yield batch
@@ -355,3 +368,7 @@ class DaliLoader(EpochLoader):
                 self._check_values(*pending[:3])
         finally:
             del it, pipe
+
+
+def _shape(dims: tuple[int, ...]) -> str:
+    return f"[B, {', '.join(map(str, dims))}]"

@@ -1,7 +1,9 @@
 """One loader interface, two backends (``dali`` and ``torch``), chosen by name.
 
 Iterating yields ``{"wav": float32 [B, clip_samples], "arkit": float32 [B, frames, 52]}`` on
-the loader's device. ``len()`` is batches per epoch; iterating again starts the next epoch
+the loader's device; with ``features="mel"``, ``"mel": float32 [B, n_mels, clip_samples // hop
++ 1]`` (``model.features``: the log-mel of the same audio, after crops and augmentation)
+instead of ``"wav"``. ``len()`` is batches per epoch; iterating again starts the next epoch
 (after an iteration stopped early it continues that epoch, unless ``set_epoch`` says otherwise);
 ``state_dict()`` / ``load_state_dict()`` resume mid-epoch with the same next batches. Which
 samples a rank reads comes from ``pipeline.sharding`` so both backends obey the same rules.
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from model.features import FEATURES, Mel
 from pipeline.augment import Augment
 from pipeline.errors import ConfigError, DatasetError, ResumeError
 from pipeline.manifest import Manifest, load_manifest
@@ -90,7 +93,11 @@ class EpochLoader:
         expect: dict | None = None,
         augment: Augment | dict | None = None,
         with_params: bool = False,
+        features: str = "wav",
+        mel: Mel | dict | None = None,
     ) -> None:
+        if features not in FEATURES:
+            raise ConfigError(f"features must be {' or '.join(FEATURES)}, not {features!r}")
         self.manifest: Manifest = load_manifest(data_dir)
         self.manifest.check(**(expect or {}))
         self.split = split
@@ -104,6 +111,13 @@ class EpochLoader:
         self.rank, self.world_size = rank, world_size
         self.augment = augment if isinstance(augment, Augment) else Augment.from_dict(augment)
         self.with_params = with_params
+        self.features = features
+        self.mel = mel if isinstance(mel, Mel) else Mel(**(mel or {}))
+        if features == "mel" and self.mel.sample_rate != self.manifest.sample_rate:
+            raise ConfigError(
+                f"log-mel settings are for {self.mel.sample_rate} Hz; {data_dir} is at "
+                f"{self.manifest.sample_rate} Hz"
+            )
         # train members longer than the window, or augmentation: a random crop per sample
         self.crops = split == "train" and (self.manifest.segmented or bool(self.augment.enabled))
         if self.crops:
@@ -204,13 +218,16 @@ def build_loader(
     expect: dict | None = None,
     augment: Augment | dict | None = None,
     with_params: bool = False,
+    features: str = "wav",
+    mel: Mel | dict | None = None,
     **options,
 ) -> EpochLoader:
     """Make a loader by backend name (a key of ``LOADERS``) with that backend's ``options``.
 
     ``augment``: the config's ``augment:`` section (see ``pipeline.augment``; the train split
     only); ``with_params``: each batch also carries ``"key"`` (the samples' keys) and
-    ``"offset"`` (crop offsets in frames), and each enabled augmentation's drawn values."""
+    ``"offset"`` (crop offsets in frames), and each enabled augmentation's drawn values;
+    ``features``: "wav" or "mel" (log-mel with the ``mel`` settings, ``model.features.Mel``)."""
     if name not in LOADERS:
         raise ConfigError(f"unknown loader {name!r}: choose from {', '.join(LOADERS)}")
     module, cls_name, options_cls = LOADERS[name]
@@ -234,5 +251,7 @@ def build_loader(
         expect=expect,
         augment=augment,
         with_params=with_params,
+        features=features,
+        mel=mel,
         options=options_cls(**options),
     )

@@ -6,7 +6,9 @@ in their DALI index (no pickle, no tar scanning), so a sampler can give this loa
 the order ``pipeline.sharding`` plans, which keeps ranks disjoint and resume exact. Every rank
 runs the same number of whole batches, so the last partial batch is always dropped.
 
-Crops and augmentation (``pipeline.augment``) run in the workers, in numpy and soxr, drawn
+With ``features="mel"`` the workers also compute the model's own log-mel front end
+(``model.features.LogMel``). Crops and augmentation (``pipeline.augment``) run in the workers,
+in numpy and soxr, drawn
 from the same distributions as the DALI graph's: each sample's generator is seeded by the
 epoch's seed and the sample's index, so an epoch replays exactly whatever the worker.
 """
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from model.features import LogMel, Mel
 from pipeline.augment import Augment, apply, draw
 from pipeline.errors import DatasetError, MemberError
 from pipeline.loading import EpochLoader, TorchOptions
@@ -39,8 +42,11 @@ class ShardSamples(Dataset):
         split: str,
         augment: Augment | None = None,
         with_params: bool = False,
+        mel: Mel | None = None,
     ) -> None:
         self.manifest = manifest
+        self.mel = mel  # features "mel": the model's own front end, here in the worker
+        self._front: LogMel | None = None
         self.layout = manifest.layout(split)
         self.items: list[SampleRef] = sample_refs(manifest, split)
         self.stamps = shard_stamps(manifest, split)
@@ -92,7 +98,14 @@ class ShardSamples(Dataset):
             out["key"] = self.items[i].key
         else:
             out = {}
-        return {"wav": torch.from_numpy(audio), "arkit": torch.from_numpy(arkit), **out}
+        wav = torch.from_numpy(audio)
+        if self.mel is None:
+            return {"wav": wav, "arkit": torch.from_numpy(arkit), **out}
+        if self._front is None:
+            self._front = LogMel(**self.mel.to_dict())
+        with torch.no_grad():
+            feats = self._front(wav[None])[0]
+        return {"mel": feats, "arkit": torch.from_numpy(arkit), **out}
 
 
 class _EpochSampler(Sampler):
@@ -117,7 +130,8 @@ class TorchLoader(EpochLoader):
         super().__init__(*args, **kw)
         self.options = o = options or TorchOptions()
         augment = self.augment if self.crops else None
-        self.dataset = ShardSamples(self.manifest, self.split, augment, self.with_params)
+        mel = self.mel if self.features == "mel" else None
+        self.dataset = ShardSamples(self.manifest, self.split, augment, self.with_params, mel)
         self._sampler = _EpochSampler()
         self.loader = DataLoader(
             self.dataset,
@@ -135,6 +149,6 @@ class TorchLoader(EpochLoader):
         self._sampler.seed = plan.epoch_seed
         for batch in self.loader:
             yield {
-                k: v.to(self.device, non_blocking=True) if k in ("wav", "arkit") else v
+                k: v.to(self.device, non_blocking=True) if k in ("wav", "mel", "arkit") else v
                 for k, v in batch.items()
             }

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from pipeline import build_loader
 
 ROOT = Path(__file__).resolve().parent.parent
+NO_REPORT = "train.report=false"  # the torchrun test writes one under DDP; these need none
 SMALL = [
     "model.hidden=16",
     "model.n_mels=32",
@@ -144,7 +145,8 @@ def test_ddp_ranks_stay_in_step_identical_and_resume_with_the_same_batches(
 ):
     # 36 train samples, 2 ranks, batch 4: 4 steps per epoch per rank. 7 steps cross an epoch.
     full = _spawn(
-        _args(tmp_path / "full", tiny_dataset, loader, "train.max_steps=7"), tmp_path / "full-out"
+        _args(tmp_path / "full", tiny_dataset, loader, "train.max_steps=7", NO_REPORT),
+        tmp_path / "full-out",
     )
     assert [r["rc"] for r in full] == [0, 0]
     assert [r["released"] for r in full] == [True, True]
@@ -157,7 +159,8 @@ def test_ddp_ranks_stay_in_step_identical_and_resume_with_the_same_batches(
     assert sorted(ref) == list(range(1, 8))
 
     part = _spawn(
-        _args(tmp_path / "part", tiny_dataset, loader, "train.max_steps=2"), tmp_path / "part-out"
+        _args(tmp_path / "part", tiny_dataset, loader, "train.max_steps=2", NO_REPORT),
+        tmp_path / "part-out",
     )
     assert [r["step"] for r in part] == [2, 2]
     resumed = _spawn(
@@ -206,3 +209,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, tiny_dataset):
     assert lines and all(x["world_size"] == 2 for x in lines)
     assert [x["step"] for x in lines if x["split"] == "train"] == [1, 2, 3, 4]
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 4
+    # best.pt's report: both ranks scored their half of the val split, rank 0 wrote it once
+    rec = json.loads((tmp_path / "run" / "report" / "report.json").read_text())
+    assert rec["samples"] == 4 and rec["frames"] == 4 * 300 and rec["step"] == 4
+    assert res.stdout.count("report on best.pt") == 1

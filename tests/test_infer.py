@@ -288,3 +288,26 @@ def test_frames_for_durations():
     p = sequence_predictor()
     for seconds in (0.01, 1.0, 9.99, 10.0, 61.7):
         assert p.frames_for(int(round(seconds * 16000))) == max(1, math.ceil(seconds * 30 - 1e-6))
+
+
+def test_the_trainer_writes_best_pts_report_unless_told_not_to(tiny_dataset, tmp_path):
+    sets = [*SMALL, f"data.dir={tiny_dataset}", "train.target=sequence", "train.epochs=2"]
+    sets += ["data.num_workers=0"]
+    runs = {}
+    for name, extra in (("on", []), ("off", ["train.report=false"])):
+        args = ["--loader", "torch"]
+        for s in (*sets, f"run.dir={tmp_path / name}", *extra):
+            args += ["--set", s]
+        assert train(args) == 0
+        runs[name] = tmp_path / name
+    assert not (runs["off"] / "report").exists()
+    rec = json.loads((runs["on"] / "report" / "report.json").read_text())
+    assert rec["checkpoint"] == str(runs["on"] / "best.pt")
+    assert rec["step"] == torch.load(runs["on"] / "best.pt", weights_only=True)["step"]
+    out = tmp_path / "eval"
+    args = ["--checkpoint", str(runs["on"] / "best.pt"), "--eval", str(tiny_dataset)]
+    assert infer([*args, "--out", str(out), "--loader", "torch"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    for key in ("mse", "mae", "baseline_mse", "jaw_open_pearson", "frames"):
+        assert rec[key] == pytest.approx(again[key], rel=1e-6), key
+    assert (runs["on"] / "report" / "mae_by_blendshape.png").is_file()

@@ -22,7 +22,7 @@ from conftest import build_synthetic
 
 from pipeline import make_shards
 from pipeline.tars import idx_path, read_index
-from train import trainer as trainer_module
+from train import runlog as runlog_module
 from train.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -363,7 +363,8 @@ def test_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(
 
     monkeypatch.setattr(torch, "save", save)
     run_dir = tmp_path / "run"
-    argv = train_args(run_dir, tiny_dataset, "train.max_steps=2", "run.checkpoint_every=1")
+    more = ("train.max_steps=2", "run.checkpoint_every=1", "run.tensorboard=false")
+    argv = train_args(run_dir, tiny_dataset, *more)  # no event file beside the checkpoints
     code, err = cli(argv, capsys)
     monkeypatch.undo()
     assert_user_error(code, err, str(run_dir / "last.pt"), "No space left")
@@ -382,8 +383,8 @@ def test_full_disk_while_appending_metrics_is_a_named_error(
             raise OSError(28, "No space left on device", str(file))
         return real_open(file, mode, *args, **kwargs)
 
-    # only the trainer's own open() (its metrics.jsonl) sees the full disk
-    monkeypatch.setattr(trainer_module, "open", full_disk_open, raising=False)
+    # only the run log's own open() (its metrics.jsonl) sees the full disk
+    monkeypatch.setattr(runlog_module, "open", full_disk_open, raising=False)
     run_dir = tmp_path / "run"
     code, err = cli(train_args(run_dir, tiny_dataset, "train.max_steps=2"), capsys)
     assert_user_error(code, err, str(run_dir / "metrics.jsonl"), "No space left")

@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from model import build_model
+from model.features import Mel
 from pipeline import build_loader
 from pipeline.loading import LOADERS, EpochLoader
 from pipeline.manifest import Manifest
+from pipeline.members import SAMPLE_RATE
 from train.config import Config
 from train.distributed import Dist
 
@@ -23,6 +25,14 @@ def val_batch_size(n_val: int, world_size: int, at_most: int) -> int:
     return max(b for b in range(1, min(at_most, share) + 1) if share % b == 0)
 
 
+def loader_options(cfg: Config, loader: str) -> dict:
+    """The backend's knobs from ``data:``, under their config names."""
+    options_cls = LOADERS[loader][2] if loader in LOADERS else None
+    if options_cls is None:
+        return {}
+    return {f.name: getattr(cfg.data, f.name) for f in dataclasses.fields(options_cls)}
+
+
 def make_loader(
     cfg: Config, loader: str, split: str, device: torch.device, d: Dist, n_val: int = 0
 ) -> EpochLoader:
@@ -30,10 +40,7 @@ def make_loader(
     batch = data.batch_size
     if split == "val":
         batch = val_batch_size(n_val, d.world_size, data.val_batch_size or batch)
-    options_cls = LOADERS[loader][2] if loader in LOADERS else None
-    options = {}
-    if options_cls is not None:  # the backend's knobs, under their config names
-        options = {f.name: getattr(data, f.name) for f in dataclasses.fields(options_cls)}
+    options = loader_options(cfg, loader)
     expect = {
         k: getattr(data, k) for k in ("sample_rate", "clip_samples", "frames", "num_blendshapes")
     }
@@ -49,6 +56,8 @@ def make_loader(
         world_size=d.world_size,
         expect=expect,
         augment=dataclasses.asdict(cfg.augment) if split == "train" else None,
+        features=data.features,
+        mel=mel_settings(cfg, m=None),
         **options,
     )
 
@@ -65,20 +74,26 @@ def build_loaders(
     return train, val
 
 
-def build_model_for(cfg: Config, m: Manifest) -> nn.Module:
-    """The configured model for the dataset's sizes and rates."""
+def mel_settings(cfg: Config, m: Manifest | None) -> Mel:
+    """The log-mel settings of the ``model:`` section, at the dataset's rate (or the config's
+    check value, else the format's): what the model's front end and the loader both use."""
     mc = cfg.model
+    rate = m.sample_rate if m is not None else cfg.data.sample_rate or SAMPLE_RATE
+    return Mel(rate, mc.n_fft, mc.win_length, mc.hop_length, mc.n_mels, mc.fmin, mc.fmax)
+
+
+def build_model_for(cfg: Config, m: Manifest) -> nn.Module:
+    """The configured model for the dataset's sizes and rates, taking ``data.features``."""
+    mc = cfg.model
+    mel = mel_settings(cfg, m).to_dict()
     return build_model(
         mc.name,
         cfg.train.target,
-        n_mels=mc.n_mels,
         hidden=mc.hidden,
-        n_fft=mc.n_fft,
-        win_length=mc.win_length,
-        hop_length=mc.hop_length,
-        sample_rate=m.sample_rate,
         frames=m.frames,
         fps=m.fps,
         num_blendshapes=m.num_blendshapes,
         context_seconds=mc.context_seconds,
+        features=cfg.data.features,
+        **mel,
     )

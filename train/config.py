@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from model.features import FEATURES
 from pipeline.augment import Augment
 from pipeline.errors import ConfigError
 from pipeline.loading import DaliOptions, TorchOptions
@@ -30,6 +31,8 @@ class DataConfig(DaliOptions, TorchOptions):
     batch_size: int = 16  # samples per batch per rank
     val_batch_size: int = 0  # 0: same as batch_size (clamped to what each rank's part holds)
     shuffle: bool = True  # seeded shuffle of the training split (val is never shuffled)
+    features: str = "wav"  # wav: raw audio, the model's front end runs in the step; mel: the
+    # loader computes the log-mel (model.n_mels, n_fft, win_length, hop_length, fmin, fmax)
     # checks against the dataset's manifest (null: take the dataset's value)
     sample_rate: int | None = None
     clip_samples: int | None = None
@@ -53,6 +56,8 @@ class ModelConfig:
     n_fft: int = 512
     win_length: int = 400  # 25 ms
     hop_length: int = 160  # 10 ms: 100 mel frames per second
+    fmin: float = 40.0  # the mel filters' lowest and highest frequencies (Hz)
+    fmax: float = 7600.0
     hidden: int = 128
     context_seconds: float = 0.3  # simplified model: audio it looks at from the clip's start
 
@@ -70,14 +75,16 @@ class TrainConfig:
     log_every: int = 10  # steps between train lines in metrics.jsonl
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     allow_new_data: bool = False  # let --resume continue on a dataset other than the checkpoint's
+    report: bool = True  # at the end, best.pt's evaluation report in run.dir/report (infer --eval)
 
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"  # metrics.jsonl, last.pt, best.pt
+    dir: str = "runs/default"  # metrics.jsonl, TensorBoard event files, last.pt, best.pt
     device: str = "auto"  # auto: CUDA when available
     checkpoint_every: int = 0  # steps between checkpoints (0: at the end of each epoch)
     progress: bool = True  # progress bar on rank 0
+    tensorboard: bool = True  # TensorBoard event files in run.dir (needs the tensorboard extra)
     torch_threads: int = 0  # CPU threads for torch ops (0: torch's default); on a small CPU
     # machine 1 leaves the other cores to the loader, which the step would otherwise fight
 
@@ -128,6 +135,9 @@ RANGES: dict[str, tuple[typing.Callable, str]] = {
     "model.win_length": _POSITIVE,
     "model.hop_length": _POSITIVE,
     "model.hidden": _POSITIVE,
+    "model.fmin": _NON_NEGATIVE,
+    "model.fmax": (lambda v: v > 0, "> 0"),
+    "data.features": (lambda v: v in FEATURES, " or ".join(FEATURES)),
     "model.context_seconds": (lambda v: v > 0, "> 0"),
     "train.epochs": _POSITIVE,
     "train.max_steps": (_NON_NEGATIVE[0], ">= 0 (0: no limit)"),
@@ -269,6 +279,8 @@ def validate(cfg: Config) -> None:
     m = cfg.model
     if m.win_length > m.n_fft:
         raise ConfigError(f"model.win_length ({m.win_length}) must be <= model.n_fft ({m.n_fft})")
+    if m.fmin >= m.fmax:
+        raise ConfigError(f"model.fmin ({m.fmin:g}) must be below model.fmax ({m.fmax:g})")
     if cfg.train.target == "first_frame" and m.name not in ("auto", "simplified"):
         raise ConfigError("train.target first_frame needs model.name simplified (or auto)")
     if cfg.train.target == "sequence" and m.name not in ("auto", "sequence"):

@@ -98,6 +98,11 @@ def fuse(opt: torch.optim.Optimizer) -> bool:
     return True
 
 
+def model_input(batch: dict) -> torch.Tensor:
+    """What the model takes from a batch: ``mel`` (data.features: mel) or ``wav``."""
+    return batch["mel"] if "mel" in batch else batch["wav"]
+
+
 class TrainStep:
     """``step(batch) -> loss`` (a 0-d tensor, not synchronised: call ``.item()`` to wait).
 
@@ -122,7 +127,7 @@ class TrainStep:
         self.last_skipped = torch.zeros((), dtype=torch.bool, device=device)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        wav = batch["wav"].to(self.device, non_blocking=True)
+        wav = model_input(batch).to(self.device, non_blocking=True)
         arkit = batch["arkit"].to(self.device, non_blocking=True)
         y = targets(arkit, self.target)
         with autocast(self.device, self.amp):

@@ -11,7 +11,7 @@ to bottom: for each epoch, train its steps, then validate and save.
 from __future__ import annotations
 
 import contextlib
-import json
+import copy
 import math
 import platform
 import signal
@@ -28,6 +28,7 @@ from pipeline.loading import EpochLoader
 from train.checkpoint import CHECKPOINT_KEYS, save_checkpoint
 from train.config import Config
 from train.distributed import Dist
+from train.runlog import RunLog
 from train.step import TrainStep, make_optimizer
 from train.validate import summary_lines, validate
 
@@ -68,11 +69,13 @@ class Trainer:
         self.mean_predictor = None if mean is None else torch.as_tensor(mean, device=device)
         self.run_dir = Path(cfg.run.dir)
         self._stop_signal: int | None = None
+        self.runlog: RunLog | None = None  # rank 0's metrics.jsonl and TensorBoard files
         if self.dist.is_main:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise RunError(f"run.dir {self.run_dir} cannot be made ({exc.strerror})") from None
+            self.runlog = RunLog(self.run_dir, tensorboard=cfg.run.tensorboard)
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -97,6 +100,14 @@ class Trainer:
                 f"{source} is not a checkpoint of this trainer (no {', '.join(missing)})"
             )
         self._check_dataset(state.get("dataset"), source)
+        had = (state.get("model_args") or {}).get("features", "wav")
+        has = getattr(self.model, "features", "wav")
+        if had != has:
+            raise ResumeError(
+                f"{source} was trained on data.features={had}; this run has "
+                f"data.features={has} (the model takes {had}): resume with --set "
+                f"data.features={had}"
+            )
         try:
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
@@ -130,12 +141,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         record = {**record, "world_size": self.dist.world_size, "loader": self.train_loader.name}
-        path = self.run_dir / "metrics.jsonl"
-        try:
-            with open(path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as exc:
-            raise RunError(f"could not append to {path} ({exc.strerror or exc})") from None
+        self.runlog.write(record)
 
     def release(self) -> None:
         """Drop the DDP wrapper, so its reference to the process group dies with the run.
@@ -152,16 +158,21 @@ class Trainer:
     # ------------------------------------------------------------ the loop
     def fit(self) -> dict | None:
         """Train until ``train.epochs`` or ``train.max_steps``; the last validation record."""
-        with self._signals_saved():
-            start = self.train_loader.epoch
-            for epoch in range(start, self.cfg.train.epochs):
-                if self._out_of_steps():
-                    break
-                self._train_epoch(epoch)
-                if not self._out_of_steps():
-                    self.train_loader.set_epoch(epoch + 1)  # a checkpoint now resumes there
-                self._end_epoch(epoch, first=epoch == start)
-        return self.last_val
+        try:
+            with self._signals_saved():
+                start = self.train_loader.epoch
+                for epoch in range(start, self.cfg.train.epochs):
+                    if self._out_of_steps():
+                        break
+                    self._train_epoch(epoch)
+                    if not self._out_of_steps():
+                        self.train_loader.set_epoch(epoch + 1)  # a checkpoint now resumes there
+                    self._end_epoch(epoch, first=epoch == start)
+            self._report()
+            return self.last_val
+        finally:
+            if self.runlog is not None:
+                self.runlog.close()  # flushes the event file, also when the run stops early
 
     def _train_epoch(self, epoch: int) -> None:
         t = self.cfg.train
@@ -170,17 +181,22 @@ class Trainer:
         total = min(len(self.train_loader), 3) if t.debug else len(self.train_loader)
         bar = self._progress(epoch, first, total)
         tick, seen = time.perf_counter(), 0
-        for batch_idx, batch in enumerate(self.train_loader, start=first):
+        since, waited = tick, 0.0  # the last train record; seconds spent waiting for data since
+        for batch_idx, (batch, wait) in enumerate(timed(self.train_loader), start=first):
+            waited += wait
             if t.debug and batch_idx >= 3:
                 break
             loss = self.train_step(batch)
             self.step += 1
-            seen += batch["wav"].shape[0] * self.dist.world_size
+            seen += batch["arkit"].shape[0] * self.dist.world_size
             if self.step % t.log_every == 0 or batch_idx == 0:
-                rate = seen / max(time.perf_counter() - tick, 1e-9)
+                now = time.perf_counter()
+                rate = seen / max(now - tick, 1e-9)
+                share = min(waited / max(now - since, 1e-9), 1.0)
+                since, waited = now, 0.0
                 loss_value = loss.item()  # the host waits here anyway: read the skip count too
                 skipped = int(self.train_step.skipped.item())
-                self._log_train(epoch, loss_value, rate, bar, skipped)
+                self._log_train(epoch, loss_value, rate, bar, skipped, share)
             bar.update(1)
             if self.cfg.run.checkpoint_every and self.step % self.cfg.run.checkpoint_every == 0:
                 self.save()
@@ -214,6 +230,53 @@ class Trainer:
             self.say(f"{self.cfg.data.dir} has no val split: training without validation")
         self.save()
 
+    def _report(self) -> None:
+        """best.pt's evaluation report in run.dir/report, as ``python -m infer --eval`` writes
+        it (not for debug runs, without validation, or for a model ``build_model`` did not make:
+        inference needs to know how it reads audio)."""
+        if not self.cfg.train.report or self.cfg.train.debug or self.val_loader is None:
+            return
+        if not hasattr(self.model, "build_args"):
+            self.say("no evaluation report: the model was not made by model.build_model")
+            return
+        from infer.evaluate import evaluate
+        from infer.predict import Predictor
+        from infer.report import write_report
+        from train.builders import loader_options
+
+        if self.dist.enabled:
+            torch.distributed.barrier()  # rank 0 has written best.pt
+        best = self.run_dir / "best.pt"
+        if not best.is_file():
+            return
+        state = torch.load(best, map_location=self.device, weights_only=True)
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(state["model"])
+        m = self.manifest
+        predictor = Predictor(
+            model.eval(),
+            self.cfg.train.target,
+            m.sample_rate,
+            m.fps,
+            m.frames,
+            self.device,
+            self.val_loader.batch_size,
+        )
+        loader = self.train_loader.name
+        rec, example = evaluate(
+            predictor,
+            m.root,
+            "val",
+            loader,
+            self.val_loader.batch_size,
+            self.dist,
+            loader_options(self.cfg, loader),
+        )
+        if self.dist.is_main:
+            rec = {"checkpoint": str(best), "step": int(state["step"]), **rec}
+            paths = write_report(self.run_dir / "report", rec, example)
+            self.say(f"report on {best.name} (step {rec['step']}): {paths[0].parent}/report.md")
+
     def _out_of_steps(self) -> bool:
         return bool(self.cfg.train.max_steps) and self.step >= self.cfg.train.max_steps
 
@@ -229,7 +292,9 @@ class Trainer:
             file=sys.stdout,
         )
 
-    def _log_train(self, epoch: int, loss: float, rate: float, bar, skipped: int = 0) -> None:
+    def _log_train(
+        self, epoch: int, loss: float, rate: float, bar, skipped: int = 0, wait_share: float = 0.0
+    ) -> None:
         bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.0f}")
         lr = self.opt.param_groups[0]["lr"]
         self.log(
@@ -241,6 +306,7 @@ class Trainer:
                 "lr": lr,
                 "samples_per_s": rate,
                 "skipped_steps": skipped,
+                "data_wait_share": wait_share,
             }
         )
 
@@ -268,6 +334,19 @@ class Trainer:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         self._stop_signal = int(flag.item()) or None
         return self._stop_signal is not None
+
+
+def timed(loader):
+    """Each batch with the seconds the loop waited for it: the host's time in the loader's
+    ``next`` (no CUDA sync, so a step still running on the GPU is not counted as waiting)."""
+    batches = iter(loader)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        yield batch, time.perf_counter() - start
 
 
 def seed_everything(seed: int) -> None:

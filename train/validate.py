@@ -12,7 +12,7 @@ from torch import nn
 from pipeline.arkit import ARKIT_NAMES
 from pipeline.loading import EpochLoader
 from train.distributed import Dist, all_reduce_sum
-from train.step import autocast, targets
+from train.step import autocast, model_input, targets
 
 JAW_OPEN = ARKIT_NAMES.index("jawOpen")
 
@@ -108,7 +108,7 @@ def validate(
     for batch_idx, batch in enumerate(loader):
         if max_batches is not None and batch_idx >= max_batches:
             break
-        wav = batch["wav"].to(device, non_blocking=True)
+        wav = model_input(batch).to(device, non_blocking=True)
         y = targets(batch["arkit"].to(device, non_blocking=True), target).float()
         with autocast(device, amp):
             pred = net(wav)
