@@ -4,7 +4,8 @@ On a CUDA machine with DALI it runs, in order, each step's stdout+stderr into ``
 ``pytest-gpu`` (``pytest -m gpu``); ``bench`` (``benchmarks/throughput.py --device cuda
 --repeats 3 --augment``: every row with augmentation off and on, in one run, read as
 ``bench-plain`` and ``bench-augment``); ``train-dali`` and ``train-torch`` (300 steps of
-``python -m train`` with each loader on data/bench, which the benchmark builds on first use).
+``python -m train`` with each loader on data/bench, which the benchmark builds on first use);
+``bench-mel`` (train mode, ``--mel``: the loaders with and without the log-mel in the graph).
 ``<out>/summary.md`` and ``summary.json``, rewritten after every step, hold the device, the
 CUDA/torch/DALI versions, each step's exit code and wall time, the benchmark's headline ratios
 (DALI against torch, the limit and, augmented, plain DALI) and each train run's final loss,
@@ -133,6 +134,9 @@ def plan(args: argparse.Namespace) -> list[Step]:
         bench += ["--rows", args.bench_rows] if args.bench_rows else []
         argv = [*bench, "--augment", "--out", str(out / "bench")]
         steps.append(Step("bench", argv, args.bench_timeout))
+        dali = "dali-raw" if args.allow_cpu else "dali-gpu"  # the log-mel in the loader, or not
+        mel = [*bench, "--mel", "--modes", "train", "--rows", f"torch,torch-mel,{dali},{dali}-mel"]
+        steps.append(Step("bench-mel", [*mel, "--out", str(out / "bench-mel")], args.bench_timeout))
     if "train" in args.steps:
         for loader in ("dali", "torch"):
             sets = [f"data.dir={args.data}", f"train.max_steps={args.train_steps}"]
@@ -222,9 +226,6 @@ def run_step(step: Step, log: Path) -> None:
         step.status = f"failed: exit {code}"
 
 
-# ---------------------------------------------------------------- figures
-
-
 def bench_figures(folder: Path, aug: str = "") -> dict:
     """Headline figures of one benchmark run, read from its throughput.json rows: per mode the
     DALI row (dali-gpu; dali-raw, its CPU stand-in, without CUDA) against torch and the limit;
@@ -277,14 +278,13 @@ def figures(steps: list[Step], out: Path) -> dict:
                 if step.name == "bench":
                     found["bench-plain"] = bench_figures(out / step.name)
                     found["bench-augment"] = bench_figures(out / step.name, "-aug")
+                elif step.name == "bench-mel":  # -mel against plain: dali_vs_plain_dali
+                    found["bench-mel"] = bench_figures(out / step.name, "-mel")
                 else:
                     found[step.name] = train_figures(out / step.name)
             except (OSError, ValueError, KeyError) as exc:
                 step.status = f"failed: its figures cannot be read ({type(exc).__name__}: {exc})"
     return found
-
-
-# ---------------------------------------------------------------- the summary
 
 
 def num(x, fmt: str = ",.0f") -> str:

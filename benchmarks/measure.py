@@ -203,33 +203,46 @@ def add_ratios(results: list[dict]) -> None:
 
 
 def trainer_step(
-    m: Manifest, batch_size: int, device: torch.device
+    m: Manifest, batch_size: int, device: torch.device, sequence: bool = False
 ) -> Callable[[dict], torch.Tensor]:
     """The trainer's own step (``train.step.TrainStep``): a SimplifiedModel on target
-    first_frame (the seed's), with the trainer's default AdamW, gradient clipping and AMP,
+    first_frame (the seed's), or with ``sequence`` a SequenceModel on all frames, which reads
+    the whole clip's log-mel: then a batch holding ``mel`` (a -mel row) goes to the same
+    network without its front end. The trainer's default AdamW, gradient clipping and AMP;
     warmed up."""
     from model import build_model
+    from model.features import Mel
     from train.config import TrainConfig
     from train.step import TrainStep, make_optimizer
 
     # the trainer's defaults, read rather than copied: a copy drifts (the old one lost clipping)
     t = TrainConfig()
-    torch.manual_seed(0)
-    net = build_model(
-        "simplified",
-        "first_frame",
-        sample_rate=m.sample_rate,
-        num_blendshapes=m.num_blendshapes,
-    )
-    net = net.to(device).train()
-    opt = make_optimizer(net.parameters(), t.lr, t.weight_decay, device)
-    step = TrainStep(net, opt, device, "first_frame", t.grad_clip, t.amp)
-    # the first steps pay one-off costs (kernels, optimizer state): not the first row's fault
-    dummy = {
-        "wav": torch.zeros(batch_size, m.clip_samples, device=device),
-        "arkit": torch.zeros(batch_size, m.frames, m.num_blendshapes, device=device),
-    }
-    for _ in range(2):
-        step(dummy)
+    name, target = ("sequence", "sequence") if sequence else ("simplified", "first_frame")
+    mel = Mel(sample_rate=m.sample_rate)
+    steps = {}
+    for features in ("wav", "mel") if sequence else ("wav",):
+        torch.manual_seed(0)
+        net = build_model(
+            name,
+            target,
+            frames=m.frames,
+            fps=m.fps,
+            num_blendshapes=m.num_blendshapes,
+            features=features,
+            **mel.to_dict(),
+        )
+        net = net.to(device).train()
+        opt = make_optimizer(net.parameters(), t.lr, t.weight_decay, device)
+        steps[features] = step = TrainStep(net, opt, device, target, t.grad_clip, t.amp)
+        # the first steps pay one-off costs (kernels, optimizer state): not a row's fault
+        x = torch.zeros(batch_size, m.clip_samples, device=device)
+        dummy = {
+            features: x if features == "wav" else net.mel(x),
+            "arkit": torch.zeros(batch_size, m.frames, m.num_blendshapes, device=device),
+        }
+        for _ in range(2):
+            step(dummy)
     sync(device)
-    return step
+    if not sequence:
+        return steps["wav"]
+    return lambda batch: steps["mel" if "mel" in batch else "wav"](batch)

@@ -44,6 +44,7 @@ class RowSpec:
     # the end of "row X needs CUDA...": what to run instead
     without_cuda: str = ""
     augmented: bool = False  # the same loader with crops and augmentation (--augment)
+    mel: bool = False  # the same loader yielding log-mel, data.features: mel (--mel)
 
     def row(
         self, what: str, stream: Callable[[int], Iterator], close: Callable[[], None] | None = None
@@ -62,7 +63,7 @@ def loader_stream(loader, epoch: int, device: torch.device) -> Iterator[dict[str
     while True:
         loader.set_epoch(epoch)
         for batch in loader:
-            if batch["wav"].device != device:  # only dali-raw on a CUDA machine
+            if batch["arkit"].device != device:  # only dali-raw on a CUDA machine
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             yield batch
         epoch += 1
@@ -80,6 +81,9 @@ def loader_row(
     if spec.augmented:
         options["augment"] = args.augment_config
         what += ", augmented: " + ", ".join(f"{k} {v}" for k, v in args.augment_config.items())
+    if spec.mel:  # the model's default log-mel settings, at the dataset's rate
+        options.update(features="mel", mel=args.mel_config)
+        what += ", log-mel in the loader"
     loader = build_loader(
         backend, args.data, batch_size=args.batch_size, device=loader_device or device, **options
     )
@@ -310,6 +314,12 @@ for _base in ("torch", "dali-cpu", "dali-gpu", "dali-raw"):
     ROWS[f"{_base}-aug"] = dataclasses.replace(
         _s, name=f"{_base}-aug", description=_s.description + ", augmented", augmented=True
     )
+# --mel: the loaders again, each yielding the model's log-mel instead of the audio
+for _base in ("torch", "dali-cpu", "dali-gpu", "dali-raw"):
+    _s = ROWS[_base]
+    ROWS[f"{_base}-mel"] = dataclasses.replace(
+        _s, name=f"{_base}-mel", description=_s.description + ", log-mel", mel=True
+    )
 ROW_ORDER = tuple(ROWS)
 
 
@@ -320,14 +330,16 @@ def augment_for(m: Manifest, speed_up: float = 1.1) -> dict:
     return {"gain_db": [-6.0, 6.0], "snr_db": [15.0, 40.0], "speed": [0.9, top]}
 
 
-def available_rows(device: torch.device, augment: bool = False) -> list[str]:
-    """The default rows: every row this machine can run, CPU stand-ins only without CUDA, and
-    the augmented ones with ``augment``."""
+def available_rows(device: torch.device, augment: bool = False, mel: bool = False) -> list[str]:
+    """The default rows: every row this machine can run, CPU stand-ins only without CUDA, the
+    augmented ones with ``augment`` and the log-mel ones with ``mel``."""
     cuda = device.type == "cuda"
     return [
         n
         for n, s in ROWS.items()
-        if (not s.cpu_stand_in if cuda else not s.needs_cuda) and (augment or not s.augmented)
+        if (not s.cpu_stand_in if cuda else not s.needs_cuda)
+        and (augment or not s.augmented)
+        and (mel or not s.mel)
     ]
 
 
@@ -341,11 +353,13 @@ def spec_for(name: str, device: torch.device) -> RowSpec:
     return spec
 
 
-def select_rows(rows: str | None, device: torch.device, augment: bool = False) -> list[str]:
+def select_rows(
+    rows: str | None, device: torch.device, augment: bool = False, mel: bool = False
+) -> list[str]:
     """The rows a ``--rows`` comma list names (default: ``available_rows``), checked, each
     once, in registry order."""
     names = [x.strip() for x in rows.split(",") if x.strip()] if rows else None
-    names = names or available_rows(device, augment)
+    names = names or available_rows(device, augment, mel)
     for name in names:
         spec_for(name, device)
     return sorted(dict.fromkeys(names), key=ROW_ORDER.index)
@@ -358,9 +372,12 @@ def make_row(name: str, args, m: Manifest, device: torch.device) -> Row:
 
 def rows_help() -> str:
     """The table of rows for ``--help``."""
-    lines = ["rows (--rows; the default is every row this machine can run, -aug with --augment):"]
+    lines = [
+        "rows (--rows; the default is every row this machine can run, -aug with --augment, "
+        "-mel with --mel):"
+    ]
     for s in ROWS.values():
-        if s.augmented:
+        if s.augmented or s.mel:
             continue
         cuda = " (CUDA only)" if s.needs_cuda else ""
         lines.append(f"  {s.name:14s} {s.description}{cuda}")

@@ -14,8 +14,9 @@ webdataset, DALI in each decode mode) and the limits (read-only, h2d-pinned, syn
 table is in ``--help``, generated from the registry in benchmarks/rows.py.
 
 Modes (``--modes``): ``loader`` iterates batches only; ``train`` also runs the trainer's step
-(``train.step.TrainStep``: SimplifiedModel forward/backward, gradient clipping, AdamW) on each
-batch and reports the share of time spent waiting in ``next()`` for data. Results go to
+(``train.step.TrainStep``: SimplifiedModel forward/backward, gradient clipping, AdamW; with
+``--mel`` the SequenceModel, on raw audio or the loader's log-mel) on each batch and reports the
+share of time spent waiting in ``next()`` for data. Results go to
 ``--out`` (default results/): throughput.json, .md and .png.
 """
 
@@ -39,6 +40,7 @@ from benchmarks.rows import (
     rows_help,
     select_rows,
 )
+from model.features import Mel
 from pipeline.errors import ArkitError
 from pipeline.loading import DaliOptions, resolve_device
 
@@ -122,6 +124,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="add the -aug rows: the loaders with random crops, gain, noise and speed",
     )
     p.add_argument(
+        "--mel",
+        action="store_true",
+        help="add the -mel rows (the loaders yielding log-mel, data.features: mel); the train "
+        "step becomes the sequence model, which reads the whole clip's log-mel, for every row",
+    )
+    p.add_argument(
         "--torch-threads",
         type=int,
         help="intra-op threads of the train step (default: 1 on CPU, torch's on CUDA)",
@@ -159,13 +167,14 @@ def run(args: argparse.Namespace) -> int:
         # with 10x spread (measured on 2 cores)
         torch.set_num_threads(args.torch_threads or 1)
     # rows checked before a dataset build that a typo would waste
-    names = select_rows(args.rows, device, args.augment)
+    names = select_rows(args.rows, device, args.augment, args.mel)
     data = Path(args.data)
     if not data.exists() and args.data in (DEFAULTS["data"], QUICK["data"]):
         data = ROOT / data  # the default location is inside the repository (git-ignored /data/)
     m = ensure_dataset(data, args.windows, 16 if args.quick else None)
     args.data = str(data)
     args.augment_config = augment_for(m)
+    args.mel_config = Mel(sample_rate=m.sample_rate)  # the model's default log-mel
 
     notes: list[str] = []
     B, n_train = args.batch_size, m.num_samples("train")
@@ -184,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     # thread pool (forking after OpenMP has started is fragile) and warms every code path
     for row in rows:
         measure(row, 0, args.warmup, 1, None, device)
-    steps = {"train": trainer_step(m, B, device)} if "train" in args.modes else {}
+    steps = {"train": trainer_step(m, B, device, args.mel)} if "train" in args.modes else {}
     try:
         reps = run_repeats(
             rows, args.modes, args.repeats, args.warmup, args.batches, steps, device, B

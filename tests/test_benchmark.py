@@ -173,6 +173,10 @@ def test_registry_drives_the_default_rows_and_the_help(capsys):
     aug = ["torch-aug", "dali-cpu-aug", "dali-raw-aug"]
     assert available_rows(CPU, augment=True) == available_rows(CPU) + aug
     assert ROWS["dali-gpu-aug"].needs_cuda and all(ROWS[n].augmented for n in aug)
+    # --mel adds each loader again yielding log-mel
+    mel = ["torch-mel", "dali-cpu-mel", "dali-raw-mel"]
+    assert available_rows(CPU, mel=True) == available_rows(CPU) + mel
+    assert "dali-gpu-mel" in available_rows(CUDA, mel=True) and ROWS["dali-gpu-mel"].needs_cuda
     # each row once, in registry order, whatever order --rows names them in
     assert select_rows("read-only, torch,torch", CPU) == ["torch", "read-only"]
     assert select_rows(None, CPU) == available_rows(CPU)
@@ -188,7 +192,21 @@ def test_registry_drives_the_default_rows_and_the_help(capsys):
         throughput.parse_args(["--help"])
     out = capsys.readouterr().out
     for spec in ROWS.values():
-        if not spec.augmented:  # the -aug rows are said once, in the heading
+        if not spec.augmented and not spec.mel:  # those are said once, in the heading
             assert f"  {spec.name:14s} {spec.description}" in out
-    assert "-aug with --augment" in out
+    assert "-aug with --augment" in out and "-mel with --mel" in out
     assert "python benchmarks/throughput.py --quick" in out
+
+
+@pytest.mark.slow
+def test_mel_rows_train_the_same_sequence_model_on_log_mel(tiny_dataset, tmp_path):
+    rows = "torch,torch-mel,dali-cpu,dali-cpu-mel"
+    args = ["--quick", "--data", str(tiny_dataset), "--out", str(tmp_path), "--workers", "1"]
+    assert throughput.main([*args, "--mel", "--rows", rows, "--modes", "train"]) == 0
+    result = json.loads((tmp_path / "throughput.json").read_text())
+    got = {r["name"]: r for r in result["rows"]}
+    assert sorted(got) == sorted(rows.split(","))
+    for name, r in got.items():
+        assert r["mode"] == "train" and r["samples_per_s"] > 0
+        assert ("log-mel in the loader" in r["what"]) == name.endswith("-mel")
+        assert 0 <= r["wait_share"] <= 1

@@ -43,13 +43,13 @@ def test_without_dali_it_says_so_and_exits_2(monkeypatch, tmp_path, capsys):
     assert not (tmp_path / "gpu").exists()
 
 
-def test_dry_run_prints_the_four_commands_even_without_cuda(monkeypatch, tmp_path, capsys):
+def test_dry_run_prints_the_five_commands_even_without_cuda(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out, data = tmp_path / "gpu", os.path.relpath(gpu_check.ROOT / "data" / "bench")
     assert gpu_check.main(["--dry-run", "--out", str(out)]) == 0
     lines = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
-    assert len(lines) == 4 and all(argv[0] == sys.executable for argv in lines)
-    tests, bench, dali, torch_ = lines
+    assert len(lines) == 5 and all(argv[0] == sys.executable for argv in lines)
+    tests, bench, mel, dali, torch_ = lines
     assert tests[1:] == [
         "-m",
         "pytest",
@@ -63,6 +63,10 @@ def test_dry_run_prints_the_four_commands_even_without_cuda(monkeypatch, tmp_pat
     assert flag(bench, "--device") == "cuda" and flag(bench, "--repeats") == "3"
     assert flag(bench, "--data") == data and flag(bench, "--out") == str(out / "bench")
     assert "--quick" not in bench and "--rows" not in bench and "--augment" in bench
+    # train mode with the log-mel in the loader and without, same rows otherwise
+    assert mel[: len(bench) - 3] == bench[: len(bench) - 3] and "--mel" in mel
+    assert flag(mel, "--rows") == "torch,torch-mel,dali-gpu,dali-gpu-mel"
+    assert flag(mel, "--modes") == "train" and flag(mel, "--out") == str(out / "bench-mel")
     for argv, loader in ((dali, "dali"), (torch_, "torch")):
         assert argv[1:5] == ["-m", "train", "--loader", loader]
         run_dir = f"run.dir={out / f'train-{loader}'}"
@@ -88,8 +92,9 @@ def test_plan_on_cpu_quick(tmp_path, capsys):
         "bench,train",
     ]
     assert gpu_check.main(argv) == 0
-    bench, dali, torch_ = (shlex.split(x) for x in capsys.readouterr().out.splitlines())
+    bench, mel, dali, torch_ = (shlex.split(x) for x in capsys.readouterr().out.splitlines())
     assert "--quick" in bench and flag(bench, "--device") == "cpu" and "--repeats" not in bench
+    assert flag(mel, "--rows") == "torch,torch-mel,dali-raw,dali-raw-mel"
     for train in (dali, torch_):
         assert {"data.dir=D", "train.max_steps=5", "run.device=cpu"} <= set(sets(train))
 
@@ -128,7 +133,7 @@ def test_quick_cpu_run_writes_results_and_a_summary(tiny_dataset, tmp_path, caps
     assert gpu_check.main([*argv, "--bench-rows", rows, "--train-steps", "3"]) == 0
     doc = json.loads((out / "summary.json").read_text())
     steps = {s["name"]: s for s in doc["steps"]}
-    assert doc["ok"] and list(steps) == ["bench", "train-dali", "train-torch"]
+    assert doc["ok"] and list(steps) == ["bench", "bench-mel", "train-dali", "train-torch"]
     for name, s in steps.items():
         assert s["exit_code"] == 0, s
         assert finite(s["wall_s"]) and (out / f"{name}.log").is_file()
@@ -154,6 +159,9 @@ def test_quick_cpu_run_writes_results_and_a_summary(tiny_dataset, tmp_path, caps
     md = (out / "summary.md").read_text()
     assert "every step passed" in md and "| bench-plain | loader | dali-raw |" in md
     assert "| bench-augment | loader | dali-raw-aug |" in md
+    mel = doc["figures"]["bench-mel"]  # train mode only: the log-mel in the loader or not
+    assert mel["dali_row"] == "dali-raw-mel" and list(mel) == ["dali_row", "train"]
+    assert finite(mel["train"]["dali_vs_plain_dali"]) and "| bench-mel | train |" in md
     assert "| train-torch | 3 |" in md and "failed" not in md
     assert "summary.md" in capsys.readouterr().out
 
