@@ -56,6 +56,8 @@ def environment(args, m: Manifest, device: torch.device, seq_mb_s: float) -> dic
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
+        # the train mode's model: --mel compares audio and log-mel on the sequence model
+        "train_model": "SequenceModel" if getattr(args, "mel", False) else "SimplifiedModel",
         "load_average_start": list(os.getloadavg()),
         "versions": {
             "python": platform.python_version(),
@@ -128,7 +130,8 @@ def markdown(results: list[dict], env: dict, notes: list[str]) -> str:
             ]
         else:
             lines += [
-                f"## train mode (SimplifiedModel step per batch; ratio to limit = to `{limit}`)",
+                f"## train mode ({env.get('train_model', 'SimplifiedModel')} step per batch; "
+                f"ratio to limit = to `{limit}`)",
                 "",
                 "| row | steps/s | samples/s (median [min–max]) | data wait | × torch "
                 "| × limit | CPU ms/sample | cores busy | what |",

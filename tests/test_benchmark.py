@@ -210,3 +210,4 @@ def test_mel_rows_train_the_same_sequence_model_on_log_mel(tiny_dataset, tmp_pat
         assert r["mode"] == "train" and r["samples_per_s"] > 0
         assert ("log-mel in the loader" in r["what"]) == name.endswith("-mel")
         assert 0 <= r["wait_share"] <= 1
+    assert "(SequenceModel step per batch;" in (tmp_path / "throughput.md").read_text()
