@@ -160,3 +160,15 @@ def test_features_setting_is_checked():
         load_config(None, ["data.features=fbank"])
     with pytest.raises(ConfigError, match="model.fmin"):
         load_config(None, ["model.fmin=8000"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decode", ["gpu", "cpu"])
+def test_gpu_log_mel_equals_the_model_front_end(tiny_dataset, decode):
+    """On CUDA the spectrogram and mel filter bank run on GPU operators: same numbers."""
+    args = dict(split="val", batch_size=4, shuffle=False, device="cuda", decode=decode)
+    wav = next(iter(build_loader("dali", tiny_dataset, **args)))
+    mel = next(iter(build_loader("dali", tiny_dataset, **args, features="mel", mel=SYN_MEL)))
+    assert mel["mel"].is_cuda and mel["mel"].shape == (4, 32, 1001)
+    ref = LogMel(**SYN_MEL.to_dict())(wav["wav"].cpu())
+    assert_same_log_mel(mel["mel"].cpu(), ref)
