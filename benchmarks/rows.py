@@ -169,6 +169,18 @@ def webdataset_row(spec: RowSpec, args, m: Manifest, device: torch.device) -> Ro
     return spec.row(what, stream)
 
 
+def threads_row(spec: RowSpec, args, m: Manifest, device: torch.device) -> Row:
+    from benchmarks.threads_loader import ThreadBatches
+
+    loader = ThreadBatches(m, args.batch_size, device, threads=args.threads)
+    pinned = " pinned" if device.type == "cuda" else ""
+    what = (
+        f"thread pool of {args.threads}, preadv into a preallocated{pinned} batch, int16 -> "
+        "float32 in place, 2 batches ahead"
+    )
+    return spec.row(what, loader.stream, loader.close)
+
+
 # ---------------------------------------------------------------- limit rows
 
 
@@ -247,6 +259,11 @@ ROWS: dict[str, RowSpec] = {
             "webdataset",
             webdataset_row,
             "the webdataset library's own loader (WebLoader, 4 workers), our parsers",
+        ),
+        RowSpec(
+            "threads",
+            threads_row,
+            "reference: a thread pool preadv-ing members into a preallocated batch (~80 lines)",
         ),
         RowSpec(
             "dali-cpu",

@@ -63,6 +63,7 @@ DEFAULTS = dict(
     batches=40,  # timed batches per repeat
     repeats=3,
     workers=4,  # torch and webdataset workers, as the seed's DataLoader
+    threads=os.cpu_count() or 1,  # the threads row's pool: one per CPU (measured best on 2)
     wds_shuffle=128,  # webdataset's sample buffer; the shards are pre-shuffled on disk
     dali_threads=_DALI.dali_threads,  # 0: one per CPU, at most 4
     dali_prefetch=_DALI.dali_prefetch,
@@ -103,6 +104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--workers", type=int, default=DEFAULTS["workers"], help="torch and webdataset workers"
     )
     p.add_argument("--wds-shuffle", type=int, default=DEFAULTS["wds_shuffle"])
+    p.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="threads row's pool")
     p.add_argument(
         "--dali-threads",
         type=int,

@@ -105,9 +105,14 @@ def run_inputs(predictor, args) -> int:
         tick = time.perf_counter()
         values = predictor.predict(audio, progress=args.progress)
         seconds = len(audio) / predictor.sample_rate
-        csv, npy, rows = write_outputs(
-            values, predictor.fps, args.fps, seconds, Path(args.out) / rel
-        )
+        try:
+            csv, npy, rows = write_outputs(
+                values, predictor.fps, args.fps, seconds, Path(args.out) / rel
+            )
+        except OSError as exc:
+            print(f"skipped {src}: cannot write {Path(args.out) / rel}.* ({exc})", file=sys.stderr)
+            failed += 1
+            continue
         took = time.perf_counter() - tick
         total_audio, total_time = total_audio + seconds, total_time + took
         print(

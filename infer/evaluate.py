@@ -54,13 +54,14 @@ def evaluate(
         shuffle=False,
         rank=d.rank,
         world_size=d.world_size,
+        crop=False,  # every frame of every sample: segments whole, not cropped
         **(options or {}),
     )
     mean = m.train_mean("sequence")  # every frame is scored: the mean frame is the baseline
     scores = Scores(
         m.num_blendshapes, dev, None if mean is None else torch.as_tensor(mean, device=dev)
     )
-    example, best, index = None, -1.0, 0
+    example, best, index = None, -1.0, 0  # index: samples seen
     data.set_epoch(0, restart=True)
     for batch in data:
         wav = batch["wav"]
@@ -87,7 +88,7 @@ def evaluate(
     rec.update(
         dataset=str(m.root),
         split=split,
-        samples=scores.frames // lay.frames,
+        samples=scores.frames // lay.frames,  # every sample holds lay.frames, uncropped
         frames=scores.frames,
         fps=float(m.fps),
     )

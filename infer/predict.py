@@ -25,6 +25,7 @@ from torch import nn
 from model import build_model
 from pipeline.errors import ConfigError, ResumeError
 from pipeline.manifest import FPS, WINDOW_FRAMES
+from pipeline.members import SAMPLE_RATE
 from train.checkpoint import load_checkpoint
 
 
@@ -80,7 +81,8 @@ class Predictor:
         a = state["model_args"]
         # a first_frame model has no window of its own: the format's window, for --eval
         frames, fps = int(a.get("frames", WINDOW_FRAMES)), float(a.get("fps", FPS))
-        return cls(model, a["target"], int(a["sample_rate"]), fps, frames, dev, batch_size)
+        rate = int(a.get("sample_rate", SAMPLE_RATE))
+        return cls(model, a["target"], rate, fps, frames, dev, batch_size)
 
     # ------------------------------------------------------------ sizes
     @property
@@ -118,8 +120,7 @@ class Predictor:
 
     def _slide(self, audio: torch.Tensor, starts: list[int]) -> torch.Tensor:
         """First-frame predictions for clips of ``audio`` (1-D, on the device) at ``starts``."""
-        hop = self.model.mel.hop_length
-        need = (self.model.context - 1) * hop + 1
+        need = self.model.clip_samples
         out = []
         for i in range(0, len(starts), self.batch_size * 16):
             idx = torch.tensor(starts[i : i + self.batch_size * 16], device=audio.device)
@@ -144,7 +145,7 @@ class Predictor:
         n_out = self.frames_for(len(audio))
         audio_t = torch.as_tensor(np.ascontiguousarray(audio, np.float32))
         if self.target != "sequence":
-            need = (self.model.context - 1) * self.model.mel.hop_length + 1
+            need = self.model.clip_samples
             padded = torch.nn.functional.pad(audio_t, (0, need)).to(self.device)
             starts = [self.sample(k) for k in range(n_out)]
             chunks = range(0, n_out, 4096)

@@ -216,12 +216,21 @@ def write_report(out_dir, rec: dict, example: dict | None) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "report.json", out / "report.md", out / "mae_by_blendshape.png"]
-    paths[0].write_text(json.dumps(rec, indent=2) + "\n")
     _plot_mae(rec, paths[2])
     if example is not None:
         fps = float(example.get("fps") or rec.get("fps") or 30.0)
         _plot_curves(example, fps, out / "curves.png")
         paths.append(out / "curves.png")
-    # last, so report.md never links a figure that failed to render
+    # last, so report.md never links a figure that failed to render; NaN (a diverged model)
+    # is written as null, which JSON readers accept
     paths[1].write_text(_markdown(rec, example))
+    paths[0].write_text(json.dumps(_finite(rec), indent=2) + "\n")
     return paths
+
+
+def _finite(x):
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x

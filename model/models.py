@@ -77,9 +77,15 @@ class SimplifiedModel(nn.Module):
     def features(self) -> str:
         return self.front.features
 
+    @property
+    def clip_samples(self) -> int:
+        """The audio the first ``context`` log-mel frames see: up to the last frame's centre
+        plus half an FFT, so they equal the whole clip's (as the loader's log-mel is)."""
+        return (self.context - 1) * self.mel.hop_length + self.mel.n_fft // 2 + 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.features == "wav":  # only the audio the first frames look at
-            x = x[:, : (self.context - 1) * self.mel.hop_length + 1]
+            x = x[:, : self.clip_samples]
         x = self.norm(self.front(x)[:, :, : self.context])  # [B, n_mels, context]
         h = self.body(x)
         # the first frames matter most: their own features plus the context's average

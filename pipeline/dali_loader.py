@@ -218,9 +218,12 @@ class DaliLoader(EpochLoader):
         if self.decode not in DECODES:
             raise ConfigError(f"decode must be 'auto', 'gpu' or 'cpu', not {self.decode!r}")
         m = self.manifest
-        self._wav_shape, self._arkit_shape = (m.clip_samples,), (m.frames, m.num_blendshapes)
+        # a window, or the whole member where nothing is cropped (segments with crop=False)
+        lay = m.layout(self.split)
+        samples, frames = (m.clip_samples, m.frames) if self.crops else (lay.samples, lay.frames)
+        self._wav_shape, self._arkit_shape = (samples,), (frames, m.num_blendshapes)
         if self.features == "mel":
-            self._wav_shape = (self.mel.n_mels, self.mel.frames(m.clip_samples))
+            self._wav_shape = (self.mel.n_mels, self.mel.frames(samples))
         sample_refs(m, self.split)  # the start-up check, before DALI reads a byte
 
     def make_pipeline(self, plan: RankPlan):

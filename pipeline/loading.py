@@ -95,6 +95,7 @@ class EpochLoader:
         with_params: bool = False,
         features: str = "wav",
         mel: Mel | dict | None = None,
+        crop: bool | None = None,
     ) -> None:
         if features not in FEATURES:
             raise ConfigError(f"features must be {' or '.join(FEATURES)}, not {features!r}")
@@ -120,6 +121,10 @@ class EpochLoader:
             )
         # train members longer than the window, or augmentation: a random crop per sample
         self.crops = split == "train" and (self.manifest.segmented or bool(self.augment.enabled))
+        if crop is False:  # whole members, as stored (an evaluation of the train split)
+            if self.augment.enabled:
+                raise ConfigError("augmentation needs crops: crop=False takes no augment")
+            self.crops = False
         if self.crops:
             self.augment.check_fits(self.manifest.segment_frames, self.manifest.frames)
         if len(self) == 0:
@@ -220,6 +225,7 @@ def build_loader(
     with_params: bool = False,
     features: str = "wav",
     mel: Mel | dict | None = None,
+    crop: bool | None = None,
     **options,
 ) -> EpochLoader:
     """Make a loader by backend name (a key of ``LOADERS``) with that backend's ``options``.
@@ -227,7 +233,8 @@ def build_loader(
     ``augment``: the config's ``augment:`` section (see ``pipeline.augment``; the train split
     only); ``with_params``: each batch also carries ``"key"`` (the samples' keys) and
     ``"offset"`` (crop offsets in frames), and each enabled augmentation's drawn values;
-    ``features``: "wav" or "mel" (log-mel with the ``mel`` settings, ``model.features.Mel``)."""
+    ``features``: "wav" or "mel" (log-mel with the ``mel`` settings, ``model.features.Mel``);
+    ``crop=False``: a segmented train split's whole segments, uncropped (for evaluation)."""
     if name not in LOADERS:
         raise ConfigError(f"unknown loader {name!r}: choose from {', '.join(LOADERS)}")
     module, cls_name, options_cls = LOADERS[name]
@@ -253,5 +260,6 @@ def build_loader(
         with_params=with_params,
         features=features,
         mel=mel,
+        crop=crop,
         options=options_cls(**options),
     )

@@ -153,6 +153,7 @@ def test_registry_drives_the_default_rows_and_the_help(capsys):
     assert available_rows(CPU) == [
         "torch",
         "webdataset",
+        "threads",
         "dali-cpu",
         "dali-cpu-mmap",
         "dali-raw",
@@ -162,6 +163,7 @@ def test_registry_drives_the_default_rows_and_the_help(capsys):
     assert available_rows(CUDA) == [
         "torch",
         "webdataset",
+        "threads",
         "dali-cpu",
         "dali-cpu-mmap",
         "dali-gpu",
@@ -211,3 +213,26 @@ def test_mel_rows_train_the_same_sequence_model_on_log_mel(tiny_dataset, tmp_pat
         assert ("log-mel in the loader" in r["what"]) == name.endswith("-mel")
         assert 0 <= r["wait_share"] <= 1
     assert "(SequenceModel step per batch;" in (tmp_path / "throughput.md").read_text()
+
+
+def test_threads_row_gives_the_torch_loaders_tensors_across_epochs(tiny_dataset):
+    """The reference loader reads the torch baseline's order: the same tensors, bit for bit,
+    into the next epoch (36 samples, batch 4: 9 batches an epoch)."""
+    from benchmarks.threads_loader import ThreadBatches
+    from pipeline import build_loader
+    from pipeline.manifest import load_manifest
+
+    rows = ThreadBatches(load_manifest(tiny_dataset), 4, CPU, threads=2)
+    try:
+        stream = rows.stream(0)
+        got = [{k: v.clone() for k, v in next(stream).items()} for _ in range(12)]
+    finally:
+        rows.close()
+    torch_loader = build_loader(
+        "torch", tiny_dataset, batch_size=4, shuffle=True, seed=0, num_workers=0, device="cpu"
+    )
+    want = list(torch_loader)  # epoch 0, then epoch 1
+    want += list(torch_loader)
+    assert len(want) == 18
+    for a, b in zip(got, want, strict=False):
+        assert torch.equal(a["wav"], b["wav"]) and torch.equal(a["arkit"], b["arkit"])

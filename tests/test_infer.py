@@ -155,7 +155,7 @@ def test_first_frame_model_slides_its_context_over_the_audio():
     audio = speech(4.0)
     y = p.predict(audio)
     assert y.shape == (120, 52)
-    need = (m.context - 1) * m.mel.hop_length + 1
+    need = m.clip_samples
     for k in (0, 17, 64, 119):
         start = round(k * 16000 / 30)
         clip = np.zeros(need, np.float32)
@@ -311,3 +311,22 @@ def test_the_trainer_writes_best_pts_report_unless_told_not_to(tiny_dataset, tmp
     for key in ("mse", "mae", "baseline_mse", "jaw_open_pearson", "frames"):
         assert rec[key] == pytest.approx(again[key], rel=1e-6), key
     assert (runs["on"] / "report" / "mae_by_blendshape.png").is_file()
+
+
+def test_eval_of_a_segmented_train_split_scores_whole_segments(checkpoint, tmp_path):
+    """Segments longer than the window are scored whole (not the loaders' random crops), the
+    same with both loaders."""
+    from infer.evaluate import evaluate
+    from tests.conftest import build_synthetic
+
+    ds = build_synthetic(tmp_path / "seg", 6, "--segment-seconds", "12", "--val-fraction", "0")
+    n = load_manifest(ds).num_samples("train")
+    p = Predictor.from_checkpoint(checkpoint, "cpu", batch_size=4)
+    got = {}
+    for loader in ("dali", "torch"):
+        opts = {"num_workers": 0} if loader == "torch" else {}
+        rec, example = evaluate(p, ds, "train", loader, batch_size=2, options=opts)
+        assert rec["samples"] == n and rec["frames"] == n * 360
+        assert example["pred"].shape == example["true"].shape == (360, 52)
+        got[loader] = rec["mse"]
+    assert got["dali"] == pytest.approx(got["torch"], rel=1e-6)

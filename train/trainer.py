@@ -168,7 +168,9 @@ class Trainer:
                     if not self._out_of_steps():
                         self.train_loader.set_epoch(epoch + 1)  # a checkpoint now resumes there
                     self._end_epoch(epoch, first=epoch == start)
-            self._report()
+                if self._stop_requested():  # a signal during the last validation or save
+                    raise Interrupted(self._stop_signal, self.run_dir / "last.pt")
+                self._report()
             return self.last_val
         finally:
             if self.runlog is not None:
@@ -244,10 +246,17 @@ class Trainer:
         from infer.report import write_report
         from train.builders import loader_options
 
-        if self.dist.enabled:
-            torch.distributed.barrier()  # rank 0 has written best.pt
         best = self.run_dir / "best.pt"
-        if not best.is_file():
+        # every rank goes on only if every rank sees the best.pt rank 0 wrote (the stop check's
+        # all_reduce before this waited for rank 0's save); one rank skipping alone would leave
+        # the others waiting in evaluate's all_reduce
+        seen = torch.tensor([float(best.is_file())], device=self.device)
+        if self.dist.enabled:
+            torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MIN)
+        if not seen.item():
+            self.say(
+                f"no evaluation report: {best} was not written (no finite val mse) or not seen"
+            )
             return
         state = torch.load(best, map_location=self.device, weights_only=True)
         model = copy.deepcopy(self.model)
