@@ -65,6 +65,7 @@ def environment(args, m: Manifest, device: torch.device, seq_mb_s: float) -> dic
             "dali": nvidia.dali.__version__,
             "numpy": version("numpy"),
             "webdataset": version("webdataset"),
+            "spdl": version("spdl"),
         },
         "dataset": {
             "dir": str(m.root.resolve()),

@@ -45,6 +45,9 @@ class RowSpec:
     without_cuda: str = ""
     augmented: bool = False  # the same loader with crops and augmentation (--augment)
     mel: bool = False  # the same loader yielding log-mel, data.features: mel (--mel)
+    # an optional package's check: None when the row can run, else why not (a default row
+    # only where it can; named in --rows, the reason is the error)
+    missing: Callable[[], str | None] | None = None
 
     def row(
         self, what: str, stream: Callable[[int], Iterator], close: Callable[[], None] | None = None
@@ -181,6 +184,24 @@ def threads_row(spec: RowSpec, args, m: Manifest, device: torch.device) -> Row:
     return spec.row(what, loader.stream, loader.close)
 
 
+def spdl_row(spec: RowSpec, args, m: Manifest, device: torch.device) -> Row:
+    from benchmarks.spdl_loader import SINK_BUFFER, spdl_batches
+
+    what = (
+        f"SPDL pipeline: aggregate, pipe(load batch, concurrency {args.spdl_threads}, "
+        f"output_order=input), sink {SINK_BUFFER}, our parsers"
+    )
+    return spec.row(
+        what, lambda epoch: spdl_batches(m, args.batch_size, device, epoch, args.spdl_threads)
+    )
+
+
+def _spdl_missing() -> str | None:
+    from benchmarks.spdl_loader import available
+
+    return available()
+
+
 # ---------------------------------------------------------------- limit rows
 
 
@@ -259,6 +280,12 @@ ROWS: dict[str, RowSpec] = {
             "webdataset",
             webdataset_row,
             "the webdataset library's own loader (WebLoader, 4 workers), our parsers",
+        ),
+        RowSpec(
+            "spdl",
+            spdl_row,
+            "Meta's SPDL pipeline (threads on an event loop), our parsers (the spdl extra)",
+            missing=_spdl_missing,
         ),
         RowSpec(
             "threads",
@@ -357,7 +384,13 @@ def available_rows(device: torch.device, augment: bool = False, mel: bool = Fals
         if (not s.cpu_stand_in if cuda else not s.needs_cuda)
         and (augment or not s.augmented)
         and (mel or not s.mel)
+        and not (s.missing and s.missing())
     ]
+
+
+def skipped_rows() -> list[str]:
+    """Notes for the rows left out because a package is missing."""
+    return [f"{s.name} skipped: {why}" for s in ROWS.values() if s.missing and (why := s.missing())]
 
 
 def spec_for(name: str, device: torch.device) -> RowSpec:
@@ -367,6 +400,8 @@ def spec_for(name: str, device: torch.device) -> RowSpec:
         raise ConfigError(f"unknown row {name!r}; rows: {', '.join(ROW_ORDER)}")
     if spec.needs_cuda and device.type != "cuda":
         raise ConfigError(f"row {name} needs CUDA{spec.without_cuda}")
+    if spec.missing and (why := spec.missing()):
+        raise ConfigError(f"row {name} cannot run: {why}")
     return spec
 
 

@@ -39,6 +39,7 @@ from benchmarks.rows import (
     make_row,
     rows_help,
     select_rows,
+    skipped_rows,
 )
 from model.features import Mel
 from pipeline.errors import ArkitError
@@ -64,6 +65,7 @@ DEFAULTS = dict(
     repeats=3,
     workers=4,  # torch and webdataset workers, as the seed's DataLoader
     threads=os.cpu_count() or 1,  # the threads row's pool: one per CPU (measured best on 2)
+    spdl_threads=1,  # spdl's threads and stage concurrency: 1 measured best on 2 CPUs (the GIL)
     wds_shuffle=128,  # webdataset's sample buffer; the shards are pre-shuffled on disk
     dali_threads=_DALI.dali_threads,  # 0: one per CPU, at most 4
     dali_prefetch=_DALI.dali_prefetch,
@@ -105,6 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--wds-shuffle", type=int, default=DEFAULTS["wds_shuffle"])
     p.add_argument("--threads", type=int, default=DEFAULTS["threads"], help="threads row's pool")
+    p.add_argument("--spdl-threads", type=int, default=DEFAULTS["spdl_threads"], help="spdl's")
     p.add_argument(
         "--dali-threads",
         type=int,
@@ -178,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     args.augment_config = augment_for(m)
     args.mel_config = Mel(sample_rate=m.sample_rate)  # the model's default log-mel
 
-    notes: list[str] = []
+    notes: list[str] = [] if args.rows else skipped_rows()
     B, n_train = args.batch_size, m.num_samples("train")
     if note := steady_state_note(args, n_train, names):
         notes.append(note)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from benchmarks.rows import (
     available_rows,
     make_row,
     select_rows,
+    skipped_rows,
 )
 from pipeline.errors import ConfigError, DatasetError
 
@@ -56,7 +58,14 @@ def test_every_row_ran_in_both_modes_with_positive_numbers(quick_run):
     _, result = quick_run
     rows = {(r["name"], r["mode"]): r for r in result["rows"]}
     cuda = result["env"]["gpu"] is not None
-    loaders = ["torch", "webdataset", "dali-cpu", "dali-gpu" if cuda else "dali-raw"]
+    loaders = [
+        "torch",
+        "webdataset",
+        "spdl",
+        "threads",
+        "dali-cpu",
+        "dali-gpu" if cuda else "dali-raw",
+    ]
     for name in loaders:
         assert (name, "loader") in rows and (name, "train") in rows, name
     assert ("read-only", "loader") in rows
@@ -153,6 +162,7 @@ def test_registry_drives_the_default_rows_and_the_help(capsys):
     assert available_rows(CPU) == [
         "torch",
         "webdataset",
+        "spdl",
         "threads",
         "dali-cpu",
         "dali-cpu-mmap",
@@ -163,6 +173,7 @@ def test_registry_drives_the_default_rows_and_the_help(capsys):
     assert available_rows(CUDA) == [
         "torch",
         "webdataset",
+        "spdl",
         "threads",
         "dali-cpu",
         "dali-cpu-mmap",
@@ -236,3 +247,35 @@ def test_threads_row_gives_the_torch_loaders_tensors_across_epochs(tiny_dataset)
     assert len(want) == 18
     for a, b in zip(got, want, strict=False):
         assert torch.equal(a["wav"], b["wav"]) and torch.equal(a["arkit"], b["arkit"])
+
+
+def test_spdl_row_gives_the_torch_loaders_tensors_and_stops_its_threads(tiny_dataset):
+    """SPDL's pipeline, in the torch baseline's order: the same tensors into the next epoch;
+    closing the stream leaves no SPDL thread behind."""
+    pytest.importorskip("spdl.pipeline")
+    import threading
+
+    from benchmarks.spdl_loader import spdl_batches
+    from pipeline import build_loader
+    from pipeline.manifest import load_manifest
+
+    torch_loader = build_loader(
+        "torch", tiny_dataset, batch_size=4, shuffle=True, seed=0, num_workers=0, device="cpu"
+    )
+    want = list(torch_loader) + list(torch_loader)[:2]  # epoch 0 (9 batches), 2 of epoch 1
+    for threads in (1, 2):
+        stream = spdl_batches(load_manifest(tiny_dataset), 4, CPU, 0, threads)
+        got = [next(stream) for _ in range(len(want))]
+        stream.close()
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a["wav"], b["wav"]) and torch.equal(a["arkit"], b["arkit"])
+    alive = [t.name for t in threading.enumerate() if "spdl" in t.name.lower()]
+    assert not alive, alive
+
+
+def test_a_missing_package_leaves_its_row_out_with_a_note(monkeypatch):
+    monkeypatch.setitem(sys.modules, "spdl", None)  # import spdl now fails
+    assert "spdl" not in available_rows(CPU)
+    assert any(n.startswith("spdl skipped: spdl is not installed") for n in skipped_rows())
+    with pytest.raises(ConfigError, match="row spdl cannot run: spdl is not installed"):
+        select_rows("spdl", CPU)
