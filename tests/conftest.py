@@ -12,6 +12,16 @@ from pipeline import make_shards
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+# --set overrides for a trainer run that takes seconds: a tiny model, small batches, no workers
+SMALL_RUN = [
+    "model.hidden=16",
+    "model.n_mels=32",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "run.progress=false",
+    "train.log_every=1",
+]
+
 
 def build_synthetic(out: Path, n: int, *extra: str) -> Path:
     """Run make_shards on ``n`` synthetic takes into ``out`` (raises on failure)."""

@@ -22,18 +22,12 @@ from conftest import build_synthetic
 
 from pipeline import make_shards
 from pipeline.tars import idx_path, read_index
+from tests.conftest import SMALL_RUN
 from train import runlog as runlog_module
 from train.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = [
-    "model.hidden=16",
-    "model.n_mels=32",
-    "data.batch_size=4",
-    "data.num_workers=0",
-    "run.progress=false",
-    "train.log_every=1",
-]
+SMALL = SMALL_RUN
 
 
 def sets(*pairs: str) -> list[str]:

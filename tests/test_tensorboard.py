@@ -8,17 +8,11 @@ import sys
 
 import pytest
 
+from tests.conftest import SMALL_RUN
 from train.cli import main
 from train.runlog import SKIP_LINE
 
-SMALL = [
-    "model.hidden=16",
-    "model.n_mels=32",
-    "data.batch_size=4",
-    "data.num_workers=0",
-    "run.progress=false",
-    "train.log_every=2",
-]
+SMALL = [*SMALL_RUN, "train.log_every=2"]  # a later --set wins
 TRAIN_TAGS = {"train/loss", "train/lr", "train/samples_per_s", "train/data_wait_share"}
 VAL_TAGS = {"val/mse", "val/mae", "val/mse_ratio_to_mean_predictor"}
 
