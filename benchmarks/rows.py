@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from benchmarks import spdl_loader, threads_loader
 from benchmarks.measure import MODES, Row
 from pipeline import build_loader
 from pipeline.errors import ConfigError
@@ -39,14 +40,12 @@ class RowSpec:
     needs_cuda: bool = False
     modes: tuple[str, ...] = MODES
     kind: str = "loader"  # or "limit"
-    # a CPU stand-in for a CUDA row: a default row only where that row cannot run
-    cpu_stand_in: bool = False
-    # the end of "row X needs CUDA...": what to run instead
-    without_cuda: str = ""
+    cpu_stand_in: bool = False  # a CUDA row's CPU stand-in: a default row only where it can't run
+    without_cuda: str = ""  # the end of "row X needs CUDA...": what to run instead
     augmented: bool = False  # the same loader with crops and augmentation (--augment)
     mel: bool = False  # the same loader yielding log-mel, data.features: mel (--mel)
-    # an optional package's check: None when the row can run, else why not (a default row
-    # only where it can; named in --rows, the reason is the error)
+    # an optional package's check: None when the row can run, else why not (named in --rows,
+    # the reason is the error)
     missing: Callable[[], str | None] | None = None
 
     def row(
@@ -172,36 +171,6 @@ def webdataset_row(spec: RowSpec, args, m: Manifest, device: torch.device) -> Ro
     return spec.row(what, stream)
 
 
-def threads_row(spec: RowSpec, args, m: Manifest, device: torch.device) -> Row:
-    from benchmarks.threads_loader import ThreadBatches
-
-    loader = ThreadBatches(m, args.batch_size, device, threads=args.threads)
-    pinned = " pinned" if device.type == "cuda" else ""
-    what = (
-        f"thread pool of {args.threads}, preadv into a preallocated{pinned} batch, int16 -> "
-        "float32 in place, 2 batches ahead"
-    )
-    return spec.row(what, loader.stream, loader.close)
-
-
-def spdl_row(spec: RowSpec, args, m: Manifest, device: torch.device) -> Row:
-    from benchmarks.spdl_loader import SINK_BUFFER, spdl_batches
-
-    what = (
-        f"SPDL pipeline: aggregate, pipe(load batch, concurrency {args.spdl_threads}, "
-        f"output_order=input), sink {SINK_BUFFER}, our parsers"
-    )
-    return spec.row(
-        what, lambda epoch: spdl_batches(m, args.batch_size, device, epoch, args.spdl_threads)
-    )
-
-
-def _spdl_missing() -> str | None:
-    from benchmarks.spdl_loader import available
-
-    return available()
-
-
 # ---------------------------------------------------------------- limit rows
 
 
@@ -283,13 +252,13 @@ ROWS: dict[str, RowSpec] = {
         ),
         RowSpec(
             "spdl",
-            spdl_row,
+            spdl_loader.spdl_row,
             "Meta's SPDL pipeline (threads on an event loop), our parsers (the spdl extra)",
-            missing=_spdl_missing,
+            missing=spdl_loader.available,
         ),
         RowSpec(
             "threads",
-            threads_row,
+            threads_loader.threads_row,
             "reference: a thread pool preadv-ing members into a preallocated batch (~80 lines)",
         ),
         RowSpec(
@@ -352,18 +321,13 @@ ROWS: dict[str, RowSpec] = {
         ),
     )
 }
-# --augment: the loaders again, each with crops and the same paired augmentation
-for _base in ("torch", "dali-cpu", "dali-gpu", "dali-raw"):
-    _s = ROWS[_base]
-    ROWS[f"{_base}-aug"] = dataclasses.replace(
-        _s, name=f"{_base}-aug", description=_s.description + ", augmented", augmented=True
-    )
-# --mel: the loaders again, each yielding the model's log-mel instead of the audio
-for _base in ("torch", "dali-cpu", "dali-gpu", "dali-raw"):
-    _s = ROWS[_base]
-    ROWS[f"{_base}-mel"] = dataclasses.replace(
-        _s, name=f"{_base}-mel", description=_s.description + ", log-mel", mel=True
-    )
+# --augment: the loaders again, each with crops and the same paired augmentation; --mel: again,
+# each yielding the model's log-mel instead of the audio
+for _suffix, _flag, _what in (("aug", "augmented", "augmented"), ("mel", "mel", "log-mel")):
+    for _base in ("torch", "dali-cpu", "dali-gpu", "dali-raw"):
+        _s, _name = ROWS[_base], f"{_base}-{_suffix}"
+        _d = f"{_s.description}, {_what}"
+        ROWS[_name] = dataclasses.replace(_s, name=_name, description=_d, **{_flag: True})
 ROW_ORDER = tuple(ROWS)
 
 

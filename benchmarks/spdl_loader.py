@@ -130,3 +130,14 @@ def spdl_batches(
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def spdl_row(spec, args, m: Manifest, device: torch.device):
+    """The benchmark's ``spdl`` row (``benchmarks.rows``)."""
+    what = (
+        f"SPDL pipeline: aggregate, pipe(load batch, concurrency {args.spdl_threads}, "
+        f"output_order=input), sink {SINK_BUFFER}, our parsers"
+    )
+    return spec.row(
+        what, lambda epoch: spdl_batches(m, args.batch_size, device, epoch, args.spdl_threads)
+    )

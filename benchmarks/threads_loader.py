@@ -104,3 +104,14 @@ class ThreadBatches:
         self.pool.shutdown(wait=True, cancel_futures=True)
         for fd in self.fds.values():
             os.close(fd)
+
+
+def threads_row(spec, args, m: Manifest, device: torch.device):
+    """The benchmark's ``threads`` row (``benchmarks.rows``)."""
+    loader = ThreadBatches(m, args.batch_size, device, threads=args.threads)
+    pinned = " pinned" if device.type == "cuda" else ""
+    what = (
+        f"thread pool of {args.threads}, preadv into a preallocated{pinned} batch, int16 -> "
+        "float32 in place, 2 batches ahead"
+    )
+    return spec.row(what, loader.stream, loader.close)
