@@ -21,10 +21,9 @@ import numpy as np
 
 from pipeline.audio import read_audio
 from pipeline.errors import ArkitError, ConfigError, InputError
+from pipeline.inputs import AUDIO_EXTS  # what make_shards takes
 from pipeline.livelink import NOMINAL_RATES, write_live_link_csv
 from pipeline.windows import resample_frames
-
-AUDIO_SUFFIXES = (".wav", ".flac")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +57,7 @@ def find_inputs(paths: list[str]) -> list[tuple[Path, Path]]:
         path = Path(text)
         if path.is_dir():
             files = sorted(
-                f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_SUFFIXES
+                f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_EXTS
             )
             if not files:
                 raise ConfigError(f"{path} holds no .wav or .flac file")
