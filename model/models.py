@@ -68,7 +68,10 @@ class SimplifiedModel(nn.Module):
         super().__init__()
         self.front = FrontEnd(features, n_mels, **mel)
         self.mel = self.front.mel
-        self.context = max(1, int(round(context_seconds * self.mel.frames_per_second)))
+        # the log-mel frames whose whole FFT window lies in the first context_seconds: they are
+        # the same computed from the clip alone or from the whole window (the loader's log-mel)
+        seen = int(round(context_seconds * self.mel.sample_rate))
+        self.context = max(1, (seen - self.mel.n_fft // 2) // self.mel.hop_length + 1)
         self.norm = nn.BatchNorm1d(n_mels)
         self.body = nn.Sequential(conv_block(n_mels, hidden, 3), conv_block(hidden, hidden, 3))
         self.head = nn.Linear(2 * hidden, num_blendshapes)
@@ -79,8 +82,8 @@ class SimplifiedModel(nn.Module):
 
     @property
     def clip_samples(self) -> int:
-        """The audio the first ``context`` log-mel frames see: up to the last frame's centre
-        plus half an FFT, so they equal the whole clip's (as the loader's log-mel is)."""
+        """The audio the ``context`` log-mel frames see: up to the last frame's centre plus
+        half an FFT (within ``context_seconds``), so they equal the whole clip's log-mel."""
         return (self.context - 1) * self.mel.hop_length + self.mel.n_fft // 2 + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

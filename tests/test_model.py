@@ -230,9 +230,11 @@ def test_sequence_model_unmodified_shape_range_and_batch_independence():
 def test_simplified_model_only_sees_its_context(context_seconds):
     torch.manual_seed(0)
     model = SimplifiedModel(hidden=16, context_seconds=context_seconds).eval()
-    assert model.context == int(round(context_seconds * 100))
-    base = torch.tensor(np.stack([speechy(1.0, 4), speechy(1.0, 5)]), dtype=torch.float32)
     ctx = int(round(context_seconds * SR))
+    # the frames whose whole FFT window (512) lies in the context: the same from the clip as
+    # from the whole window, so a model trained on the loader's log-mel sees what one on audio sees
+    assert model.context == (ctx - 256) // HOP + 1 and model.clip_samples <= ctx
+    base = torch.tensor(np.stack([speechy(1.0, 4), speechy(1.0, 5)]), dtype=torch.float32)
 
     def run(wav):
         with torch.no_grad():
@@ -308,5 +310,6 @@ def test_build_args_rebuild_identical_model(name, target, kw):
         assert (again.frames, again.fps) == (kw.get("frames", 300), kw.get("fps", 30))
         assert model(wav).shape == (1, again.frames, 52)
     else:
-        sr_hop = SR / kw.get("hop_length", HOP)
-        assert again.context == int(round(kw.get("context_seconds", 0.3) * sr_hop))
+        # the frames whose whole FFT window lies in the context (see the context test above)
+        seen, hop = int(round(kw.get("context_seconds", 0.3) * SR)), kw.get("hop_length", HOP)
+        assert again.context == model.context == (seen - kw.get("n_fft", 512) // 2) // hop + 1
