@@ -13,11 +13,14 @@ import io
 import json
 import math
 import numbers
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.arkit import ARKIT_NAMES, NUM_BLENDSHAPES
+
+NO_FIGURES = "Figures skipped: matplotlib is not installed (pip install matplotlib)."
 
 _PREFIXES = {
     "jaw": ("jaw",),
@@ -122,11 +125,13 @@ def _blendshape_lines(rec: dict) -> list[str]:
     return lines
 
 
-def _markdown(rec: dict, example: dict | None) -> str:
+def _markdown(rec: dict, example: dict | None, figures: bool = True) -> str:
     title = f"# Evaluation of `{rec['checkpoint']}` on `{rec['dataset']}` ({rec['split']} split)"
     lines = [title, "", "## Summary", "", *_summary_lines(rec), ""]
     lines += ["## MAE by group", "", *_group_lines(rec), ""]
     lines += ["## Per blendshape (worst MAE first)", "", *_blendshape_lines(rec), ""]
+    if not figures:
+        return "\n".join([*lines, NO_FIGURES, ""])
     lines += ["## Figures", "", "![MAE per blendshape](mae_by_blendshape.png)", ""]
     if example is not None:
         lines += [
@@ -216,6 +221,13 @@ def write_report(out_dir, rec: dict, example: dict | None) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "report.json", out / "report.md", out / "mae_by_blendshape.png"]
+    try:
+        import matplotlib  # noqa: F401 - a dependency; a bare GPU image may still lack it
+    except ImportError:  # the numbers still matter more than the pictures: say so, go on
+        print(f"{out}: {NO_FIGURES}", file=sys.stderr)
+        paths[1].write_text(_markdown(rec, example, figures=False))
+        paths[0].write_text(json.dumps(_finite(rec), indent=2) + "\n")
+        return paths[:2]
     _plot_mae(rec, paths[2])
     if example is not None:
         fps = float(example.get("fps") or rec.get("fps") or 30.0)

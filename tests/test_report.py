@@ -176,3 +176,17 @@ def test_import_is_cheap():
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
     )
     assert res.stdout.strip() == "False"
+
+
+def test_without_matplotlib_the_numbers_are_still_written(tmp_path, monkeypatch, capsys):
+    """A machine without matplotlib (a bare GPU image) gets report.md and report.json, and is
+    told why there are no figures, instead of losing the report at the end of a run."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    rec = make_rec()
+    paths = write_report(tmp_path / "r", rec, make_example())
+    assert [p.name for p in paths] == ["report.json", "report.md"]
+    assert json.loads((tmp_path / "r" / "report.json").read_text()) == rec
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "matplotlib is not installed" in md and ".png" not in md
+    assert not list((tmp_path / "r").glob("*.png"))
+    assert "matplotlib is not installed" in capsys.readouterr().err
