@@ -18,7 +18,7 @@ or DALI (before any work). Children run with ``sys.executable`` and inherit PYTH
     make gpu-check PYTHON=python3 GPU_CHECK_ARGS="--steps train --train-timeout 300"
 
 On the device tool's machine, DALI first: ``bash ../shared/tools/gpu-pack.sh pyyaml tqdm`` packs
-it (and those small wheels) into .gpu/ once (a call carries 64 MiB at most), then three calls back to
+it and those small wheels into .gpu/ once (a call carries 64 MiB at most), then three calls back to
 back (a machine goes back after 30 s idle; the parts wait in /tmp/gpu-parts):
 
     run(carry=[".gpu/install.sh", ".gpu/PARTS", ".gpu/part-aa"], command="bash .gpu/install.sh")
