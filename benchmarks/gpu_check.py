@@ -17,9 +17,9 @@ or DALI (before any work). Children run with ``sys.executable`` and inherit PYTH
     python benchmarks/gpu_check.py --allow-cpu --quick --out /tmp/gpu   # the plumbing on CPU
     make gpu-check PYTHON=python3 GPU_CHECK_ARGS="--steps train --train-timeout 300"
 
-On the device tool's machine, DALI first: ``bash ../shared/tools/gpu-pack.sh pyyaml tqdm`` packs
-it and those small wheels into .gpu/ once (a call carries 64 MiB at most), then three calls back to
-back (a machine goes back after 30 s idle; the parts wait in /tmp/gpu-parts):
+On the device tool's machine: ``bash ../shared/tools/gpu-pack.sh pyyaml tqdm psutil hypothesis
+attrs sortedcontainers`` packs DALI and small wheels into .gpu/ (64 MiB a call), then three calls
+back to back (a machine goes back after 30 s idle; the parts wait in /tmp/gpu-parts):
 
     run(carry=[".gpu/install.sh", ".gpu/PARTS", ".gpu/part-aa"], command="bash .gpu/install.sh")
     run(carry=[".gpu/install.sh", ".gpu/PARTS", ".gpu/part-ab"], command="bash .gpu/install.sh")

@@ -259,6 +259,12 @@ def write_reports(out: Path, results: list[dict], env: dict, notes: list[str]) -
     paths = [out / "throughput.json", out / "throughput.md", out / "throughput.png"]
     doc = {"rows": results, "env": env, "notes": notes}
     paths[0].write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    try:
+        import matplotlib  # noqa: F401 - a dependency; a bare GPU image may still lack it
+    except ImportError:
+        notes = [*notes, "no plot: matplotlib is not installed"]
+        paths[1].write_text(markdown(results, env, notes))
+        return paths[:2]
     paths[1].write_text(markdown(results, env, notes))
     plot(results, paths[2], env)
     return paths

@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from pipeline.errors import DatasetError
 from pipeline.manifest import Manifest
 from pipeline.members import PCM16_SCALE
 from pipeline.sharding import epoch_order, rank_plan
@@ -34,12 +35,12 @@ class ThreadBatches:
         lay = m.layout("train")
         self.B, self.device, self.depth = batch_size, device, depth
         self.samples, self.frames, self.nb = m.clip_samples, m.frames, m.num_blendshapes
+        refs = sample_refs(m, "train")
+        if len(refs) < batch_size:
+            raise DatasetError(f"{m.root}: {len(refs)} train samples make no batch of {batch_size}")
         self.fds = {t: os.open(t, os.O_RDONLY) for t in m.tar_paths("train")}
         wav_body, npy_body = m.wav_header_bytes, lay.npy_header_bytes
-        self.items = [
-            (self.fds[r.tar], r.wav[0] + wav_body, r.npy[0] + npy_body)
-            for r in sample_refs(m, "train")
-        ]
+        self.items = [(self.fds[r.tar], r.wav[0] + wav_body, r.npy[0] + npy_body) for r in refs]
         pin = device.type == "cuda"
         self.slots = [
             (
@@ -83,22 +84,31 @@ class ThreadBatches:
                 e += 1
 
         upcoming = batches()
-        for _ in range(self.depth):
-            slot, k = k % len(self.slots), k + 1
-            jobs.append((slot, self._fill(slot, next(upcoming))))
-        while True:
-            slot, futures = jobs.pop(0)
-            for f in futures:
-                f.result()
-            nxt, k = k % len(self.slots), k + 1
-            jobs.append((nxt, self._fill(nxt, next(upcoming))))
-            wav, arkit = self.slots[slot]
-            if self.device.type == "cuda":
-                wav = wav.to(self.device, non_blocking=True)
-                arkit = arkit.to(self.device, non_blocking=True)
-                self.copied[slot] = torch.cuda.Event()
-                self.copied[slot].record()
-            yield {"wav": wav, "arkit": arkit}
+        try:
+            for _ in range(self.depth):
+                slot, k = k % len(self.slots), k + 1
+                jobs.append((slot, self._fill(slot, next(upcoming))))
+            while True:
+                slot, futures = jobs.pop(0)
+                for f in futures:
+                    f.result()
+                nxt, k = k % len(self.slots), k + 1
+                jobs.append((nxt, self._fill(nxt, next(upcoming))))
+                wav, arkit = self.slots[slot]
+                if self.device.type == "cuda":
+                    wav = wav.to(self.device, non_blocking=True)
+                    arkit = arkit.to(self.device, non_blocking=True)
+                    self.copied[slot] = torch.cuda.Event()
+                    self.copied[slot].record()
+                yield {"wav": wav, "arkit": arkit}
+        finally:  # a closed stream leaves no read running into the slots a new one fills
+            for _, futures in jobs:
+                for f in futures:
+                    f.cancel()
+            for _, futures in jobs:
+                for f in futures:
+                    if not f.cancelled():
+                        f.exception()  # waits; its error, if any, is the abandoned batch's
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

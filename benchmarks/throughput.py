@@ -10,8 +10,9 @@ repeat, ``--warmup`` batches untimed (pipeline build, worker start, shuffle-buff
 Repeats are interleaved across rows so that a noisy neighbour hurts every row alike.
 
 Rows (``--rows``; the default is every row this machine can run) are the loaders (torch,
-webdataset, DALI in each decode mode) and the limits (read-only, h2d-pinned, synthetic-*); their
-table is in ``--help``, generated from the registry in benchmarks/rows.py.
+webdataset, spdl, a reference thread pool, DALI in each decode mode) and the limits
+(read-only, h2d-pinned, synthetic-*); their table is in ``--help``, generated from the registry
+in benchmarks/rows.py.
 
 Modes (``--modes``): ``loader`` iterates batches only; ``train`` also runs the trainer's step
 (``train.step.TrainStep``: SimplifiedModel forward/backward, gradient clipping, AdamW; with
