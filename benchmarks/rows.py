@@ -26,7 +26,7 @@ from pipeline import build_loader
 from pipeline.errors import ConfigError
 from pipeline.manifest import Manifest
 from pipeline.members import NPY_EXT, WAV_EXT, decode_sample
-from pipeline.sharding import epoch_order, rank_plan
+from pipeline.sharding import epoch_batches, rank_plan
 from pipeline.verify import sample_refs
 
 Factory = Callable[["RowSpec", argparse.Namespace, Manifest, torch.device], Row]
@@ -183,11 +183,9 @@ def read_only_row(spec: RowSpec, args, m: Manifest, device: torch.device) -> Row
 
     def stream(epoch: int) -> Iterator[int]:
         while True:  # the torch baseline's sample order: random access, like every loader
-            plan = rank_plan(0, epoch, 0, 1, len(items), B)
-            order = epoch_order(plan, shuffle=True)
-            for start in range(0, plan.steps * B, B):
+            for batch in epoch_batches(rank_plan(0, epoch, 0, 1, len(items), B), True, B):
                 pos = 0
-                for i in order[start : start + B]:
+                for i in batch:
                     fd, w_off, w_size, n_off, n_size = items[i]
                     pos += os.preadv(fd, [buf[pos : pos + w_size]], w_off)
                     pos += os.preadv(fd, [buf[pos : pos + n_size]], n_off)

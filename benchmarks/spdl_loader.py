@@ -43,7 +43,7 @@ import torch
 from pipeline.errors import DatasetError, MemberError
 from pipeline.manifest import Manifest, verify_hint
 from pipeline.members import decode_sample
-from pipeline.sharding import epoch_order, rank_plan
+from pipeline.sharding import epoch_batches, rank_plan
 from pipeline.verify import sample_refs
 
 SINK_BUFFER = 4  # batches decoded ahead of the consumer, at the end of the pipeline
@@ -68,14 +68,14 @@ class _EpochOrders:
     def __iter__(self) -> Iterator[int]:
         plan = rank_plan(0, self.epoch, 0, 1, self.n, self.batch_size)
         self.epoch += 1
-        return iter(epoch_order(plan, shuffle=True)[: plan.steps * self.batch_size].tolist())
+        return iter(epoch_batches(plan, True, self.batch_size).ravel().tolist())
 
 
 def spdl_batches(
     m: Manifest, batch_size: int, device: torch.device, epoch: int, threads: int
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless: epoch after epoch, the train split in the torch baseline's order
-    (``epoch_order(rank_plan(0, epoch, 0, 1, n, B), shuffle=True)``), batches of B (last
+    (``epoch_batches(rank_plan(0, epoch, 0, 1, n, B), True, B)``), batches of B (last
     partial dropped), wav/arkit float32 on ``device`` (pinned + non_blocking copy on CUDA)."""
     from spdl.io import transfer_tensor_h2d
     from spdl.pipeline import PipelineBuilder

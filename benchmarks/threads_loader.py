@@ -24,7 +24,7 @@ import torch
 from pipeline.errors import DatasetError
 from pipeline.manifest import Manifest
 from pipeline.members import PCM16_SCALE
-from pipeline.sharding import epoch_order, rank_plan
+from pipeline.sharding import epoch_batches, rank_plan
 from pipeline.verify import sample_refs
 
 
@@ -78,9 +78,8 @@ class ThreadBatches:
         def batches():
             e = epoch
             while True:
-                order = epoch_order(rank_plan(0, e, 0, 1, n, self.B), shuffle=True)
-                for s in range(len(order) // self.B):
-                    yield order[s * self.B : (s + 1) * self.B].tolist()
+                for batch in epoch_batches(rank_plan(0, e, 0, 1, n, self.B), True, self.B):
+                    yield batch.tolist()
                 e += 1
 
         upcoming = batches()

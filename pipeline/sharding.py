@@ -54,3 +54,10 @@ def epoch_order(plan: RankPlan, shuffle: bool) -> np.ndarray:
     if shuffle:
         idx = np.random.default_rng(plan.epoch_seed).permutation(idx)
     return idx
+
+
+def epoch_batches(plan: RankPlan, shuffle: bool, batch_size: int) -> np.ndarray:
+    """The rank's whole batches this epoch, ``[steps, batch_size]`` sample indices in order
+    (the rest of ``epoch_order`` is left out)."""
+    order = epoch_order(plan, shuffle)[: plan.steps * batch_size]
+    return order.reshape(plan.steps, batch_size)

@@ -28,7 +28,7 @@ from pipeline.errors import DatasetError, MemberError
 from pipeline.loading import EpochLoader, TorchOptions
 from pipeline.manifest import Manifest, verify_hint
 from pipeline.members import decode_sample
-from pipeline.sharding import RankPlan, epoch_order
+from pipeline.sharding import RankPlan, epoch_batches
 from pipeline.verify import SampleRef, changed_shards, sample_refs, shard_stamps
 
 
@@ -144,7 +144,7 @@ class TorchLoader(EpochLoader):
         )
 
     def _batches(self, plan: RankPlan, skip: int) -> Iterator[dict]:
-        order = epoch_order(plan, self.shuffle)[: plan.steps * self.batch_size]
+        order = epoch_batches(plan, self.shuffle, self.batch_size).ravel()
         self._sampler.order = order[skip * self.batch_size :].tolist()
         self._sampler.seed = plan.epoch_seed
         for batch in self.loader:
