@@ -68,7 +68,7 @@ def environment(args, m: Manifest, device: torch.device, seq_mb_s: float) -> dic
             "spdl": version("spdl"),
         },
         "dataset": {
-            "dir": str(m.root.resolve()),
+            "dir": str(m.root.resolve() if isinstance(m.root, Path) else m.root),
             "train_samples": m.num_samples("train"),
             "train_shards": len(train_shards),
             "train_bytes": sum(s.bytes for s in train_shards),
@@ -215,20 +215,6 @@ def plot(results: list[dict], path: Path, env: dict) -> None:
 
 
 # ---------------------------------------------------------------- notes and files
-
-
-def steady_state_note(args, n_train: int, names: list[str]) -> str | None:
-    """Why the DALI rows may be measured before their steady state, if they are."""
-    fill = min(args.shuffle_buffer, n_train)
-    batches = args.warmup + args.batches + args.dali_prefetch + args.reader_prefetch
-    need = fill + batches * args.batch_size
-    if not any(n.startswith("dali") for n in names) or n_train >= need:
-        return None
-    return (
-        f"DALI rows are not in steady state: the {n_train}-sample train split is smaller than "
-        f"the shuffle buffer ({fill}) plus the batches read per repeat ({need - fill}), so "
-        "part of the timed batches come from the buffer filled during warm-up"
-    )
 
 
 def closing_notes(args, names: list[str], results: list[dict], device: torch.device) -> list[str]:

@@ -26,7 +26,7 @@ from pipeline import build_loader
 from pipeline.errors import ConfigError
 from pipeline.manifest import Manifest
 from pipeline.members import NPY_EXT, WAV_EXT, decode_sample
-from pipeline.sharding import epoch_batches, rank_plan
+from pipeline.sharding import epoch_batches
 from pipeline.verify import sample_refs
 
 Factory = Callable[["RowSpec", argparse.Namespace, Manifest, torch.device], Row]
@@ -47,6 +47,7 @@ class RowSpec:
     # an optional package's check: None when the row can run, else why not (named in --rows,
     # the reason is the error)
     missing: Callable[[], str | None] | None = None
+    local_only: bool = False  # reads the tars as local files: not a row for s3:// data
 
     def row(
         self, what: str, stream: Callable[[int], Iterator], close: Callable[[], None] | None = None
@@ -107,7 +108,7 @@ def dali_row(decode: str, what: str, on_cpu: bool = False, **options) -> Factory
     """A DALI row's factory: ``decode`` mode, the graph on CPU operators if ``on_cpu``."""
 
     def factory(spec: RowSpec, args, m: Manifest, device: torch.device) -> Row:
-        from pipeline.dali_loader import default_threads
+        from pipeline.dali_graph import default_threads
 
         threads = args.dali_threads or f"default {default_threads()}"
         return loader_row(
@@ -121,7 +122,6 @@ def dali_row(decode: str, what: str, on_cpu: bool = False, **options) -> Factory
             dali_threads=args.dali_threads,
             dali_prefetch=args.dali_prefetch,
             reader_prefetch=args.reader_prefetch,
-            shuffle_buffer=args.shuffle_buffer,
             **options,
         )
 
@@ -178,12 +178,13 @@ def read_only_row(spec: RowSpec, args, m: Manifest, device: torch.device) -> Row
     """The member bytes of each batch, read from the page cache into one reused buffer."""
     fds = {tar: os.open(tar, os.O_RDONLY) for tar in m.tar_paths("train")}
     items = [(fds[r.tar], *r.wav, *r.npy) for r in sample_refs(m, "train")]
+    sizes = [s.samples for s in m.split_shards("train")]
     buf = memoryview(bytearray(args.batch_size * m.layout("train").sample_bytes))
     B = args.batch_size
 
     def stream(epoch: int) -> Iterator[int]:
         while True:  # the torch baseline's sample order: random access, like every loader
-            for batch in epoch_batches(rank_plan(0, epoch, 0, 1, len(items), B), True, B):
+            for batch in epoch_batches(0, epoch, sizes, B):
                 pos = 0
                 for i in batch:
                     fd, w_off, w_size, n_off, n_size = items[i]
@@ -247,17 +248,20 @@ ROWS: dict[str, RowSpec] = {
             "webdataset",
             webdataset_row,
             "the webdataset library's own loader (WebLoader, 4 workers), our parsers",
+            local_only=True,
         ),
         RowSpec(
             "spdl",
             spdl_loader.spdl_row,
             "Meta's SPDL pipeline (threads on an event loop), our parsers (the spdl extra)",
             missing=spdl_loader.available,
+            local_only=True,
         ),
         RowSpec(
             "threads",
             threads_loader.threads_row,
             "reference: a thread pool preadv-ing members into a preallocated batch (~80 lines)",
+            local_only=True,
         ),
         RowSpec(
             "dali-cpu",
@@ -270,6 +274,7 @@ ROWS: dict[str, RowSpec] = {
             # while it is read; this row shows what mapping them instead would gain
             dali_row("cpu", "DALI decode=cpu, tars memory-mapped", dont_use_mmap=False),
             "the same with dont_use_mmap=False: the reader maps the tars",
+            local_only=True,
         ),
         RowSpec(
             "dali-gpu",
@@ -290,6 +295,7 @@ ROWS: dict[str, RowSpec] = {
             "limit: the member bytes read from the page cache (os.preadv), nothing else",
             modes=_LOADER_ONLY,
             kind="limit",
+            local_only=True,
         ),
         RowSpec(
             "h2d-pinned",
@@ -336,9 +342,12 @@ def augment_for(m: Manifest, speed_up: float = 1.1) -> dict:
     return {"gain_db": [-6.0, 6.0], "snr_db": [15.0, 40.0], "speed": [0.9, top]}
 
 
-def available_rows(device: torch.device, augment: bool = False, mel: bool = False) -> list[str]:
+def available_rows(
+    device: torch.device, augment: bool = False, mel: bool = False, remote: bool = False
+) -> list[str]:
     """The default rows: every row this machine can run, CPU stand-ins only without CUDA, the
-    augmented ones with ``augment`` and the log-mel ones with ``mel``."""
+    augmented ones with ``augment``, the log-mel ones with ``mel``, and for ``remote`` (s3://)
+    data only those that read through the loaders."""
     cuda = device.type == "cuda"
     return [
         n
@@ -347,6 +356,7 @@ def available_rows(device: torch.device, augment: bool = False, mel: bool = Fals
         and (augment or not s.augmented)
         and (mel or not s.mel)
         and not (s.missing and s.missing())
+        and not (remote and s.local_only)
     ]
 
 
@@ -355,11 +365,15 @@ def skipped_rows() -> list[str]:
     return [f"{s.name} skipped: {why}" for s in ROWS.values() if s.missing and (why := s.missing())]
 
 
-def spec_for(name: str, device: torch.device) -> RowSpec:
-    """The row called ``name``; ConfigError if there is none or it cannot run here."""
+def spec_for(name: str, device: torch.device, remote: bool = False) -> RowSpec:
+    """The row called ``name``; ConfigError if there is none or it cannot run here (or on
+    ``remote``, s3://, data)."""
     spec = ROWS.get(name)
     if spec is None:
         raise ConfigError(f"unknown row {name!r}; rows: {', '.join(ROW_ORDER)}")
+    if remote and spec.local_only:
+        can = ", ".join(n for n, s in ROWS.items() if not s.local_only)
+        raise ConfigError(f"row {name} reads local files, not s3:// data; rows that can: {can}")
     if spec.needs_cuda and device.type != "cuda":
         raise ConfigError(f"row {name} needs CUDA{spec.without_cuda}")
     if spec.missing and (why := spec.missing()):
@@ -368,14 +382,18 @@ def spec_for(name: str, device: torch.device) -> RowSpec:
 
 
 def select_rows(
-    rows: str | None, device: torch.device, augment: bool = False, mel: bool = False
+    rows: str | None,
+    device: torch.device,
+    augment: bool = False,
+    mel: bool = False,
+    remote: bool = False,
 ) -> list[str]:
     """The rows a ``--rows`` comma list names (default: ``available_rows``), checked, each
     once, in registry order."""
     names = [x.strip() for x in rows.split(",") if x.strip()] if rows else None
-    names = names or available_rows(device, augment, mel)
+    names = names or available_rows(device, augment, mel, remote)
     for name in names:
-        spec_for(name, device)
+        spec_for(name, device, remote)
     return sorted(dict.fromkeys(names), key=ROW_ORDER.index)
 
 

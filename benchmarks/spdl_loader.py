@@ -43,7 +43,7 @@ import torch
 from pipeline.errors import DatasetError, MemberError
 from pipeline.manifest import Manifest, verify_hint
 from pipeline.members import decode_sample
-from pipeline.sharding import epoch_batches, rank_plan
+from pipeline.sharding import epoch_batches
 from pipeline.verify import sample_refs
 
 SINK_BUFFER = 4  # batches decoded ahead of the consumer, at the end of the pipeline
@@ -62,20 +62,20 @@ def available() -> str | None:
 class _EpochOrders:
     """The continuous source: each ``iter()`` is the next epoch's order, in whole batches."""
 
-    def __init__(self, n: int, batch_size: int, epoch: int) -> None:
-        self.n, self.batch_size, self.epoch = n, batch_size, epoch
+    def __init__(self, sizes: list[int], batch_size: int, epoch: int) -> None:
+        self.sizes, self.batch_size, self.epoch = sizes, batch_size, epoch
 
     def __iter__(self) -> Iterator[int]:
-        plan = rank_plan(0, self.epoch, 0, 1, self.n, self.batch_size)
+        batches = epoch_batches(0, self.epoch, self.sizes, self.batch_size)
         self.epoch += 1
-        return iter(epoch_batches(plan, True, self.batch_size).ravel().tolist())
+        return iter(batches.ravel().tolist())
 
 
 def spdl_batches(
     m: Manifest, batch_size: int, device: torch.device, epoch: int, threads: int
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless: epoch after epoch, the train split in the torch baseline's order
-    (``epoch_batches(rank_plan(0, epoch, 0, 1, n, B), True, B)``), batches of B (last
+    (``epoch_batches(0, epoch, shard_sizes, B)``), batches of B (last
     partial dropped), wav/arkit float32 on ``device`` (pinned + non_blocking copy on CUDA)."""
     from spdl.io import transfer_tensor_h2d
     from spdl.pipeline import PipelineBuilder
@@ -112,7 +112,10 @@ def spdl_batches(
     try:
         builder = (
             PipelineBuilder()
-            .add_source(_EpochOrders(len(refs), batch_size, epoch), continuous=True)
+            .add_source(
+                _EpochOrders([s.samples for s in m.split_shards("train")], batch_size, epoch),
+                continuous=True,
+            )
             .aggregate(batch_size, drop_last=True)
             .pipe(load_batch, concurrency=threads, output_order="input")
         )

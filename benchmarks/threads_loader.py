@@ -24,7 +24,7 @@ import torch
 from pipeline.errors import DatasetError
 from pipeline.manifest import Manifest
 from pipeline.members import PCM16_SCALE
-from pipeline.sharding import epoch_batches, rank_plan
+from pipeline.sharding import epoch_batches
 from pipeline.verify import sample_refs
 
 
@@ -41,6 +41,7 @@ class ThreadBatches:
         self.fds = {t: os.open(t, os.O_RDONLY) for t in m.tar_paths("train")}
         wav_body, npy_body = m.wav_header_bytes, lay.npy_header_bytes
         self.items = [(self.fds[r.tar], r.wav[0] + wav_body, r.npy[0] + npy_body) for r in refs]
+        self.sizes = [s.samples for s in m.split_shards("train")]
         pin = device.type == "cuda"
         self.slots = [
             (
@@ -73,12 +74,12 @@ class ThreadBatches:
     def stream(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         """Endless batches from ``epoch`` on, continuing into the next epochs."""
         jobs: list[tuple[int, list[Future]]] = []
-        n, k = len(self.items), 0
+        k = 0
 
         def batches():
             e = epoch
             while True:
-                for batch in epoch_batches(rank_plan(0, e, 0, 1, n, self.B), True, self.B):
+                for batch in epoch_batches(0, e, self.sizes, self.B):
                     yield batch.tolist()
                 e += 1
 

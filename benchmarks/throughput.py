@@ -3,6 +3,7 @@
     python benchmarks/throughput.py               # builds data/bench (2048 windows) if absent
     python benchmarks/throughput.py --quick       # seconds: 48 windows, 1 repeat, few batches
     python benchmarks/throughput.py --data DIR --modes loader --rows torch,dali-cpu,read-only
+    python benchmarks/throughput.py --data s3://bucket/prefix   # the loaders' rows, over S3
 
 Every row reads the same shards in the same run and is measured the same way: a fresh epoch per
 repeat, ``--warmup`` batches untimed (pipeline build, worker start, shuffle-buffer fill), then
@@ -33,7 +34,7 @@ import torch
 
 from benchmarks.dataset import ensure_dataset, warm_page_cache
 from benchmarks.measure import MODES, add_ratios, measure, run_repeats, summarize, trainer_step
-from benchmarks.report import closing_notes, environment, markdown, steady_state_note, write_reports
+from benchmarks.report import closing_notes, environment, markdown, write_reports
 from benchmarks.rows import (
     ROW_ORDER,
     augment_for,
@@ -43,6 +44,7 @@ from benchmarks.rows import (
     skipped_rows,
 )
 from model.features import Mel
+from pipeline import storage
 from pipeline.errors import ArkitError
 from pipeline.loading import DaliOptions, resolve_device
 
@@ -71,7 +73,6 @@ DEFAULTS = dict(
     dali_threads=_DALI.dali_threads,  # 0: one per CPU, at most 4
     dali_prefetch=_DALI.dali_prefetch,
     reader_prefetch=_DALI.reader_prefetch,
-    shuffle_buffer=_DALI.shuffle_buffer,
 )
 QUICK = dict(data="data/bench-quick", windows=48, batch_size=4, warmup=1, batches=4, repeats=1)
 
@@ -117,12 +118,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--dali-prefetch", type=int, default=DEFAULTS["dali_prefetch"])
     p.add_argument("--reader-prefetch", type=int, default=DEFAULTS["reader_prefetch"])
-    p.add_argument(
-        "--shuffle-buffer",
-        type=int,
-        default=DEFAULTS["shuffle_buffer"],
-        help="DALI reader's shuffle buffer (its initial_fill)",
-    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument(
         "--augment",
@@ -173,9 +168,10 @@ def run(args: argparse.Namespace) -> int:
         # with 10x spread (measured on 2 cores)
         torch.set_num_threads(args.torch_threads or 1)
     # rows checked before a dataset build that a typo would waste
-    names = select_rows(args.rows, device, args.augment, args.mel)
-    data = Path(args.data)
-    if not data.exists() and args.data in (DEFAULTS["data"], QUICK["data"]):
+    remote = storage.is_s3(args.data)
+    names = select_rows(args.rows, device, args.augment, args.mel, remote)
+    data = storage.location(args.data)
+    if not remote and not data.exists() and args.data in (DEFAULTS["data"], QUICK["data"]):
         data = ROOT / data  # the default location is inside the repository (git-ignored /data/)
     m = ensure_dataset(data, args.windows, 16 if args.quick else None)
     args.data = str(data)
@@ -184,14 +180,9 @@ def run(args: argparse.Namespace) -> int:
 
     notes: list[str] = [] if args.rows else skipped_rows()
     B, n_train = args.batch_size, m.num_samples("train")
-    if note := steady_state_note(args, n_train, names):
-        notes.append(note)
-        print("note: " + note, flush=True)
     seq = warm_page_cache(m)
-    print(
-        f"{m.root}: {n_train} train samples; page cache warm ({seq:,.0f} MB/s sequential)",
-        flush=True,
-    )
+    read = "read once from S3" if remote else "page cache warm"
+    print(f"{m.root}: {n_train} train samples; {read} ({seq:,.0f} MB/s sequential)", flush=True)
     rows = [make_row(n, args, m, device) for n in names]
     env = environment(args, m, device, seq)
 

@@ -12,13 +12,20 @@ given a ``[low, high]`` range (drawn uniformly per sample):
   mouth stays on its sound; the crop is taken after, so shapes never change;
 - ``gain_db``: the crop's audio times ``10 ** (gain_db / 20)``;
 - ``snr_db``: Gaussian noise added to the audio at that signal-to-noise ratio (its standard
-  deviation is the crop's RMS over ``10 ** (snr_db / 20)``).
+  deviation is the crop's RMS over ``10 ** (snr_db / 20)``). The noise is a window of one
+  fixed table of ``NOISE_SAMPLES`` standard normal values (``noise_table``) at a position drawn
+  per sample, so it is as repeatable as the other draws (a DALI generator's noise depends on
+  which batch slot a sample lands in, and could not be resumed without replaying the epoch).
 
-The animation is only ever moved by the crop and by speed.
+The animation is only ever moved by the crop and by speed. Every value is drawn from the
+sample's own generator (``sample_rng``: the epoch's seed and the sample's index in the split),
+so a sample's crop and augmentation in an epoch are the same whichever loader, rank, world size
+or resumed run reads it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -28,6 +35,8 @@ from pipeline.errors import ConfigError
 
 NAMES = ("gain_db", "snr_db", "speed")
 LIMITS = {"gain_db": (-60.0, 60.0), "snr_db": (-20.0, 120.0), "speed": (0.25, 4.0)}
+NOISE_SAMPLES = 1 << 22  # the noise table: 16 MiB of float32, 262 s at 16 kHz
+NOISE_SEED = 20261126
 
 
 @dataclass(frozen=True)
@@ -97,10 +106,30 @@ class Params:
     gain_db: float | None = None
     snr_db: float | None = None
     speed: float | None = None
+    noise_at: int | None = None  # with snr_db: where the crop's noise starts in noise_table()
 
 
-def draw(rng: np.random.Generator, aug: Augment, segment_frames: int, window_frames: int) -> Params:
-    """One sample's crop and augmentation, from the distributions the DALI graph uses."""
+def sample_rng(epoch_seed: int, index: int) -> np.random.Generator:
+    """The generator of one sample's draws in one epoch (``index``: its place in the split)."""
+    return np.random.default_rng([epoch_seed, index])
+
+
+@functools.cache
+def noise_table() -> np.ndarray:
+    """``NOISE_SAMPLES`` standard normal float32 values, the same in every process."""
+    table = np.random.default_rng(NOISE_SEED).standard_normal(NOISE_SAMPLES, np.float32)
+    table.flags.writeable = False
+    return table
+
+
+def draw(
+    rng: np.random.Generator,
+    aug: Augment,
+    segment_frames: int,
+    window_frames: int,
+    window_samples: int,
+) -> Params:
+    """One sample's crop and augmentation (both loaders call this with ``sample_rng``)."""
     values = {}
     for n in aug.enabled:  # lo + (hi - lo) * U[0, 1), as the DALI graph draws
         lo, hi = getattr(aug, n)
@@ -108,7 +137,14 @@ def draw(rng: np.random.Generator, aug: Augment, segment_frames: int, window_fra
     speed = values.get("speed", 1.0)
     top = max_offset(segment_frames, window_frames, speed, aug.speed is not None)
     offset = int(math.floor(rng.uniform(0.0, 1.0) * (top + 1)))
+    if aug.snr_db is not None:
+        values["noise_at"] = int(rng.integers(0, NOISE_SAMPLES - window_samples + 1))
     return Params(offset, **values)
+
+
+def noise(p: Params, window_samples: int) -> np.ndarray:
+    """The crop's unit noise: a read-only view of the table (``p`` drew ``snr_db``)."""
+    return noise_table()[p.noise_at : p.noise_at + window_samples]
 
 
 def apply(
@@ -119,7 +155,6 @@ def apply(
     window_frames: int,
     rate: int,
     fps: int,
-    rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A segment's (audio float32, arkit [frames, 52]) to the window ``p`` describes, in numpy
     (the DataLoader workers' side; the DALI graph does the same on its operators)."""
@@ -141,6 +176,5 @@ def apply(
         audio = audio * np.float32(10 ** (p.gain_db / 20))
     if p.snr_db is not None:
         rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
-        noise = rng.standard_normal(window_samples).astype(np.float32)
-        audio = audio + noise * np.float32(rms / 10 ** (p.snr_db / 20))
+        audio = audio + noise(p, window_samples) * np.float32(rms / 10 ** (p.snr_db / 20))
     return audio.astype(np.float32), np.ascontiguousarray(arkit, np.float32)

@@ -5,8 +5,10 @@ the loader's device; with ``features="mel"``, ``"mel": float32 [B, n_mels, clip_
 + 1]`` (``model.features``: the log-mel of the same audio, after crops and augmentation)
 instead of ``"wav"``. ``len()`` is batches per epoch; iterating again starts the next epoch
 (after an iteration stopped early it continues that epoch, unless ``set_epoch`` says otherwise);
-``state_dict()`` / ``load_state_dict()`` resume mid-epoch with the same next batches. Which
-samples a rank reads comes from ``pipeline.sharding`` so both backends obey the same rules.
+``state_dict()`` / ``load_state_dict()`` resume mid-epoch with the same next batches, also at
+another world size: the state is the epoch and the global position in its order. Which samples
+a rank reads comes from ``pipeline.sharding`` so both backends obey the same rules; a resumed
+backend starts reading at the first unconsumed sample (nothing is replayed).
 
 Each backend's knobs are a dataclass below; their field names are the ``data.*`` config keys,
 the keyword arguments of ``build_loader`` and the names the backend uses, and their defaults
@@ -21,13 +23,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from model.features import FEATURES, Mel
 from pipeline.augment import Augment
 from pipeline.errors import ConfigError, DatasetError, ResumeError
 from pipeline.manifest import Manifest, load_manifest
-from pipeline.sharding import RankPlan, rank_plan
+from pipeline.sharding import epoch_order, epoch_seed, position_after, rank_batches, steps_left
 from pipeline.verify import changed_shards, shard_stamps
 
 
@@ -38,7 +41,6 @@ class DaliOptions:
     dali_threads: int = 0  # DALI CPU threads (0: one per CPU, at most 4)
     dali_prefetch: int = 2  # batches DALI prepares ahead
     reader_prefetch: int = 2  # batches the reader reads ahead
-    shuffle_buffer: int = 1024  # the reader's shuffle buffer (shards are pre-shuffled too)
     # read the tars by copy (true) or map them (false: faster on CPU, but a shard truncated
     # while DALI reads it kills the process with SIGBUS instead of a named error)
     dont_use_mmap: bool = True
@@ -57,6 +59,20 @@ LOADERS = {
     "dali": ("pipeline.dali_loader", "DaliLoader", DaliOptions),
     "torch": ("pipeline.torch_loader", "TorchLoader", TorchOptions),
 }
+
+
+@dataclass(frozen=True)
+class Leg:
+    """What one rank reads from a position to the end of an epoch."""
+
+    epoch: int
+    start: int  # the global position it starts at
+    batches: np.ndarray  # [steps, batch_size] sample indices of the split, in order
+    epoch_seed: int  # seeds each sample's crop and augmentation (pipeline.augment.sample_rng)
+
+    @property
+    def steps(self) -> int:
+        return len(self.batches)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -132,32 +148,45 @@ class EpochLoader:
                 f"{data_dir}: {self.num_samples} {split} samples over {world_size} rank(s) make "
                 f"no whole batch of {batch_size}; use a smaller batch or more data"
             )
+        self.shard_sizes = [s.samples for s in self.manifest.split_shards(split)]
         self._epoch = 0  # position: epoch in progress (or next) ...
-        self._skip = 0  # ... and batches of it already consumed
+        self._pos = 0  # ... and samples of its global order already consumed (all ranks)
         # what the shards looked like when the run started: checked again at every epoch
         self._stamps = shard_stamps(self.manifest, split)
 
-    def plan(self, epoch: int) -> RankPlan:
-        return rank_plan(
-            self.seed, epoch, self.rank, self.world_size, self.num_samples, self.batch_size
-        )
+    def leg(self, epoch: int, position: int = 0) -> Leg:
+        """This rank's batches of ``epoch`` from the global ``position`` on."""
+        order = epoch_order(self.seed, epoch, self.shard_sizes, self.shuffle)
+        batches = rank_batches(order, position, self.rank, self.world_size, self.batch_size)
+        return Leg(epoch, position, batches, epoch_seed(self.seed, epoch))
+
+    def _steps_left(self, position: int) -> int:
+        return steps_left(self.num_samples, position, self.world_size, self.batch_size)
 
     def __len__(self) -> int:
-        return self.plan(0).steps
+        return self._steps_left(0)
 
     def _position(self) -> tuple[int, int]:
-        if self._skip >= len(self):
+        """(epoch, global position) of the next batch; an epoch with no whole global batch
+        left is over."""
+        if self._steps_left(min(self._pos, self.num_samples)) == 0:
             return self._epoch + 1, 0
-        return self._epoch, self._skip
+        return self._epoch, self._pos
 
     @property
     def epoch(self) -> int:
         return self._position()[0]
 
     @property
-    def batches_done(self) -> int:
-        """Batches of the current epoch already consumed."""
+    def position(self) -> int:
+        """Samples of the current epoch's global order already consumed, over all ranks."""
         return self._position()[1]
+
+    @property
+    def batches_done(self) -> int:
+        """Batches of the current epoch this rank would have yielded by now at this world size
+        (after a resume at another world size: the batches not left to yield)."""
+        return len(self) - self._steps_left(self.position)
 
     def set_epoch(self, epoch: int, restart: bool = False) -> None:
         """Start ``epoch`` from its first batch, unless the position is already inside it
@@ -165,7 +194,7 @@ class EpochLoader:
         that stop an epoch early.
         """
         if restart or self._position()[0] != epoch:
-            self._epoch, self._skip = epoch, 0
+            self._epoch, self._pos = epoch, 0
 
     def check_unchanged(self) -> None:
         """DatasetError if a shard was rewritten or truncated since the loader was made."""
@@ -176,21 +205,27 @@ class EpochLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """Continue from the position: the rest of an epoch, or the next whole epoch."""
         self.check_unchanged()
-        epoch, skip = self._position()
-        for i, batch in enumerate(self._batches(self.plan(epoch), skip), start=skip):
-            self._epoch, self._skip = epoch, i + 1
+        epoch, start = self._position()
+        leg = self.leg(epoch, start)
+        for i, batch in enumerate(self._batches(leg)):
+            self._epoch = epoch
+            self._pos = position_after(start, i + 1, self.world_size, self.batch_size)
             yield batch
 
-    def _batches(self, plan: RankPlan, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+    def _batches(self, leg: Leg) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of ``leg``, in order, starting with its first (no replay)."""
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        """Where the next batch comes from; plain ints, safe for ``weights_only`` loading."""
-        epoch, consumed = self._position()
+        """Where the next batch comes from: the epoch and the global position in its order
+        (``batch``, this rank's batches done, is for people). Plain ints, safe for
+        ``weights_only`` loading; ``world_size`` is recorded, not required on resume."""
+        epoch, position = self._position()
         return {
             "backend": self.name,
             "epoch": epoch,
-            "batch": consumed,
+            "position": position,
+            "batch": self.batches_done,
             "seed": self.seed,
             "rank": self.rank,
             "world_size": self.world_size,
@@ -200,14 +235,25 @@ class EpochLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue where ``state`` stopped, at this loader's world size (any)."""
         mine = self.state_dict()
-        for key in ("backend", "seed", "world_size", "batch_size", "num_samples", "shuffle"):
+        for key in ("backend", "seed", "batch_size", "num_samples", "shuffle"):
             if key in state and state[key] != mine[key]:
                 raise ResumeError(
                     f"cannot resume: the checkpoint's loader had {key}={state[key]}, this one "
                     f"has {key}={mine[key]}; resume with the same loader, data and settings"
                 )
-        self._epoch, self._skip = int(state["epoch"]), int(state["batch"])
+        if "position" in state:
+            position = int(state["position"])
+        else:  # before global positions: per-rank batches done at the recorded world size
+            world = int(state.get("world_size", self.world_size))
+            position = int(state["batch"]) * world * int(state.get("batch_size", self.batch_size))
+        if not 0 <= position <= self.num_samples:
+            raise ResumeError(
+                f"cannot resume: the checkpoint's loader position {position} is outside an "
+                f"epoch of {self.num_samples} samples"
+            )
+        self._epoch, self._pos = int(state["epoch"]), position
 
 
 def build_loader(

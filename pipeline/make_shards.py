@@ -3,12 +3,15 @@
     python pipeline/make_shards.py --synthetic 400 --out data/synth
     python pipeline/make_shards.py --input takes/ --out data/mine --val-fraction 0.1
     python pipeline/make_shards.py --verify data/mine
+    python pipeline/make_shards.py --synthetic 400 --out s3://bucket/synth   # needs boto3
 
 Inputs are paired by file stem: audio (.wav/.flac, any rate, channels, sample format) with a
 Live Link Face CSV or a ``[T, 52]`` .npy. Every input that cannot be used becomes a line in
 ``rejects.jsonl``; the rest are still converted. Windows are pre-shuffled across each split,
 and the dataset is written beside the old one and swapped in, ``manifest.json`` last, so an
-interrupted run never looks complete and never destroys the previous dataset.
+interrupted run never looks complete and never destroys the previous dataset. An ``s3://``
+``--out`` is written in a local staging folder, then uploaded, ``manifest.json`` last
+(``pipeline.s3out``); ``--verify`` reads ``s3://`` too.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.arkit import ORDERS
 from pipeline.convert import Cutting, TrainStats, reject_lines, split_pieces, write_shards
 from pipeline.errors import ArkitError, DatasetError
@@ -37,6 +41,8 @@ from pipeline.inputs import (
 from pipeline.livelink import LIVE_LINK_FPS
 from pipeline.manifest import FPS, SPLITS, WINDOW_SECONDS, Manifest
 from pipeline.outdir import REJECTS_NAME, WORK_NAME, OutDir
+from pipeline.s3out import S3OutDir, staging_dir
+from pipeline.storage import Location, S3Url
 from pipeline.takestore import StoredTake, TakeStore, convert_takes
 from pipeline.verify import check_dataset
 from pipeline.windows import MAX_GAP_SECONDS, TOLERANCE_RATIO, TOLERANCE_SECONDS
@@ -44,12 +50,13 @@ from pipeline.windows import MAX_GAP_SECONDS, TOLERANCE_RATIO, TOLERANCE_SECONDS
 
 @dataclass
 class Summary:
-    out: Path
+    out: Location
     manifest: Manifest
     takes: list[StoredTake]
     rejects: list[Reject]
     minutes: float
     dropped: int = 0  # pieces left out at gaps (part of the rejects)
+    uploaded: list[str] = dataclasses.field(default_factory=list)  # s3:// --out: the objects
 
     @property
     def reused(self) -> int:
@@ -72,7 +79,8 @@ def make_dataset(args: argparse.Namespace) -> Summary:
 
     settings = settings_of(args)
     t0 = time.perf_counter()
-    with OutDir(args.out, args.overwrite) as out:
+    out_dir = S3OutDir if storage.is_s3(args.out) else OutDir
+    with out_dir(args.out, args.overwrite) as out:
         # 1. find inputs
         if args.synthetic:
             recordings, rejects = synthetic_recordings(args.synthetic), []
@@ -132,10 +140,11 @@ def make_dataset(args: argparse.Namespace) -> Summary:
         )
         out.commit(manifest, reject_lines(rejects))
     minutes = (time.perf_counter() - t0) / 60
-    return Summary(Path(args.out), manifest, takes, rejects, minutes, len(dropped))
+    uploaded = getattr(out, "uploaded", [])
+    return Summary(out.path, manifest, takes, rejects, minutes, len(dropped), uploaded)
 
 
-def _write_failed_rejects(out: OutDir, rejects: list[Reject]) -> Path:
+def _write_failed_rejects(out: OutDir | S3OutDir, rejects: list[Reject]) -> Path:
     """Where a failed run leaves its rejects: in the work folder, with the converted takes (a
     previous dataset's rejects.jsonl stays whole, and a rerun finds the folder as it was)."""
     path = out.work / REJECTS_NAME
@@ -164,6 +173,11 @@ def report(s: Summary) -> str:
         + f"; {hours_in / max(s.minutes, 1e-9):.1f} h of audio per minute"
     ]
     lines += [f"  rejected {r.file}: {r.reason}" for r in s.rejects[:20]]
+    if s.uploaded:
+        lines.append(
+            f"uploaded {len(s.uploaded)} objects to {s.out}/ (endpoint {storage.endpoint()}), "
+            "manifest.json last"
+        )
     return "\n".join(lines)
 
 
@@ -245,6 +259,12 @@ def usage_problems(args: argparse.Namespace) -> list[str]:
         bad.append("--out is required with --synthetic or --input")
     if args.input and not Path(args.input).is_dir():
         bad.append(f"--input {args.input} is not a folder")
+    for flag, value in (("--out", args.out), ("--verify", args.verify)):
+        if value and storage.is_s3(value):
+            try:
+                storage.location(value)
+            except DatasetError as exc:
+                bad.append(f"{flag}: {exc}")
     checks = [
         ("--synthetic", args.synthetic, lambda v: v is None or v >= 1, ">= 1"),
         ("--val-fraction", args.val_fraction, lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -275,7 +295,11 @@ def usage_problems(args: argparse.Namespace) -> list[str]:
 
 
 def verify(root: str) -> int:
-    problems = [str(p) for p in check_dataset(root)]
+    try:
+        problems = [str(p) for p in check_dataset(root)]
+    except ArkitError as exc:  # the store failed as a whole (s3: unreachable, no bucket)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     for line in problems:
         print(line)
     print(f"{root}: " + (f"{len(problems)} problems" if problems else "OK"))
@@ -292,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        if storage.is_s3(args.out):
+            print(_interrupted_upload(storage.location(args.out)), file=sys.stderr)
+            return 130
         work = Path(args.out) / WORK_NAME
         print(
             f"interrupted: nothing in {args.out} was replaced; the takes converted so far are "
@@ -302,6 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(report(summary))
     return 0
+
+
+def _interrupted_upload(url: S3Url) -> str:
+    return (
+        f"interrupted: {url} keeps its previous dataset unless the upload had begun (then it "
+        "holds none until a rerun of the same command finishes it); before the upload, the "
+        f"takes converted so far are kept for that rerun in {staging_dir(url) / WORK_NAME}"
+    )
 
 
 if __name__ == "__main__":

@@ -13,14 +13,15 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.arkit import ARKIT_NAMES
 from pipeline.errors import DatasetError
 from pipeline.members import SAMPLE_RATE, WAV_HEADER_BYTES, canonical_npy_header, wav_bytes
 from pipeline.members import npy_bytes as npy_member_bytes
+from pipeline.storage import Location, S3Url
 from pipeline.tars import idx_path
 
 FORMAT_VERSION = 1
@@ -34,7 +35,7 @@ MAKE_SHARDS_HINT = "python pipeline/make_shards.py --synthetic 400 --out DIR"
 VERIFY_HINT = "python pipeline/make_shards.py --verify {dir}"
 
 
-def verify_hint(root: str | Path) -> str:
+def verify_hint(root: str | Location) -> str:
     return VERIFY_HINT.format(dir=root)
 
 
@@ -80,14 +81,15 @@ class Layout:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A dataset's description; ``root`` is where it lies (not stored in the file).
+    """A dataset's description; ``root`` is where it lies (not stored in the file): a ``Path``,
+    or an ``S3Url`` for a dataset in ``s3://bucket/prefix``.
 
     ``clip_samples`` and ``frames`` are the window every loader yields; the train split's
     members hold ``segment_samples`` / ``segment_frames`` (equal to the window unless the
     dataset was made with --segment-seconds), which the loaders crop windows from.
     """
 
-    root: Path
+    root: Location
     sample_rate: int
     clip_samples: int
     fps: int
@@ -117,7 +119,7 @@ class Manifest:
     @classmethod
     def for_window(
         cls,
-        root: str | Path,
+        root: str | Location,
         window_seconds: float = WINDOW_SECONDS,
         segment_seconds: float | None = None,
         **fields,
@@ -126,7 +128,7 @@ class Manifest:
         ``segment_seconds``, default the window) at the canonical rates."""
         segment = segment_seconds or window_seconds
         return cls(
-            root=Path(root),
+            root=storage.location(root),
             sample_rate=SAMPLE_RATE,
             clip_samples=int(round(window_seconds * SAMPLE_RATE)),
             fps=FPS,
@@ -232,9 +234,10 @@ class Manifest:
         return json.dumps(doc, indent=1)
 
     @classmethod
-    def from_json(cls, text: str, root: str | Path) -> Manifest:
+    def from_json(cls, text: str, root: str | Location) -> Manifest:
         """Parse and check a manifest; DatasetError naming the field that is wrong."""
-        path = Path(root) / MANIFEST_NAME
+        root = storage.location(root)
+        path = root / MANIFEST_NAME
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -247,7 +250,7 @@ class Manifest:
             )
         try:
             m = cls(
-                root=Path(root),
+                root=root,
                 sample_rate=int(raw["sample_rate"]),
                 clip_samples=int(raw["clip_samples"]),
                 fps=int(raw["fps"]),
@@ -282,9 +285,12 @@ class Manifest:
         return m
 
 
-def load_manifest(data_dir: str | Path) -> Manifest:
-    """The manifest of the dataset at ``data_dir``; DatasetError saying what to do if absent."""
-    root = Path(data_dir)
+def load_manifest(data_dir: str | Location) -> Manifest:
+    """The manifest of the dataset at ``data_dir`` (a folder or ``s3://bucket/prefix``);
+    DatasetError saying what to do if absent."""
+    root = storage.location(data_dir)
+    if isinstance(root, S3Url):
+        return Manifest.from_json(_read_s3_manifest(root), root)
     path = root / MANIFEST_NAME
     if not root.is_dir():
         raise DatasetError(f"no dataset at {root}: make one with `{MAKE_SHARDS_HINT}`")
@@ -298,3 +304,16 @@ def load_manifest(data_dir: str | Path) -> Manifest:
     except OSError as exc:
         raise DatasetError(f"{path} is unreadable ({exc.strerror})") from None
     return Manifest.from_json(text, root)
+
+
+def _read_s3_manifest(root: S3Url) -> str:
+    try:
+        return storage.read_text(root / MANIFEST_NAME)
+    except storage.NotFound:
+        pass
+    if not storage.list_names(root, limit=1):
+        raise DatasetError(f"no dataset at {root}: make one with `{MAKE_SHARDS_HINT}`")
+    raise DatasetError(
+        f"{root} has no manifest.json, so it is not a complete dataset (make_shards uploads it "
+        f"last; an interrupted upload leaves none): make one with `{MAKE_SHARDS_HINT}`"
+    )

@@ -1,33 +1,28 @@
-"""Which samples each rank reads in an epoch: a pure function of (seed, epoch, rank, world size,
-dataset size, batch size), shared by both loaders and tested without DALI.
+"""Which samples each rank reads: pure functions of (seed, epoch, shard sizes, batch size, world
+size, position), shared by both loaders and tested without DALI.
 
-The split's samples (shards in manifest order, samples in tar order) are cut into
-``world_size`` contiguous parts exactly as DALI's reader cuts them for ``shard_id`` /
-``num_shards`` (part i = ``[i*n // k, (i+1)*n // k)``). In epoch e, rank r reads part
-``(r + e) % k``, so the parts rotate over ranks. Every rank runs the same number of steps,
-``(n // k) // batch_size`` (the smallest part's whole batches), so no rank waits for another
-at the end of an epoch; the samples a rank does not reach are left out for this epoch only.
-At most ``k * batch_size - 1`` samples are left out per epoch.
+**The epoch's global order** does not depend on the number of ranks. Shuffled, it is the
+split's shards in an order drawn for the epoch, each shard's samples in an order drawn for the
+epoch and the shard (MosaicML Streaming calls this "py1s"); unshuffled, the split in tar order.
+Grouping by shard lets DALI's reader follow the order with one index file per shard a rank
+touches (``pipeline.dali_loader``); ``make_shards`` shuffles samples across takes before it
+cuts shards, so a shard is a random subset of the split, as a batch should be.
+
+**The position** is how many samples of that order are consumed; it is the loader's whole
+resume state. From position ``p`` with ``world_size`` ranks of ``batch_size``, global batch
+``s`` is ``order[p + s*W*B : p + (s+1)*W*B]`` and rank ``r`` takes its ``r``-th slice of
+``batch_size``: every rank runs ``(n - p) // (W*B)`` steps, the position after step ``s`` is
+``p + s*W*B`` whatever ``W`` is, and fewer than ``W*B`` samples at the end of the order are left
+out for this epoch. So a run stopped at world size N resumes at any world size M with exactly
+the samples not yet consumed (none twice), and a resumed reader starts at the first of them
+instead of replaying the consumed ones.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
-
-
-@dataclass(frozen=True)
-class RankPlan:
-    part: int  # DALI shard_id this rank reads this epoch
-    start: int  # first sample index of the part
-    stop: int  # one past its last
-    steps: int  # batches every rank yields this epoch
-    epoch_seed: int  # seed of this epoch's shuffle
-
-
-def part_bounds(num_samples: int, parts: int, part: int) -> tuple[int, int]:
-    return part * num_samples // parts, (part + 1) * num_samples // parts
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -35,29 +30,60 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] >> 1)
 
 
-def rank_plan(
-    seed: int, epoch: int, rank: int, world_size: int, num_samples: int, batch_size: int
-) -> RankPlan:
+def epoch_order(seed: int, epoch: int, shard_sizes: Sequence[int], shuffle: bool) -> np.ndarray:
+    """Every sample index of the split (shards in manifest order, samples in tar order), in the
+    order the epoch consumes them."""
+    sizes = [int(s) for s in shard_sizes]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    if not shuffle:
+        return np.arange(starts[-1], dtype=np.int64)
+    rng = np.random.default_rng(epoch_seed(seed, epoch))
+    pieces = []
+    for shard in rng.permutation(len(sizes)):
+        pieces.append(starts[shard] + rng.permutation(sizes[shard]))
+    return np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+
+
+def check_args(position: int, world_size: int, batch_size: int, num_samples: int) -> None:
+    if world_size < 1 or batch_size < 1:
+        raise ValueError("world_size and batch_size must be >= 1")
+    if not 0 <= position <= num_samples:
+        raise ValueError(f"position {position} is outside an epoch of {num_samples} samples")
+
+
+def steps_left(num_samples: int, position: int, world_size: int, batch_size: int) -> int:
+    """Batches every rank yields from ``position`` to the end of the epoch."""
+    check_args(position, world_size, batch_size, num_samples)
+    return (num_samples - position) // (world_size * batch_size)
+
+
+def rank_batches(
+    order: np.ndarray, position: int, rank: int, world_size: int, batch_size: int
+) -> np.ndarray:
+    """Rank ``rank``'s batches from ``position`` on: ``[steps_left, batch_size]`` sample
+    indices, in the order it yields them."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    part = (rank + epoch) % world_size
-    start, stop = part_bounds(num_samples, world_size, part)
-    steps = (num_samples // world_size) // batch_size
-    return RankPlan(part, start, stop, steps, epoch_seed(seed, epoch))
+    steps = steps_left(len(order), position, world_size, batch_size)
+    rest = order[position : position + steps * world_size * batch_size]
+    return rest.reshape(steps, world_size, batch_size)[:, rank, :]
 
 
-def epoch_order(plan: RankPlan, shuffle: bool) -> np.ndarray:
-    """Sample indices a rank visits this epoch, in order (``steps * batch`` are used)."""
-    idx = np.arange(plan.start, plan.stop)
-    if shuffle:
-        idx = np.random.default_rng(plan.epoch_seed).permutation(idx)
-    return idx
+def position_after(position: int, steps: int, world_size: int, batch_size: int) -> int:
+    """The global position once every rank has yielded ``steps`` more batches."""
+    return position + steps * world_size * batch_size
 
 
-def epoch_batches(plan: RankPlan, shuffle: bool, batch_size: int) -> np.ndarray:
-    """The rank's whole batches this epoch, ``[steps, batch_size]`` sample indices in order
-    (the rest of ``epoch_order`` is left out)."""
-    order = epoch_order(plan, shuffle)[: plan.steps * batch_size]
-    return order.reshape(plan.steps, batch_size)
+def epoch_batches(
+    seed: int,
+    epoch: int,
+    shard_sizes: Sequence[int],
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    position: int = 0,
+    shuffle: bool = True,
+) -> np.ndarray:
+    """A rank's batches of an epoch from ``position`` on (``[steps, batch_size]`` indices)."""
+    order = epoch_order(seed, epoch, shard_sizes, shuffle)
+    return rank_batches(order, position, rank, world_size, batch_size)

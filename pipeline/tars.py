@@ -11,9 +11,12 @@ import hashlib
 import io
 import os
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline import storage
+from pipeline.storage import Location, S3Url
 
 INDEX_VERSION = "v1.2"
 
@@ -74,19 +77,20 @@ def parse_index(text: str) -> list[list[Member]]:
     return samples
 
 
-def read_index(path: str | Path) -> list[list[Member]]:
-    return parse_index(Path(path).read_text())
+def read_index(path: str | Path | S3Url) -> list[list[Member]]:
+    return parse_index(storage.read_text(path))
 
 
-def idx_path(tar_path: str | Path) -> Path:
-    """The index beside a tar: ``x.tar`` -> ``x.idx``."""
-    return Path(tar_path).with_suffix(".idx")
+def idx_path(tar_path: str | Path | S3Url) -> Location:
+    """The index beside a tar: ``x.tar`` -> ``x.idx`` (a ``Path``, or an ``S3Url`` for s3://)."""
+    return storage.location(tar_path).with_suffix(".idx")
 
 
-def header_before(fd: int, offset: int) -> tarfile.TarInfo | None:
-    """The tar header of the member whose data starts at ``offset``; None when the 512 bytes
-    before it are not a valid header (tarfile checks the checksum)."""
-    block = os.pread(fd, tarfile.BLOCKSIZE, offset - tarfile.BLOCKSIZE)
+def header_before(pread: Callable[[int, int], bytes], offset: int) -> tarfile.TarInfo | None:
+    """The tar header of the member whose data starts at ``offset`` (``pread(size, offset)``
+    reads the tar); None when the 512 bytes before it are not a valid header (tarfile checks
+    the checksum)."""
+    block = pread(tarfile.BLOCKSIZE, offset - tarfile.BLOCKSIZE)
     try:
         return tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
     except tarfile.HeaderError:

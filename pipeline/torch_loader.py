@@ -8,9 +8,8 @@ runs the same number of whole batches, so the last partial batch is always dropp
 
 With ``features="mel"`` the workers also compute the model's own log-mel front end
 (``model.features.LogMel``). Crops and augmentation (``pipeline.augment``) run in the workers,
-in numpy and soxr, drawn
-from the same distributions as the DALI graph's: each sample's generator is seeded by the
-epoch's seed and the sample's index, so an epoch replays exactly whatever the worker.
+in numpy and soxr, with the values the DALI graph gets: each sample's generator is seeded by
+the epoch's seed and the sample's index, so an epoch replays exactly whatever the worker.
 """
 
 from __future__ import annotations
@@ -18,17 +17,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from model.features import LogMel, Mel
-from pipeline.augment import Augment, apply, draw
+from pipeline.augment import Augment, apply, draw, sample_rng
 from pipeline.errors import DatasetError, MemberError
-from pipeline.loading import EpochLoader, TorchOptions
+from pipeline.loading import EpochLoader, Leg, TorchOptions
 from pipeline.manifest import Manifest, verify_hint
 from pipeline.members import decode_sample
-from pipeline.sharding import RankPlan, epoch_batches
 from pipeline.verify import SampleRef, changed_shards, sample_refs, shard_stamps
 
 
@@ -57,18 +54,31 @@ class ShardSamples(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _fd(self, path: str) -> int:
+    def _fd(self, path: str):
+        """A local tar's descriptor, or an s3:// tar's ``S3Url`` (``pipeline.storage`` keeps
+        one S3 client per process, made in the process that reads)."""
+        from pipeline import storage
+
         if self._pid != os.getpid():  # a forked worker must not share the parent's descriptors
             self._fds, self._pid = {}, os.getpid()
         if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
+            is_s3 = storage.is_s3(path)
+            self._fds[path] = storage.location(path) if is_s3 else os.open(path, os.O_RDONLY)
         return self._fds[path]
 
     def read(self, i: int) -> tuple[bytes, bytes]:
         """The raw wav and npy member bytes of sample ``i``."""
+        from pipeline import storage
+
         ref = self.items[i]
         fd = self._fd(ref.tar)
-        return os.pread(fd, ref.wav[1], ref.wav[0]), os.pread(fd, ref.npy[1], ref.npy[0])
+        if isinstance(fd, int):
+            return os.pread(fd, ref.wav[1], ref.wav[0]), os.pread(fd, ref.npy[1], ref.npy[0])
+        # S3: one ranged GET over both members, which lie side by side in the tar
+        (w, w_size), (n, n_size) = ref.wav, ref.npy
+        lo = min(w, n)
+        blob = storage.read_range(fd, lo, max(w + w_size, n + n_size) - lo)
+        return blob[w - lo : w - lo + w_size], blob[n - lo : n - lo + n_size]
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
         i, epoch_seed = item if isinstance(item, tuple) else (item, 0)
@@ -85,11 +95,9 @@ class ShardSamples(Dataset):
         out: dict = {}
         if self.augment is not None:
             m = self.manifest
-            rng = np.random.default_rng([epoch_seed, i])
-            p = draw(rng, self.augment, self.layout.frames, m.frames)
-            audio, arkit = apply(
-                audio, arkit, p, m.clip_samples, m.frames, m.sample_rate, m.fps, rng
-            )
+            rng = sample_rng(epoch_seed, i)
+            p = draw(rng, self.augment, self.layout.frames, m.frames, m.clip_samples)
+            audio, arkit = apply(audio, arkit, p, m.clip_samples, m.frames, m.sample_rate, m.fps)
             out["offset"] = p.offset
             out.update({n: torch.tensor(getattr(p, n)) for n in self.augment.enabled})
         elif self.with_params:
@@ -143,10 +151,9 @@ class TorchLoader(EpochLoader):
             prefetch_factor=o.prefetch_factor if o.num_workers > 0 else None,
         )
 
-    def _batches(self, plan: RankPlan, skip: int) -> Iterator[dict]:
-        order = epoch_batches(plan, self.shuffle, self.batch_size).ravel()
-        self._sampler.order = order[skip * self.batch_size :].tolist()
-        self._sampler.seed = plan.epoch_seed
+    def _batches(self, leg: Leg) -> Iterator[dict]:
+        self._sampler.order = leg.batches.ravel().tolist()
+        self._sampler.seed = leg.epoch_seed
         for batch in self.loader:
             yield {
                 k: v.to(self.device, non_blocking=True) if k in ("wav", "mel", "arkit") else v

@@ -12,17 +12,21 @@ thing that is wrong, at three depths, and every caller takes what it needs of th
   the Python readers do, values included.
 - ``FULL`` (``make_shards --verify``; lists everything): also the sha256 of every shard, a walk
   of every tar header, the index against the tar's real members, and the ``.json`` member.
+
+A dataset in ``s3://`` gets the same checks through ``pipeline.storage``: ranged GETs of the
+headers and members (planned ahead, so they go out many at a time), HEAD for sizes, and the
+whole object (one download) only at ``FULL``. A store that fails as a whole (unreachable,
+no bucket, access denied) raises its ``StorageError`` instead of a problem per shard.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
+from pipeline import storage
 from pipeline.errors import DatasetError, MemberError
 from pipeline.manifest import MANIFEST_NAME, SPLITS, Manifest, Shard, load_manifest, verify_hint
 from pipeline.members import (
@@ -33,6 +37,7 @@ from pipeline.members import (
     check_wav_header,
     decode_sample,
 )
+from pipeline.storage import FileReader, Location, NotFound, S3Reader, StorageError
 from pipeline.tars import Member, group_by_key, header_before, idx_path, read_index, walk_tar
 
 
@@ -64,12 +69,14 @@ class SampleRef:
     npy: tuple[int, int]
 
 
-def check_dataset(root: str | Path, depth: Depth = Depth.FULL) -> Iterator[Problem]:
+def check_dataset(root: str | Location, depth: Depth = Depth.FULL) -> Iterator[Problem]:
     """Every problem of the dataset at ``root``, manifest first."""
     try:
         m = load_manifest(root)
+    except StorageError:
+        raise  # the store failed (unreachable, no bucket, denied): the caller says why
     except DatasetError as exc:
-        yield Problem(str(Path(root) / MANIFEST_NAME), f"missing or unreadable ({exc})")
+        yield Problem(str(storage.location(root) / MANIFEST_NAME), f"missing or unreadable ({exc})")
         return
     for split in SPLITS:
         yield from check_split(m, split, depth)
@@ -100,29 +107,32 @@ def sample_refs(m: Manifest, split: str) -> list[SampleRef]:
     return refs
 
 
-def shard_stamps(m: Manifest, split: str) -> dict[str, tuple[int, int]]:
-    """Each shard's (size, modification time) now: what a run checks again at every epoch."""
+def shard_stamps(m: Manifest, split: str) -> dict[str, tuple[int, int | str]]:
+    """Each shard's (size, version) now: what a run checks again at every epoch. The version
+    is the modification time of a file, the ETag of an S3 object."""
     stamps = {}
     for tar in m.tar_paths(split):
         try:
-            st = os.stat(tar)
-        except OSError:
+            st = storage.stat(tar)
+        except (OSError, NotFound):
             continue  # the start-up check names a missing shard
-        stamps[tar] = (st.st_size, st.st_mtime_ns)
+        stamps[tar] = (st.size, st.version)
     return stamps
 
 
-def changed_shards(stamps: dict[str, tuple[int, int]]) -> Problem | None:
-    """The first shard whose size or modification time differs from ``stamps``."""
-    for tar, (size, mtime) in stamps.items():
+def changed_shards(stamps: dict[str, tuple[int, int | str]]) -> Problem | None:
+    """The first shard whose size or version differs from ``stamps``."""
+    for tar, (size, version) in stamps.items():
         try:
-            st = os.stat(tar)
+            st = storage.stat(tar)
         except OSError as exc:
             return Problem(tar, f"vanished while the run was reading it ({exc.strerror})")
-        if (st.st_size, st.st_mtime_ns) != (size, mtime):
+        except NotFound:
+            return Problem(tar, "vanished while the run was reading it (no such object)")
+        if (st.size, st.version) != (size, version):
             what = (
-                f"its size went from {size} to {st.st_size} bytes"
-                if st.st_size != size
+                f"its size went from {size} to {st.size} bytes"
+                if st.size != size
                 else ("it was modified")
             )
             return Problem(
@@ -136,23 +146,24 @@ def changed_shards(stamps: dict[str, tuple[int, int]]) -> Problem | None:
 def check_shard(m: Manifest, shard: Shard, depth: Depth = Depth.STARTUP) -> Iterator[Problem]:
     tar = m.root / shard.name
     try:
-        fd = os.open(tar, os.O_RDONLY)
-    except FileNotFoundError:
+        # FULL reads every byte (sha256, a walk of the headers): an S3 object comes down once
+        reader = storage.open_reader(tar, whole=depth >= Depth.FULL)
+    except (FileNotFoundError, NotFound):
         yield Problem(str(tar), "listed in the manifest but missing")
         return
     except OSError as exc:
         yield Problem(str(tar), f"unreadable ({exc.strerror})")
         return
     try:
-        yield from _check_open_shard(m, shard, tar, fd, depth)
+        yield from _check_open_shard(m, shard, tar, reader, depth)
     finally:
-        os.close(fd)
+        reader.close()
 
 
 def _check_open_shard(
-    m: Manifest, shard: Shard, tar: Path, fd: int, depth: Depth
+    m: Manifest, shard: Shard, tar: Location, reader: FileReader | S3Reader, depth: Depth
 ) -> Iterator[Problem]:
-    size = os.fstat(fd).st_size
+    size = reader.size
     if size != shard.bytes:
         yield Problem(
             str(tar), f"{size} bytes, manifest says {shard.bytes} (truncated or rewritten)"
@@ -162,15 +173,15 @@ def _check_open_shard(
     idx = idx_path(tar)
     try:
         index = read_index(idx)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotFound):
         yield Problem(str(idx), "missing: the tar has no index beside it; rebuild the dataset")
         index = None
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         yield Problem(str(idx), f"unreadable index ({exc})")
         index = None
     if depth >= Depth.FULL:
-        yield from _check_whole_file(shard, tar, fd)
-        members, error = walk_tar(tar)
+        yield from _check_whole_file(shard, tar, reader)
+        members, error = walk_tar(reader.path)
         if error:
             yield Problem(str(tar), f"not a readable tar ({error}) after {len(members)} members")
         truth = group_by_key(members)
@@ -186,13 +197,13 @@ def _check_open_shard(
         )
         if depth < Depth.FULL:
             return
-    yield from _check_samples(m, shard, fd, size, index, depth)
+    yield from _check_samples(m, shard, reader, size, index, depth)
 
 
-def _check_whole_file(shard: Shard, tar: Path, fd: int) -> Iterator[Problem]:
+def _check_whole_file(shard: Shard, tar: Location, reader: FileReader) -> Iterator[Problem]:
     digest = hashlib.sha256()
     offset = 0
-    while chunk := os.pread(fd, 1 << 20, offset):
+    while chunk := reader.pread(1 << 20, offset):
         digest.update(chunk)
         offset += len(chunk)
     if digest.hexdigest() != shard.sha256:
@@ -217,7 +228,12 @@ def _spot_checks(n: int, count: int = 8) -> set[int]:
 
 
 def _check_samples(
-    m: Manifest, shard: Shard, fd: int, size: int, index: list[list[Member]], depth: Depth
+    m: Manifest,
+    shard: Shard,
+    reader: FileReader | S3Reader,
+    size: int,
+    index: list[list[Member]],
+    depth: Depth,
 ) -> Iterator[Problem]:
     tar = m.root / shard.name
     lay = m.layout(shard.split)
@@ -226,6 +242,8 @@ def _check_samples(
     what = {WAV_EXT: "a canonical WAV", NPY_EXT: shape}
     npy_head = canonical_npy_header(lay.frames, lay.num_blendshapes)
     spots = _spot_checks(len(index)) if depth < Depth.FULL else set()
+    if isinstance(reader, S3Reader):  # a local file gains nothing from knowing ahead
+        reader.plan(_planned_reads(index, spots, depth, m.wav_header_bytes, len(npy_head)))
     for i, sample in enumerate(index):
         key = sample[0].key
         by_ext = {c.ext: c for c in sample}
@@ -253,7 +271,7 @@ def _check_samples(
                 )
                 bad = True
             elif i in spots:
-                info = header_before(fd, c.offset)
+                info = header_before(reader.pread, c.offset)
                 if info is None or (info.name, info.size) != (c.name, c.size):
                     yield problem(
                         f"the tar header before byte {c.offset} is not {c.name} ({c.size} "
@@ -268,13 +286,33 @@ def _check_samples(
         try:
             if depth >= Depth.DECODE:
                 decode_sample(
-                    os.pread(fd, wav.size, wav.offset), os.pread(fd, npy.size, npy.offset), lay
+                    reader.pread(wav.size, wav.offset), reader.pread(npy.size, npy.offset), lay
                 )
             else:  # the headers only: what the GPU path slices off unread
                 check_wav_header(
-                    os.pread(fd, m.wav_header_bytes, wav.offset), lay.samples, m.sample_rate
+                    reader.pread(m.wav_header_bytes, wav.offset), lay.samples, m.sample_rate
                 )
-                if os.pread(fd, len(npy_head), npy.offset) != npy_head:
+                if reader.pread(len(npy_head), npy.offset) != npy_head:
                     raise MemberError(f"the npy header is not {shape} in C order")
         except MemberError as exc:
             yield problem(str(exc))
+
+
+def _planned_reads(
+    index: list[list[Member]], spots: set[int], depth: Depth, wav_head: int, npy_head: int
+) -> list[tuple[int, int]]:
+    """The (size, offset) reads ``_check_samples`` makes, in its order (S3 sends them ahead;
+    a read of a sample it skips is simply never asked for)."""
+    reads = []
+    for i, sample in enumerate(index):
+        by_ext = {c.ext: c for c in sample}
+        if i in spots:
+            reads += [(512, c.offset - 512) for c in sample if c.ext in (WAV_EXT, NPY_EXT)]
+        wav, npy = by_ext.get(WAV_EXT), by_ext.get(NPY_EXT)
+        if wav is None or npy is None:
+            continue
+        if depth >= Depth.DECODE:
+            reads += [(wav.size, wav.offset), (npy.size, npy.offset)]
+        else:
+            reads += [(wav_head, wav.offset), (npy_head, npy.offset)]
+    return reads

@@ -1,10 +1,9 @@
-"""The rank plan (pipeline.sharding): pure arithmetic, no DALI, no data.
+"""The epoch order and the rank plan (pipeline.sharding): pure arithmetic, no DALI, no data.
 
-Per epoch a rank consumes ``epoch_order(plan, shuffle)[: plan.steps * batch]``; these tests hold
-that to the promises in the module docstring and docs/loaders.md: equal steps on every rank,
-disjoint parts that cover all but fewer than ``world_size * batch`` samples, parts cut exactly
-as DALI cuts ``shard_id`` / ``num_shards``, rotation over epochs, and seeded, repeatable
-shuffles.
+The promises of the module docstring and docs/loaders.md: one global order per epoch whatever
+the world size, grouped by shard; equal steps on every rank; ranks disjoint; fewer than
+``world_size * batch`` samples left out; a run stopped at world size N and resumed at M from its
+global position consumes exactly the samples not yet consumed; seeded, repeatable shuffles.
 """
 
 from __future__ import annotations
@@ -13,133 +12,134 @@ import itertools
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from pipeline.sharding import RankPlan, epoch_order, epoch_seed, part_bounds, rank_plan
+from pipeline.sharding import (
+    epoch_batches,
+    epoch_order,
+    epoch_seed,
+    position_after,
+    rank_batches,
+    steps_left,
+)
 
 WORLD_SIZES = (1, 2, 3, 4, 8)
-NUM_SAMPLES = (7, 36, 100, 257, 1000)
+SHARDINGS = ([7], [16, 16, 4], [100], [64] * 4 + [1], [256] * 3 + [232], [3, 5, 2, 9, 1, 13])
 BATCH_SIZES = (1, 4, 16)
-CASES = list(itertools.product(WORLD_SIZES, NUM_SAMPLES, BATCH_SIZES))
 
 
-def consumed(
-    seed: int, epoch: int, rank: int, world: int, n: int, batch: int, shuffle: bool = True
-) -> np.ndarray:
-    plan = rank_plan(seed, epoch, rank, world, n, batch)
-    return epoch_order(plan, shuffle)[: plan.steps * batch]
-
-
-def left_out(seed: int, epoch: int, world: int, n: int, batch: int, shuffle: bool = True) -> set:
-    used = set()
-    for r in range(world):
-        used.update(consumed(seed, epoch, r, world, n, batch, shuffle).tolist())
-    return set(range(n)) - used
-
-
-@pytest.mark.parametrize("world,n,batch", CASES)
-def test_every_rank_runs_the_same_whole_batches(world, n, batch):
-    for epoch in range(3):
-        plans = [rank_plan(0, epoch, r, world, n, batch) for r in range(world)]
-        assert {p.steps for p in plans} == {(n // world) // batch}
-        for r, p in enumerate(plans):
-            # the part always has enough samples for every step: no rank runs short
-            assert len(epoch_order(p, shuffle=True)) >= p.steps * batch
-            assert len(consumed(0, epoch, r, world, n, batch)) == p.steps * batch
+def run(order: np.ndarray, position: int, world: int, batch: int) -> tuple[list, int]:
+    """Every rank's batches from ``position`` to the epoch's end, and the position after."""
+    per_rank = [rank_batches(order, position, r, world, batch) for r in range(world)]
+    steps = {len(b) for b in per_rank}
+    assert len(steps) == 1, "ranks run different numbers of steps"
+    return per_rank, position_after(position, steps.pop(), world, batch)
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
-@pytest.mark.parametrize("world,n,batch", CASES)
-def test_ranks_are_disjoint_and_cover_all_but_a_tail(world, n, batch, shuffle):
-    for epoch in range(3):
-        parts = [consumed(5, epoch, r, world, n, batch, shuffle) for r in range(world)]
-        everything = np.concatenate(parts)
-        # no sample twice in an epoch, on one rank or across ranks; all are real indices
-        assert len(np.unique(everything)) == len(everything)
-        assert everything.min(initial=0) >= 0 and everything.max(initial=0) < n
-        missed = n - len(everything)
-        assert 0 <= missed <= world * batch - 1
-        assert left_out(5, epoch, world, n, batch, shuffle) == set(range(n)) - set(
-            everything.tolist()
-        )
-
-
-@pytest.mark.parametrize("world", WORLD_SIZES)
-@pytest.mark.parametrize("n", NUM_SAMPLES)
-def test_parts_are_dalis_contiguous_cut(world, n):
-    """Part i = [i*n // k, (i+1)*n // k): what DALI's reader gives shard_id=i of num_shards=k."""
-    bounds = [part_bounds(n, world, i) for i in range(world)]
-    assert bounds[0][0] == 0 and bounds[-1][1] == n
-    for (_, a1), (b0, _) in itertools.pairwise(bounds):
-        assert a1 == b0  # contiguous, no gap, no overlap
-    assert bounds == [(i * n // world, (i + 1) * n // world) for i in range(world)]
-    sizes = [b - a for a, b in bounds]
-    assert max(sizes) - min(sizes) <= 1
-    for epoch in range(2):
-        for r in range(world):
-            plan = rank_plan(3, epoch, r, world, n, 4)
-            assert (plan.start, plan.stop) == bounds[plan.part]
-            # unshuffled, a rank walks its part in file order
-            assert epoch_order(plan, shuffle=False).tolist() == list(range(plan.start, plan.stop))
-            assert sorted(epoch_order(plan, shuffle=True).tolist()) == list(
-                range(plan.start, plan.stop)
-            )
-
-
-@pytest.mark.parametrize("world", WORLD_SIZES)
-def test_parts_rotate_over_ranks_across_epochs(world):
-    n, batch = 100, 4
-    for epoch in range(2 * world + 1):
-        parts = [rank_plan(0, epoch, r, world, n, batch).part for r in range(world)]
-        assert parts == [(r + epoch) % world for r in range(world)]
-        assert sorted(parts) == list(range(world))  # a permutation: each part read once per epoch
-    for r in range(world):
-        # over `world` consecutive epochs a rank reads every part exactly once
-        seen = [rank_plan(0, e, r, world, n, batch).part for e in range(world)]
-        assert sorted(seen) == list(range(world))
-        if world > 1:
-            assert (
-                rank_plan(0, 0, r, world, n, batch).part != rank_plan(0, 1, r, world, n, batch).part
-            )
-
-
 @pytest.mark.parametrize(
-    "world,n,batch", [(1, 36, 8), (2, 36, 8), (3, 100, 16), (4, 257, 16), (8, 1000, 16), (1, 7, 4)]
+    "world,sizes,batch", list(itertools.product(WORLD_SIZES, SHARDINGS, BATCH_SIZES))
 )
-def test_left_out_samples_change_between_epochs_when_shuffling(world, n, batch):
+def test_ranks_run_equal_steps_disjoint_and_leave_out_less_than_a_global_batch(
+    world, sizes, batch, shuffle
+):
+    n = sum(sizes)
+    for epoch in range(3):
+        order = epoch_order(5, epoch, sizes, shuffle)
+        assert sorted(order.tolist()) == list(range(n))  # a permutation of the split
+        per_rank, end = run(order, 0, world, batch)
+        assert len(per_rank[0]) == n // (world * batch) == steps_left(n, 0, world, batch)
+        everything = np.concatenate([b.ravel() for b in per_rank])
+        assert len(np.unique(everything)) == len(everything)  # no sample twice
+        assert 0 <= n - len(everything) <= world * batch - 1
+        # the consumed samples are exactly a prefix of the order: the position says which
+        assert set(everything.tolist()) == set(order[:end].tolist())
+        # global batch s is order[s*W*B : (s+1)*W*B], rank r its r-th slice
+        for s in range(len(per_rank[0])):
+            glob = np.concatenate([per_rank[r][s] for r in range(world)])
+            assert np.array_equal(glob, order[s * world * batch : (s + 1) * world * batch])
+
+
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=8),
+    n_world=st.integers(1, 8),
+    m_world=st.integers(1, 8),
+    batch=st.integers(1, 8),
+    steps_done=st.integers(0, 60),
+    seed=st.integers(0, 2**31 - 1),
+    epoch=st.integers(0, 50),
+    shuffle=st.booleans(),
+)
+@settings(max_examples=300, deadline=None)
+def test_resume_at_any_world_size_consumes_exactly_what_is_left(
+    sizes, n_world, m_world, batch, steps_done, seed, epoch, shuffle
+):
+    """A run at N ranks stops after some steps; the rest of the epoch at M ranks reads exactly
+    the samples not yet consumed, none twice, fewer than M*B left out, with equal steps."""
+    n = sum(sizes)
+    order = epoch_order(seed, epoch, sizes, shuffle)
+    steps_done = min(steps_done, steps_left(n, 0, n_world, batch))
+    first = [rank_batches(order, 0, r, n_world, batch)[:steps_done] for r in range(n_world)]
+    position = position_after(0, steps_done, n_world, batch)
+    before = np.concatenate([b.ravel() for b in first])
+    assert len(before) == position
+    rest, end = run(order, position, m_world, batch)
+    after = np.concatenate([b.ravel() for b in rest])
+    assert len(rest[0]) == (n - position) // (m_world * batch)
+    seen = np.concatenate([before, after])
+    assert len(np.unique(seen)) == len(seen)  # none twice across the two runs
+    assert set(seen.tolist()) == set(order[:end].tolist())
+    assert 0 <= n - len(seen) <= m_world * batch - 1  # the documented tail, at the new size
+    # the same order whoever reads it: resuming is a pure function of the position
+    again = epoch_order(seed, epoch, sizes, shuffle)
+    assert np.array_equal(order, again)
+
+
+@pytest.mark.parametrize("sizes", SHARDINGS)
+def test_shuffled_order_takes_shards_whole_in_a_drawn_order(sizes):
+    """Grouped by shard: each shard's samples are one contiguous run of the order (so DALI's
+    reader follows it with one index per shard), shards and samples both shuffled."""
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    shard_of = np.searchsorted(starts, np.arange(sum(sizes)), side="right") - 1
+    orders = [epoch_order(3, e, sizes, True) for e in range(6)]
+    for order in orders:
+        runs = [k for k, _ in itertools.groupby(shard_of[order])]
+        assert sorted(runs) == list(range(len(sizes)))  # each shard exactly one run
+    if len(sizes) > 2:
+        assert len({tuple(shard_of[o][np.r_[0, np.cumsum(sizes)[:-1]]]) for o in orders}) > 1
+    if max(sizes) > 3:
+        assert len({tuple(o) for o in orders}) == len(orders)  # every epoch its own order
+    assert epoch_order(3, 0, sizes, False).tolist() == list(range(sum(sizes)))
+
+
+@pytest.mark.parametrize("world,batch", [(1, 8), (2, 8), (3, 16), (4, 16), (8, 16), (1, 4)])
+def test_left_out_samples_change_between_epochs_when_shuffling(world, batch):
+    sizes = [64, 64, 64, 65]
+    n = sum(sizes)
+
+    def left_out(seed, e):
+        per_rank, _ = run(epoch_order(seed, e, sizes, True), 0, world, batch)
+        return set(range(n)) - set(np.concatenate([b.ravel() for b in per_rank]).tolist())
+
     epochs = 12
-    gone = [left_out(11, e, world, n, batch) for e in range(epochs)]
-    assert all(len(g) == len(gone[0]) for g in gone)  # the same count every epoch ...
-    assert len(gone[0]) > 0
+    gone = [left_out(11, e) for e in range(epochs)]
+    assert all(len(g) == len(gone[0]) > 0 for g in gone)  # the same count every epoch ...
     assert len({frozenset(g) for g in gone}) > epochs // 2  # ... but mostly different samples
-    assert gone[0] != gone[1]
-    # over a run, no sample is starved: everything is consumed in some epoch
-    used = set(range(n)) - set.intersection(*gone)
-    assert used == set(range(n))
-    # seeded and repeatable
-    assert gone == [left_out(11, e, world, n, batch) for e in range(epochs)]
-    assert gone != [left_out(12, e, world, n, batch) for e in range(epochs)]
+    assert set(range(n)) - set.intersection(*gone) == set(range(n))  # nothing starves
+    assert gone == [left_out(11, e) for e in range(epochs)]  # seeded and repeatable
+    assert gone != [left_out(12, e) for e in range(epochs)]
 
 
-def test_unshuffled_left_out_is_each_parts_tail():
-    world, n, batch = 2, 36, 8  # parts of 18 and 2 steps of 8: each part's last 2 stay unread
-    for epoch in range(4):
-        assert left_out(0, epoch, world, n, batch, shuffle=False) == {16, 17, 34, 35}
-
-
-def test_shuffles_are_seeded_repeatable_and_differ_by_seed_and_epoch():
-    n, world, batch = 1000, 4, 16
-    for r in range(world):
-        a = consumed(7, 0, r, world, n, batch)
-        assert np.array_equal(a, consumed(7, 0, r, world, n, batch))
-        assert not np.array_equal(a, consumed(8, 0, r, world, n, batch))
-        assert not np.array_equal(a, consumed(7, 0, r, world, n, batch, shuffle=False))
-    # a rank that returns to the same part a `world` epochs later gets a new order
-    a, b = consumed(7, 0, 0, world, n, batch), consumed(7, world, 0, world, n, batch)
-    assert rank_plan(7, 0, 0, world, n, batch).part == rank_plan(7, world, 0, world, n, batch).part
-    assert sorted(epoch_order(rank_plan(7, 0, 0, world, n, batch), True)) == sorted(
-        epoch_order(rank_plan(7, world, 0, world, n, batch), True)
-    )
-    assert not np.array_equal(a, b)
+def test_unshuffled_left_out_is_the_splits_tail():
+    assert epoch_batches(0, 0, [16, 16, 4], 8, 0, 2, shuffle=False).tolist() == [
+        list(range(0, 8)),
+        list(range(16, 24)),
+    ]
+    assert epoch_batches(0, 0, [16, 16, 4], 8, 1, 2, shuffle=False).tolist() == [
+        list(range(8, 16)),
+        list(range(24, 32)),
+    ]
 
 
 def test_epoch_seed_is_a_fixed_31_bit_value_per_seed_and_epoch():
@@ -150,70 +150,25 @@ def test_epoch_seed_is_a_fixed_31_bit_value_per_seed_and_epoch():
     # written before the change would resume into a different order
     assert [epoch_seed(0, e) for e in range(3)] == [1484405855, 1982462498, 1570558271]
     assert epoch_seed(7, 2) == 504589498
-    assert epoch_order(rank_plan(0, 0, 0, 1, 10, 4), True).tolist() == [
-        5,
-        0,
-        8,
-        4,
-        3,
-        2,
-        1,
-        9,
-        6,
-        7,
-    ]
+    assert epoch_order(0, 0, [4, 6], True).tolist() == [0, 3, 2, 1, 8, 4, 9, 7, 6, 5]
 
 
-def test_plan_is_a_pure_function():
-    args = [
-        (s, e, r, k, n, b)
-        for s in (0, 1)
-        for e in (0, 1, 5)
-        for k in (1, 3, 8)
-        for r in range(k)
-        for n in (36, 257)
-        for b in (1, 16)
-    ]
-    state = np.random.get_state()
-    first = [(rank_plan(*a), epoch_order(rank_plan(*a), True).tolist()) for a in args]
-    # a different call order, interleaved with other plans, gives the same answers
+def test_the_order_is_a_pure_function_and_leaves_the_global_rng_alone():
+    args = [(s, e, sz) for s in (0, 1) for e in (0, 1, 5) for sz in SHARDINGS]
+    first = [epoch_order(s, e, sz, True).tolist() for s, e, sz in args]
     np.random.seed(1234)
-    again = [(rank_plan(*a), epoch_order(rank_plan(*a), True).tolist()) for a in reversed(args)]
+    again = [epoch_order(s, e, sz, True).tolist() for s, e, sz in reversed(args)]
     assert first == list(reversed(again))
-    assert all(isinstance(p, RankPlan) for p, _ in first)
-    # and it leaves the global RNG alone
-    np.random.set_state(state)
     before = np.random.get_state()[1].copy()
-    rank_plan(0, 0, 0, 1, 36, 4), epoch_order(rank_plan(0, 0, 0, 1, 36, 4), True)
+    epoch_batches(0, 0, [36], 4)
     assert np.array_equal(np.random.get_state()[1], before)
-    with pytest.raises(AttributeError):
-        first[0][0].part = 99  # frozen
 
 
-def test_concrete_plan_for_the_tiny_dataset():
-    """36 samples, 2 ranks, batch 8: parts [0, 18) and [18, 36), 2 steps each, swap in epoch 1."""
-    p = rank_plan(0, 0, 0, 2, 36, 8)
-    assert (p.part, p.start, p.stop, p.steps) == (0, 0, 18, 2)
-    p = rank_plan(0, 0, 1, 2, 36, 8)
-    assert (p.part, p.start, p.stop, p.steps) == (1, 18, 36, 2)
-    p = rank_plan(0, 1, 0, 2, 36, 8)
-    assert (p.part, p.start, p.stop, p.steps) == (1, 18, 36, 2)
-    p = rank_plan(0, 0, 2, 3, 37, 4)
-    assert (p.part, p.start, p.stop, p.steps) == (2, 24, 37, 3)  # part sizes 12, 12, 13
-
-
-def test_too_few_samples_make_zero_steps():
-    p = rank_plan(0, 0, 0, 4, 20, 8)  # 5 samples per rank < one batch of 8
-    assert p.steps == 0
-    assert left_out(0, 0, 4, 20, 8) == set(range(20))
-
-
-@pytest.mark.parametrize("rank,world", [(-1, 2), (2, 2), (0, 0)])
-def test_rank_outside_world_is_refused(rank, world):
-    with pytest.raises(ValueError, match="outside world size"):
-        rank_plan(0, 0, rank, world, 36, 4)
-
-
-def test_batch_size_below_one_is_refused():
-    with pytest.raises(ValueError, match="batch_size"):
-        rank_plan(0, 0, 0, 1, 36, 0)
+def test_bad_arguments_are_refused():
+    order = epoch_order(0, 0, [10], True)
+    with pytest.raises(ValueError, match="rank 2 is outside world size 2"):
+        rank_batches(order, 0, 2, 2, 4)
+    with pytest.raises(ValueError, match="position 11 is outside"):
+        rank_batches(order, 11, 0, 1, 4)
+    with pytest.raises(ValueError, match=">= 1"):
+        steps_left(10, 0, 1, 0)

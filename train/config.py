@@ -87,6 +87,8 @@ class RunConfig:
     tensorboard: bool = True  # TensorBoard event files in run.dir (needs the tensorboard extra)
     torch_threads: int = 0  # CPU threads for torch ops (0: torch's default); on a small CPU
     # machine 1 leaves the other cores to the loader, which the step would otherwise fight
+    sample_log: bool = False  # each rank appends the keys of every batch it trains on to
+    # run.dir/samples-rank<R>.jsonl: an audit of what a run (and its resumes) consumed
 
 
 @dataclass
@@ -119,7 +121,6 @@ RANGES: dict[str, tuple[typing.Callable, str]] = {
     "data.dali_threads": (_NON_NEGATIVE[0], ">= 0 (0: one per CPU, at most 4)"),
     "data.dali_prefetch": _POSITIVE,
     "data.reader_prefetch": _POSITIVE,
-    "data.shuffle_buffer": _POSITIVE,
     "data.num_workers": _NON_NEGATIVE,
     "data.prefetch_factor": (lambda v: v is None or v >= 1, ">= 1 or null"),
     "data.sample_rate": (lambda v: v is None or v >= 1, ">= 1 or null"),
@@ -192,10 +193,19 @@ def _coerce(key: str, value, hint):
     raise ConfigError(f"{key} must be {names}, got {value!r}")
 
 
+# keys older configs may hold, and why they went
+REMOVED = {
+    "data.shuffle_buffer": "DALI's reader no longer shuffles; both loaders follow "
+    "pipeline.sharding's order (shards, and samples within each, shuffled every epoch)",
+}
+
+
 def _set(cfg: Config, key: str, value) -> None:
     section, _, name = key.partition(".")
     stype = SECTIONS.get(section)
     names = {f.name for f in fields(stype)} if stype else set()
+    if key in REMOVED:
+        raise ConfigError(f"{key} is gone: {REMOVED[key]}; remove it from the config")
     if name not in names:
         raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
     setattr(getattr(cfg, section), name, _coerce(key, value, _types(section)[name]))

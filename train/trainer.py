@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import platform
 import signal
@@ -190,6 +191,8 @@ class Trainer:
                 break
             loss = self.train_step(batch)
             self.step += 1
+            if self.cfg.run.sample_log:
+                self._log_samples(epoch, batch["key"])
             seen += batch["arkit"].shape[0] * self.dist.world_size
             if self.step % t.log_every == 0 or batch_idx == 0:
                 now = time.perf_counter()
@@ -231,6 +234,16 @@ class Trainer:
         elif first:
             self.say(f"{self.cfg.data.dir} has no val split: training without validation")
         self.save()
+
+    def _log_samples(self, epoch: int, keys: list[str]) -> None:
+        """One line per step and rank: the keys it trained on (``run.sample_log``)."""
+        path = self.run_dir / f"samples-rank{self.dist.rank}.jsonl"
+        if not self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        record = {"epoch": epoch, "step": self.step, "rank": self.dist.rank, "keys": list(keys)}
+        record["world_size"] = self.dist.world_size
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def _report(self) -> None:
         """best.pt's evaluation report in run.dir/report, as ``python -m infer --eval`` writes

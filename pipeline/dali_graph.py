@@ -1,0 +1,254 @@
+"""The DALI graph: ``fn.readers.webdataset`` over index files that fix the order -> decode ->
+crops and augmentation fed by an external source -> (log-mel) -> outputs.
+
+Decode modes:
+- ``gpu`` (default on CUDA): the raw member bytes go to the device; there they are
+  reinterpreted (int16 / float32), the 44-byte WAV header and the npy header are sliced off,
+  the audio is scaled by 1/32768 (the multiply casts to float32) and the npy body reshaped to
+  [frames, 52]. Half the host->device bytes of float32.
+  The same graph runs on CPU operators without CUDA (``device_id=None``), so CI checks its
+  arithmetic.
+- ``cpu``: ``fn.decoders.audio`` / ``fn.decoders.numpy`` on DALI's CPU threads (full WAV and
+  npy parsing), then to the device. The default without CUDA. Shards must still be canonical:
+  the loader checks member sizes and headers in both modes.
+
+The reader reads unshuffled whatever (tar, index) pairs it is given: ``write_indexes`` turns a
+list of samples into one small index per run of consecutive samples from the same tar (DALI
+takes a tar more than once, and an index's samples in any order), so the reader follows an
+order computed outside (``pipeline.sharding``) and can start anywhere in it. The crops and
+augmentation are drawn on the host per sample (``Draws``: ``pipeline.augment.draw`` with the
+sample's own generator, as the DataLoader's workers draw them) with each sample's window of the
+noise table; the graph does the work on the data's device.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from model.features import Mel, dali_log_mel
+from pipeline.augment import NAMES as AUGMENT_NAMES
+from pipeline.augment import Augment, draw, noise, sample_rng
+from pipeline.errors import ConfigError
+from pipeline.loading import DaliOptions
+from pipeline.manifest import Manifest
+from pipeline.members import NPY_EXT, PCM16_SCALE, WAV_EXT
+from pipeline.tars import INDEX_VERSION
+from pipeline.verify import SampleRef
+
+READER = "Reader"
+OUTPUTS = ["wav", "arkit", "source"]
+PARAMS = ["offset", *AUGMENT_NAMES]  # with_params: what each sample drew
+DECODES = ("gpu", "cpu")
+
+
+def default_threads() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def build_pipeline(
+    m: Manifest,
+    split: str,
+    *,
+    batch_size: int,
+    decode: str = "gpu",
+    device_id: int | None = None,
+    gpu_ops: bool | None = None,
+    files: tuple[list[str], list[str]] | None = None,
+    draws: Draws | None = None,
+    seed: int = 0,
+    options: DaliOptions | None = None,
+    augment: Augment | None = None,
+    with_params: bool = False,
+    crop: bool | None = None,
+    features: str = "wav",
+    mel: Mel | None = None,
+):
+    """The DALI graph over ``split`` of the dataset ``m``. ``device_id=None`` runs it on CPU
+    operators only. ``options`` are the loader's knobs (threads, prefetch, read mode).
+    ``files``: the (tars, indexes) the reader reads in order, unshuffled (default: the split's,
+    in manifest order); ``draws``: the external source of each sample's crop and augmentation
+    (default: the samples in that order, drawn for epoch seed ``seed``). The train split is
+    cropped (and augmented) when its members are longer than the window or ``augment``
+    enables something; ``with_params`` adds the drawn values to the outputs (``PARAMS``, after
+    ``OUTPUTS``); ``crop`` (default: as the loaders decide, ``EpochLoader.crops``) forces it
+    either way.
+    ``features="mel"`` ends the audio's way in the log-mel (``model.features``, settings
+    ``mel``), on the device the audio is on: GPU operators on CUDA.
+
+    ``gpu_ops`` (default: whether ``device_id`` is set) places the decode on GPU operators;
+    ``gpu_ops=True`` with ``device_id=None`` defines the CUDA graph on a machine without CUDA,
+    which DALI can ``serialize()`` but not build.
+    """
+    to_gpu = device_id is not None if gpu_ops is None else gpu_ops
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+
+    if decode not in DECODES:
+        raise ConfigError(f"decode must be 'gpu' or 'cpu', not {decode!r}")
+    o = options or DaliOptions()
+    aug = augment or Augment()
+    lay = m.layout(split)
+    tars, indexes = files or (m.tar_paths(split), m.idx_paths(split))
+    pipe = Pipeline(
+        batch_size=batch_size,
+        num_threads=o.dali_threads or default_threads(),
+        device_id=device_id,
+        seed=seed,
+        prefetch_queue_depth=o.dali_prefetch,
+    )
+    with pipe:
+        wav, npy = fn.readers.webdataset(
+            paths=tars,
+            index_paths=indexes,
+            ext=[WAV_EXT, NPY_EXT],
+            missing_component_behavior="error",
+            random_shuffle=False,  # the order is the index files' (pipeline.sharding)
+            # a memory-mapped tar that is cut short kills the process (SIGBUS): before DALI
+            # opens them the start-up check makes sure every index entry lies inside its tar,
+            # but only reading by copy (the default) also survives a shard truncated while
+            # the run reads it
+            dont_use_mmap=o.dont_use_mmap,
+            prefetch_queue_depth=o.reader_prefetch,
+            bytes_per_sample_hint=[lay.wav_bytes, lay.npy_bytes],
+            name=READER,
+        )
+        source = fn.pad(fn.get_property(wav, key="source_info"), fill_value=0)
+        if decode == "gpu":
+            if to_gpu:
+                wav, npy = wav.gpu(), npy.gpu()
+            # reinterpret first and slice whole elements; int16 * float32 promotes to float32,
+            # so the multiply is also the cast. Bit-identical to slice/cast/scale, and on CPU
+            # operators half the work (a byte-wise slice and a separate cast pass cost the most).
+            # Both headers end on a sample boundary: 44 bytes, and npy's 64-byte multiples.
+            audio = fn.reinterpret(wav, dtype=types.INT16)[m.wav_header_bytes // 2 :]
+            audio = audio * (1.0 / PCM16_SCALE)
+            arkit = fn.reinterpret(npy, dtype=types.FLOAT)[lay.npy_header_bytes // 4 :]
+            arkit = fn.reshape(arkit, shape=[lay.frames, lay.num_blendshapes])
+        else:
+            audio, _ = fn.decoders.audio(
+                wav, dtype=types.FLOAT, downmix=True, sample_rate=m.sample_rate
+            )
+            arkit = fn.decoders.numpy(npy)  # float32 by contract (the header is checked)
+            if to_gpu:
+                audio, arkit = audio.gpu(), arkit.gpu()
+        params = []
+        if crop if crop is not None else split == "train" and (m.segmented or aug.enabled):
+            if draws is None:
+                order = np.arange(m.num_samples(split))
+                draws = Draws(order, seed, aug, m, split, batch_size)
+            drawn = fn.external_source(source=draws, num_outputs=len(draws.outputs), batch=True)
+            drawn = dict(zip(draws.outputs, drawn, strict=True))
+            audio, arkit = crop_and_augment(audio, arkit, m, aug, to_gpu, drawn)
+            params = [drawn[name] for name in PARAMS] if with_params else []
+        if features == "mel":
+            audio = dali_log_mel(audio, mel or Mel(sample_rate=m.sample_rate))
+        pipe.set_outputs(audio, arkit, source, *params)
+    return pipe
+
+
+class Draws:
+    """The graph's external source of crops and augmentation: for iteration ``k``, what
+    ``pipeline.augment.draw`` gives the ``batch_size`` samples the reader hands out then
+    (``order``, the samples of the index files in their order; the reader wraps around at its
+    end, and so does this), each from its own generator (``sample_rng(epoch_seed, index)``).
+    Outputs, each a batch: ``offset`` (int32), ``gain_db``, ``snr_db``, ``speed`` (float32,
+    0 when off), and with ``snr_db`` the sample's window of the noise table."""
+
+    def __init__(
+        self, order: np.ndarray, epoch_seed: int, aug: Augment, m: Manifest, split: str, B: int
+    ) -> None:
+        self.order, self.epoch_seed, self.aug, self.B = np.asarray(order), epoch_seed, aug, B
+        self.segment_frames, self.frames = m.layout(split).frames, m.frames
+        self.window = m.clip_samples
+        self.outputs = [*PARAMS, "noise"] if aug.snr_db else list(PARAMS)
+
+    def __call__(self, info) -> tuple:
+        k = getattr(info, "iteration", info)
+        at = (k * self.B + np.arange(self.B)) % len(self.order)
+        drawn = [
+            draw(
+                sample_rng(self.epoch_seed, int(i)),
+                self.aug,
+                self.segment_frames,
+                self.frames,
+                self.window,
+            )
+            for i in self.order[at]
+        ]
+        out = [np.array([p.offset for p in drawn], np.int32)]
+        for name in AUGMENT_NAMES:
+            out.append(np.array([getattr(p, name) or 0.0 for p in drawn], np.float32))
+        if self.aug.snr_db:
+            out.append([noise(p, self.window) for p in drawn])
+        return tuple(out)
+
+
+def crop_and_augment(audio, arkit, m: Manifest, aug: Augment, to_gpu: bool, drawn: dict):
+    """The graph's part of ``pipeline.augment``: a frame-aligned crop of each train member at
+    the drawn ``offset``, after speed and before gain and noise, on the device the data is on.
+    ``drawn``: the external source's nodes (``Draws``). Returns the window's audio and arkit;
+    ``drawn["offset"]`` becomes int64 for the outputs."""
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn, types
+
+    def on_data(node):  # per-sample values come from the host; the data may be on the GPU
+        return node.gpu() if to_gpu else node
+
+    lay = m.layout("train")
+    window, frames = m.clip_samples, m.frames
+    rate, fps = m.sample_rate, m.fps
+    offset = drawn["offset"]
+    if aug.speed:
+        speed = drawn["speed"]
+        audio = fn.audio_resample(audio, scale=1.0 / speed)
+    start = (offset * (2 * rate) + fps) // (2 * fps)  # round(offset * rate / fps)
+    audio = fn.slice(audio, start=start, shape=[window], axes=[0])
+    if aug.speed:
+        # new frame k is the source at k * speed: a linear resize of [frames, 52] along time,
+        # its region chosen so that output pixel centres land exactly there
+        y0 = fn.cast(offset, dtype=types.FLOAT) * speed + 0.5 - 0.5 * speed
+        image = fn.reshape(arkit, shape=[lay.frames, lay.num_blendshapes, 1], layout="HWC")
+        image = fn.resize(
+            image,
+            size=[frames, lay.num_blendshapes],
+            roi_start=fn.stack(y0, 0.0),
+            roi_end=fn.stack(y0 + frames * speed, float(lay.num_blendshapes)),
+            interp_type=types.INTERP_LINEAR,
+            antialias=False,
+        )
+        arkit = fn.reshape(image, shape=[frames, lay.num_blendshapes], layout="")
+    else:
+        arkit = fn.slice(arkit, start=offset, shape=[frames], axes=[0])
+    if aug.gain_db:
+        audio = audio * on_data(dmath.pow(10.0, drawn["gain_db"] / 20.0))
+    if aug.snr_db:
+        scale = fn.reductions.rms(audio) / on_data(dmath.pow(10.0, drawn["snr_db"] / 20.0))
+        audio = audio + on_data(drawn["noise"]) * scale
+    drawn["offset"] = fn.cast(offset, dtype=types.INT64)
+    return audio, arkit
+
+
+def write_indexes(refs: list[SampleRef], folder: str | Path) -> tuple[list[str], list[str]]:
+    """The reader's files for reading ``refs`` in this order: for each run of consecutive
+    samples from one tar, the tar and an index in ``folder`` listing that run (DALI's reader
+    takes a tar more than once, and an index's samples in any order)."""
+    tars: list[str] = []
+    runs: list[list[str]] = []
+    for ref in refs:
+        line = (
+            f"{WAV_EXT} {ref.wav[0]} {ref.wav[1]} {ref.key}.{WAV_EXT} "
+            f"{NPY_EXT} {ref.npy[0]} {ref.npy[1]} {ref.key}.{NPY_EXT}"
+        )
+        if not tars or tars[-1] != ref.tar:
+            tars.append(ref.tar)
+            runs.append([])
+        runs[-1].append(line)
+    indexes = []
+    for k, lines in enumerate(runs):
+        path = Path(folder) / f"run-{k:06d}.idx"
+        path.write_text(f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n")
+        indexes.append(str(path))
+    return tars, indexes

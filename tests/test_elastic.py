@@ -1,0 +1,146 @@
+"""Elastic resume of the loaders: the state is a global position, so a run stopped at one world
+size resumes at another with exactly the samples not yet consumed, each as the uninterrupted
+run would have yielded it (crops and augmentation included), and a resumed DALI reader starts
+at the first of them instead of replaying the consumed ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import dali_loader
+from pipeline.errors import ResumeError
+from pipeline.manifest import load_manifest
+from pipeline.sharding import epoch_batches, epoch_order
+from tests.test_loaders import make, run_epoch, take
+
+AUG = {"gain_db": [-6, 6], "snr_db": [10, 30]}
+KW = dict(batch_size=2, shuffle=True, seed=21, augment=AUG, with_params=True)
+
+
+def by_key(batches: list[dict]) -> dict[str, tuple]:
+    """Each sample of ``batches`` under its key: (wav, arkit, gain_db, snr_db)."""
+    out = {}
+    for b in batches:
+        for i, key in enumerate(b["key"]):
+            assert key not in out, f"{key} yielded twice"
+            out[key] = (b["wav"][i], b["arkit"][i], b["gain_db"][i], b["snr_db"][i])
+    return out
+
+
+def keys_in_order(data) -> list[str]:
+    from pipeline.verify import sample_refs
+
+    return [r.key for r in sample_refs(load_manifest(data), "train")]
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+@pytest.mark.parametrize("backend", ["dali-cpu", "torch"])
+def test_resume_at_another_world_size_yields_exactly_the_rest(tiny_dataset, backend, new_world):
+    sizes = [s.samples for s in load_manifest(tiny_dataset).split_shards("train")]
+    keys = keys_in_order(tiny_dataset)
+    # what one process reads in epochs 0 and 1: every sample of the order, in order
+    straight = make(backend, tiny_dataset, **KW)
+    reference = by_key(run_epoch(straight))
+    assert len(reference) == 36
+    reference_1 = run_epoch(straight)
+
+    # two ranks consume 3 batches each, then stop: 12 of the epoch's order are done
+    ranks = [make(backend, tiny_dataset, rank=r, world_size=2, **KW) for r in range(2)]
+    before = [take(ld, 3) for ld in ranks]
+    states = [ld.state_dict() for ld in ranks]
+    assert states[0] == {**states[1], "rank": 0}
+    assert (states[0]["epoch"], states[0]["position"], states[0]["world_size"]) == (0, 12, 2)
+    order = [keys[i] for i in epoch_order(21, 0, sizes, True)]
+    seen_before = by_key([b for rank in before for b in rank])
+    assert set(seen_before) == set(order[:12])
+
+    resumed = [
+        make(backend, tiny_dataset, rank=r, world_size=new_world, **KW) for r in range(new_world)
+    ]
+    for ld in resumed:
+        ld.load_state_dict(states[0])
+    rest = [run_epoch(ld) for ld in resumed]
+    steps = (36 - 12) // (new_world * 2)
+    assert [len(r) for r in rest] == [steps] * new_world  # equal steps on every new rank
+    seen_after = by_key([b for r in rest for b in r])
+    assert not set(seen_before) & set(seen_after)  # nothing twice
+    assert set(seen_before) | set(seen_after) == set(order[: 12 + steps * new_world * 2])
+    assert 36 - len(seen_before) - len(seen_after) <= new_world * 2 - 1
+    # every sample is what the uninterrupted single process yielded: audio, crop, gain, noise
+    for key, got in {**seen_before, **seen_after}.items():
+        want = reference[key]
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b), key
+    # the next epoch follows the plan for the new world size
+    nxt = [run_epoch(ld) for ld in resumed]
+    for r, batches in enumerate(nxt):
+        planned = epoch_batches(21, 1, sizes, 2, r, new_world)
+        assert [b["key"] for b in batches] == [[keys[i] for i in row] for row in planned.tolist()]
+    assert by_key([b for r in nxt for b in r]).keys() <= by_key(reference_1).keys()
+
+
+@pytest.mark.parametrize("position_steps", [1, 8])
+def test_a_resumed_dali_reader_lists_only_the_unconsumed_samples(
+    tiny_dataset, monkeypatch, position_steps
+):
+    """No replay: the index files the reader gets list the rest of the epoch, nothing before."""
+    listed = []
+    real = dali_loader.write_indexes
+
+    def spy(refs, folder):
+        listed.append([r.key for r in refs])
+        return real(refs, folder)
+
+    monkeypatch.setattr(dali_loader, "write_indexes", spy)
+    kw = dict(batch_size=2, shuffle=True, seed=3)
+    first = make("dali-cpu", tiny_dataset, **kw)
+    done = take(first, position_steps)
+    state = first.state_dict()
+    assert state["position"] == 2 * position_steps
+    resumed = make("dali-cpu", tiny_dataset, **kw)
+    resumed.load_state_dict(state)
+    listed.clear()
+    rest = run_epoch(resumed)
+    assert len(listed) == 1 and len(listed[0]) == 36 - 2 * position_steps
+    assert [k for b in rest for k in _keys(b, tiny_dataset)] == listed[0]
+    assert not set(listed[0]) & {k for b in done for k in _keys(b, tiny_dataset)}
+
+
+def _keys(batch: dict, data) -> list[str]:
+    from tests.test_loaders import Written
+
+    written = _keys.cache.setdefault(str(data), Written(data, "train"))
+    return [written.keys[i] for i in written.ids([batch])]
+
+
+_keys.cache = {}
+
+
+def test_both_loaders_draw_the_same_values_for_each_sample(tiny_dataset):
+    """One definition of the draws: the same crop, gain and SNR for a sample in an epoch."""
+    dali = by_key(run_epoch(make("dali-cpu", tiny_dataset, **KW)))
+    torch_ = by_key(run_epoch(make("torch", tiny_dataset, **KW)))
+    assert dali.keys() == torch_.keys()
+    for key in dali:
+        assert torch.equal(dali[key][2], torch_[key][2]) and torch.equal(
+            dali[key][3], torch_[key][3]
+        )
+        assert torch.equal(dali[key][1], torch_[key][1])  # the animation is untouched
+        assert torch.allclose(dali[key][0], torch_[key][0], atol=1e-5), key
+
+
+def test_a_state_from_before_positions_resumes_at_its_count_of_samples(tiny_dataset):
+    """Checkpoints written before global positions hold per-rank batches done (``batch``) at
+    their world size: that many global batches are consumed."""
+    kw = dict(batch_size=2, shuffle=True, seed=4)
+    state = make("torch", tiny_dataset, **kw).state_dict()
+    old = {k: v for k, v in state.items() if k != "position"}
+    old.update(batch=3, world_size=2)
+    loader = make("torch", tiny_dataset, **kw)
+    loader.load_state_dict(old)
+    assert (loader.epoch, loader.position) == (0, 12)
+    assert len(run_epoch(loader)) == (36 - 12) // 2
+    bad = {**state, "position": 37}
+    with pytest.raises(ResumeError, match="position 37 is outside an epoch of 36 samples"):
+        make("torch", tiny_dataset, **kw).load_state_dict(bad)

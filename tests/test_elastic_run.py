@@ -1,0 +1,126 @@
+"""What a preempted job does: ``torchrun --nproc_per_node=2 -m train`` gets SIGTERM mid-epoch
+(every process, as a scheduler sends it), then resumes from ``last.pt`` on one process and, from
+the same checkpoint, on three. Over the stopped run and each resume, every sample of that epoch
+is trained on exactly once, but for fewer than ``world_size * batch`` left at the epoch's end;
+the next epoch follows the plan for the new world size. ``run.sample_log`` is the record."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.manifest import load_manifest
+from pipeline.sharding import epoch_batches
+from pipeline.verify import sample_refs
+from tests.conftest import build_synthetic
+from tests.test_distributed import SMALL, _free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+BATCH = 2
+ENV = {**os.environ, "TQDM_DISABLE": "1"}
+
+
+@pytest.fixture(scope="module")
+def short_windows(tmp_path_factory) -> Path:
+    """240 one-second windows (216 train in 9 shards): 54 steps an epoch on 2 ranks."""
+    out = tmp_path_factory.mktemp("short") / "ds"
+    return build_synthetic(out, 240, "--window-seconds", "1", "--samples-per-shard", "24")
+
+
+def _sets(data: Path, run: Path, *extra: str) -> list[str]:
+    args = []
+    for s in (
+        *SMALL,
+        "data.num_workers=0",
+        f"data.batch_size={BATCH}",
+        "train.report=false",
+        "run.sample_log=true",
+        f"data.dir={data}",
+        f"run.dir={run}",
+        *extra,
+    ):
+        args += ["--set", s]
+    return args
+
+
+def _torchrun(nproc: int) -> list[str]:
+    return [TORCHRUN, f"--nproc_per_node={nproc}", "--master_port", str(_free_port())]
+
+
+def _consumed(run: Path) -> dict[int, list[str]]:
+    """Every key each epoch trained on, over all ranks' sample logs of ``run``."""
+    out: dict[int, list[str]] = {}
+    for path in sorted(run.glob("samples-rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            out.setdefault(rec["epoch"], []).extend(rec["keys"])
+    return out
+
+
+@pytest.mark.slow
+def test_torchrun_stopped_by_sigterm_resumes_on_one_and_on_three_processes(tmp_path, short_windows):
+    keys = [r.key for r in sample_refs(load_manifest(short_windows), "train")]
+    sizes = [s.samples for s in load_manifest(short_windows).split_shards("train")]
+    n = len(keys)
+    run = tmp_path / "run"
+    cmd = [*_torchrun(2), "-m", "train", "--loader", "dali"]
+    cmd += _sets(short_windows, run, "train.epochs=3")
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=ENV, start_new_session=True, stdout=subprocess.PIPE, text=True
+    )
+    log = run / "samples-rank0.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole job, as a scheduler preempts it
+    out, _ = proc.communicate(timeout=180)
+    assert "SIGTERM: saved" in out and "--resume" in out, out[-2000:]
+    state = torch.load(run / "last.pt", weights_only=True)
+    epoch, position = state["loader"]["epoch"], state["loader"]["position"]
+    assert state["loader"]["world_size"] == 2 and 0 < position < n, state["loader"]
+    before = _consumed(run).get(epoch, [])
+    assert len(before) == position == 2 * BATCH * (state["step"] - epoch * (n // (2 * BATCH)))
+
+    for nproc in (1, 3):
+        again = tmp_path / f"resumed-{nproc}"
+        launch = [sys.executable] if nproc == 1 else _torchrun(nproc)
+        res = subprocess.run(
+            [*launch, "-m", "train", "--loader", "dali", "--resume", str(run / "last.pt")]
+            + ["--set", f"run.dir={again}", "--set", f"train.epochs={epoch + 2}"],
+            cwd=ROOT,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        seen = _consumed(again)
+        rest = seen[epoch]
+        both = before + rest
+        assert len(both) == len(set(both)), f"{nproc} processes: a sample was trained on twice"
+        assert set(both) <= set(keys)
+        assert len(rest) == (n - position) // (nproc * BATCH) * nproc * BATCH
+        assert n - len(both) <= nproc * BATCH - 1, f"{n - len(both)} left out"
+        # the next epoch: the whole plan at the new world size, rank by rank
+        for r in range(nproc):
+            lines = (again / f"samples-rank{r}.jsonl").read_text().splitlines()
+            got = [
+                k
+                for rec in map(json.loads, lines)
+                if rec["epoch"] == epoch + 1
+                for k in rec["keys"]
+            ]
+            planned = epoch_batches(0, epoch + 1, sizes, BATCH, r, nproc).ravel()
+            assert got == [keys[i] for i in planned]

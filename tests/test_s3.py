@@ -1,0 +1,358 @@
+"""Datasets in ``s3://bucket/prefix``, against a real S3-compatible server (``moto_server``, the
+test extra) on 127.0.0.1: make_shards uploads, both loaders read, verify names damage, training
+runs, and failures of the store are one ``error:`` line in bounded time, without credentials."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SMALL_RUN
+
+from pipeline import build_loader, make_shards, storage
+from pipeline.errors import DatasetError
+from pipeline.manifest import load_manifest
+from pipeline.s3out import UPLOAD_MARK
+
+boto3 = pytest.importorskip("boto3")
+pytest.importorskip("moto.server")
+
+ROOT = Path(__file__).resolve().parent.parent
+BUCKET = "arkit-test"
+# credentials that must never appear in any output
+KEY_ID, SECRET = "AKIAARKITTESTKEY0001", "arkit-test-secret-never-printed"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def aws_env(endpoint: str) -> dict[str, str]:
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_REGION": "us-east-1",
+    }
+
+
+@contextlib.contextmanager
+def moto_server(**env):
+    """A moto_server on a free port of 127.0.0.1, answering; killed on exit."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url + "/", timeout=1).close()
+                break
+            except urllib.error.HTTPError:  # it answers, if only to refuse
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start on {url}") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """The endpoint URL of a session-wide moto_server holding the bucket ``BUCKET``."""
+    with moto_server() as url, pytest.MonkeyPatch.context() as mp:
+        for k, v in aws_env(url).items():
+            mp.setenv(k, v)
+        boto3.session.Session().client("s3").create_bucket(Bucket=BUCKET)
+        yield url
+
+
+@pytest.fixture(autouse=True)
+def s3_env(s3_server, monkeypatch):
+    for k, v in aws_env(s3_server).items():
+        monkeypatch.setenv(k, v)
+    return s3_server
+
+
+@pytest.fixture(scope="session")
+def s3_dataset(s3_server, tiny_dataset) -> str:
+    """The tiny dataset, made by make_shards --out s3:// with the same arguments."""
+    url = f"s3://{BUCKET}/tiny"
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in aws_env(s3_server).items():
+            mp.setenv(k, v)
+        args = ["--synthetic", "40", "--samples-per-shard", "16", "--workers", "2", "--quiet"]
+        assert make_shards.main([*args, "--out", url]) == 0
+    return url
+
+
+def s3():
+    """A boto3 client for the test's own setup: storage's (made once, like every client)."""
+    return storage.client()
+
+
+def keys(prefix: str) -> list[str]:
+    page = s3().list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/")
+    return sorted(o["Key"][len(prefix) + 1 :] for o in page.get("Contents", []))
+
+
+def copy_prefix(src: str, dst: str) -> str:
+    for name in keys(src):
+        s3().copy_object(
+            Bucket=BUCKET,
+            Key=f"{dst}/{name}",
+            CopySource={"Bucket": BUCKET, "Key": f"{src}/{name}"},
+        )
+    return f"s3://{BUCKET}/{dst}"
+
+
+def no_secret(*texts: str) -> None:
+    for text in texts:
+        assert KEY_ID not in text and SECRET not in text
+
+
+# ---------------------------------------------------------------- reading
+
+
+def test_s3_urls_join_and_name_like_paths_and_bad_ones_are_refused():
+    from pipeline.tars import idx_path
+
+    root = storage.location("s3://my-bucket/some/prefix/")
+    assert root == storage.S3Url("my-bucket", "some/prefix") and str(root) == (
+        "s3://my-bucket/some/prefix"
+    )
+    tar = root / "train-000001.tar"
+    assert (str(tar), tar.name) == (
+        "s3://my-bucket/some/prefix/train-000001.tar",
+        "train-000001.tar",
+    )
+    assert str(idx_path(str(tar))) == "s3://my-bucket/some/prefix/train-000001.idx"
+    assert (
+        str(storage.location("s3://my-bucket") / "manifest.json") == "s3://my-bucket/manifest.json"
+    )
+    assert storage.location("data/s3:x") == Path("data/s3:x")  # a local path stays a Path
+    for bad in ("s3://", "s3://B/x", "s3://ab/x", "s3://bucket/a//b"):
+        with pytest.raises(DatasetError, match="is not an S3 URL of the form s3://bucket/prefix"):
+            storage.location(bad)
+
+
+def test_the_uploaded_dataset_is_the_local_one_at_s3_paths(s3_dataset, tiny_dataset):
+    m, local = load_manifest(s3_dataset), load_manifest(tiny_dataset)
+    assert m.identity == local.identity and m.shards == local.shards
+    assert str(m.root) == s3_dataset
+    assert m.tar_paths("train")[0] == f"{s3_dataset}/train-000000.tar"
+    assert m.idx_paths("val") == [f"{s3_dataset}/val-000000.idx"]
+    files = {"manifest.json", "rejects.jsonl"} | {
+        n for s in local.shards for n in (s.name, s.name.replace(".tar", ".idx"))
+    }
+    assert keys("tiny") == sorted(files)  # no upload marker left
+    assert storage.stat(m.tar_paths("train")[1]).size == m.shards[1].bytes
+
+
+@pytest.mark.parametrize(
+    "backend,options", [("dali", {}), ("torch", {"num_workers": 0}), ("torch", {"num_workers": 2})]
+)
+def test_loaders_read_s3_bit_for_bit_like_the_local_copy(
+    s3_dataset, tiny_dataset, backend, options
+):
+    kw = dict(batch_size=4, device="cpu", shuffle=True, seed=3, **options)
+    remote = build_loader(backend, s3_dataset, **kw)
+    local = build_loader(backend, str(tiny_dataset), **kw)
+    got, want = list(remote), list(local)
+    assert len(got) == len(want) == len(local) == 9  # 36 train samples, the whole epoch
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a["wav"], b["wav"]) and torch.equal(a["arkit"], b["arkit"])
+    assert not torch.equal(got[0]["wav"], got[1]["wav"])
+
+
+def test_verify_names_a_truncated_and_a_missing_object(s3_dataset, capsys):
+    assert make_shards.main(["--verify", s3_dataset]) == 0
+    assert capsys.readouterr().out.strip() == f"{s3_dataset}: OK"
+    url = copy_prefix("tiny", "damaged")
+    tar = s3().get_object(Bucket=BUCKET, Key="damaged/train-000001.tar")["Body"].read()
+    s3().put_object(Bucket=BUCKET, Key="damaged/train-000001.tar", Body=tar[: len(tar) // 2])
+    s3().delete_object(Bucket=BUCKET, Key="damaged/train-000002.tar")
+    assert make_shards.main(["--verify", url]) == 1
+    out = capsys.readouterr().out
+    assert f"{url}/train-000001.tar: {len(tar) // 2} bytes, manifest says {len(tar)}" in out
+    assert f"{url}/train-000002.tar: listed in the manifest but missing" in out
+    assert out.splitlines()[-1].startswith(f"{url}: ") and "problems" in out
+    no_secret(out)
+    with pytest.raises(DatasetError, match="train-000001.tar: .* bytes, manifest says"):
+        build_loader("torch", url, batch_size=4, device="cpu", num_workers=0)
+
+
+def test_a_shard_changed_on_s3_is_named_at_the_next_epoch(s3_dataset):
+    url = copy_prefix("tiny", "changing")
+    loader = build_loader("torch", url, split="val", batch_size=4, device="cpu", num_workers=0)
+    assert len(list(loader)) == 1
+    tar = s3().get_object(Bucket=BUCKET, Key="changing/val-000000.tar")["Body"].read()
+    s3().put_object(Bucket=BUCKET, Key="changing/val-000000.tar", Body=tar[:-1024])
+    with pytest.raises(DatasetError, match="val-000000.tar: changed while the run was reading"):
+        next(iter(loader))
+
+
+def test_training_from_s3_writes_its_checkpoint(s3_dataset, tmp_path, capsys):
+    from train.cli import main
+
+    args = ["--loader", "torch", "--debug"]
+    for s in (*SMALL_RUN, f"data.dir={s3_dataset}", f"run.dir={tmp_path}", "train.epochs=1"):
+        args += ["--set", s]
+    assert main(args) == 0
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["step"] == 3 and state["config"]["data"]["dir"] == s3_dataset
+    no_secret(*capsys.readouterr())
+
+
+def test_the_benchmark_runs_the_loader_rows_over_s3(s3_dataset, tmp_path, capsys):
+    from benchmarks import throughput
+    from benchmarks.rows import select_rows
+
+    args = ["--quick", "--data", s3_dataset, "--out", str(tmp_path), "--workers", "2"]
+    assert throughput.main([*args, "--rows", "read-only"]) == 1
+    assert "row read-only reads local files, not s3:// data" in capsys.readouterr().err
+    local, remote = (
+        select_rows(None, torch.device("cpu")),
+        select_rows(None, torch.device("cpu"), remote=True),
+    )
+    assert set(local) - set(remote) == {"webdataset", "threads", "dali-cpu-mmap", "read-only"} | (
+        {"spdl"} & set(local)
+    )
+    assert throughput.main([*args, "--modes", "loader", "--rows", "torch,dali-cpu"]) == 0
+    result = json.loads((tmp_path / "throughput.json").read_text())
+    assert result["env"]["dataset"]["dir"] == s3_dataset
+    assert sorted(r["name"] for r in result["rows"]) == ["dali-cpu", "torch"]
+    assert all(r["samples_per_s"] > 0 for r in result["rows"])
+    assert "read once from S3" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- writing
+
+
+def test_upload_puts_the_manifest_last_and_a_rerun_finishes_a_broken_one(
+    monkeypatch, capsys, s3_dataset
+):
+    url, real = f"s3://{BUCKET}/half", storage.upload
+    args = ["--synthetic", "8", "--samples-per-shard", "4", "--workers", "2", "--quiet"]
+    sent: list[str] = []
+
+    def failing(src, dst):
+        if len(sent) == 3:
+            raise storage.StorageError(f"{dst}: connection reset (injected)")
+        real(src, dst)
+        sent.append(dst.name)
+
+    monkeypatch.setattr(storage, "upload", failing)
+    assert make_shards.main([*args, "--out", url]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: uploading the dataset to {url} failed after 3 of ")
+    no_secret(err)
+    assert "manifest.json" not in keys("half") and UPLOAD_MARK in keys("half")
+    assert set(sent) < set(keys("half"))
+    with pytest.raises(DatasetError, match="has no manifest.json, so it is not a complete"):
+        load_manifest(url)
+
+    def recording(src, dst):
+        real(src, dst)
+        sent.append(dst.name)
+
+    sent.clear()
+    monkeypatch.setattr(storage, "upload", recording)
+    assert make_shards.main([*args, "--out", url]) == 0  # ours, unfinished: no --overwrite
+    assert sent[-1] == "manifest.json" and len(sent) == len(set(sent))
+    assert sorted(sent) == keys("half")  # the marker is gone, nothing else is there
+    assert load_manifest(url).num_samples("train") + load_manifest(url).num_samples("val") == 8
+
+
+def test_out_refuses_foreign_objects_and_replaces_our_dataset_only_with_overwrite(capsys):
+    url, args = f"s3://{BUCKET}/mixed", ["--samples-per-shard", "2", "--workers", "2", "--quiet"]
+    s3().put_object(Bucket=BUCKET, Key="mixed/notes.txt", Body=b"not ours")
+    assert make_shards.main(["--synthetic", "4", "--out", url, *args]) == 1
+    err = capsys.readouterr().err
+    assert "holds objects that are not one of our datasets (notes.txt)" in err
+    s3().delete_object(Bucket=BUCKET, Key="mixed/notes.txt")
+
+    assert make_shards.main(["--synthetic", "8", "--out", url, *args]) == 0
+    first = keys("mixed")
+    assert make_shards.main(["--synthetic", "4", "--out", url, *args]) == 1
+    assert "already holds a dataset; pass --overwrite" in capsys.readouterr().err
+    s3().put_object(Bucket=BUCKET, Key="mixed/notes.txt", Body=b"not ours")
+    assert make_shards.main(["--synthetic", "4", "--out", url, *args, "--overwrite"]) == 0
+    m = load_manifest(url)
+    ours = {"manifest.json", "rejects.jsonl"} | {
+        n for s in m.shards for n in (s.name, s.name.replace(".tar", ".idx"))
+    }
+    assert set(keys("mixed")) == ours | {"notes.txt"}  # the old dataset's extra shards gone
+    assert len(first) > len(ours)
+    assert make_shards.main(["--verify", url]) == 0
+
+
+def test_out_reports_where_it_uploaded(capsys):
+    url = f"s3://{BUCKET}/report"
+    assert make_shards.main(["--synthetic", "4", "--out", url, "--workers", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert f"uploaded {len(keys('report'))} objects to {url}/ (endpoint http://127.0.0.1:" in out
+    no_secret(out, err)
+
+
+# ---------------------------------------------------------------- failures of the store
+
+
+def closed_port_endpoint() -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.mark.parametrize("case", ["unreachable", "no bucket"])
+@pytest.mark.parametrize("command", ["verify", "out", "train"])
+def test_an_unreachable_endpoint_or_missing_bucket_is_one_error_line(
+    monkeypatch, capsys, tmp_path, case, command
+):
+    from train.cli import main as train_main
+
+    url = "s3://no-such-bucket/data" if case == "no bucket" else f"s3://{BUCKET}/tiny"
+    if case == "unreachable":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", closed_port_endpoint())
+    t0 = time.monotonic()
+    if command == "verify":
+        rc = make_shards.main(["--verify", url])
+    elif command == "out":
+        rc = make_shards.main(["--synthetic", "4", "--out", url, "--quiet"])
+    else:
+        rc = train_main(["--set", f"data.dir={url}", "--set", f"run.dir={tmp_path}"])
+    assert rc == 1 and time.monotonic() - t0 < 30
+    out, err = capsys.readouterr()
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and url in line
+    assert ("cannot reach the endpoint" if case == "unreachable" else "does not exist") in line
+    no_secret(out, err)
+
+
+def test_access_denied_names_the_url_never_the_key(tiny_dataset):
+    with moto_server(INITIAL_NO_AUTH_ACTION_COUNT="0") as endpoint:
+        env = {**os.environ, **aws_env(endpoint)}
+        cmd = [sys.executable, "pipeline/make_shards.py", "--verify", f"s3://{BUCKET}/tiny"]
+        res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert res.stderr.startswith(f"error: s3://{BUCKET}/tiny/manifest.json (endpoint {endpoint})")
+    assert "access denied (InvalidAccessKeyId)" in res.stderr
+    no_secret(res.stdout, res.stderr)
