@@ -3,9 +3,9 @@ ratios between rows (``add_ratios``). Pure functions of a ``Row`` and the clock,
 tested on fake rows without a dataset.
 
 A repeat starts a fresh epoch, takes ``warmup`` batches untimed (pipeline build, worker start,
-shuffle-buffer fill), then ``batches`` timed ones. Besides wall time it records the time spent
-blocked in ``next()`` and the CPU time of this process and its live descendants (the loader
-workers), which is steadier than wall time on a shared machine.
+webdataset's shuffle-buffer fill), then ``batches`` timed ones. Besides wall time it records
+the time spent blocked in ``next()`` and the CPU time of this process and its live
+descendants (the loader workers), which is steadier than wall time on a shared machine.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@
     python benchmarks/throughput.py --data s3://bucket/prefix   # the loaders' rows, over S3
 
 Every row reads the same shards in the same run and is measured the same way: a fresh epoch per
-repeat, ``--warmup`` batches untimed (pipeline build, worker start, shuffle-buffer fill), then
-``--batches`` timed batches; the median over ``--repeats`` is reported with min and max.
+repeat, ``--warmup`` batches untimed (pipeline build, worker start, webdataset's buffer fill),
+then ``--batches`` timed batches; the median over ``--repeats`` is reported with min and max.
 Repeats are interleaved across rows so that a noisy neighbour hurts every row alike.
 
 Rows (``--rows``; the default is every row this machine can run) are the loaders (torch,
@@ -55,15 +55,14 @@ _DALI = DaliOptions()  # the loader's defaults, stated there only
 
 # ---------------------------------------------------------------- defaults (one block)
 DEFAULTS = dict(
-    # 2048 windows (1843 train): DALI fills its 1024-sample shuffle buffer before the first
-    # batch, so the timed batches only read fresh bytes if the train split holds more than
-    # buffer + (warmup + batches + prefetch) * batch samples. Building it takes 4-6 min on 2
+    # 2048 windows (1843 train): more than the (warmup + batches + prefetch) * batch samples
+    # a repeat reads, so the timed batches read fresh bytes. Building it takes 4-6 min on 2
     # CPUs (once: later runs reuse it); the timed run after that takes about a minute.
     data="data/bench",
     windows=2048,
     out="results",
     batch_size=16,  # the seed's batch
-    warmup=5,  # untimed batches per repeat: build, worker start, shuffle-buffer fill
+    warmup=5,  # untimed batches per repeat: build, worker start, webdataset's buffer fill
     batches=40,  # timed batches per repeat
     repeats=3,
     workers=4,  # torch and webdataset workers, as the seed's DataLoader

@@ -35,7 +35,7 @@ from pipeline.errors import ConfigError
 from pipeline.loading import DaliOptions
 from pipeline.manifest import Manifest
 from pipeline.members import NPY_EXT, PCM16_SCALE, WAV_EXT
-from pipeline.tars import INDEX_VERSION
+from pipeline.tars import Member, index_text
 from pipeline.verify import SampleRef
 
 READER = "Reader"
@@ -236,19 +236,19 @@ def write_indexes(refs: list[SampleRef], folder: str | Path) -> tuple[list[str],
     samples from one tar, the tar and an index in ``folder`` listing that run (DALI's reader
     takes a tar more than once, and an index's samples in any order)."""
     tars: list[str] = []
-    runs: list[list[str]] = []
+    runs: list[list[list[Member]]] = []
     for ref in refs:
-        line = (
-            f"{WAV_EXT} {ref.wav[0]} {ref.wav[1]} {ref.key}.{WAV_EXT} "
-            f"{NPY_EXT} {ref.npy[0]} {ref.npy[1]} {ref.key}.{NPY_EXT}"
-        )
+        sample = [
+            Member(f"{ref.key}.{WAV_EXT}", *ref.wav),
+            Member(f"{ref.key}.{NPY_EXT}", *ref.npy),
+        ]
         if not tars or tars[-1] != ref.tar:
             tars.append(ref.tar)
             runs.append([])
-        runs[-1].append(line)
+        runs[-1].append(sample)
     indexes = []
-    for k, lines in enumerate(runs):
+    for k, run in enumerate(runs):
         path = Path(folder) / f"run-{k:06d}.idx"
-        path.write_text(f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n")
+        path.write_text(index_text(run))
         indexes.append(str(path))
     return tars, indexes

@@ -33,6 +33,7 @@ from pipeline.dali_graph import (
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.loading import DaliOptions, EpochLoader, Leg
 from pipeline.manifest import verify_hint
+from pipeline.storage import is_s3
 from pipeline.verify import Depth, changed_shards, first_problem, sample_refs
 
 
@@ -55,6 +56,7 @@ class DaliLoader(EpochLoader):
         if self.features == "mel":
             self._wav_shape = (self.mel.n_mels, self.mel.frames(samples))
         self.refs = sample_refs(m, self.split)  # after the start-up check: DALI reads next
+        self._indexes: tempfile.TemporaryDirectory | None = None
 
     def make_pipeline(self, leg: Leg, folder: str | Path):
         """The pipeline reading ``leg``'s samples in order; its index files go in ``folder``."""
@@ -88,9 +90,11 @@ class DaliLoader(EpochLoader):
     def _dali_failed(self, what: str, exc: BaseException, decode: bool = True) -> DatasetError:
         """Our error for a DALI failure: the sample that explains it, found by decoding the
         split as the Python readers do (``decode``: not for a pipeline that failed to build,
-        which read no data), or DALI's own first line when the data looks right."""
+        which read no data, nor for a dataset in S3, where that would download the whole
+        split before saying anything; ``--verify`` does it on request), or DALI's own first
+        line when the data looks right."""
         culprit = changed_shards(self._stamps)
-        if culprit is None and decode:
+        if culprit is None and decode and not is_s3(self.manifest.root):
             culprit = first_problem(self.manifest, self.split, Depth.DECODE)
         if culprit is not None:
             return self._error(str(culprit))
@@ -130,7 +134,10 @@ class DaliLoader(EpochLoader):
     def _batches(self, leg: Leg) -> Iterator[dict[str, torch.Tensor]]:
         if leg.steps == 0:
             return
-        folder = tempfile.mkdtemp(prefix="arkit-dali-")  # the leg's index files
+        # the leg's index files, in a folder of the loader's that goes with it (also at exit)
+        if self._indexes is None:
+            self._indexes = tempfile.TemporaryDirectory(prefix="arkit-dali-")
+        folder = tempfile.mkdtemp(dir=self._indexes.name)
         try:
             yield from self._read(leg, folder)
         finally:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,6 @@ class Leg:
     """What one rank reads from a position to the end of an epoch."""
 
     epoch: int
-    start: int  # the global position it starts at
     batches: np.ndarray  # [steps, batch_size] sample indices of the split, in order
     epoch_seed: int  # seeds each sample's crop and augmentation (pipeline.augment.sample_rng)
 
@@ -158,7 +158,7 @@ class EpochLoader:
         """This rank's batches of ``epoch`` from the global ``position`` on."""
         order = epoch_order(self.seed, epoch, self.shard_sizes, self.shuffle)
         batches = rank_batches(order, position, self.rank, self.world_size, self.batch_size)
-        return Leg(epoch, position, batches, epoch_seed(self.seed, epoch))
+        return Leg(epoch, batches, epoch_seed(self.seed, epoch))
 
     def _steps_left(self, position: int) -> int:
         return steps_left(self.num_samples, position, self.world_size, self.batch_size)
@@ -248,6 +248,14 @@ class EpochLoader:
         else:  # before global positions: per-rank batches done at the recorded world size
             world = int(state.get("world_size", self.world_size))
             position = int(state["batch"]) * world * int(state.get("batch_size", self.batch_size))
+            if position:
+                warnings.warn(
+                    f"this loader state predates global positions: the run had consumed "
+                    f"{position} samples of epoch {state['epoch']} in an order this version no "
+                    "longer makes, so the rest of that epoch is the same number of samples but "
+                    "not exactly the ones it had not seen (later epochs are exact)",
+                    stacklevel=2,
+                )
         if not 0 <= position <= self.num_samples:
             raise ResumeError(
                 f"cannot resume: the checkpoint's loader position {position} is outside an "

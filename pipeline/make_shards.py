@@ -11,7 +11,9 @@ Live Link Face CSV or a ``[T, 52]`` .npy. Every input that cannot be used become
 and the dataset is written beside the old one and swapped in, ``manifest.json`` last, so an
 interrupted run never looks complete and never destroys the previous dataset. An ``s3://``
 ``--out`` is written in a local staging folder, then uploaded, ``manifest.json`` last
-(``pipeline.s3out``); ``--verify`` reads ``s3://`` too.
+(``pipeline.s3out``): there ``--overwrite`` deletes the old manifest before the upload, so an
+upload cut short leaves no dataset until the same command is run again (it converts again).
+``--verify`` reads ``s3://`` too.
 """
 
 from __future__ import annotations

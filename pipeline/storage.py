@@ -237,19 +237,25 @@ def read_range(path: str | Path | S3Url, offset: int, size: int) -> bytes:
             return os.pread(f.fileno(), size, offset)
     if size <= 0:
         return b""
-    try:
-        resp = _call(
-            url,
-            "get_object",
-            Bucket=url.bucket,
-            Key=url.key,
-            Range=f"bytes={offset}-{offset + size - 1}",
-        )
-    except StorageError as exc:
-        if "InvalidRange" in str(exc):  # the range starts past the end
-            return b""
-        raise
-    return _body(url, resp)
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            resp = _call(
+                url,
+                "get_object",
+                Bucket=url.bucket,
+                Key=url.key,
+                Range=f"bytes={offset}-{offset + size - 1}",
+            )
+        except StorageError as exc:
+            if "InvalidRange" in str(exc):  # the range starts past the end
+                return b""
+            raise
+        try:  # botocore retries the request, not a body that breaks off mid-stream
+            return _body(url, resp)
+        except StorageError:
+            if attempt == ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)

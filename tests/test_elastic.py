@@ -12,19 +12,31 @@ from pipeline import dali_loader
 from pipeline.errors import ResumeError
 from pipeline.manifest import load_manifest
 from pipeline.sharding import epoch_batches, epoch_order
+from tests.conftest import build_synthetic
 from tests.test_loaders import make, run_epoch, take
 
-AUG = {"gain_db": [-6, 6], "snr_db": [10, 30]}
+AUG = {"gain_db": [-6, 6], "snr_db": [10, 30], "speed": [0.9, 1.1]}
 KW = dict(batch_size=2, shuffle=True, seed=21, augment=AUG, with_params=True)
+DRAWN = ("offset", "gain_db", "snr_db", "speed")
+
+
+@pytest.fixture(scope="module")
+def segments(tmp_path_factory):
+    """36 train segments of 2.8 s (84 frames) in 5 shards, cropped to 2 s windows: room for
+    crops at every speed in AUG."""
+    out = tmp_path_factory.mktemp("segments") / "ds"
+    args = ["--segment-seconds", "2.8", "--window-seconds", "2", "--val-fraction", "0"]
+    return build_synthetic(out, 36, *args, "--samples-per-shard", "8")
 
 
 def by_key(batches: list[dict]) -> dict[str, tuple]:
-    """Each sample of ``batches`` under its key: (wav, arkit, gain_db, snr_db)."""
+    """Each sample of ``batches`` under its key: (wav, arkit, offset, gain, snr, speed)."""
     out = {}
     for b in batches:
         for i, key in enumerate(b["key"]):
             assert key not in out, f"{key} yielded twice"
-            out[key] = (b["wav"][i], b["arkit"][i], b["gain_db"][i], b["snr_db"][i])
+            drawn = (b[n][i] if n in b else None for n in DRAWN)  # None: not drawn
+            out[key] = (b["wav"][i], b["arkit"][i], *drawn)
     return out
 
 
@@ -36,17 +48,18 @@ def keys_in_order(data) -> list[str]:
 
 @pytest.mark.parametrize("new_world", [1, 3])
 @pytest.mark.parametrize("backend", ["dali-cpu", "torch"])
-def test_resume_at_another_world_size_yields_exactly_the_rest(tiny_dataset, backend, new_world):
-    sizes = [s.samples for s in load_manifest(tiny_dataset).split_shards("train")]
-    keys = keys_in_order(tiny_dataset)
+def test_resume_at_another_world_size_yields_exactly_the_rest(segments, backend, new_world):
+    sizes = [s.samples for s in load_manifest(segments).split_shards("train")]
+    keys = keys_in_order(segments)
     # what one process reads in epochs 0 and 1: every sample of the order, in order
-    straight = make(backend, tiny_dataset, **KW)
+    straight = make(backend, segments, **KW)
     reference = by_key(run_epoch(straight))
     assert len(reference) == 36
+    assert len({int(v[2]) for v in reference.values()}) > 3  # real crops, drawn anew
     reference_1 = run_epoch(straight)
 
     # two ranks consume 3 batches each, then stop: 12 of the epoch's order are done
-    ranks = [make(backend, tiny_dataset, rank=r, world_size=2, **KW) for r in range(2)]
+    ranks = [make(backend, segments, rank=r, world_size=2, **KW) for r in range(2)]
     before = [take(ld, 3) for ld in ranks]
     states = [ld.state_dict() for ld in ranks]
     assert states[0] == {**states[1], "rank": 0}
@@ -56,7 +69,7 @@ def test_resume_at_another_world_size_yields_exactly_the_rest(tiny_dataset, back
     assert set(seen_before) == set(order[:12])
 
     resumed = [
-        make(backend, tiny_dataset, rank=r, world_size=new_world, **KW) for r in range(new_world)
+        make(backend, segments, rank=r, world_size=new_world, **KW) for r in range(new_world)
     ]
     for ld in resumed:
         ld.load_state_dict(states[0])
@@ -67,7 +80,8 @@ def test_resume_at_another_world_size_yields_exactly_the_rest(tiny_dataset, back
     assert not set(seen_before) & set(seen_after)  # nothing twice
     assert set(seen_before) | set(seen_after) == set(order[: 12 + steps * new_world * 2])
     assert 36 - len(seen_before) - len(seen_after) <= new_world * 2 - 1
-    # every sample is what the uninterrupted single process yielded: audio, crop, gain, noise
+    # every sample is what the uninterrupted single process yielded: audio, animation, crop,
+    # gain, noise and speed
     for key, got in {**seen_before, **seen_after}.items():
         want = reference[key]
         for a, b in zip(got, want, strict=True):
@@ -117,17 +131,24 @@ def _keys(batch: dict, data) -> list[str]:
 _keys.cache = {}
 
 
-def test_both_loaders_draw_the_same_values_for_each_sample(tiny_dataset):
-    """One definition of the draws: the same crop, gain and SNR for a sample in an epoch."""
-    dali = by_key(run_epoch(make("dali-cpu", tiny_dataset, **KW)))
-    torch_ = by_key(run_epoch(make("torch", tiny_dataset, **KW)))
-    assert dali.keys() == torch_.keys()
+@pytest.mark.parametrize("speed", [False, True])
+def test_both_loaders_draw_the_same_values_for_each_sample(segments, speed):
+    """One definition of the draws: the same crop, gain, SNR, noise and speed for a sample in an
+    epoch, in both loaders. Without speed the crops are then equal to float rounding; with it,
+    the animation is (DALI's linear resize against np.interp) and the audio is not compared:
+    DALI's resampler and soxr differ."""
+    aug = AUG if speed else {k: v for k, v in AUG.items() if k != "speed"}
+    kw = {**KW, "augment": aug}
+    dali = by_key(run_epoch(make("dali-cpu", segments, **kw)))
+    torch_ = by_key(run_epoch(make("torch", segments, **kw)))
+    assert dali.keys() == torch_.keys() and len(dali) == 36
     for key in dali:
-        assert torch.equal(dali[key][2], torch_[key][2]) and torch.equal(
-            dali[key][3], torch_[key][3]
-        )
-        assert torch.equal(dali[key][1], torch_[key][1])  # the animation is untouched
-        assert torch.allclose(dali[key][0], torch_[key][0], atol=1e-5), key
+        for i, name in enumerate(DRAWN, start=2):
+            a, b = dali[key][i], torch_[key][i]
+            assert (a is None and b is None and name == "speed") or torch.equal(a, b), (key, name)
+        torch.testing.assert_close(dali[key][1], torch_[key][1], atol=1e-5, rtol=0)
+        if not speed:
+            torch.testing.assert_close(dali[key][0], torch_[key][0], atol=1e-5, rtol=0)
 
 
 def test_a_state_from_before_positions_resumes_at_its_count_of_samples(tiny_dataset):
@@ -138,7 +159,8 @@ def test_a_state_from_before_positions_resumes_at_its_count_of_samples(tiny_data
     old = {k: v for k, v in state.items() if k != "position"}
     old.update(batch=3, world_size=2)
     loader = make("torch", tiny_dataset, **kw)
-    loader.load_state_dict(old)
+    with pytest.warns(UserWarning, match="predates global positions: the run had consumed 12"):
+        loader.load_state_dict(old)
     assert (loader.epoch, loader.position) == (0, 12)
     assert len(run_epoch(loader)) == (36 - 12) // 2
     bad = {**state, "position": 37}

@@ -124,3 +124,27 @@ def test_torchrun_stopped_by_sigterm_resumes_on_one_and_on_three_processes(tmp_p
             ]
             planned = epoch_batches(0, epoch + 1, sizes, BATCH, r, nproc).ravel()
             assert got == [keys[i] for i in planned]
+
+
+@pytest.mark.slow
+def test_a_resume_with_less_than_a_global_batch_left_still_ends_that_epoch(tmp_path, tiny_dataset):
+    """One process stops after 8 of its 9 steps (32 of 36 samples); on 2 ranks of 4 the 4 left
+    make no global batch, so the loader moves on, but epoch 0 still gets its validation."""
+    from tests.test_distributed import _args, _spawn
+
+    part = tmp_path / "part"
+    from train.cli import main
+
+    assert main(_args(part, tiny_dataset, "dali", "train.max_steps=8", "train.report=false")) == 0
+    state = torch.load(part / "last.pt", weights_only=True)
+    assert (state["loader"]["epoch"], state["loader"]["position"]) == (0, 32)
+    resumed = _spawn(
+        ["--loader", "dali", "--resume", str(part / "last.pt"), "--set", "train.max_steps=10"],
+        tmp_path / "out",
+    )
+    assert [r["step"] for r in resumed] == [10, 10]
+    lines = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    vals = [(x["epoch"], x["step"]) for x in lines if x["split"] == "val" and x["world_size"] == 2]
+    assert vals[0] == (0, 8)  # epoch 0 validated at the step it stopped, by the resumed run
+    trained = [(x["epoch"], x["step"]) for x in lines if x["split"] == "train" and x["step"] > 8]
+    assert trained == [(1, 9), (1, 10)]

@@ -467,8 +467,14 @@ def test_a_checkpoint_config_of_an_earlier_version_is_read_in_todays_keys():
     from pipeline.errors import ConfigError
     from train.config import load_config
 
-    old = {"data": {"drop_last": True, "batch_size": 4}, "train": {"grad_clip": 0}}
+    old = {
+        "data": {"drop_last": True, "batch_size": 4, "shuffle_buffer": 1024},
+        "train": {"grad_clip": 0},
+    }
     cfg = load_config(None, [], base=old)
     assert cfg.data.batch_size == 4 and cfg.train.grad_clip is None
+    # a removed key is refused, with the reason, where the user can still edit it
+    with pytest.raises(ConfigError, match="data.shuffle_buffer is gone: DALI's reader no longer"):
+        load_config(None, ["data.shuffle_buffer=512"])
     with pytest.raises(ConfigError, match="the checkpoint's config: unknown config key"):
         load_config(None, [], base={"data": {"nonsense": 1}})

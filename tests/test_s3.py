@@ -212,10 +212,11 @@ def test_a_shard_changed_on_s3_is_named_at_the_next_epoch(s3_dataset):
         next(iter(loader))
 
 
-def test_training_from_s3_writes_its_checkpoint(s3_dataset, tmp_path, capsys):
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_training_from_s3_writes_its_checkpoint(s3_dataset, tmp_path, capsys, loader):
     from train.cli import main
 
-    args = ["--loader", "torch", "--debug"]
+    args = ["--loader", loader, "--debug"]
     for s in (*SMALL_RUN, f"data.dir={s3_dataset}", f"run.dir={tmp_path}", "train.epochs=1"):
         args += ["--set", s]
     assert main(args) == 0

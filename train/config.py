@@ -256,10 +256,13 @@ def read_yaml(path: str | Path) -> dict:
 
 def retire(old: dict) -> dict:
     """A config saved by an earlier version (a checkpoint's) in today's keys: ``data.drop_last``
-    is gone (always true) and ``train.grad_clip: 0`` meant no clipping, today ``null``."""
+    is gone (always true), so is ``data.shuffle_buffer`` (the reader no longer shuffles), and
+    ``train.grad_clip: 0`` meant no clipping, today ``null``. (A YAML file or ``--set`` that
+    names a removed key is still told so: only a checkpoint cannot be edited.)"""
     new = {k: dict(v) if isinstance(v, dict) else v for k, v in (old or {}).items()}
     if isinstance(new.get("data"), dict):
         new["data"].pop("drop_last", None)
+        new["data"].pop("shuffle_buffer", None)
     if isinstance(new.get("train"), dict) and new["train"].get("grad_clip") == 0:
         new["train"]["grad_clip"] = None
     return new

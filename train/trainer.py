@@ -70,6 +70,7 @@ class Trainer:
         self.mean_predictor = None if mean is None else torch.as_tensor(mean, device=device)
         self.run_dir = Path(cfg.run.dir)
         self._stop_signal: int | None = None
+        self._unfinished: int | None = None  # a resumed epoch with no whole step left to run
         self.runlog: RunLog | None = None  # rank 0's metrics.jsonl and TensorBoard files
         if self.dist.is_main:
             try:
@@ -121,6 +122,10 @@ class Trainer:
         self.step = int(state["step"])
         self.best_val = float(state.get("best_val_mse", math.inf))
         self.train_loader.load_state_dict(state["loader"])
+        # resumed on more ranks, the rest of an epoch can be less than one global batch: the
+        # loader moves on to the next epoch, but this one still gets its validation and save
+        if self.train_loader.epoch > int(state["loader"]["epoch"]):
+            self._unfinished = int(state["loader"]["epoch"])
 
     def _check_dataset(self, recorded: dict | None, source: str) -> None:
         if recorded is None or self.cfg.train.allow_new_data:
@@ -161,6 +166,9 @@ class Trainer:
         """Train until ``train.epochs`` or ``train.max_steps``; the last validation record."""
         try:
             with self._signals_saved():
+                if self._unfinished is not None:
+                    self._end_epoch(self._unfinished, first=True)
+                    self._unfinished = None
                 start = self.train_loader.epoch
                 for epoch in range(start, self.cfg.train.epochs):
                     if self._out_of_steps():
