@@ -166,3 +166,31 @@ def test_a_state_from_before_positions_resumes_at_its_count_of_samples(tiny_data
     bad = {**state, "position": 37}
     with pytest.raises(ResumeError, match="position 37 is outside an epoch of 36 samples"):
         make("torch", tiny_dataset, **kw).load_state_dict(bad)
+
+
+def test_the_resume_benchmark_times_both_loaders_at_each_point(tiny_dataset, tmp_path):
+    """benchmarks/resume.py runs as documented and records what it measured (no timing asserted:
+    speed is for the benchmark to report)."""
+    import json
+
+    from benchmarks import resume
+
+    args = [
+        "--data",
+        str(tiny_dataset),
+        "--at",
+        "0.1,0.9",
+        "--repeats",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
+    assert resume.main([*args, "--batch-size", "4"]) == 0
+    rows = json.loads((tmp_path / "resume.json").read_text())
+    assert [(r["loader"], r["at"], r["batches_done"], r["of"]) for r in rows] == [
+        ("dali", 0.1, 0, 9),
+        ("dali", 0.9, 8, 9),
+        ("torch", 0.1, 0, 9),
+        ("torch", 0.9, 8, 9),
+    ]
+    assert all(r["resume_s"] > 0 and r["replay_s"] > 0 for r in rows)
