@@ -243,7 +243,8 @@ def _check_samples(
     npy_head = canonical_npy_header(lay.frames, lay.num_blendshapes)
     spots = _spot_checks(len(index)) if depth < Depth.FULL else set()
     if isinstance(reader, S3Reader):  # a local file gains nothing from knowing ahead
-        reader.plan(_planned_reads(index, spots, depth, m.wav_header_bytes, len(npy_head)))
+        heads = (m.wav_header_bytes, len(npy_head))
+        reader.plan(_planned_reads(index, spots, depth, heads, want, size))
     for i, sample in enumerate(index):
         key = sample[0].key
         by_ext = {c.ext: c for c in sample}
@@ -260,10 +261,11 @@ def _check_samples(
             c = by_ext.get(ext)
             if c is None:
                 continue
-            if c.size != want[ext]:
+            fault = _fault(c, want, size)
+            if fault == "size":
                 yield problem(f".{ext} is {c.size} bytes, {what[ext]} is {want[ext]}", ext)
                 bad = True
-            elif c.offset < 512 or c.offset + c.size > size:
+            elif fault == "place":
                 yield problem(
                     f".{ext} at bytes {c.offset}..{c.offset + c.size} lies outside the "
                     f"{size}-byte tar (truncated or stale index)",
@@ -298,19 +300,36 @@ def _check_samples(
             yield problem(str(exc))
 
 
+def _fault(c: Member, want: dict[str, int], tar_size: int) -> str | None:
+    """What is wrong with a wav/npy index entry before anything is read: its ``"size"``, its
+    ``"place"`` (not inside the tar after a header), or nothing."""
+    if c.size != want[c.ext]:
+        return "size"
+    if c.offset < 512 or c.offset + c.size > tar_size:
+        return "place"
+    return None
+
+
 def _planned_reads(
-    index: list[list[Member]], spots: set[int], depth: Depth, wav_head: int, npy_head: int
+    index: list[list[Member]],
+    spots: set[int],
+    depth: Depth,
+    heads: tuple[int, int],
+    want: dict[str, int],
+    tar_size: int,
 ) -> list[tuple[int, int]]:
-    """The (size, offset) reads ``_check_samples`` makes, in its order (S3 sends them ahead;
-    a read of a sample it skips is simply never asked for)."""
+    """The (size, offset) reads ``_check_samples`` makes, in its order (S3 sends them ahead),
+    for the entries it reads (``_fault`` is None): ``heads`` are the WAV and npy header sizes."""
     reads = []
     for i, sample in enumerate(index):
-        by_ext = {c.ext: c for c in sample}
+        by_ext = {c.ext: c for c in sample if c.ext in (WAV_EXT, NPY_EXT)}
+        ok = [c for c in by_ext.values() if _fault(c, want, tar_size) is None]
         if i in spots:
-            reads += [(512, c.offset - 512) for c in sample if c.ext in (WAV_EXT, NPY_EXT)]
+            reads += [(512, c.offset - 512) for c in ok]
         wav, npy = by_ext.get(WAV_EXT), by_ext.get(NPY_EXT)
-        if wav is None or npy is None:
+        if wav is None or npy is None or len(ok) < 2:
             continue
+        wav_head, npy_head = heads
         if depth >= Depth.DECODE:
             reads += [(wav.size, wav.offset), (npy.size, npy.offset)]
         else:
