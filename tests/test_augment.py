@@ -688,3 +688,27 @@ def test_a_fixed_value_is_a_range_of_one(segs, segs_members, backend):
         assert p["gain_db"] == pytest.approx(3.0, abs=1e-6)
         plain, _ = ref.crop(key, p["offset"])
         np.testing.assert_allclose(wav, plain * 10 ** (3 / 20), rtol=1e-5, atol=1e-7)
+
+
+def test_the_cuda_graph_augments_on_the_gpu_with_host_draws(segs):
+    """The CUDA graph with every augmentation, defined without a GPU: the reader, the external
+    source of draws and noise windows and the per-sample scalar arithmetic stay on the host;
+    resampling, the crop, the animation's resize and the noise's RMS run on the GPU, and the
+    audio and animation come out there. It also serializes."""
+    from pipeline.dali_graph import build_pipeline
+    from tests.test_loaders import _graph
+
+    m = load_manifest(segs)
+    aug = Augment.from_dict(ALL_AUG)
+    kw = dict(batch_size=4, decode="gpu", augment=aug, with_params=True)
+    ops, outputs = _graph(build_pipeline(m, "train", device_id=0, **kw))
+    devices = {}
+    for kind, dev in ops:
+        devices.setdefault(kind, set()).add(dev)
+    for kind in ("AudioResample", "Resize", "Slice", "reductions__RMS", "Reinterpret"):
+        assert devices[kind] == {"gpu"}, kind
+    assert devices["ExternalSource"] == {"cpu"} and devices["readers__Webdataset"] == {"cpu"}
+    assert sum(1 for kind, _ in ops if kind == "ExternalSource") == 5  # 4 values and the noise
+    assert outputs[:2] == ["gpu", "gpu"] and set(outputs[2:]) == {"cpu"}
+    blob = build_pipeline(m, "train", device_id=None, gpu_ops=True, **kw).serialize()
+    assert b"ExternalSource" in blob and b"AudioResample" in blob
