@@ -56,6 +56,22 @@ def _torchrun(nproc: int) -> list[str]:
     return [TORCHRUN, f"--nproc_per_node={nproc}", "--master_port", str(_free_port())]
 
 
+def _freeze_mid_epoch(proc: subprocess.Popen, log: Path, steps: int) -> None:
+    """Stop the job (SIGSTOP to its process group) at a moment its rank 0 has run a few steps
+    and is well inside an epoch of ``steps``, so a signal sent now lands mid-epoch whatever the
+    machine's speed (a step takes ~10 ms here: a poll alone can miss whole epochs)."""
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 3:
+            os.killpg(proc.pid, signal.SIGSTOP)
+            done = len(log.read_text().splitlines())  # steady now
+            if 3 <= done % steps <= steps - 8:
+                return
+            os.killpg(proc.pid, signal.SIGCONT)  # near an epoch's end: try again later
+        time.sleep(0.02)
+    raise AssertionError(f"the run ended or stalled before it could be stopped (rc {proc.poll()})")
+
+
 def _consumed(run: Path) -> dict[int, list[str]]:
     """Every key each epoch trained on, over all ranks' sample logs of ``run``."""
     out: dict[int, list[str]] = {}
@@ -73,18 +89,13 @@ def test_torchrun_stopped_by_sigterm_resumes_on_one_and_on_three_processes(tmp_p
     n = len(keys)
     run = tmp_path / "run"
     cmd = [*_torchrun(2), "-m", "train", "--loader", "dali"]
-    cmd += _sets(short_windows, run, "train.epochs=3")
+    cmd += _sets(short_windows, run, "train.epochs=6")
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=ENV, start_new_session=True, stdout=subprocess.PIPE, text=True
     )
-    log = run / "samples-rank0.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if log.is_file() and len(log.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be stopped"
+    _freeze_mid_epoch(proc, run / "samples-rank0.jsonl", n // (2 * BATCH))
     os.killpg(proc.pid, signal.SIGTERM)  # the whole job, as a scheduler preempts it
+    os.killpg(proc.pid, signal.SIGCONT)  # ... delivered as it goes on
     out, _ = proc.communicate(timeout=180)
     assert "SIGTERM: saved" in out and "--resume" in out, out[-2000:]
     state = torch.load(run / "last.pt", weights_only=True)
