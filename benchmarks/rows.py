@@ -17,15 +17,13 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from benchmarks import spdl_loader, threads_loader
+from benchmarks import spdl_loader, threads_loader, webdataset_loader
 from benchmarks.measure import MODES, Row
 from pipeline import build_loader
 from pipeline.errors import ConfigError
 from pipeline.manifest import Manifest
-from pipeline.members import NPY_EXT, WAV_EXT, decode_sample
 from pipeline.sharding import epoch_batches
 from pipeline.verify import sample_refs
 
@@ -128,49 +126,6 @@ def dali_row(decode: str, what: str, on_cpu: bool = False, **options) -> Factory
     return factory
 
 
-def _wds_decoder(m: Manifest):
-    def decode(sample: dict) -> tuple[np.ndarray, np.ndarray]:
-        # our own parser on the raw member bytes (as the torch row): no pickle, no autodecode
-        return decode_sample(sample[WAV_EXT], sample[NPY_EXT], m)
-
-    return decode
-
-
-def _wds_collate(samples: list) -> dict[str, torch.Tensor]:
-    return {
-        "wav": torch.from_numpy(np.stack([s[0] for s in samples])),
-        "arkit": torch.from_numpy(np.stack([s[1] for s in samples])),
-    }
-
-
-def webdataset_row(spec: RowSpec, args, m: Manifest, device: torch.device) -> Row:
-    import webdataset as wds
-
-    tars = m.tar_paths("train")
-    dataset = (
-        # shard shuffle over all shards: fewer shards than workers leaves some idle
-        wds.WebDataset(tars, shardshuffle=len(tars), seed=0, empty_check=False)
-        .shuffle(args.wds_shuffle, seed=0)
-        .map(_wds_decoder(m))
-        .batched(args.batch_size, collation_fn=_wds_collate, partial=False)
-    )
-    loader = wds.WebLoader(
-        dataset,
-        batch_size=None,
-        num_workers=args.workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=args.workers > 0,
-    )
-
-    def stream(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        while True:  # one pass of WebLoader is one epoch
-            for batch in loader:
-                yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-    what = f"webdataset WebLoader, {args.workers} workers, our parsers, shuffle {args.wds_shuffle}"
-    return spec.row(what, stream)
-
-
 # ---------------------------------------------------------------- limit rows
 
 
@@ -246,7 +201,7 @@ ROWS: dict[str, RowSpec] = {
         ),
         RowSpec(
             "webdataset",
-            webdataset_row,
+            webdataset_loader.webdataset_row,
             "the webdataset library's own loader (WebLoader, 4 workers), our parsers",
             local_only=True,
         ),

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from model.features import LogMel, Mel
+from pipeline import storage
 from pipeline.augment import Augment, apply, draw, sample_rng
 from pipeline.errors import DatasetError, MemberError
 from pipeline.loading import EpochLoader, Leg, TorchOptions
@@ -40,13 +41,15 @@ class ShardSamples(Dataset):
         augment: Augment | None = None,
         with_params: bool = False,
         mel: Mel | None = None,
+        stamps: dict | None = None,
     ) -> None:
         self.manifest = manifest
         self.mel = mel  # features "mel": the model's own front end, here in the worker
         self._front: LogMel | None = None
         self.layout = manifest.layout(split)
         self.items: list[SampleRef] = sample_refs(manifest, split)
-        self.stamps = shard_stamps(manifest, split)
+        # the shards' versions when the run started (the loader's, else taken now)
+        self.stamps = stamps if stamps is not None else shard_stamps(manifest, split)
         self.augment, self.with_params = augment, with_params
         self._fds: dict[str, int] = {}
         self._pid = -1
@@ -57,8 +60,6 @@ class ShardSamples(Dataset):
     def _fd(self, path: str):
         """A local tar's descriptor, or an s3:// tar's ``S3Url`` (``pipeline.storage`` keeps
         one S3 client per process, made in the process that reads)."""
-        from pipeline import storage
-
         if self._pid != os.getpid():  # a forked worker must not share the parent's descriptors
             self._fds, self._pid = {}, os.getpid()
         if path not in self._fds:
@@ -68,8 +69,6 @@ class ShardSamples(Dataset):
 
     def read(self, i: int) -> tuple[bytes, bytes]:
         """The raw wav and npy member bytes of sample ``i``."""
-        from pipeline import storage
-
         ref = self.items[i]
         fd = self._fd(ref.tar)
         if isinstance(fd, int):
@@ -139,7 +138,9 @@ class TorchLoader(EpochLoader):
         self.options = o = options or TorchOptions()
         augment = self.augment if self.crops else None
         mel = self.mel if self.features == "mel" else None
-        self.dataset = ShardSamples(self.manifest, self.split, augment, self.with_params, mel)
+        self.dataset = ShardSamples(
+            self.manifest, self.split, augment, self.with_params, mel, stamps=self._stamps
+        )
         self._sampler = _EpochSampler()
         self.loader = DataLoader(
             self.dataset,
