@@ -8,17 +8,23 @@ writes ``<stem>.csv``, a Live Link Face CSV at ``--fps`` that Unreal's Live Link
 and ``make_shards`` read, and ``<stem>.npy``, ``[T, 52]`` float32 at the model's 30 fps in
 Apple's order (the shard format's). Files in a folder keep their sub-folders under ``--out``.
 A bad input is reported and the rest still convert; the exit code is then 1.
+
+A file already at a target that this command did not write (a capture beside its audio, say)
+stops the run before any work unless ``--overwrite``; its own earlier outputs it replaces
+(``infer.outputs``). An input that cannot be written (a full disk) leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from infer.outputs import Outputs, digest
 from pipeline.audio import read_audio
 from pipeline.errors import ArkitError, ConfigError, InputError
 from pipeline.inputs import AUDIO_EXTS  # what make_shards takes
@@ -37,9 +43,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval", metavar="DATA_DIR", help="score the checkpoint on a dataset")
     p.add_argument("--split", default="val", help="the split --eval scores (default val)")
     p.add_argument("--loader", default="dali", help="the loader --eval reads with (dali, torch)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N"
+    )
     p.add_argument("--batch-size", type=int, default=16, help="windows per model call")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files at the targets that infer did not write (never an input)",
+    )
     args = p.parse_args(argv)
     if not args.inputs and not args.eval:
         p.error("give audio INPUTs, --eval DATA_DIR, or both")
@@ -74,27 +87,62 @@ def find_inputs(paths: list[str]) -> list[tuple[Path, Path]]:
     return found
 
 
-def write_outputs(values: np.ndarray, model_fps: float, fps: int, seconds: float, stem: Path):
+REPORT_FILES = ("report.json", "report.md", "mae_by_blendshape.png", "curves.png")
+
+
+def figure(x: float, digits: int = 3) -> str:
+    """``x`` to ``digits`` significant digits, without an exponent or trailing zeros."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    text = f"{x:.{max(0, digits - 1 - math.floor(math.log10(abs(x))))}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def write_outputs(
+    values: np.ndarray, model_fps: float, fps: int, seconds: float, stem: Path
+) -> tuple[Path, Path, int, dict[Path, str]]:
     """``stem``.npy (as predicted) and ``stem``.csv (``fps`` rows for every frame time inside
-    the audio's ``seconds``, resampled as ``make_shards`` resamples captures)."""
+    the audio's ``seconds``, resampled as ``make_shards`` resamples captures): the paths, the
+    CSV's rows and each file's digest. Both or neither: on a failure (a full disk) the tmp
+    files, a CSV without its npy and the folders made for them are removed."""
+    made = [d for d in (stem.parent, *stem.parent.parents) if not d.exists()]
     stem.parent.mkdir(parents=True, exist_ok=True)
     npy = stem.with_name(stem.name + ".npy")
-    tmp = npy.with_name(f".{npy.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(values, np.float32))
-    tmp.replace(npy)
-    rows = max(1, int(np.ceil(seconds * fps - 1e-9)))
-    times = np.arange(len(values)) / model_fps
     csv = stem.with_name(stem.name + ".csv")
-    write_live_link_csv(csv, resample_frames(times, values, fps, rows), fps)
-    return csv, npy, rows
+    tmp = npy.with_name(f".{npy.name}.tmp")
+    rows = max(1, int(np.ceil(seconds * fps - 1e-9)))
+    landed = False
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(values, np.float32))
+        times = np.arange(len(values)) / model_fps
+        write_live_link_csv(csv, resample_frames(times, values, fps, rows), fps)  # atomic
+        landed = True
+        digests = {csv: digest(csv), npy: digest(tmp)}
+        tmp.replace(npy)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        if landed:
+            csv.unlink(missing_ok=True)
+        for d in made:  # deepest first; stops at one that holds something
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+    return csv, npy, rows, digests
 
 
-def run_inputs(predictor, args) -> int:
-    """Convert every input; the number that failed."""
+def run_inputs(predictor, args, found: list[tuple[Path, Path]], outputs: Outputs) -> int:
+    """Convert every input of ``found`` (``find_inputs``); the number that failed."""
     failed = 0
     total_audio = total_time = 0.0
-    for src, rel in find_inputs(args.inputs):
+    out = Path(args.out)
+    for src, rel in found:
         try:
             audio = read_audio(src, predictor.sample_rate)
         except InputError as exc:
@@ -105,36 +153,58 @@ def run_inputs(predictor, args) -> int:
         values = predictor.predict(audio, progress=args.progress)
         seconds = len(audio) / predictor.sample_rate
         try:
-            csv, npy, rows = write_outputs(
-                values, predictor.fps, args.fps, seconds, Path(args.out) / rel
+            csv, npy, rows, digests = write_outputs(
+                values, predictor.fps, args.fps, seconds, out / rel
             )
         except OSError as exc:
-            print(f"skipped {src}: cannot write {Path(args.out) / rel}.* ({exc})", file=sys.stderr)
+            print(
+                f"skipped {src}: cannot write {out / rel}.csv and .npy "
+                f"({exc.strerror or exc}); nothing of it was left in {out}: free space there "
+                "or choose another --out",
+                file=sys.stderr,
+            )
             failed += 1
             continue
+        outputs.add(digests)
         took = time.perf_counter() - tick
         total_audio, total_time = total_audio + seconds, total_time + took
         print(
-            f"{src}: {seconds:.1f} s -> {csv} ({rows} rows at {args.fps} fps), {npy} "
-            f"({len(values)} frames at {predictor.fps:g} fps) in {took:.2f} s"
+            f"{src}: {figure(seconds)} s -> {csv} ({count(rows, 'row')} at {args.fps} fps), "
+            f"{npy} ({count(len(values), 'frame')} at {predictor.fps:g} fps) in {figure(took)} s"
         )
     if total_time > 0:
-        print(f"{total_audio / total_time:.0f} s of audio per second on {predictor.device}")
+        speed = figure(total_audio / total_time)
+        print(f"{speed} s of audio per second on {predictor.device}")
     if failed:
-        print(f"{failed} input(s) failed; the others were written", file=sys.stderr)
+        written = len(found) - failed
+        print(
+            f"{failed} of {count(len(found), 'input')} failed; "
+            f"{written or 'none'} written to {out}",
+            file=sys.stderr,
+        )
     return failed
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from infer.evaluate import report
-    from infer.predict import Predictor
+    from infer.predict import Predictor, pick_device
 
     try:
+        pick_device(args.device)  # a device this machine lacks is named before any work
+        found = find_inputs(args.inputs) if args.inputs else []
+        out = Path(args.out)
+        outputs = Outputs(out)
+        targets = [out / f"{rel}.{ext}" for _, rel in found for ext in ("csv", "npy")]
+        if args.eval:
+            targets += [out / name for name in REPORT_FILES]
+        sources = [src for src, _ in found] + [Path(args.checkpoint)]
+        outputs.check(targets, sources, args.overwrite)
         predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.batch_size)
-        failed = run_inputs(predictor, args) if args.inputs else 0
+        failed = run_inputs(predictor, args, found, outputs) if found else 0
         if args.eval:
             paths = report(predictor, args.checkpoint, args.eval, args.out, args.split, args.loader)
+            outputs.add({p: digest(p) for p in paths})
             print("wrote " + ", ".join(str(p) for p in paths))
     except ArkitError as exc:
         print(f"error: {exc}", file=sys.stderr)

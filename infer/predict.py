@@ -15,6 +15,7 @@ format's alignment rule, so a prediction lines up with its audio as the training
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,12 +29,29 @@ from pipeline.manifest import FPS, WINDOW_FRAMES
 from pipeline.members import SAMPLE_RATE
 from train.checkpoint import load_checkpoint
 
+DEVICES = "auto, cpu, cuda, cuda:N"
+
 
 def pick_device(device: str) -> torch.device:
+    """``--device``: auto (CUDA when there is one), cpu, cuda or cuda:N; a name torch does not
+    run here (mps, a CUDA device this machine lacks, a typo) is a ConfigError naming it."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} but CUDA is not available")
+    if device == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if match is None:
+        raise ConfigError(f"--device {device} is not a device infer runs on: choose {DEVICES}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(
+            f"--device {device} but CUDA is not available here: use --device cpu (or auto)"
+        )
+    if match.group(1) is not None and int(match.group(1)) >= count:
+        raise ConfigError(
+            f"--device {device} but this machine has {count} CUDA device"
+            f"{'' if count == 1 else 's'} (cuda:0 to cuda:{count - 1})"
+        )
     return torch.device(device)
 
 

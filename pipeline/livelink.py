@@ -210,7 +210,8 @@ def write_live_link_csv(
 ) -> None:
     """Write ``values`` (``[T, 52]``, canonical order, in [0, 1]) as Live Link Face does: its
     header (``Timecode``, ``BlendShapeCount``, the 52 names in its own order, the 9 head and eye
-    rotations, written as zeros) and one row per frame at ``fps`` from 00:00:00:00."""
+    rotations, written as zeros) and one row per frame at ``fps`` from 00:00:00:00. Written to
+    a hidden tmp file beside ``path`` and renamed into place; the tmp is removed on failure."""
     if fps not in NOMINAL_RATES:
         raise ValueError(f"fps {fps} is not a rate Live Link timecode counts at {NOMINAL_RATES}")
     values = np.asarray(values, np.float64)
@@ -221,10 +222,14 @@ def write_live_link_csv(
     zeros = ",".join(["0"] * len(LIVE_LINK_EXTRA))
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        f.write(",".join(("Timecode", "BlendShapeCount", *LIVE_LINK_NAMES, *LIVE_LINK_EXTRA)))
-        f.write("\n")
-        for k, row in enumerate(ordered):
-            cells = ",".join(f"{v:.{decimals}f}" for v in row)
-            f.write(f"{format_timecode(k, fps)},{count},{cells},{zeros}\n")
-    tmp.replace(path)
+    try:  # whole or not at all: a full disk or an interrupt leaves neither tmp nor half a file
+        with open(tmp, "w", newline="") as f:
+            f.write(",".join(("Timecode", "BlendShapeCount", *LIVE_LINK_NAMES, *LIVE_LINK_EXTRA)))
+            f.write("\n")
+            for k, row in enumerate(ordered):
+                cells = ",".join(f"{v:.{decimals}f}" for v in row)
+                f.write(f"{format_timecode(k, fps)},{count},{cells},{zeros}\n")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

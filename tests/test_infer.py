@@ -7,7 +7,13 @@ import csv
 import io
 import json
 import math
+import os
+import re
+import resource
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -21,7 +27,7 @@ from infer.predict import Predictor
 from model import build_model
 from pipeline import build_loader, make_shards
 from pipeline.arkit import INDEX, LIVE_LINK_EXTRA, LIVE_LINK_NAMES
-from pipeline.livelink import write_live_link_csv
+from pipeline.livelink import read_live_link_csv, write_live_link_csv
 from pipeline.manifest import load_manifest
 from pipeline.synthetic import make_take
 from train.cli import main as train
@@ -330,3 +336,145 @@ def test_eval_of_a_segmented_train_split_scores_whole_segments(checkpoint, tmp_p
         assert example["pred"].shape == example["true"].shape == (360, 52)
         got[loader] = rec["mse"]
     assert got["dali"] == pytest.approx(got["torch"], rel=1e-6)
+
+
+# ------------------------------------------------------------------ never overwrite, never lie
+def test_infer_never_replaces_a_file_it_did_not_write(checkpoint, tmp_path, capsys):
+    take = tmp_path / "take"
+    take.mkdir()
+    sf.write(take / "a.wav", speech(1.0), 16000)
+    write_live_link_csv(take / "a.csv", np.full((60, 52), 0.25, np.float32))  # the capture
+    capture = (take / "a.csv").read_bytes()
+    run = ["--checkpoint", str(checkpoint), str(take / "a.wav")]
+    # --out is the input folder: refused before any work, the capture named, the way out given
+    assert infer([*run, "--out", str(take)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {take / 'a.csv'} exists and is not")
+    assert "--overwrite" in err and "choose another --out" in err
+    assert (take / "a.csv").read_bytes() == capture
+    assert sorted(os.listdir(take)) == ["a.csv", "a.wav"]
+    # its own outputs infer replaces on a rerun, without asking
+    out = tmp_path / "out"
+    assert infer([*run, "--out", str(out)]) == 0
+    first = (out / "a.npy").read_bytes()
+    sf.write(take / "a.wav", speech(1.0, seed=9), 16000)  # other audio: other predictions
+    assert infer([*run, "--out", str(out)]) == 0
+    assert (out / "a.npy").read_bytes() != first
+    # a file the user put in place of infer's output is theirs again
+    shutil.copy(take / "a.csv", out / "a.csv")
+    capsys.readouterr()
+    assert infer([*run, "--out", str(out)]) == 1
+    assert f"error: {out / 'a.csv'} exists" in capsys.readouterr().err
+    assert (out / "a.csv").read_bytes() == capture
+    # --overwrite replaces it, and the result is infer's again
+    assert infer([*run, "--out", str(out), "--overwrite"]) == 0
+    assert len(read_live_link_csv(out / "a.csv").values) == 60
+    assert (out / "a.csv").read_bytes() != capture
+    assert infer([*run, "--out", str(out)]) == 0
+
+
+def test_infer_never_writes_over_an_input_or_a_users_report(
+    checkpoint, tiny_dataset, tmp_path, capsys
+):
+    wav = tmp_path / "a.wav"
+    sf.write(wav, speech(1.0), 16000)
+    odd = tmp_path / "odd"  # a checkpoint named like an output of this run
+    odd.mkdir()
+    shutil.copy(checkpoint, odd / "a.npy")
+    args = ["--checkpoint", str(odd / "a.npy"), str(wav), "--out", str(odd), "--overwrite"]
+    assert infer(args) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {odd / 'a.npy'} would be written over {odd / 'a.npy'}, an input of this run "
+        "(even with --overwrite): choose another --out\n"
+    )
+    assert (odd / "a.npy").read_bytes() == checkpoint.read_bytes()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "report.md").write_text("my own notes\n")
+    args = ["--checkpoint", str(checkpoint), "--eval", str(tiny_dataset), "--out", str(notes)]
+    assert infer([*args, "--loader", "torch"]) == 1
+    assert f"error: {notes / 'report.md'} exists and is not" in capsys.readouterr().err
+    assert sorted(os.listdir(notes)) == ["report.md"]
+    assert (notes / "report.md").read_text() == "my own notes\n"
+
+
+def _fsize_limit(limit: int):
+    def apply():
+        resource.setrlimit(
+            resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1])
+        )
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG
+
+    return apply
+
+
+@pytest.mark.slow
+def test_a_full_disk_leaves_nothing_of_the_input_and_the_count_is_true(checkpoint, tmp_path):
+    """Files of at most 100 kB (RLIMIT_FSIZE, as a full disk fails a write): a 10 s input's CSV
+    (about 330 kB) cannot be written; 1 s inputs' (about 33 kB) can."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for stem, seconds in (("a", 1.0), ("b", 10.0), ("c", 1.0)):
+        sf.write(src / f"{stem}.wav", speech(seconds), 16000)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "infer", "--checkpoint", str(checkpoint), str(src)]
+    res = subprocess.run(
+        [*cmd, "--out", str(out), "--device", "cpu"],
+        cwd=Path(__file__).resolve().parent.parent,
+        preexec_fn=_fsize_limit(100_000),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    assert f"skipped {src / 'b.wav'}: cannot write {out / 'b'}.csv and .npy (File too large)" in (
+        res.stderr
+    )
+    assert f"1 of 3 inputs failed; 2 written to {out}" in res.stderr
+    names = sorted(os.listdir(out))
+    assert names == [".arkit-infer.jsonl", "a.csv", "a.npy", "c.csv", "c.npy"]
+    for stem in "ac":
+        assert len(read_live_link_csv(out / f"{stem}.csv").values) == 60
+        assert np.load(out / f"{stem}.npy").shape == (30, 52)
+
+
+@pytest.mark.parametrize("device", ["nonsense", "mps", "cuda"])
+def test_an_unusable_device_is_one_error_line(tmp_path, capsys, device):
+    wav = tmp_path / "a.wav"
+    sf.write(wav, speech(1.0), 16000)
+    if device == "cuda" and torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.device_count()}"  # one past the last
+    out = tmp_path / "out"
+    assert infer(["--checkpoint", "x.pt", str(wav), "--out", str(out), "--device", device]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: --device {device}")
+    if device.startswith("cuda"):
+        assert ("CUDA is not available here: use --device cpu" in err) or "CUDA device" in err
+    else:
+        assert f"--device {device} is not a device infer runs on: " in err
+        assert err.endswith("choose auto, cpu, cuda, cuda:N\n")
+    assert not out.exists()
+
+
+def test_short_inputs_figures_keep_their_digits_and_plurals(checkpoint, tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    sf.write(src / "a.wav", speech(1.0)[:800], 16000)  # 0.05 s: 3 rows, 2 frames
+    sf.write(src / "b.wav", speech(1.0)[:160], 16000)  # 0.01 s: 1 row, 1 frame
+    out = tmp_path / "out"
+    assert infer(["--checkpoint", str(checkpoint), str(src), "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    took = []
+    want = (("a", "0.05", "3 rows", "2 frames"), ("b", "0.01", "1 row", "1 frame"))
+    for line, (stem, seconds, rows, frames) in zip(lines[:2], want, strict=True):
+        csv_part = f"{out / (stem + '.csv')} ({rows} at 60 fps)"
+        npy_part = f"{out / (stem + '.npy')} ({frames} at 30 fps)"
+        assert line.startswith(
+            f"{src / (stem + '.wav')}: {seconds} s -> {csv_part}, {npy_part} in "
+        )
+        took.append(float(re.fullmatch(r".* in ([0-9.]+) s", line).group(1)))
+    speed = re.fullmatch(r"([0-9.]+) s of audio per second on \S+", lines[2]).group(1)
+    assert float(speed) == pytest.approx(0.06 / sum(took), rel=0.02)
