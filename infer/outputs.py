@@ -48,7 +48,8 @@ class Outputs:
         self.out = Path(out)
         self.path = self.out / RECORD
         self.known: dict[str, str] = {}  # path inside out -> digest infer last wrote there
-        self._torn = False  # the record's last line lacks its newline (an append cut short)
+        # the record holds superseded entries or an append cut short: rewrite it whole once
+        self._compact = False
         if not os.path.lexists(self.path):
             return
         way_out = "move it away or choose another --out"
@@ -64,15 +65,17 @@ class Outputs:
                 continue
             try:
                 entry = json.loads(line)
-                self.known[str(entry["path"])] = str(entry["sha256"])
+                key = str(entry["path"])
+                self._compact = self._compact or key in self.known
+                self.known[key] = str(entry["sha256"])
             except (ValueError, KeyError, TypeError):
                 if n == len(lines):  # a last line cut short by a full disk or a kill
-                    self._torn = True
+                    self._compact = True
                     continue
                 raise ConfigError(
                     f"{self.path} line {n} is not infer's record of a file it wrote: {way_out}"
                 ) from None
-        self._torn = self._torn or (text != "" and not text.endswith("\n"))
+        self._compact = self._compact or (text != "" and not text.endswith("\n"))
 
     def _key(self, target: Path) -> str:
         return Path(os.path.relpath(target, self.out)).as_posix()
@@ -110,17 +113,26 @@ class Outputs:
             )
 
     def add(self, written: dict[Path, str]) -> None:
-        """Record files written (path -> digest); a record that cannot be appended to is
+        """Record files written (path -> digest), appended; a record holding superseded entries
+        (an earlier rerun's) is rewritten whole the first time. One that cannot be written is
         reported, not fatal: the files stand, and a rerun asks for --overwrite to replace them."""
-        lines = "".join(
-            json.dumps({"path": self._key(p), "sha256": d}) + "\n" for p, d in written.items()
-        )
+        new = {self._key(p): d for p, d in written.items()}
         try:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(("\n" if self._torn else "") + lines)
-            self._torn = False
+            if self._compact:
+                known = {**self.known, **new}
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                try:
+                    tmp.write_text(_lines(known), encoding="utf-8")
+                    tmp.replace(self.path)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+                self._compact = False
+            else:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(_lines(new))
         except OSError as exc:
-            self._torn = True
+            self._compact = True  # an append may have been cut short
             names = ", ".join(str(p) for p in written)
             print(
                 f"warning: cannot record {names} in {self.path} ({exc.strerror or exc}): a "
@@ -128,4 +140,8 @@ class Outputs:
                 file=sys.stderr,
             )
             return
-        self.known.update({self._key(p): d for p, d in written.items()})
+        self.known.update(new)
+
+
+def _lines(entries: dict[str, str]) -> str:
+    return "".join(json.dumps({"path": k, "sha256": d}) + "\n" for k, d in entries.items())

@@ -370,7 +370,15 @@ def test_infer_never_replaces_a_file_it_did_not_write(checkpoint, tmp_path, caps
     assert infer([*run, "--out", str(out), "--overwrite"]) == 0
     assert len(read_live_link_csv(out / "a.csv").values) == 60
     assert (out / "a.csv").read_bytes() != capture
-    assert infer([*run, "--out", str(out)]) == 0
+    # the record in --out survives an append cut short (a kill, a full disk) and stays small
+    record = out / ".arkit-infer.jsonl"
+    for _ in range(3):
+        with record.open("a") as f:
+            f.write('{"path": "a.c')
+        assert infer([*run, "--out", str(out)]) == 0
+    entries = [json.loads(line) for line in record.read_text().splitlines()]
+    assert len(entries) <= 4 and {e["path"] for e in entries} == {"a.csv", "a.npy"}
+    assert sorted(os.listdir(out)) == [".arkit-infer.jsonl", "a.csv", "a.npy"]
 
 
 def test_infer_never_writes_over_an_input_or_a_users_report(
