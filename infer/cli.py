@@ -26,7 +26,7 @@ import numpy as np
 
 from infer.outputs import Outputs, digest
 from pipeline.audio import read_audio
-from pipeline.errors import ArkitError, ConfigError, InputError
+from pipeline.errors import ArkitError, ConfigError, InputError, RunError
 from pipeline.inputs import AUDIO_EXTS  # what make_shards takes
 from pipeline.livelink import NOMINAL_RATES, write_live_link_csv
 from pipeline.windows import resample_frames
@@ -185,9 +185,32 @@ def run_inputs(predictor, args, found: list[tuple[Path, Path]], outputs: Outputs
     return failed
 
 
+def write_eval_report(out: Path, rec: dict, example: dict | None, outputs: Outputs) -> list:
+    """``infer.report.write_report``, recorded; on a failure (a full disk) the report files
+    this run wrote are removed (a RunError): what stays is the earlier report or nothing."""
+    from infer.report import write_report
+
+    before = {n: digest(out / n) if (out / n).is_file() else None for n in REPORT_FILES}
+    made = not out.exists()
+    try:
+        paths = write_report(out, rec, example)
+    except OSError as exc:
+        for name, old in before.items():
+            if (out / name).is_file() and (old is None or digest(out / name) != old):
+                (out / name).unlink()
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise RunError(
+            f"cannot write the report in {out} ({exc.strerror or exc}); what this run wrote of "
+            "it was removed: free space there or choose another --out"
+        ) from None
+    outputs.add({p: digest(p) for p in paths})
+    return paths
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from infer.evaluate import report
+    from infer.evaluate import evaluate
     from infer.predict import Predictor, pick_device
 
     try:
@@ -203,8 +226,11 @@ def main(argv=None) -> int:
         predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.batch_size)
         failed = run_inputs(predictor, args, found, outputs) if found else 0
         if args.eval:
-            paths = report(predictor, args.checkpoint, args.eval, args.out, args.split, args.loader)
-            outputs.add({p: digest(p) for p in paths})
+            rec, example = evaluate(
+                predictor, args.eval, args.split, args.loader, predictor.batch_size
+            )
+            rec = {"checkpoint": str(args.checkpoint), **rec}
+            paths = write_eval_report(out, rec, example, outputs)
             print("wrote " + ", ".join(str(p) for p in paths))
     except ArkitError as exc:
         print(f"error: {exc}", file=sys.stderr)

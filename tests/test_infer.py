@@ -446,6 +446,29 @@ def test_a_full_disk_leaves_nothing_of_the_input_and_the_count_is_true(checkpoin
     assert f"1 of 3 inputs failed; 2 written to {out}" in res.stderr
 
 
+@pytest.mark.slow
+def test_a_full_disk_under_eval_is_one_error_line_and_no_half_report(
+    checkpoint, tiny_dataset, tmp_path
+):
+    """Files of at most 40 kB: the report's figures (tens of kB each) do not all fit."""
+    out = tmp_path / "report"
+    cmd = [sys.executable, "-m", "infer", "--checkpoint", str(checkpoint), "--out", str(out)]
+    res = subprocess.run(
+        [*cmd, "--eval", str(tiny_dataset), "--device", "cpu", "--loader", "dali"],
+        cwd=Path(__file__).resolve().parent.parent,
+        preexec_fn=_fsize_limit(40_000),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.endswith(
+        f"error: cannot write the report in {out} (File too large); what this run wrote of it "
+        "was removed: free space there or choose another --out\n"
+    )
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("device", ["nonsense", "mps", "cuda"])
 def test_an_unusable_device_is_one_error_line(checkpoint, tmp_path, capsys, device):
     wav = tmp_path / "a.wav"
