@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from infer.predict import Predictor
-from infer.report import group_mae, write_report
+from infer.report import group_mae
 from pipeline import build_loader
 from pipeline.errors import DatasetError
 from pipeline.manifest import SPLITS, load_manifest
@@ -99,20 +99,3 @@ def evaluate(
             + (f" (rank {d.rank})" if d.enabled else ""),
         )
     return rec, example
-
-
-def report(
-    predictor: Predictor,
-    checkpoint: str | Path,
-    data_dir: str | Path,
-    out: str | Path,
-    split: str = "val",
-    loader: str = "dali",
-    step: int | None = None,
-) -> list[Path]:
-    """``evaluate`` and write ``out``/report.md, report.json and the PNGs; the paths written."""
-    rec, example = evaluate(predictor, data_dir, split, loader, predictor.batch_size)
-    rec = {"checkpoint": str(checkpoint), **rec}
-    if step is not None:
-        rec["step"] = step
-    return write_report(out, rec, example)
