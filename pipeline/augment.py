@@ -42,10 +42,13 @@ NAMES = ("gain_db", "snr_db", "speed")
 LIMITS = {"gain_db": (-60.0, 60.0), "snr_db": (-20.0, 120.0), "speed": (0.25, 4.0)}
 NOISE_SAMPLES = 1 << 22  # the noise table: 16 MiB of float32, 262 s at 16 kHz
 NOISE_SEED = 20261126
-# The DALI graph's speed change: ``lowpass`` then fn.audio_resample (a Hann-windowed sinc of 16
-# lobes at the source's Nyquist, its default quality 50), whose RMS distance to ``speed_audio``
-# stays within this fraction of the audio's RMS (docs/loaders.md has the measurements)
+# The DALI graph's speed change: ``lowpass`` then fn.audio_resample at RESAMPLE_QUALITY (a
+# Hann-windowed sinc at the source's Nyquist with round(0.007 q^2 - 0.09 q + 3) lobes: 23 at 60;
+# the default 50 has 16, whose wider transition lets images of the top of the band through
+# when slowing down), whose RMS distance to ``speed_audio`` stays within this fraction of the
+# audio's RMS (docs/loaders.md has the measurements)
 SPEED_TOLERANCE = 0.03
+RESAMPLE_QUALITY = 60.0
 LOWPASS_CUTOFF = 0.953  # of the lower Nyquist: half amplitude there, as soxr VHQ (~0.95)
 LOWPASS_WIDTH = 0.04  # transition band, of the lower Nyquist: 0.933 to 0.973
 LOWPASS_ATTENUATION_DB = 60.0

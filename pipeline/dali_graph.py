@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from model.features import Mel, dali_log_mel
-from pipeline.augment import Augment, draw, lowpass, noise, sample_rng
+from pipeline.augment import RESAMPLE_QUALITY, Augment, draw, lowpass, noise, sample_rng
 from pipeline.errors import ConfigError
 from pipeline.loading import DaliOptions
 from pipeline.manifest import Manifest
@@ -219,7 +219,7 @@ def crop_and_augment(audio, arkit, m: Manifest, aug: Augment, to_gpu: bool, draw
         audio = fn.reshape(audio, shape=[1, -1], layout="HW")
         audio = fn.filter(audio, on_data(drawn["lowpass"]), border="constant")
         audio = fn.reshape(audio, shape=[-1], layout="")
-        audio = fn.audio_resample(audio, scale=1.0 / speed)
+        audio = fn.audio_resample(audio, scale=1.0 / speed, quality=RESAMPLE_QUALITY)
     start = (offset * (2 * rate) + fps) // (2 * fps)  # round(offset * rate / fps)
     audio = fn.slice(audio, start=start, shape=[window], axes=[0])
     if aug.speed:
