@@ -9,7 +9,12 @@ given a ``[low, high]`` range (drawn uniformly per sample):
 
 - ``speed``: the segment is played ``speed`` times faster, audio resampled and animation
   resampled along time by the same factor (new frame k is the source at ``k * speed``), so the
-  mouth stays on its sound; the crop is taken after, so shapes never change;
+  mouth stays on its sound; the crop is taken after, so shapes never change. The audio is
+  ``speed_audio``: resampled from ``rate`` to ``rate / speed`` by soxr's VHQ recipe (linear
+  phase, sample j is the source at time ``j * speed``), which keeps everything below 0.92 of
+  the lower Nyquist, ``min(1, 1 / speed) * rate / 2``, and removes everything above 0.98 of
+  it; speed 1 exactly leaves the audio as it is. The DALI graph meets it within
+  ``SPEED_TOLERANCE`` (``lowpass``);
 - ``gain_db``: the crop's audio times ``10 ** (gain_db / 20)``;
 - ``snr_db``: Gaussian noise added to the audio at that signal-to-noise ratio (its standard
   deviation is the crop's RMS over ``10 ** (snr_db / 20)``). The noise is a window of one
@@ -37,6 +42,16 @@ NAMES = ("gain_db", "snr_db", "speed")
 LIMITS = {"gain_db": (-60.0, 60.0), "snr_db": (-20.0, 120.0), "speed": (0.25, 4.0)}
 NOISE_SAMPLES = 1 << 22  # the noise table: 16 MiB of float32, 262 s at 16 kHz
 NOISE_SEED = 20261126
+# The DALI graph's speed change: ``lowpass`` then fn.audio_resample at RESAMPLE_QUALITY (a
+# Hann-windowed sinc at the source's Nyquist with round(0.007 q^2 - 0.09 q + 3) lobes: 23 at 60;
+# the default 50 has 16, whose wider transition lets images of the top of the band through
+# when slowing down), whose RMS distance to ``speed_audio`` stays within this fraction of the
+# audio's RMS (docs/loaders.md has the measurements)
+SPEED_TOLERANCE = 0.03
+RESAMPLE_QUALITY = 60.0
+LOWPASS_CUTOFF = 0.953  # of the lower Nyquist: half amplitude there, as soxr VHQ (~0.95)
+LOWPASS_WIDTH = 0.04  # transition band, of the lower Nyquist: 0.933 to 0.973
+LOWPASS_ATTENUATION_DB = 60.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +162,36 @@ def noise(p: Params, window_samples: int) -> np.ndarray:
     return noise_table()[p.noise_at : p.noise_at + window_samples]
 
 
+def speed_audio(audio: np.ndarray, rate: int, speed: float) -> np.ndarray:
+    """The audio of a speed change (the definition both loaders follow): ``audio`` resampled
+    from ``rate`` to ``rate / speed`` by soxr's VHQ recipe, float32; speed 1 leaves it as is."""
+    if speed == 1.0:
+        return audio
+    import soxr
+
+    # soxr keeps sample 0 at time 0: new sample j is the source at j * speed
+    return soxr.resample(audio, rate, rate / speed, quality="VHQ").astype(np.float32)
+
+
+def lowpass(speed: float) -> np.ndarray:
+    """The DALI graph's band limit before its resampler, float32 taps ``[1, n]`` (a row, for
+    ``fn.filter``): a Kaiser-windowed sinc at ``LOWPASS_CUTOFF`` of the lower Nyquist, linear
+    phase (odd length, symmetric), unit gain at DC. fn.audio_resample alone filters at the
+    source's Nyquist only, so a speed-up would fold the band between the two Nyquists back into
+    the audio; these taps remove it, and with them the graph's audio is ``speed_audio``'s within
+    ``SPEED_TOLERANCE``. Speed 1: ``[[1]]``, the audio untouched, as soxr leaves it."""
+    if speed == 1.0:
+        return np.ones((1, 1), np.float32)
+    scale = min(1.0, 1.0 / speed)
+    a = LOWPASS_ATTENUATION_DB
+    beta = 0.1102 * (a - 8.7)  # Kaiser's formulas for a stopband of ``a`` dB (a > 50)
+    n = int(math.ceil((a - 8.0) / (2.285 * math.pi * LOWPASS_WIDTH * scale))) | 1
+    cutoff = LOWPASS_CUTOFF * scale
+    t = np.arange(n) - (n - 1) / 2
+    taps = cutoff * np.sinc(cutoff * t) * np.kaiser(n, beta)
+    return (taps / taps.sum()).astype(np.float32)[None, :]
+
+
 def apply(
     audio: np.ndarray,
     arkit: np.ndarray,
@@ -159,10 +204,7 @@ def apply(
     """A segment's (audio float32, arkit [frames, 52]) to the window ``p`` describes, in numpy
     (the DataLoader workers' side; the DALI graph does the same on its operators)."""
     if p.speed is not None:
-        import soxr
-
-        # soxr keeps sample 0 at time 0: new sample j is the source at j * speed
-        audio = soxr.resample(audio, rate, rate / p.speed, quality="HQ").astype(np.float32)
+        audio = speed_audio(audio, rate, p.speed)
         t = (p.offset + np.arange(window_frames)) * p.speed
         source = np.arange(len(arkit))
         arkit = np.stack([np.interp(t, source, arkit[:, j]) for j in range(arkit.shape[1])], 1)

@@ -29,8 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from model.features import Mel, dali_log_mel
-from pipeline.augment import NAMES as AUGMENT_NAMES
-from pipeline.augment import Augment, draw, noise, sample_rng
+from pipeline.augment import RESAMPLE_QUALITY, Augment, draw, lowpass, noise, sample_rng
 from pipeline.errors import ConfigError
 from pipeline.loading import DaliOptions
 from pipeline.manifest import Manifest
@@ -40,7 +39,6 @@ from pipeline.verify import SampleRef
 
 READER = "Reader"
 OUTPUTS = ["wav", "arkit", "source"]
-PARAMS = ["offset", *AUGMENT_NAMES]  # with_params: what each sample drew
 DECODES = ("gpu", "cpu")
 
 
@@ -72,7 +70,7 @@ def build_pipeline(
     in manifest order); ``draws``: the external source of each sample's crop and augmentation
     (default: the samples in that order, drawn for epoch seed ``seed``). The train split is
     cropped (and augmented) when its members are longer than the window or ``augment``
-    enables something; ``with_params`` adds the drawn values to the outputs (``PARAMS``, after
+    enables something; ``with_params`` adds the drawn values to the outputs (``params_of``, after
     ``OUTPUTS``); ``crop`` (default: as the loaders decide, ``EpochLoader.crops``) forces it
     either way.
     ``features="mel"`` ends the audio's way in the log-mel (``model.features``, settings
@@ -142,11 +140,17 @@ def build_pipeline(
             drawn = fn.external_source(source=draws, num_outputs=len(draws.outputs), batch=True)
             drawn = dict(zip(draws.outputs, drawn, strict=True))
             audio, arkit = crop_and_augment(audio, arkit, m, aug, to_gpu, drawn)
-            params = [drawn[name] for name in PARAMS] if with_params else []
+            params = [drawn[name] for name in params_of(aug)] if with_params else []
         if features == "mel":
             audio = dali_log_mel(audio, mel or Mel(sample_rate=m.sample_rate))
         pipe.set_outputs(audio, arkit, source, *params)
     return pipe
+
+
+def params_of(aug: Augment) -> list[str]:
+    """What a graph for ``aug`` draws per sample, in its outputs' order (``with_params``): the
+    crop's ``offset`` and each augmentation ``aug`` enables."""
+    return ["offset", *aug.enabled]
 
 
 class Draws:
@@ -154,8 +158,10 @@ class Draws:
     ``pipeline.augment.draw`` gives the ``batch_size`` samples the reader hands out then
     (``order``, the samples of the index files in their order; the reader wraps around at its
     end, and so does this), each from its own generator (``sample_rng(epoch_seed, index)``).
-    Outputs, each a batch: ``offset`` (int32), ``gain_db``, ``snr_db``, ``speed`` (float32,
-    0 when off), and with ``snr_db`` the sample's window of the noise table."""
+    Outputs (``outputs``), each a batch, only what the graph uses (DALI warns of an output
+    left unused, at every pipeline it builds): ``offset`` (int32), each enabled augmentation
+    (float32), with ``speed`` the sample's ``lowpass`` taps and with ``snr_db`` its window of
+    the noise table."""
 
     def __init__(
         self, order: np.ndarray, epoch_seed: int, aug: Augment, m: Manifest, split: str, B: int
@@ -163,7 +169,9 @@ class Draws:
         self.order, self.epoch_seed, self.aug, self.B = np.asarray(order), epoch_seed, aug, B
         self.segment_frames, self.frames = m.layout(split).frames, m.frames
         self.window = m.clip_samples
-        self.outputs = [*PARAMS, "noise"] if aug.snr_db else list(PARAMS)
+        self.outputs = params_of(aug)
+        self.outputs += ["lowpass"] if aug.speed else []
+        self.outputs += ["noise"] if aug.snr_db else []
 
     def __call__(self, info) -> tuple:
         k = getattr(info, "iteration", info)
@@ -179,8 +187,10 @@ class Draws:
             for i in self.order[at]
         ]
         out = [np.array([p.offset for p in drawn], np.int32)]
-        for name in AUGMENT_NAMES:
-            out.append(np.array([getattr(p, name) or 0.0 for p in drawn], np.float32))
+        for name in self.aug.enabled:
+            out.append(np.array([getattr(p, name) for p in drawn], np.float32))
+        if self.aug.speed:
+            out.append([lowpass(p.speed) for p in drawn])
         if self.aug.snr_db:
             out.append([noise(p, self.window) for p in drawn])
         return tuple(out)
@@ -202,8 +212,14 @@ def crop_and_augment(audio, arkit, m: Manifest, aug: Augment, to_gpu: bool, draw
     rate, fps = m.sample_rate, m.fps
     offset = drawn["offset"]
     if aug.speed:
+        # pipeline.augment.speed_audio within SPEED_TOLERANCE: the band above the lower
+        # Nyquist removed first (the resampler filters at the source's Nyquist only), then
+        # resampled. fn.filter takes images: the audio is a [1, samples] one
         speed = drawn["speed"]
-        audio = fn.audio_resample(audio, scale=1.0 / speed)
+        audio = fn.reshape(audio, shape=[1, -1], layout="HW")
+        audio = fn.filter(audio, on_data(drawn["lowpass"]), border="constant")
+        audio = fn.reshape(audio, shape=[-1], layout="")
+        audio = fn.audio_resample(audio, scale=1.0 / speed, quality=RESAMPLE_QUALITY)
     start = (offset * (2 * rate) + fps) // (2 * fps)  # round(offset * rate / fps)
     audio = fn.slice(audio, start=start, shape=[window], axes=[0])
     if aug.speed:

@@ -24,10 +24,10 @@ import torch
 from pipeline.dali_graph import (
     DECODES,
     OUTPUTS,
-    PARAMS,
     READER,
     Draws,
     build_pipeline,
+    params_of,
     write_indexes,
 )
 from pipeline.errors import ConfigError, DatasetError
@@ -151,7 +151,7 @@ class DaliLoader(EpochLoader):
             pipe = self.make_pipeline(leg, folder)
             pipe.build()
             names = [self.features, *OUTPUTS[1:]] + (
-                PARAMS if self.with_params and self.crops else []
+                params_of(self.augment) if self.with_params and self.crops else []
             )
             it = DALIGenericIterator(
                 [pipe],

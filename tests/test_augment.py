@@ -12,6 +12,8 @@ Datasets (module-scoped, built with the real make_shards):
 - ``short``: 32 synthetic takes cut into segments of 84 frames for windows of 60 (2 s), so
   the distribution test draws many samples quickly.
 - ``windows``: 2 synthetic takes as plain 10 s train windows (no segments).
+- ``tones``: 4 takes that are sums of sine tones at known frequencies, cut into segments of 96
+  frames for windows of 60, so that speeds up to 1.55 fit.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 
 from pipeline import build_loader, make_shards
 from pipeline.arkit import INDEX
-from pipeline.augment import Augment, max_offset, start_sample
+from pipeline.augment import SPEED_TOLERANCE, Augment, max_offset, start_sample
 from pipeline.errors import ConfigError
 from pipeline.manifest import load_manifest
 from pipeline.tars import read_index
@@ -368,6 +370,125 @@ def test_gain_on_plain_windows_never_crops(windows, backend):
         np.testing.assert_allclose(wav, want, rtol=1e-6, atol=1e-12)
 
 
+# ---------------------------------------------------------------- 4b. the speed change's audio
+
+TONE_AMPLITUDE = 0.25
+TONES = (1000.0, 3000.0, 6500.0, 7000.0)  # Hz, summed in every take
+TONE_SEGMENT, TONE_WINDOW = 96, 60  # frames: 3.2 s segments, 2 s windows
+
+
+@pytest.fixture(scope="module")
+def tones(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("tones_in")
+    t = np.arange(int(3.3 * RATE)) / RATE
+    for k in range(4):
+        phases = 0.7 * k + np.arange(len(TONES))
+        audio = sum(np.sin(2 * np.pi * f * t + p) for f, p in zip(TONES, phases, strict=True))
+        with wave.open(str(src / f"take{k}.wav"), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(RATE)
+            w.writeframes(np.round(TONE_AMPLITUDE * audio * 32767).astype("<i2").tobytes())
+        frames = np.arange(int(3.3 * FPS))
+        anim = np.tile((0.5 + 0.4 * np.sin(frames / 7.0 + k))[:, None], (1, 52))
+        np.save(src / f"take{k}.npy", anim.astype(np.float32))
+    out = tmp_path_factory.mktemp("tones") / "ds"
+    build(
+        out,
+        *("--input", str(src), "--npy-fps", str(FPS), "--val-fraction", "0"),
+        *("--segment-seconds", "3.2", "--window-seconds", "2"),
+    )
+    m = load_manifest(out)
+    assert (m.segment_frames, m.frames) == (TONE_SEGMENT, TONE_WINDOW)
+    assert m.num_samples("train") >= 4
+    return out
+
+
+def tone_amplitude(y: np.ndarray, f: float) -> float:
+    """The amplitude of the sine at ``f`` Hz in ``y`` (least squares on a cosine and a sine)."""
+    n = np.arange(len(y))
+    basis = np.stack([np.cos(2 * np.pi * f * n / RATE), np.sin(2 * np.pi * f * n / RATE)], 1)
+    coef = np.linalg.lstsq(basis, y.astype(np.float64), rcond=None)[0]
+    return float(np.hypot(*coef))
+
+
+@pytest.mark.parametrize("speeds", [(0.85, 0.9), (1.45, 1.55)], ids=["slower", "faster"])
+@pytest.mark.parametrize("backend", ["dali-cpu", "torch"])
+def test_speed_keeps_the_passband_and_removes_the_rest(tones, backend, speeds, record_property):
+    """The speed change's audio is band-limited at the lower of the two Nyquists
+    (``pipeline.augment.speed_audio``: kept below 0.92 of it, removed above 0.98), in both
+    loaders. Each source tone at f Hz plays at f * speed: a tone below the band limit keeps its
+    amplitude within 1% (0.09 dB); one above it (faster: 6.5 and 7 kHz are over 8 kHz / speed)
+    must not fold back into the audio at 16 kHz - f * speed, nor may a slowed tone's image at
+    (16 kHz - f) * speed appear: what is left of either is under 1% of the tone (-40 dB).
+    A resampler that filters at the source's Nyquist only folds the faster tones back at
+    nearly their full amplitude."""
+    lo, hi = speeds
+    loader = make(backend, tones, batch_size=4, shuffle=True, seed=9, augment={"speed": [lo, hi]})
+    kept, left = [], []
+    for _key, wav, _, p in samples(loader):
+        s = p["speed"]
+        assert lo <= s <= hi and wav.shape == (2 * RATE,)
+        limit = min(1.0, 1.0 / s) * RATE / 2  # the band limit, in source Hz
+        for f in TONES:
+            if f < 0.92 * limit:
+                amp = tone_amplitude(wav, f * s)
+                assert abs(amp / TONE_AMPLITUDE - 1) < 0.01, (backend, s, f, amp)
+                kept.append(amp / TONE_AMPLITUDE)
+            else:
+                assert f > 0.98 * limit, (s, f)  # the tones lie clear of the transition band
+            # where the tone's fold or image would land, if it is inside the audio's band
+            ghost = RATE - f * s if f * s > RATE / 2 else (RATE - f) * s
+            if ghost < RATE / 2 - 50:
+                amp = tone_amplitude(wav, ghost)
+                assert amp < 0.01 * TONE_AMPLITUDE, (backend, s, f, ghost, amp)
+                left.append(amp / TONE_AMPLITUDE)
+    assert len(kept) >= 8 and len(left) >= 8
+    record_property("kept_min_max", [min(kept), max(kept)])
+    record_property("left_max", max(left))
+
+
+@pytest.mark.parametrize("speeds", [(0.85, 1.15), (1.2, 1.37), (1.0, 1.0)])
+def test_both_loaders_speed_up_the_audio_alike(short, speeds, record_property):
+    """On the same crops at the same speeds, the DALI graph's audio is the torch loader's
+    (``pipeline.augment.speed_audio``, soxr VHQ) within SPEED_TOLERANCE (3%) of its RMS, on
+    the synthetic corpus, whose noise reaches the top of the band (measured: at most 2%).
+    Speed 1 leaves the audio untouched in both: the plain crop (DALI's resampler at scale 1
+    to float rounding)."""
+    aug = {"speed": list(speeds)}
+    kw = dict(batch_size=N_SHORT, shuffle=True, seed=4, augment=aug)
+    dali = {k: (w, p) for k, w, _, p in samples(make("dali-cpu", short, **kw))}
+    torch_ = {k: (w, p) for k, w, _, p in samples(make("torch", short, **kw))}
+    assert dali.keys() == torch_.keys() and len(dali) == N_SHORT
+    ref = Members(short, "train") if speeds == (1.0, 1.0) else None
+    distances = []
+    for key, (a, pa) in dali.items():
+        b, pb = torch_[key]
+        assert pa == pb, key  # the same crop and speed
+        d = float(np.sqrt(np.mean((a - b) ** 2.0)) / np.sqrt(np.mean(b**2.0)))
+        assert d <= SPEED_TOLERANCE, (key, pa, d)
+        distances.append(d)
+        if ref is not None:
+            window = SHORT["window"] * RATE // FPS
+            plain, _ = ref.crop(key, pa["offset"], window, SHORT["window"])
+            assert np.array_equal(b, plain), key
+            np.testing.assert_allclose(a, plain, rtol=0, atol=1e-6, err_msg=key)
+    record_property("rms_distance_max", max(distances))
+
+
+def test_augmented_epochs_raise_no_dali_warning(segs):
+    """Every epoch builds a pipeline; none may warn (DALI warns of an external source output
+    the graph leaves unused: the draws of augmentations that are off)."""
+    import warnings
+
+    loader = make("dali-cpu", segs, batch_size=4, augment={"gain_db": [-6, 6]}, with_params=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert len(list(loader)) == 2
+    assert [str(w.message) for w in caught if "external source" in str(w.message)] == []
+
+
 # ---------------------------------------------------------------- 5. same distributions
 
 
@@ -693,8 +814,8 @@ def test_a_fixed_value_is_a_range_of_one(segs, segs_members, backend):
 def test_the_cuda_graph_augments_on_the_gpu_with_host_draws(segs):
     """The CUDA graph with every augmentation, defined without a GPU: the reader, the external
     source of draws and noise windows and the per-sample scalar arithmetic stay on the host;
-    resampling, the crop, the animation's resize and the noise's RMS run on the GPU, and the
-    audio and animation come out there. It also serializes."""
+    the speed's low-pass, resampling, the crop, the animation's resize and the noise's RMS run
+    on the GPU, and the audio and animation come out there. It also serializes."""
     from pipeline.dali_graph import build_pipeline
     from tests.test_loaders import _graph
 
@@ -705,10 +826,11 @@ def test_the_cuda_graph_augments_on_the_gpu_with_host_draws(segs):
     devices = {}
     for kind, dev in ops:
         devices.setdefault(kind, set()).add(dev)
-    for kind in ("AudioResample", "Resize", "Slice", "reductions__RMS", "Reinterpret"):
+    for kind in ("AudioResample", "Filter", "Resize", "Slice", "reductions__RMS", "Reinterpret"):
         assert devices[kind] == {"gpu"}, kind
     assert devices["ExternalSource"] == {"cpu"} and devices["readers__Webdataset"] == {"cpu"}
-    assert sum(1 for kind, _ in ops if kind == "ExternalSource") == 5  # 4 values and the noise
+    # the 4 values, the speed's low-pass taps and the noise
+    assert sum(1 for kind, _ in ops if kind == "ExternalSource") == 6
     assert outputs[:2] == ["gpu", "gpu"] and set(outputs[2:]) == {"cpu"}
     blob = build_pipeline(m, "train", device_id=None, gpu_ops=True, **kw).serialize()
     assert b"ExternalSource" in blob and b"AudioResample" in blob
