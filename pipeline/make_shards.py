@@ -10,10 +10,10 @@ Live Link Face CSV or a ``[T, 52]`` .npy. Every input that cannot be used become
 ``rejects.jsonl``; the rest are still converted. Windows are pre-shuffled across each split,
 and the dataset is written beside the old one and swapped in, ``manifest.json`` last, so an
 interrupted run never looks complete and never destroys the previous dataset. An ``s3://``
-``--out`` is written in a local staging folder, then uploaded, ``manifest.json`` last
-(``pipeline.s3out``): there ``--overwrite`` deletes the old manifest before the upload, so an
-upload cut short leaves no dataset until the same command is run again (it converts again).
-``--verify`` reads ``s3://`` too.
+``--out`` is written in a local staging folder, then uploaded beside the old dataset under
+names its manifest does not list, ``manifest.json`` last (``pipeline.s3out``), so an upload cut
+short leaves the previous dataset whole; the same command run again finishes it (it converts
+again). ``--verify`` reads ``s3://`` too.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class Summary:
     minutes: float
     dropped: int = 0  # pieces left out at gaps (part of the rejects)
     uploaded: list[str] = dataclasses.field(default_factory=list)  # s3:// --out: the objects
+    warnings: list[str] = dataclasses.field(default_factory=list)  # printed after the summary
 
     @property
     def reused(self) -> int:
@@ -142,8 +143,8 @@ def make_dataset(args: argparse.Namespace) -> Summary:
         )
         out.commit(manifest, reject_lines(rejects))
     minutes = (time.perf_counter() - t0) / 60
-    uploaded = getattr(out, "uploaded", [])
-    return Summary(out.path, manifest, takes, rejects, minutes, len(dropped), uploaded)
+    uploaded, warnings = getattr(out, "uploaded", []), getattr(out, "warnings", [])
+    return Summary(out.path, manifest, takes, rejects, minutes, len(dropped), uploaded, warnings)
 
 
 def _write_failed_rejects(out: OutDir | S3OutDir, rejects: list[Reject]) -> Path:
@@ -330,14 +331,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if not args.quiet:
         print(report(summary))
+    for line in summary.warnings:
+        print(f"warning: {line}", file=sys.stderr)
     return 0
 
 
 def _interrupted_upload(url: S3Url) -> str:
     return (
-        f"interrupted: {url} keeps its previous dataset unless the upload had begun (then it "
-        "holds none until a rerun of the same command finishes it); before the upload, the "
-        f"takes converted so far are kept for that rerun in {staging_dir(url) / WORK_NAME}"
+        f"interrupted: {url} keeps its previous dataset, whole, unless the upload had finished "
+        "(manifest.json is switched last); rerun the same command to finish (before the "
+        f"upload, the takes converted so far are kept for that rerun in "
+        f"{staging_dir(url) / WORK_NAME})"
     )
 
 
