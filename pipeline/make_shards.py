@@ -31,7 +31,14 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.arkit import ORDERS
-from pipeline.convert import Cutting, TrainStats, reject_lines, split_pieces, write_shards
+from pipeline.convert import (
+    Balance,
+    Cutting,
+    TrainStats,
+    reject_lines,
+    split_pieces,
+    write_shards,
+)
 from pipeline.errors import ArkitError, DatasetError
 from pipeline.inputs import (
     Reject,
@@ -57,9 +64,12 @@ class Summary:
     takes: list[StoredTake]
     rejects: list[Reject]
     minutes: float
-    dropped: int = 0  # pieces left out at gaps (part of the rejects)
     uploaded: list[str] = dataclasses.field(default_factory=list)  # s3:// --out: the objects
     warnings: list[str] = dataclasses.field(default_factory=list)  # printed after the summary
+
+    def count(self, kind: str) -> int:
+        """Rejects of one kind (``Reject.kind``): "input", "gap" or "short"."""
+        return sum(r.kind == kind for r in self.rejects)
 
     @property
     def reused(self) -> int:
@@ -112,7 +122,8 @@ def make_dataset(args: argparse.Namespace) -> Summary:
 
         # 3. cut, split by recording and shuffle
         cutting = Cutting(args.window_seconds, args.stride_seconds, args.segment_seconds)
-        ordered, dropped = split_pieces(takes, cutting, args.val_fraction, args.seed)
+        balance: list[Balance] = []
+        ordered, dropped = split_pieces(takes, cutting, args.val_fraction, args.seed, balance)
         rejects += dropped
         if not any(ordered.values()):
             raise DatasetError(
@@ -143,8 +154,9 @@ def make_dataset(args: argparse.Namespace) -> Summary:
         )
         out.commit(manifest, reject_lines(rejects))
     minutes = (time.perf_counter() - t0) / 60
-    uploaded, warnings = getattr(out, "uploaded", []), getattr(out, "warnings", [])
-    return Summary(out.path, manifest, takes, rejects, minutes, len(dropped), uploaded, warnings)
+    warnings = [w for w in (balance[0].warning(),) if w] + getattr(out, "warnings", [])
+    uploaded = getattr(out, "uploaded", [])
+    return Summary(out.path, manifest, takes, rejects, minutes, uploaded, warnings)
 
 
 def _write_failed_rejects(out: OutDir | S3OutDir, rejects: list[Reject]) -> Path:
@@ -162,15 +174,14 @@ def report(s: Summary) -> str:
     m = s.manifest
     counts = {split: m.num_samples(split) for split in SPLITS}
     hours_in = m.input_hours
+    gaps, short = s.count("gap"), s.count("short")
+    why = [f"{gaps} of them windows or segments at capture gaps"] if gaps else []
+    why += [f"{short} of them takes shorter than a segment"] if short else []
     lines = [
         f"{s.out}: {counts['train']} train + {counts['val']} val windows "
         f"({m.hours:.2f} h of windows from {hours_in:.2f} h of input) in "
         f"{len(m.shards)} shards; {len(s.rejects)} rejected"
-        + (
-            f" ({s.dropped} of them windows at gaps; see {s.out / REJECTS_NAME})"
-            if s.rejects
-            else ""
-        )
+        + (f" ({'; '.join([*why, f'see {s.out / REJECTS_NAME}'])})" if s.rejects else "")
         + (f"; {s.duplicates} duplicate timecode rows dropped" if s.duplicates else "")
         + (f"; {s.reused} takes reused from an earlier run" if s.reused else "")
         + f"; {hours_in / max(s.minutes, 1e-9):.1f} h of audio per minute"
