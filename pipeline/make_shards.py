@@ -266,6 +266,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# Ranges of the flags: wider than any real use, narrow enough that a typo fails before any work
+MAX_SECONDS = 3600.0  # a window, stride, segment, tolerance or gap
+MIN_WINDOW_FRAMES = 3
+MAX_FPS = 1000.0
+MAX_SCALE = 1000.0
+MAX_COUNT = 1_000_000  # synthetic takes, samples per shard
+MAX_WORKERS = 1024
+
+
+def _frames(seconds: float) -> int | None:
+    """``seconds`` in whole frames at the shards' rate, as windows are cut (None: not finite)."""
+    return round(seconds * FPS) if math.isfinite(seconds) else None
+
+
 def usage_problems(args: argparse.Namespace) -> list[str]:
     """Every flag out of its range, before any work."""
     bad = []
@@ -279,31 +293,70 @@ def usage_problems(args: argparse.Namespace) -> list[str]:
                 storage.location(value)
             except DatasetError as exc:
                 bad.append(f"{flag}: {exc}")
+    window = _frames(args.window_seconds)
+    hour = f"{MAX_SECONDS:g} s (an hour)"
     checks = [
-        ("--synthetic", args.synthetic, lambda v: v is None or v >= 1, ">= 1"),
+        (
+            "--synthetic",
+            args.synthetic,
+            lambda v: v is None or 1 <= v <= MAX_COUNT,
+            f"in [1, {MAX_COUNT}]",
+        ),
         ("--val-fraction", args.val_fraction, lambda v: 0 <= v < 1, "in [0, 1)"),
-        ("--window-seconds", args.window_seconds, lambda v: v > 0, "> 0"),
-        ("--stride-seconds", args.stride_seconds, lambda v: v is None or v > 0, "> 0"),
+        (
+            "--window-seconds",
+            args.window_seconds,
+            lambda v: MIN_WINDOW_FRAMES <= _frames(v) and v <= MAX_SECONDS,
+            f"at least {MIN_WINDOW_FRAMES} frames ({MIN_WINDOW_FRAMES / FPS:g} s at {FPS} fps) "
+            f"and at most {hour}",
+        ),
+        (
+            "--stride-seconds",
+            args.stride_seconds,
+            lambda v: v is None or (_frames(v) >= 1 and v <= MAX_SECONDS),
+            f"at least a frame ({1 / FPS:.4g} s) and at most {hour}",
+        ),
         (
             "--segment-seconds",
             args.segment_seconds,
             # in frames, as segments are cut: a segment a hair longer is the window
-            lambda v: v is None or round(v * FPS) > round(args.window_seconds * FPS),
-            "at least a frame longer than --window-seconds",
+            lambda v: v is None or window is None or (_frames(v) > window and v <= MAX_SECONDS),
+            f"at least a frame longer than --window-seconds and at most {hour}",
         ),
-        ("--tolerance-seconds", args.tolerance_seconds, lambda v: v >= 0, ">= 0"),
+        (
+            "--tolerance-seconds",
+            args.tolerance_seconds,
+            lambda v: 0 <= v <= MAX_SECONDS,
+            f"in [0, {MAX_SECONDS:g}]",
+        ),
         ("--tolerance-ratio", args.tolerance_ratio, lambda v: 0 <= v < 1, "in [0, 1)"),
-        ("--max-gap-seconds", args.max_gap_seconds, lambda v: v > 0, "> 0"),
-        ("--samples-per-shard", args.samples_per_shard, lambda v: v >= 1, ">= 1"),
-        ("--seed", args.seed, lambda v: v >= 0, ">= 0"),
-        ("--workers", args.workers, lambda v: v >= 1, ">= 1"),
-        ("--csv-fps", args.csv_fps, lambda v: v is None or v > 0, "> 0"),
-        ("--csv-scale", args.csv_scale, lambda v: v > 0, "> 0"),
-        ("--npy-fps", args.npy_fps, lambda v: v > 0, "> 0"),
-        ("--npy-scale", args.npy_scale, lambda v: v > 0, "> 0"),
+        (
+            "--max-gap-seconds",
+            args.max_gap_seconds,
+            lambda v: 0 < v <= MAX_SECONDS,
+            f"in (0, {MAX_SECONDS:g}]",
+        ),
+        (
+            "--samples-per-shard",
+            args.samples_per_shard,
+            lambda v: 1 <= v <= MAX_COUNT,
+            f"in [1, {MAX_COUNT}]",
+        ),
+        ("--seed", args.seed, lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
+        ("--workers", args.workers, lambda v: 1 <= v <= MAX_WORKERS, f"in [1, {MAX_WORKERS}]"),
+        (
+            "--csv-fps",
+            args.csv_fps,
+            lambda v: v is None or 1 <= v <= MAX_FPS,
+            f"in [1, {MAX_FPS:g}]",
+        ),
+        ("--csv-scale", args.csv_scale, lambda v: 0 < v <= MAX_SCALE, f"in (0, {MAX_SCALE:g}]"),
+        ("--npy-fps", args.npy_fps, lambda v: 1 <= v <= MAX_FPS, f"in [1, {MAX_FPS:g}]"),
+        ("--npy-scale", args.npy_scale, lambda v: 0 < v <= MAX_SCALE, f"in (0, {MAX_SCALE:g}]"),
     ]
     for flag, value, ok, must in checks:
-        if not (ok(value) and (value is None or math.isfinite(value))):
+        # NaN and inf first: no range holds them, and counting frames of them fails
+        if isinstance(value, float) and not math.isfinite(value) or not ok(value):
             bad.append(f"{flag} must be {must} (got {value})")
     return bad
 

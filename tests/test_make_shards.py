@@ -699,6 +699,62 @@ def test_a_segment_must_be_at_least_a_frame_longer_than_the_window(tmp_path, cap
     assert not (tmp_path / "o").exists()
 
 
+FLOAT_FLAGS = {  # every float flag of make_shards: values out of range, the range it names
+    "--val-fraction": (["nan", "inf", "1", "-0.1"], "in [0, 1)"),
+    "--window-seconds": (
+        ["nan", "inf", "0.01", "0", "1e9"],
+        "at least 3 frames (0.1 s at 30 fps) and at most 3600 s (an hour)",
+    ),
+    "--stride-seconds": (["nan", "-inf", "0.001", "1e9"], "at least a frame (0.03333 s)"),
+    "--segment-seconds": (
+        ["nan", "inf", "1e9", "10.01"],
+        "at least a frame longer than --window-seconds and at most 3600 s (an hour)",
+    ),
+    "--tolerance-seconds": (["nan", "inf", "-1", "1e9"], "in [0, 3600]"),
+    "--tolerance-ratio": (["nan", "inf", "1", "-0.5"], "in [0, 1)"),
+    "--max-gap-seconds": (["nan", "inf", "0", "1e9"], "in (0, 3600]"),
+    "--csv-fps": (["nan", "inf", "0", "1e308"], "in [1, 1000]"),
+    "--npy-fps": (["nan", "inf", "0.001", "1e9"], "in [1, 1000]"),
+    "--csv-scale": (["nan", "inf", "0", "1e300"], "in (0, 1000]"),
+    "--npy-scale": (["nan", "-inf", "-1", "1e300"], "in (0, 1000]"),
+}
+
+
+def test_every_float_flag_is_refused_out_of_range_before_any_work(tmp_path, capsys, monkeypatch):
+    """NaN, inf, absurd sizes and windows too short to cut end the run at parsing with one line
+    naming the flag, the value and the range (no ValueError, OverflowError or huge allocation),
+    and nothing is written."""
+    assert float_options(monkeypatch) == set(FLOAT_FLAGS)  # no float flag left untested
+    out = tmp_path / "o"
+    for flag, (values, must) in FLOAT_FLAGS.items():
+        for value in values:
+            with pytest.raises(SystemExit) as exc:
+                run("--synthetic", "2", "--out", out, f"{flag}={value}")
+            assert exc.value.code == 2
+            line = capsys.readouterr().err.strip().splitlines()[-1]
+            assert line.startswith(f"make_shards: error: {flag} must be "), line
+            assert must in line and line.endswith(f"(got {float(value)})"), line
+    assert not out.exists()
+
+
+def float_options(monkeypatch) -> set[str]:
+    """The options make_shards' parser reads as floats (seen as the parser is built)."""
+    import argparse
+
+    seen: set[str] = set()
+    real = argparse.ArgumentParser.add_argument
+
+    def noting(self, *names, **kw):
+        if kw.get("type") is float:
+            seen.add(names[0])
+        return real(self, *names, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(argparse.ArgumentParser, "add_argument", noting)
+        make_shards.parse_args(["--verify", "x"])
+    return seen
+
+
 def test_the_summary_counts_short_takes_and_gaps_under_their_own_reasons(tmp_path, capsys):
     """Takes shorter than a segment are counted as such, not as windows at gaps."""
     src, out = tmp_path / "in", tmp_path / "out"
