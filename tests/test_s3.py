@@ -396,6 +396,40 @@ def test_a_failed_or_killed_overwrite_keeps_the_old_dataset_and_the_rerun_finish
     )
 
 
+def test_old_objects_left_after_the_switch_are_warned_and_deleted_by_the_next_run(
+    monkeypatch, capsys
+):
+    """Deleting the old dataset's objects fails after the new manifest is in: the new dataset
+    is complete (exit 0), a warning says what is left, and the next --overwrite deletes it."""
+    prefix = "leftover"
+    url, real = f"s3://{BUCKET}/{prefix}", storage.delete
+    args = ["--samples-per-shard", "4", "--val-fraction", "0", "--workers", "2", "--quiet"]
+    assert make_shards.main(["--synthetic", "4", "--out", url, *args]) == 0
+    old = dataset_keys(load_manifest(url)) - {"manifest.json", "rejects.jsonl"}
+
+    def failing(dst):
+        if dst.name in old:
+            raise storage.StorageError(f"{dst}: connection reset (injected)")
+        real(dst)
+
+    monkeypatch.setattr(storage, "delete", failing)
+    capsys.readouterr()
+    assert make_shards.main(["--synthetic", "2", "--out", url, *args, "--overwrite"]) == 0
+    monkeypatch.setattr(storage, "delete", real)
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"warning: the new dataset in {url} is complete, but deleting the previous one's "
+        f"objects failed ({url}/train-000000.idx: connection reset (injected)); they are "
+        f"listed in {UPLOAD_MARK} there, and the next make_shards --overwrite into {url} "
+        "deletes them"
+    ), err
+    m = load_manifest(url)
+    assert set(keys(prefix)) == dataset_keys(m) | old | {UPLOAD_MARK}
+    assert_whole(url, m, capsys)
+    assert make_shards.main(["--synthetic", "2", "--out", url, *args, "--overwrite"]) == 0
+    assert set(keys(prefix)) == dataset_keys(load_manifest(url))
+
+
 def test_overwrite_refuses_a_users_object_named_like_a_shard(capsys):
     prefix = "named"
     url = f"s3://{BUCKET}/{prefix}"
