@@ -294,65 +294,66 @@ def usage_problems(args: argparse.Namespace) -> list[str]:
             except DatasetError as exc:
                 bad.append(f"{flag}: {exc}")
     window = _frames(args.window_seconds)
-    hour = f"{MAX_SECONDS:g} s (an hour)"
+    hour, most = f"at most {MAX_SECONDS:g} s (an hour)", f"at most {MAX_SECONDS:g}"
+    fps, scale = f"> 0 and at most {MAX_FPS:g}", f"> 0 and at most {MAX_SCALE:g}"
     checks = [
         (
             "--synthetic",
             args.synthetic,
             lambda v: v is None or 1 <= v <= MAX_COUNT,
-            f"in [1, {MAX_COUNT}]",
+            f">= 1 and at most {MAX_COUNT}",
         ),
         ("--val-fraction", args.val_fraction, lambda v: 0 <= v < 1, "in [0, 1)"),
         (
             "--window-seconds",
             args.window_seconds,
             lambda v: MIN_WINDOW_FRAMES <= _frames(v) and v <= MAX_SECONDS,
-            f"at least {MIN_WINDOW_FRAMES} frames ({MIN_WINDOW_FRAMES / FPS:g} s at {FPS} fps) "
-            f"and at most {hour}",
+            f"> 0, at least {MIN_WINDOW_FRAMES} frames ({MIN_WINDOW_FRAMES / FPS:g} s at {FPS} "
+            f"fps) and {hour}",
         ),
         (
             "--stride-seconds",
             args.stride_seconds,
             lambda v: v is None or (_frames(v) >= 1 and v <= MAX_SECONDS),
-            f"at least a frame ({1 / FPS:.4g} s) and at most {hour}",
+            f"> 0, at least a frame ({1 / FPS:.4g} s) and {hour}",
         ),
         (
             "--segment-seconds",
             args.segment_seconds,
             # in frames, as segments are cut: a segment a hair longer is the window
             lambda v: v is None or window is None or (_frames(v) > window and v <= MAX_SECONDS),
-            f"at least a frame longer than --window-seconds and at most {hour}",
+            f"at least a frame longer than --window-seconds and {hour}",
         ),
         (
             "--tolerance-seconds",
             args.tolerance_seconds,
             lambda v: 0 <= v <= MAX_SECONDS,
-            f"in [0, {MAX_SECONDS:g}]",
+            f">= 0 and {most}",
         ),
         ("--tolerance-ratio", args.tolerance_ratio, lambda v: 0 <= v < 1, "in [0, 1)"),
         (
             "--max-gap-seconds",
             args.max_gap_seconds,
             lambda v: 0 < v <= MAX_SECONDS,
-            f"in (0, {MAX_SECONDS:g}]",
+            f"> 0 and {most}",
         ),
         (
             "--samples-per-shard",
             args.samples_per_shard,
             lambda v: 1 <= v <= MAX_COUNT,
-            f"in [1, {MAX_COUNT}]",
+            f">= 1 and at most {MAX_COUNT}",
         ),
-        ("--seed", args.seed, lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
-        ("--workers", args.workers, lambda v: 1 <= v <= MAX_WORKERS, f"in [1, {MAX_WORKERS}]"),
+        ("--seed", args.seed, lambda v: 0 <= v < 2**63, ">= 0 and < 2**63"),
         (
-            "--csv-fps",
-            args.csv_fps,
-            lambda v: v is None or 1 <= v <= MAX_FPS,
-            f"in [1, {MAX_FPS:g}]",
+            "--workers",
+            args.workers,
+            lambda v: 1 <= v <= MAX_WORKERS,
+            f">= 1 and at most {MAX_WORKERS}",
         ),
-        ("--csv-scale", args.csv_scale, lambda v: 0 < v <= MAX_SCALE, f"in (0, {MAX_SCALE:g}]"),
-        ("--npy-fps", args.npy_fps, lambda v: 1 <= v <= MAX_FPS, f"in [1, {MAX_FPS:g}]"),
-        ("--npy-scale", args.npy_scale, lambda v: 0 < v <= MAX_SCALE, f"in (0, {MAX_SCALE:g}]"),
+        ("--csv-fps", args.csv_fps, lambda v: v is None or 0 < v <= MAX_FPS, fps),
+        ("--csv-scale", args.csv_scale, lambda v: 0 < v <= MAX_SCALE, scale),
+        ("--npy-fps", args.npy_fps, lambda v: 0 < v <= MAX_FPS, fps),
+        ("--npy-scale", args.npy_scale, lambda v: 0 < v <= MAX_SCALE, scale),
     ]
     for flag, value, ok, must in checks:
         # NaN and inf first: no range holds them, and counting frames of them fails

@@ -703,20 +703,23 @@ FLOAT_FLAGS = {  # every float flag of make_shards: values out of range, the ran
     "--val-fraction": (["nan", "inf", "1", "-0.1"], "in [0, 1)"),
     "--window-seconds": (
         ["nan", "inf", "0.01", "0", "1e9"],
-        "at least 3 frames (0.1 s at 30 fps) and at most 3600 s (an hour)",
+        "> 0, at least 3 frames (0.1 s at 30 fps) and at most 3600 s (an hour)",
     ),
-    "--stride-seconds": (["nan", "-inf", "0.001", "1e9"], "at least a frame (0.03333 s)"),
+    "--stride-seconds": (
+        ["nan", "-inf", "0.001", "1e9"],
+        "> 0, at least a frame (0.03333 s) and at most 3600 s (an hour)",
+    ),
     "--segment-seconds": (
         ["nan", "inf", "1e9", "10.01"],
         "at least a frame longer than --window-seconds and at most 3600 s (an hour)",
     ),
-    "--tolerance-seconds": (["nan", "inf", "-1", "1e9"], "in [0, 3600]"),
+    "--tolerance-seconds": (["nan", "inf", "-1", "1e9"], ">= 0 and at most 3600"),
     "--tolerance-ratio": (["nan", "inf", "1", "-0.5"], "in [0, 1)"),
-    "--max-gap-seconds": (["nan", "inf", "0", "1e9"], "in (0, 3600]"),
-    "--csv-fps": (["nan", "inf", "0", "1e308"], "in [1, 1000]"),
-    "--npy-fps": (["nan", "inf", "0.001", "1e9"], "in [1, 1000]"),
-    "--csv-scale": (["nan", "inf", "0", "1e300"], "in (0, 1000]"),
-    "--npy-scale": (["nan", "-inf", "-1", "1e300"], "in (0, 1000]"),
+    "--max-gap-seconds": (["nan", "inf", "0", "1e9"], "> 0 and at most 3600"),
+    "--csv-fps": (["nan", "inf", "0", "1e308"], "> 0 and at most 1000"),
+    "--npy-fps": (["nan", "inf", "-1", "1e9"], "> 0 and at most 1000"),
+    "--csv-scale": (["nan", "inf", "0", "1e300"], "> 0 and at most 1000"),
+    "--npy-scale": (["nan", "-inf", "-1", "1e300"], "> 0 and at most 1000"),
 }
 
 
