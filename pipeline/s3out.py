@@ -140,7 +140,14 @@ class S3OutDir:
         ] + [(REJECTS_NAME, REJECTS_NAME)]
         new = [r for _, r in files]
         stale = (set(self.interrupted) | old) - {UPLOAD_MARK, MANIFEST_NAME} - set(new)
-        (self.staging / UPLOAD_MANIFEST).write_text(remote.to_json())
+        try:
+            (self.staging / UPLOAD_MANIFEST).write_text(remote.to_json())
+        except OSError as exc:
+            raise DatasetError(
+                f"could not write {self.staging / UPLOAD_MANIFEST} ({exc.strerror or exc}): "
+                f"nothing under {self.path} was changed; free space there and rerun the same "
+                "command"
+            ) from None
         done = 0
         try:
             storage.put_text(
