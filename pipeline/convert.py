@@ -110,29 +110,67 @@ def shuffle_split(pieces: list, seed: int, split: str) -> list:
 
 def cut_pieces(
     take: StoredTake, split: str, cutting: Cutting
-) -> tuple[list[StoredPiece], list[str]]:
-    """A take's pieces for ``split``, and a reason for each piece left out at a gap."""
+) -> tuple[list[StoredPiece], list[Reject]]:
+    """A take's pieces for ``split``, and a reject for each piece left out at a gap (or for the
+    take, when it is shorter than one segment)."""
     prepared = take.prepared()
+    source = take.recording.source
     if split == "train" and cutting.segmented:
         segments = segment_pieces(prepared, cutting.segment_seconds, cutting.window_seconds)
         kept, dropped = outside_gaps(prepared, segments, "segment")
+        rejects = [Reject(source, reason, "gap") for reason in dropped]
         if not segments:
-            dropped.append(
+            reason = (
                 f"take is {prepared.total_frames / prepared.fps:.2f} s, shorter than one "
                 f"{cutting.segment_seconds:g} s segment: none of it trains (a shorter "
                 "--segment-seconds would use it)"
             )
-        return [StoredPiece(take, p, "segment") for p in kept], dropped
+            rejects.append(Reject(source, reason, "short"))
+        return [StoredPiece(take, p, "segment") for p in kept], rejects
     windows = window_pieces(prepared, cutting.window_seconds, cutting.stride_seconds)
     kept, dropped = outside_gaps(prepared, windows, "window")
-    return [StoredPiece(take, p, "window") for p in kept], dropped
+    return [StoredPiece(take, p, "window") for p in kept], [
+        Reject(source, reason, "gap") for reason in dropped
+    ]
+
+
+@dataclass(frozen=True)
+class Balance:
+    """How the split by whole recordings came out: takes and windows in val, of all."""
+
+    val_fraction: float  # asked for
+    takes: tuple[int, int]  # (in val, all that gave a window)
+    windows: tuple[int, int]  # (in val, all: every take cut into windows)
+
+    @property
+    def window_fraction(self) -> float:
+        return self.windows[0] / max(self.windows[1], 1)
+
+    def warning(self) -> str | None:
+        """A line when the windows in val are far from the asked share (off by more than half
+        of it, and by more than 5 points), else None."""
+        got, want = self.window_fraction, self.val_fraction
+        if abs(got - want) <= max(0.05, want / 2):
+            return None
+        (vt, nt), (vw, nw) = self.takes, self.windows
+        return (
+            f"--val-fraction {want:g} put {vt} of {nt} takes ({vt / max(nt, 1):.0%}) and {vw} "
+            f"of {nw} windows ({got:.0%}) in val: the split is by whole take, so few or unequal "
+            "takes miss the share; more or shorter takes (cut long recordings), another --seed "
+            "or another --val-fraction come closer"
+        )
 
 
 def split_pieces(
-    takes: list[StoredTake], cutting: Cutting, val_fraction: float, seed: int
+    takes: list[StoredTake],
+    cutting: Cutting,
+    val_fraction: float,
+    seed: int,
+    balance: list[Balance] | None = None,
 ) -> tuple[dict[str, list[StoredPiece]], list[Reject]]:
     """Stage 3: the recordings that give a window split by recording, each cut for its split
-    and shuffled; plus a reject line for each piece left out."""
+    and shuffled; plus a reject for each piece left out. ``balance``, if given, receives how
+    the split came out."""
     takes = sorted(takes, key=lambda t: t.recording.order)
     windows = {t.recording.order: cut_pieces(t, "val", cutting) for t in takes}
     used = [t.recording for t in takes if windows[t.recording.order][0]]
@@ -144,7 +182,16 @@ def split_pieces(
         split = split_of.get(order, "val")
         pieces, dropped = windows[order] if split == "val" else cut_pieces(take, split, cutting)
         by_split[split] += pieces if order in split_of else []
-        rejects += [Reject(take.recording.source, reason) for reason in dropped]
+        rejects += dropped
+    if balance is not None:
+        val = [o for o, s in split_of.items() if s == "val"]
+        balance.append(
+            Balance(
+                val_fraction,
+                (len(val), len(split_of)),
+                (sum(len(windows[o][0]) for o in val), sum(len(windows[o][0]) for o in split_of)),
+            )
+        )
     return {s: shuffle_split(ps, seed, s) for s, ps in by_split.items()}, rejects
 
 

@@ -83,6 +83,9 @@ class Reject:
 
     file: str
     reason: str
+    # what was left out, for the summary's counts: "input" (a file or take), "gap" (a window or
+    # segment overlapping a gap in the capture), "short" (a take shorter than a segment)
+    kind: str = "input"
 
 
 def synthetic_recordings(n: int) -> list[Recording]:

@@ -10,10 +10,10 @@ Live Link Face CSV or a ``[T, 52]`` .npy. Every input that cannot be used become
 ``rejects.jsonl``; the rest are still converted. Windows are pre-shuffled across each split,
 and the dataset is written beside the old one and swapped in, ``manifest.json`` last, so an
 interrupted run never looks complete and never destroys the previous dataset. An ``s3://``
-``--out`` is written in a local staging folder, then uploaded, ``manifest.json`` last
-(``pipeline.s3out``): there ``--overwrite`` deletes the old manifest before the upload, so an
-upload cut short leaves no dataset until the same command is run again (it converts again).
-``--verify`` reads ``s3://`` too.
+``--out`` is written in a local staging folder, then uploaded beside the old dataset under
+names its manifest does not list, ``manifest.json`` last (``pipeline.s3out``), so an upload cut
+short leaves the previous dataset whole; the same command run again finishes it (it converts
+again). ``--verify`` reads ``s3://`` too.
 """
 
 from __future__ import annotations
@@ -31,7 +31,14 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.arkit import ORDERS
-from pipeline.convert import Cutting, TrainStats, reject_lines, split_pieces, write_shards
+from pipeline.convert import (
+    Balance,
+    Cutting,
+    TrainStats,
+    reject_lines,
+    split_pieces,
+    write_shards,
+)
 from pipeline.errors import ArkitError, DatasetError
 from pipeline.inputs import (
     Reject,
@@ -57,8 +64,12 @@ class Summary:
     takes: list[StoredTake]
     rejects: list[Reject]
     minutes: float
-    dropped: int = 0  # pieces left out at gaps (part of the rejects)
     uploaded: list[str] = dataclasses.field(default_factory=list)  # s3:// --out: the objects
+    warnings: list[str] = dataclasses.field(default_factory=list)  # printed after the summary
+
+    def count(self, kind: str) -> int:
+        """Rejects of one kind (``Reject.kind``): "input", "gap" or "short"."""
+        return sum(r.kind == kind for r in self.rejects)
 
     @property
     def reused(self) -> int:
@@ -111,7 +122,8 @@ def make_dataset(args: argparse.Namespace) -> Summary:
 
         # 3. cut, split by recording and shuffle
         cutting = Cutting(args.window_seconds, args.stride_seconds, args.segment_seconds)
-        ordered, dropped = split_pieces(takes, cutting, args.val_fraction, args.seed)
+        balance: list[Balance] = []
+        ordered, dropped = split_pieces(takes, cutting, args.val_fraction, args.seed, balance)
         rejects += dropped
         if not any(ordered.values()):
             raise DatasetError(
@@ -142,8 +154,9 @@ def make_dataset(args: argparse.Namespace) -> Summary:
         )
         out.commit(manifest, reject_lines(rejects))
     minutes = (time.perf_counter() - t0) / 60
+    warnings = [w for w in (balance[0].warning(),) if w] + getattr(out, "warnings", [])
     uploaded = getattr(out, "uploaded", [])
-    return Summary(out.path, manifest, takes, rejects, minutes, len(dropped), uploaded)
+    return Summary(out.path, manifest, takes, rejects, minutes, uploaded, warnings)
 
 
 def _write_failed_rejects(out: OutDir | S3OutDir, rejects: list[Reject]) -> Path:
@@ -161,15 +174,14 @@ def report(s: Summary) -> str:
     m = s.manifest
     counts = {split: m.num_samples(split) for split in SPLITS}
     hours_in = m.input_hours
+    gaps, short = s.count("gap"), s.count("short")
+    why = [f"{gaps} of them windows or segments at capture gaps"] if gaps else []
+    why += [f"{short} of them takes shorter than a segment"] if short else []
     lines = [
         f"{s.out}: {counts['train']} train + {counts['val']} val windows "
         f"({m.hours:.2f} h of windows from {hours_in:.2f} h of input) in "
         f"{len(m.shards)} shards; {len(s.rejects)} rejected"
-        + (
-            f" ({s.dropped} of them windows at gaps; see {s.out / REJECTS_NAME})"
-            if s.rejects
-            else ""
-        )
+        + (f" ({'; '.join([*why, f'see {s.out / REJECTS_NAME}'])})" if s.rejects else "")
         + (f"; {s.duplicates} duplicate timecode rows dropped" if s.duplicates else "")
         + (f"; {s.reused} takes reused from an earlier run" if s.reused else "")
         + f"; {hours_in / max(s.minutes, 1e-9):.1f} h of audio per minute"
@@ -254,6 +266,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# Ranges of the flags: wider than any real use, narrow enough that a typo fails before any work
+MAX_SECONDS = 3600.0  # a window, stride, segment, tolerance or gap
+MIN_WINDOW_FRAMES = 3
+MAX_FPS = 1000.0
+MAX_SCALE = 1000.0
+MAX_COUNT = 1_000_000  # synthetic takes, samples per shard
+MAX_WORKERS = 1024
+
+
+def _frames(seconds: float) -> int | None:
+    """``seconds`` in whole frames at the shards' rate, as windows are cut (None: not finite)."""
+    return round(seconds * FPS) if math.isfinite(seconds) else None
+
+
 def usage_problems(args: argparse.Namespace) -> list[str]:
     """Every flag out of its range, before any work."""
     bad = []
@@ -267,31 +293,71 @@ def usage_problems(args: argparse.Namespace) -> list[str]:
                 storage.location(value)
             except DatasetError as exc:
                 bad.append(f"{flag}: {exc}")
+    window = _frames(args.window_seconds)
+    hour, most = f"at most {MAX_SECONDS:g} s (an hour)", f"at most {MAX_SECONDS:g}"
+    fps, scale = f"> 0 and at most {MAX_FPS:g}", f"> 0 and at most {MAX_SCALE:g}"
     checks = [
-        ("--synthetic", args.synthetic, lambda v: v is None or v >= 1, ">= 1"),
+        (
+            "--synthetic",
+            args.synthetic,
+            lambda v: v is None or 1 <= v <= MAX_COUNT,
+            f">= 1 and at most {MAX_COUNT}",
+        ),
         ("--val-fraction", args.val_fraction, lambda v: 0 <= v < 1, "in [0, 1)"),
-        ("--window-seconds", args.window_seconds, lambda v: v > 0, "> 0"),
-        ("--stride-seconds", args.stride_seconds, lambda v: v is None or v > 0, "> 0"),
+        (
+            "--window-seconds",
+            args.window_seconds,
+            lambda v: MIN_WINDOW_FRAMES <= _frames(v) and v <= MAX_SECONDS,
+            f"> 0, at least {MIN_WINDOW_FRAMES} frames ({MIN_WINDOW_FRAMES / FPS:g} s at {FPS} "
+            f"fps) and {hour}",
+        ),
+        (
+            "--stride-seconds",
+            args.stride_seconds,
+            lambda v: v is None or (_frames(v) >= 1 and v <= MAX_SECONDS),
+            f"> 0, at least a frame ({1 / FPS:.4g} s) and {hour}",
+        ),
         (
             "--segment-seconds",
             args.segment_seconds,
             # in frames, as segments are cut: a segment a hair longer is the window
-            lambda v: v is None or round(v * FPS) > round(args.window_seconds * FPS),
-            "at least a frame longer than --window-seconds",
+            lambda v: v is None or window is None or (_frames(v) > window and v <= MAX_SECONDS),
+            f"at least a frame longer than --window-seconds and {hour}",
         ),
-        ("--tolerance-seconds", args.tolerance_seconds, lambda v: v >= 0, ">= 0"),
+        (
+            "--tolerance-seconds",
+            args.tolerance_seconds,
+            lambda v: 0 <= v <= MAX_SECONDS,
+            f">= 0 and {most}",
+        ),
         ("--tolerance-ratio", args.tolerance_ratio, lambda v: 0 <= v < 1, "in [0, 1)"),
-        ("--max-gap-seconds", args.max_gap_seconds, lambda v: v > 0, "> 0"),
-        ("--samples-per-shard", args.samples_per_shard, lambda v: v >= 1, ">= 1"),
-        ("--seed", args.seed, lambda v: v >= 0, ">= 0"),
-        ("--workers", args.workers, lambda v: v >= 1, ">= 1"),
-        ("--csv-fps", args.csv_fps, lambda v: v is None or v > 0, "> 0"),
-        ("--csv-scale", args.csv_scale, lambda v: v > 0, "> 0"),
-        ("--npy-fps", args.npy_fps, lambda v: v > 0, "> 0"),
-        ("--npy-scale", args.npy_scale, lambda v: v > 0, "> 0"),
+        (
+            "--max-gap-seconds",
+            args.max_gap_seconds,
+            lambda v: 0 < v <= MAX_SECONDS,
+            f"> 0 and {most}",
+        ),
+        (
+            "--samples-per-shard",
+            args.samples_per_shard,
+            lambda v: 1 <= v <= MAX_COUNT,
+            f">= 1 and at most {MAX_COUNT}",
+        ),
+        ("--seed", args.seed, lambda v: 0 <= v < 2**63, ">= 0 and < 2**63"),
+        (
+            "--workers",
+            args.workers,
+            lambda v: 1 <= v <= MAX_WORKERS,
+            f">= 1 and at most {MAX_WORKERS}",
+        ),
+        ("--csv-fps", args.csv_fps, lambda v: v is None or 0 < v <= MAX_FPS, fps),
+        ("--csv-scale", args.csv_scale, lambda v: 0 < v <= MAX_SCALE, scale),
+        ("--npy-fps", args.npy_fps, lambda v: 0 < v <= MAX_FPS, fps),
+        ("--npy-scale", args.npy_scale, lambda v: 0 < v <= MAX_SCALE, scale),
     ]
     for flag, value, ok, must in checks:
-        if not (ok(value) and (value is None or math.isfinite(value))):
+        # NaN and inf first: no range holds them, and counting frames of them fails
+        if isinstance(value, float) and not math.isfinite(value) or not ok(value):
             bad.append(f"{flag} must be {must} (got {value})")
     return bad
 
@@ -330,14 +396,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if not args.quiet:
         print(report(summary))
+    for line in summary.warnings:
+        print(f"warning: {line}", file=sys.stderr)
     return 0
 
 
 def _interrupted_upload(url: S3Url) -> str:
     return (
-        f"interrupted: {url} keeps its previous dataset unless the upload had begun (then it "
-        "holds none until a rerun of the same command finishes it); before the upload, the "
-        f"takes converted so far are kept for that rerun in {staging_dir(url) / WORK_NAME}"
+        f"interrupted: {url} keeps its previous dataset, whole, unless the upload had finished "
+        "(manifest.json is switched last); rerun the same command to finish (before the "
+        f"upload, the takes converted so far are kept for that rerun in "
+        f"{staging_dir(url) / WORK_NAME})"
     )
 
 

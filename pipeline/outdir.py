@@ -3,7 +3,9 @@ complete, and nothing deleted that is not ours.
 
 ``--out`` must be empty, absent, or hold one of our datasets (a ``manifest.json`` we can read);
 replacing a dataset needs ``--overwrite`` and touches only that dataset's files (its shards,
-indexes, rejects and manifest): other files in the folder stay. A lock (``flock`` on
+indexes, rejects and manifest): other files in the folder stay, and a file of the user's named
+like a shard (``shard_like``) that the old manifest does not list is refused before any work,
+as the new dataset could need that name. A lock (``flock`` on
 ``.make_shards.lock``, released by the kernel if the process dies) makes a second conversion
 into the same folder refuse instead of mixing. Work happens in ``<out>/in-progress/``: converted
 takes (kept after a failure or Ctrl-C, so a rerun reuses them) and the new shards. Only when
@@ -16,12 +18,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
 
 from pipeline.errors import ArkitError, DatasetError
-from pipeline.manifest import MANIFEST_NAME, Manifest, load_manifest
+from pipeline.manifest import MANIFEST_NAME, SPLITS, Manifest, load_manifest
 from pipeline.tars import idx_path
 
 LOCK_NAME = ".make_shards.lock"
@@ -29,6 +32,33 @@ WORK_NAME = "in-progress"
 WORK_MARK = ".make_shards-work"  # inside WORK_NAME: the folder is ours
 REJECTS_NAME = "rejects.jsonl"
 JOURNAL_NAME = "commit.json"  # in WORK_NAME: what a swap-in does, written before it starts
+# every name a shard or index of ours can have: ``<split>-NNNNNN.tar`` (``pipeline.convert``),
+# and on S3 ``<split>-b-NNNNNN.tar`` for a dataset uploaded beside another (``pipeline.s3out``)
+_SHARD_NAME = re.compile(rf"(?:{'|'.join(SPLITS)})-(?:b-)?[0-9]{{6,}}\.(?:tar|idx)")
+
+
+def shard_like(name: str) -> bool:
+    """A name that a shard or index of a dataset of ours may take."""
+    return _SHARD_NAME.fullmatch(name) is not None
+
+
+def dataset_names(m: Manifest) -> set[str]:
+    """The files of the dataset ``m`` besides its manifest: shards, indexes, rejects."""
+    return {REJECTS_NAME} | {n for s in m.shards for n in (s.name, idx_path(s.name).name)}
+
+
+def name_collisions(path: object, names: list[str], ours: set[str], kind: str) -> str | None:
+    """Why ``--overwrite`` may not go ahead: the user's ``names`` that a new dataset could
+    replace (named like a shard, not listed by the old dataset), or None."""
+    theirs = sorted(n for n in names if n not in ours and shard_like(n))
+    if not theirs:
+        return None
+    listed = ", ".join(theirs[:5]) + (" ..." if len(theirs) > 5 else "")
+    return (
+        f"--out {path} holds {kind} named like our shards that its dataset's manifest does not "
+        f"list ({listed}): the new dataset could need those names and would replace them. "
+        "Move or rename them (they are not ours), or choose another --out"
+    )
 
 
 def _write_synced(path: Path, text: str) -> None:
@@ -119,13 +149,17 @@ class OutDir:
         others = sorted(p.name for p in self.path.iterdir() if p.name not in (LOCK_NAME, WORK_NAME))
         if not others:
             return
-        if self.old_dataset() is None:
+        old = self.old_dataset()
+        if old is None:
             listed = ", ".join(others[:5]) + (" ..." if len(others) > 5 else "")
             raise DatasetError(
                 f"--out {self.path} holds files that are not one of our datasets ({listed}); "
                 "make_shards writes only into an empty folder or over a dataset of its own: "
                 "choose another --out"
             )
+        clash = name_collisions(self.path, others, {MANIFEST_NAME} | dataset_names(old), "files")
+        if clash:
+            raise DatasetError(clash)
         if not self.overwrite:
             raise DatasetError(
                 f"--out {self.path} already holds a dataset; pass --overwrite to replace it"
@@ -139,11 +173,7 @@ class OutDir:
         for s in manifest.shards:
             new += [s.name, idx_path(s.name).name]
         old = self.old_dataset()
-        stale: set[str] = set()
-        if old is not None:
-            stale = {REJECTS_NAME} | {
-                n for s in old.shards for n in (s.name, idx_path(s.name).name)
-            }
+        stale = dataset_names(old) if old is not None else set()
         # from here the folder holds no complete dataset until the new manifest is renamed in.
         # The journal, written first, lets the next run finish what a crash, a kill or a full
         # disk cut short; Ctrl-C waits for these few renames

@@ -1,21 +1,29 @@
 """``make_shards --out s3://bucket/prefix``: the local writer into a staging folder, then an
-upload that never leaves a half-written dataset looking complete.
+upload that never leaves a half-written dataset looking complete and never costs the previous
+one.
 
 The rules are the local ones (``pipeline.outdir``): the prefix must be empty, hold one of our
-datasets (replaced only with ``--overwrite``; other objects stay), or hold what an interrupted
+datasets (replaced only with ``--overwrite``; other objects stay, and one named like a shard
+that the old manifest does not list is refused before any work), or hold what an interrupted
 upload of ours left. The dataset is made by ``OutDir`` in a staging folder on this machine
 (``$TMPDIR/make_shards-s3/<digest of the URL>``: a rerun reuses the takes a failed one
 converted; the folder's lock makes a second conversion to the same URL here refuse). Then:
 
 1. ``.make_shards-upload.json`` goes up, listing every name the upload writes or deletes: a
    rerun knows those objects are ours;
-2. the old ``manifest.json`` is deleted: from here the prefix holds no complete dataset;
-3. shards, indexes and ``rejects.jsonl`` go up, the old dataset's leftover shards are deleted;
-4. ``manifest.json`` goes up last, then the marker is deleted and the staging folder removed.
+2. shards, indexes and ``rejects.jsonl`` go up beside the old dataset, under names its manifest
+   does not list: ``<split>-NNNNNN.tar``, or ``<split>-b-NNNNNN.tar`` when the old dataset has
+   the first names (the two alternate). Loaders find shards through the manifest only, so the
+   old dataset stays whole and readable;
+3. ``manifest.json`` goes up: the switch to the new dataset;
+4. the old dataset's shards are deleted, then the marker, and the staging folder is removed.
+
+A failure or a kill before step 3 leaves the old dataset in place; after it, the new one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -25,11 +33,12 @@ from pathlib import Path
 from pipeline import storage
 from pipeline.errors import ArkitError, DatasetError
 from pipeline.manifest import MANIFEST_NAME, Manifest, load_manifest
-from pipeline.outdir import REJECTS_NAME, OutDir
+from pipeline.outdir import REJECTS_NAME, OutDir, dataset_names, name_collisions
 from pipeline.storage import S3Url
 from pipeline.tars import idx_path
 
 UPLOAD_MARK = ".make_shards-upload.json"
+UPLOAD_MANIFEST = ".manifest-upload.json"  # in the staging folder: the manifest that goes up
 
 
 def staging_dir(url: S3Url) -> Path:
@@ -39,8 +48,22 @@ def staging_dir(url: S3Url) -> Path:
     return Path(tempfile.gettempdir()) / "make_shards-s3" / digest
 
 
-def _dataset_names(m: Manifest) -> set[str]:
-    return {REJECTS_NAME} | {n for s in m.shards for n in (s.name, idx_path(s.name).name)}
+def beside(manifest: Manifest, taken: set[str]) -> Manifest:
+    """``manifest`` with its shards named so that no shard or index takes a name in ``taken``
+    (the old dataset's): as written (``train-000000.tar``), or ``train-b-000000.tar``."""
+    for tag in ("", "b-"):
+        shards = tuple(
+            dataclasses.replace(s, name=s.name.replace(f"{s.split}-", f"{s.split}-{tag}", 1))
+            for s in manifest.shards
+        )
+        names = {n for s in shards for n in (s.name, idx_path(s.name).name)}
+        if not names & taken:
+            return dataclasses.replace(manifest, shards=shards)
+    raise DatasetError(
+        f"{manifest.root}: the dataset there lists shards under both of make_shards' name sets "
+        "(train-000000.tar and train-b-000000.tar), so the new one cannot go up beside it; "
+        "choose another --out"
+    )
 
 
 class S3OutDir:
@@ -56,6 +79,7 @@ class S3OutDir:
         self.old: Manifest | None = None  # our dataset already under the prefix
         self.interrupted: set[str] = set()  # what an interrupted upload of ours left
         self.uploaded: list[str] = []
+        self.warnings: list[str] = []  # said after the summary
         self._staged = False  # the staging folder holds the finished dataset
 
     def __enter__(self) -> S3OutDir:
@@ -83,50 +107,75 @@ class S3OutDir:
                 self.old = load_manifest(self.path)
             except ArkitError:
                 self.old = None
-        ours = self.interrupted | (
-            {MANIFEST_NAME} | _dataset_names(self.old) if self.old else set()
-        )
+        ours = self.interrupted | ({MANIFEST_NAME} | dataset_names(self.old) if self.old else set())
         others = sorted(n for n in names if n not in ours)
-        if self.old is None and others:
+        # an interrupted upload of ours marks the prefix as ours, unless an unreadable manifest
+        # sits there: that may be anyone's
+        if self.old is None and others and (not self.interrupted or MANIFEST_NAME in others):
             listed = ", ".join(others[:5]) + (" ..." if len(others) > 5 else "")
             raise DatasetError(
                 f"--out {self.path} holds objects that are not one of our datasets ({listed}); "
                 "make_shards writes only into an empty prefix or over a dataset of its own: "
                 "choose another --out"
             )
+        clash = name_collisions(self.path, others, ours, "objects")
+        if clash:
+            raise DatasetError(clash)
         if self.old is not None and not self.overwrite:
             raise DatasetError(
                 f"--out {self.path} already holds a dataset; pass --overwrite to replace it"
             )
 
     def commit(self, manifest: Manifest, rejects_text: str) -> None:
-        """Write the dataset into the staging folder, then upload it, manifest last."""
+        """Write the dataset into the staging folder, then upload it beside the old one and
+        switch the manifest last."""
         self.local.commit(manifest, rejects_text)
         self._staged = True
-        new = [REJECTS_NAME] + [n for s in manifest.shards for n in (s.name, idx_path(s.name).name)]
-        stale = set(self.interrupted) - {UPLOAD_MARK, MANIFEST_NAME}
-        if self.old is not None:
-            stale |= _dataset_names(self.old)
-        stale -= set(new)
-        mark = json.dumps({"new": new, "stale": sorted(stale)})
+        old = dataset_names(self.old) - {REJECTS_NAME} if self.old is not None else set()
+        remote = beside(manifest, old)
+        files = [  # (staged name, name under the prefix)
+            (n, r)
+            for s, t in zip(manifest.shards, remote.shards, strict=True)
+            for n, r in ((s.name, t.name), (idx_path(s.name).name, idx_path(t.name).name))
+        ] + [(REJECTS_NAME, REJECTS_NAME)]
+        new = [r for _, r in files]
+        stale = (set(self.interrupted) | old) - {UPLOAD_MARK, MANIFEST_NAME} - set(new)
+        try:
+            (self.staging / UPLOAD_MANIFEST).write_text(remote.to_json())
+        except OSError as exc:
+            raise DatasetError(
+                f"could not write {self.staging / UPLOAD_MANIFEST} ({exc.strerror or exc}): "
+                f"nothing under {self.path} was changed; free space there and rerun the same "
+                "command"
+            ) from None
         done = 0
         try:
-            storage.put_text(self.path / UPLOAD_MARK, mark)
-            storage.delete(self.path / MANIFEST_NAME)
-            for name in new:
-                storage.upload(self.staging / name, self.path / name)
+            storage.put_text(
+                self.path / UPLOAD_MARK, json.dumps({"new": new, "stale": sorted(stale)})
+            )
+            for staged, name in files:
+                storage.upload(self.staging / staged, self.path / name)
                 done += 1
-            for name in sorted(stale):
-                storage.delete(self.path / name)
-            storage.upload(self.staging / MANIFEST_NAME, self.path / MANIFEST_NAME)
+            storage.upload(self.staging / UPLOAD_MANIFEST, self.path / MANIFEST_NAME)
         except DatasetError as exc:
+            kept = (
+                "it still holds its previous dataset, whole (its manifest.json lists only the "
+                "previous shards)"
+                if self.old is not None
+                else "it holds no complete dataset yet (no manifest.json)"
+            )
             raise DatasetError(
                 f"uploading the dataset to {self.path} failed after {done} of {len(new) + 1} "
-                f"files ({exc}): it holds no complete dataset now (no manifest.json); rerun "
-                "the same command to finish"
+                f"files ({exc}): {kept}; rerun the same command to finish"
             ) from None
         self.uploaded = [*new, MANIFEST_NAME]
         try:
+            for name in sorted(stale):
+                storage.delete(self.path / name)
             storage.delete(self.path / UPLOAD_MARK)
-        except DatasetError:
-            pass  # the dataset is complete; the next run recognises the marker as ours
+        except DatasetError as exc:
+            self.warnings.append(
+                f"the new dataset in {self.path} is complete, but deleting the previous one's "
+                f"objects failed ({exc}); they are listed in {UPLOAD_MARK} there, and the next "
+                f"make_shards --overwrite into {self.path} deletes them"
+            )

@@ -697,3 +697,105 @@ def test_a_segment_must_be_at_least_a_frame_longer_than_the_window(tmp_path, cap
         run("--synthetic", "2", "--out", tmp_path / "o", "--segment-seconds", "10.01")
     assert "--segment-seconds must be at least a frame longer" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+FLOAT_FLAGS = {  # every float flag of make_shards: values out of range, the range it names
+    "--val-fraction": (["nan", "inf", "1", "-0.1"], "in [0, 1)"),
+    "--window-seconds": (
+        ["nan", "inf", "0.01", "0", "1e9"],
+        "> 0, at least 3 frames (0.1 s at 30 fps) and at most 3600 s (an hour)",
+    ),
+    "--stride-seconds": (
+        ["nan", "-inf", "0.001", "1e9"],
+        "> 0, at least a frame (0.03333 s) and at most 3600 s (an hour)",
+    ),
+    "--segment-seconds": (
+        ["nan", "inf", "1e9", "10.01"],
+        "at least a frame longer than --window-seconds and at most 3600 s (an hour)",
+    ),
+    "--tolerance-seconds": (["nan", "inf", "-1", "1e9"], ">= 0 and at most 3600"),
+    "--tolerance-ratio": (["nan", "inf", "1", "-0.5"], "in [0, 1)"),
+    "--max-gap-seconds": (["nan", "inf", "0", "1e9"], "> 0 and at most 3600"),
+    "--csv-fps": (["nan", "inf", "0", "1e308"], "> 0 and at most 1000"),
+    "--npy-fps": (["nan", "inf", "-1", "1e9"], "> 0 and at most 1000"),
+    "--csv-scale": (["nan", "inf", "0", "1e300"], "> 0 and at most 1000"),
+    "--npy-scale": (["nan", "-inf", "-1", "1e300"], "> 0 and at most 1000"),
+}
+
+
+def test_every_float_flag_is_refused_out_of_range_before_any_work(tmp_path, capsys, monkeypatch):
+    """NaN, inf, absurd sizes and windows too short to cut end the run at parsing with one line
+    naming the flag, the value and the range (no ValueError, OverflowError or huge allocation),
+    and nothing is written."""
+    assert float_options(monkeypatch) == set(FLOAT_FLAGS)  # no float flag left untested
+    out = tmp_path / "o"
+    for flag, (values, must) in FLOAT_FLAGS.items():
+        for value in values:
+            with pytest.raises(SystemExit) as exc:
+                run("--synthetic", "2", "--out", out, f"{flag}={value}")
+            assert exc.value.code == 2
+            line = capsys.readouterr().err.strip().splitlines()[-1]
+            assert line.startswith(f"make_shards: error: {flag} must be "), line
+            assert must in line and line.endswith(f"(got {float(value)})"), line
+    assert not out.exists()
+
+
+def float_options(monkeypatch) -> set[str]:
+    """The options make_shards' parser reads as floats (seen as the parser is built)."""
+    import argparse
+
+    seen: set[str] = set()
+    real = argparse.ArgumentParser.add_argument
+
+    def noting(self, *names, **kw):
+        if kw.get("type") is float:
+            seen.add(names[0])
+        return real(self, *names, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(argparse.ArgumentParser, "add_argument", noting)
+        make_shards.parse_args(["--verify", "x"])
+    return seen
+
+
+def test_the_summary_counts_short_takes_and_gaps_under_their_own_reasons(tmp_path, capsys):
+    """Takes shorter than a segment are counted as such, not as windows at gaps."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    pcm16_take(src, "long", 40.0, seed=1)
+    pcm16_take(src, "short", 15.0, seed=2)  # a window, but no 25 s segment
+    pcm16_take(src, "gappy", 40.0, seed=3)
+    values, pos = random_anim(40.0, 3), np.arange(2400)
+    keep = (pos < 900) | (pos >= 1080)  # no capture rows from 15 to 18 s
+    write_live_link_csv(src / "gappy.csv", values[keep], pos[keep])
+    args = ["--input", src, "--out", out, "--segment-seconds", "25", "--val-fraction", "0"]
+    assert make_shards.main([*map(str, args), "--workers", "2"]) == 0
+    summary = capsys.readouterr().out.splitlines()[0]
+    lines = (out / "rejects.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and manifest(out)["splits"] == {"train": 2, "val": 0}
+    assert (
+        "; 3 rejected (2 of them windows or segments at capture gaps; 1 of them takes shorter "
+        f"than a segment; see {out / 'rejects.jsonl'})" in summary
+    ), summary
+
+
+def test_a_val_split_far_from_val_fraction_is_warned_with_the_fractions(tmp_path, capsys):
+    """The split is by whole take: with one long take, --val-fraction 0.1 gives val 1 of 2
+    takes and most (or few) of the windows; the run says so on stderr, with the fix."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    pcm16_take(src, "long", 50.0, seed=1)
+    pcm16_take(src, "short", 10.5, seed=2)
+    assert run("--input", src, "--out", out, "--val-fraction", "0.1") == 0
+    splits = manifest(out)["splits"]
+    val, total = splits["val"], splits["train"] + splits["val"]
+    assert total == 6 and val in (1, 5)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"warning: --val-fraction 0.1 put 1 of 2 takes (50%) and {val} of 6 windows "
+        f"({val / 6:.0%}) in val: the split is by whole take, so few or unequal takes miss the "
+        "share; more or shorter takes (cut long recordings), another --seed or another "
+        "--val-fraction come closer"
+    ]
+    # equal takes split as asked: no warning
+    build_synthetic(tmp_path / "even", 10, "--val-fraction", "0.1")
+    assert manifest(tmp_path / "even")["splits"] == {"train": 9, "val": 1}
+    assert capsys.readouterr().err == ""

@@ -475,3 +475,34 @@ def test_a_file_that_could_not_be_read_is_tried_again_on_the_rerun(tmp_path, mon
     monkeypatch.undo()
     assert run("--input", src, "--out", out, "--strict", "--val-fraction", "0") == 0
     assert manifest(out)["splits"]["train"] == 2
+
+
+# ---------------------------------------------------------------- 7. names of the user's
+
+
+def test_overwrite_refuses_a_users_file_named_like_a_new_shard(tmp_path, capsys):
+    """Beside our one-shard dataset, the user's ``train-000001.tar`` and ``val-000000.idx`` are
+    not ours: an --overwrite that could write those names refuses before any work, naming them
+    and the way out; moved away, the same command runs and leaves the user's other file."""
+    out = tmp_path / "out"
+    args = ("--synthetic", "8", "--samples-per-shard", "4", "--val-fraction", "0", "--out", out)
+    assert run("--synthetic", "4", *args[2:]) == 0
+    assert [s["name"] for s in manifest(out)["shards"]] == ["train-000000.tar"]
+    for name in ("train-000001.tar", "val-000000.idx", "notes.txt"):
+        (out / name).write_bytes(b"the user's " + name.encode())
+    before = tree(out)
+    capsys.readouterr()
+    assert run(*args, "--overwrite") == 1
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: --out {out} holds files named like our shards that its dataset's manifest "
+        "does not list (train-000001.tar, val-000000.idx): the new dataset could need those "
+        "names and would replace them. Move or rename them"
+    ), err
+    assert tree(out) == before  # no lock left, no in-progress folder: nothing was done
+    for name in ("train-000001.tar", "val-000000.idx"):
+        (out / name).rename(tmp_path / name)
+    assert run(*args, "--overwrite") == 0
+    assert_only_the_dataset(out, "notes.txt")
+    assert [s["name"] for s in manifest(out)["shards"]] == ["train-000000.tar", "train-000001.tar"]
+    assert (out / "notes.txt").read_bytes() == b"the user's notes.txt"

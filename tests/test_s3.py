@@ -308,6 +308,150 @@ def test_out_refuses_foreign_objects_and_replaces_our_dataset_only_with_overwrit
     assert make_shards.main(["--verify", url]) == 0
 
 
+def dataset_keys(m) -> set[str]:
+    return {"manifest.json", "rejects.jsonl"} | {
+        n for s in m.shards for n in (s.name, s.name.replace(".tar", ".idx"))
+    }
+
+
+def assert_whole(url: str, m, capsys) -> None:
+    """``url`` holds the dataset ``m``: its manifest, verified in full, read by a loader."""
+    assert load_manifest(url).identity == m.identity
+    capsys.readouterr()
+    assert make_shards.main(["--verify", url]) == 0, capsys.readouterr().out
+    assert capsys.readouterr().out.strip() == f"{url}: OK"
+    loader = build_loader("torch", url, batch_size=2, device="cpu", num_workers=0)
+    assert sum(len(b["wav"]) for b in loader) == m.num_samples("train")
+
+
+@pytest.mark.slow
+def test_a_failed_or_killed_overwrite_keeps_the_old_dataset_and_the_rerun_finishes(
+    monkeypatch, capsys
+):
+    """The new dataset goes up beside the old one under names the old manifest does not list,
+    manifest last: an upload that fails, or a process killed in the middle of it, leaves the old
+    dataset whole, and the rerun the error recommends succeeds beside a user's README."""
+    prefix = "regen"
+    url, real = f"s3://{BUCKET}/{prefix}", storage.upload
+    args = ["--samples-per-shard", "2", "--val-fraction", "0", "--workers", "2", "--quiet"]
+    assert make_shards.main(["--synthetic", "6", "--out", url, *args]) == 0
+    old = load_manifest(url)
+    assert [s.name for s in old.shards] == [f"train-00000{k}.tar" for k in range(3)]
+    s3().put_object(Bucket=BUCKET, Key=f"{prefix}/README.md", Body=b"the user's")
+    new = ["--synthetic", "4", "--seed", "1", "--out", url, *args, "--overwrite"]
+
+    sent: list[str] = []
+
+    def failing(src, dst):
+        if len(sent) == 3:
+            raise storage.StorageError(f"{dst}: connection reset (injected)")
+        real(src, dst)
+        sent.append(dst.name)
+
+    monkeypatch.setattr(storage, "upload", failing)
+    assert make_shards.main(new) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: uploading the dataset to {url} failed after 3 of 6 files (")
+    assert err.strip().endswith(
+        "it still holds its previous dataset, whole (its manifest.json lists only the previous "
+        "shards); rerun the same command to finish"
+    ), err
+    monkeypatch.setattr(storage, "upload", real)
+    assert sent == ["train-b-000000.tar", "train-b-000000.idx", "train-b-000001.tar"]
+    assert UPLOAD_MARK in keys(prefix)
+    assert_whole(url, old, capsys)
+
+    # killed in the middle of the upload (SIGKILL: no handler runs)
+    kill = (
+        "import os, signal, sys\n"
+        "from pipeline import make_shards, storage\n"
+        "real, sent = storage.upload, []\n"
+        "def upload(src, dst):\n"
+        "    if len(sent) == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    real(src, dst)\n"
+        "    sent.append(dst)\n"
+        "storage.upload = upload\n"
+        "sys.exit(make_shards.main(sys.argv[1:]))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", kill, *new], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == -9, res.stderr
+    assert_whole(url, old, capsys)
+
+    # the rerun the error recommends: the new dataset, the old one's objects gone, README kept
+    assert make_shards.main(new) == 0
+    m = load_manifest(url)
+    assert [s.name for s in m.shards] == ["train-b-000000.tar", "train-b-000001.tar"]
+    assert set(keys(prefix)) == dataset_keys(m) | {"README.md"}
+    assert_whole(url, m, capsys)
+    # the next replacement goes up under the first names again
+    assert make_shards.main(["--synthetic", "2", *new[2:]]) == 0
+    m = load_manifest(url)
+    assert [s.name for s in m.shards] == ["train-000000.tar"]
+    assert set(keys(prefix)) == dataset_keys(m) | {"README.md"}
+    assert s3().get_object(Bucket=BUCKET, Key=f"{prefix}/README.md")["Body"].read() == (
+        b"the user's"
+    )
+
+
+def test_old_objects_left_after_the_switch_are_warned_and_deleted_by_the_next_run(
+    monkeypatch, capsys
+):
+    """Deleting the old dataset's objects fails after the new manifest is in: the new dataset
+    is complete (exit 0), a warning says what is left, and the next --overwrite deletes it."""
+    prefix = "leftover"
+    url, real = f"s3://{BUCKET}/{prefix}", storage.delete
+    args = ["--samples-per-shard", "4", "--val-fraction", "0", "--workers", "2", "--quiet"]
+    assert make_shards.main(["--synthetic", "4", "--out", url, *args]) == 0
+    old = dataset_keys(load_manifest(url)) - {"manifest.json", "rejects.jsonl"}
+
+    def failing(dst):
+        if dst.name in old:
+            raise storage.StorageError(f"{dst}: connection reset (injected)")
+        real(dst)
+
+    monkeypatch.setattr(storage, "delete", failing)
+    capsys.readouterr()
+    assert make_shards.main(["--synthetic", "2", "--out", url, *args, "--overwrite"]) == 0
+    monkeypatch.setattr(storage, "delete", real)
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"warning: the new dataset in {url} is complete, but deleting the previous one's "
+        f"objects failed ({url}/train-000000.idx: connection reset (injected)); they are "
+        f"listed in {UPLOAD_MARK} there, and the next make_shards --overwrite into {url} "
+        "deletes them"
+    ), err
+    m = load_manifest(url)
+    assert set(keys(prefix)) == dataset_keys(m) | old | {UPLOAD_MARK}
+    assert_whole(url, m, capsys)
+    assert make_shards.main(["--synthetic", "2", "--out", url, *args, "--overwrite"]) == 0
+    assert set(keys(prefix)) == dataset_keys(load_manifest(url))
+
+
+def test_overwrite_refuses_a_users_object_named_like_a_shard(capsys):
+    prefix = "named"
+    url = f"s3://{BUCKET}/{prefix}"
+    args = ["--samples-per-shard", "4", "--val-fraction", "0", "--workers", "2", "--quiet"]
+    assert make_shards.main(["--synthetic", "4", "--out", url, *args]) == 0
+    for name in ("train-000001.tar", "train-b-000000.idx"):
+        s3().put_object(Bucket=BUCKET, Key=f"{prefix}/{name}", Body=b"the user's")
+    before = keys(prefix)
+    capsys.readouterr()
+    assert make_shards.main(["--synthetic", "8", "--out", url, *args, "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: --out {url} holds objects named like our shards that its dataset's manifest "
+        "does not list (train-000001.tar, train-b-000000.idx): the new dataset could need "
+        "those names and would replace them. Move or rename them"
+    ), err
+    assert keys(prefix) == before
+    for name in ("train-000001.tar", "train-b-000000.idx"):
+        body = s3().get_object(Bucket=BUCKET, Key=f"{prefix}/{name}")["Body"].read()
+        assert body == b"the user's"
+
+
 def test_out_reports_where_it_uploaded(capsys):
     url = f"s3://{BUCKET}/report"
     assert make_shards.main(["--synthetic", "4", "--out", url, "--workers", "2"]) == 0
