@@ -111,6 +111,7 @@ def client():
         try:
             import boto3
             from botocore.config import Config
+            from botocore.exceptions import BotoCoreError
         except ImportError:
             raise DatasetError(
                 "s3:// datasets need boto3: pip install 'arkit-dali[s3]' (or pip install boto3)"
@@ -121,8 +122,43 @@ def client():
             retries={"max_attempts": ATTEMPTS, "mode": "standard"},
             max_pool_connections=THREADS,
         )
-        _client = (_owner(), boto3.session.Session().client("s3", config=config))
+        try:
+            made = boto3.session.Session().client("s3", config=config)
+        except (BotoCoreError, ValueError) as exc:
+            raise _setup_error(exc) from None
+        _client = (_owner(), made)
     return _client[1]
+
+
+def _shown(value: str) -> str:
+    """A setting's value fit to print: any user info (``user:secret@``) and credential blanked."""
+    return _clean(re.sub(r"(?<=://)[^/]*@", "***@", value))
+
+
+def _setup_error(exc: Exception) -> StorageError:
+    """The ``StorageError`` for an S3 client that cannot be made from the AWS settings."""
+    from botocore.exceptions import ProfileNotFound
+
+    if isinstance(exc, ProfileNotFound):
+        profile = os.environ.get("AWS_PROFILE") or str(exc.kwargs.get("profile", ""))
+        config = os.environ.get("AWS_CONFIG_FILE") or "~/.aws/config"
+        creds = os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials"
+        return StorageError(
+            f"AWS_PROFILE={_shown(profile)}: no such profile in {config} or {creds}: "
+            "add it there, name an existing one, or unset AWS_PROFILE to use "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+        )
+    url = os.environ.get("AWS_ENDPOINT_URL", "")
+    if isinstance(exc, ValueError) and url and "endpoint" in str(exc).lower():
+        example = f"http://{url}" if "://" not in url else "http://127.0.0.1:9000"
+        return StorageError(
+            f"AWS_ENDPOINT_URL={_shown(url)} is not an endpoint URL: give it as "
+            f"scheme://host[:port], e.g. {_shown(example)}"
+        )
+    return StorageError(
+        f"cannot set up an S3 client from the AWS settings ({_clean(str(exc))[:200]}): check "
+        "AWS_PROFILE, AWS_REGION and AWS_ENDPOINT_URL"
+    )
 
 
 def endpoint() -> str:

@@ -357,3 +357,36 @@ def test_access_denied_names_the_url_never_the_key(tiny_dataset):
     assert res.stderr.startswith(f"error: s3://{BUCKET}/tiny/manifest.json (endpoint {endpoint})")
     assert "access denied (InvalidAccessKeyId)" in res.stderr
     no_secret(res.stdout, res.stderr)
+
+
+@pytest.mark.parametrize("case", ["endpoint without scheme", "unknown profile"])
+@pytest.mark.parametrize("command", ["verify", "out", "train"])
+def test_bad_aws_settings_are_one_error_line_naming_the_variable(
+    monkeypatch, capsys, tmp_path, s3_env, case, command
+):
+    from train.cli import main as train_main
+
+    url = f"s3://{BUCKET}/tiny"
+    if case == "endpoint without scheme":
+        value = s3_env.removeprefix("http://")  # 127.0.0.1:<port>
+        monkeypatch.setenv("AWS_ENDPOINT_URL", value)
+        want = f"AWS_ENDPOINT_URL={value} is not an endpoint URL: give it as scheme://host[:port]"
+        fix = f"e.g. http://{value}"
+    else:
+        (tmp_path / "config").write_text("[profile other]\nregion = us-east-1\n")
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+        monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+        want = f"AWS_PROFILE=no-such-profile: no such profile in {tmp_path / 'config'}"
+        fix = "unset AWS_PROFILE"
+    if command == "verify":
+        rc = make_shards.main(["--verify", url])
+    elif command == "out":
+        rc = make_shards.main(["--synthetic", "4", "--out", f"{url}-out", "--quiet"])
+    else:
+        run_dir = tmp_path / "run"
+        rc = train_main(["--set", f"data.dir={url}", "--set", f"run.dir={run_dir}"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {want}") and fix in err
+    no_secret(out, err)
