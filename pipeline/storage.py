@@ -215,7 +215,10 @@ def _error(url: S3Url, exc: Exception, on_object: bool) -> StorageError:
             "AWS_SECRET_ACCESS_KEY"
         )
     if isinstance(exc, ReadTimeoutError):
-        return StorageError(f"{where}: the endpoint stopped answering (read timed out)")
+        return StorageError(
+            f"{where}: the endpoint stopped answering (no reply within {READ_TIMEOUT_S} s, "
+            f"{ATTEMPTS} tries): check that the S3 server is up and reachable"
+        )
     if isinstance(exc, (Unreachable, HTTPClientError)):
         return StorageError(
             f"{where}: cannot reach the endpoint after {ATTEMPTS} tries "

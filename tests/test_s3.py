@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -51,14 +52,21 @@ def aws_env(endpoint: str) -> dict[str, str]:
 @contextlib.contextmanager
 def moto_server(**env):
     """A moto_server on a free port of 127.0.0.1, answering; killed on exit."""
+    with moto_process(**env) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def moto_process(host: str = "127.0.0.1", name: str | None = None, **env):
+    """``moto_server`` on ``host``, reached as ``name`` (default: ``host``): (URL, process)."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{name or host}:{port}"
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -71,7 +79,7 @@ def moto_server(**env):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"moto_server did not start on {url}") from None
                 time.sleep(0.1)
-        yield url
+        yield url, proc
     finally:
         proc.kill()
         proc.wait()
@@ -124,6 +132,16 @@ def copy_prefix(src: str, dst: str) -> str:
             CopySource={"Bucket": BUCKET, "Key": f"{src}/{name}"},
         )
     return f"s3://{BUCKET}/{dst}"
+
+
+def copy_to_server(endpoint: str, prefix: str = "tiny") -> str:
+    """The objects under ``prefix`` copied into the bucket of another server."""
+    dst = boto3.session.Session().client("s3", endpoint_url=endpoint)
+    dst.create_bucket(Bucket=BUCKET)
+    for name in keys(prefix):
+        body = s3().get_object(Bucket=BUCKET, Key=f"{prefix}/{name}")["Body"].read()
+        dst.put_object(Bucket=BUCKET, Key=f"{prefix}/{name}", Body=body)
+    return f"s3://{BUCKET}/{prefix}"
 
 
 def no_secret(*texts: str) -> None:
@@ -390,3 +408,61 @@ def test_bad_aws_settings_are_one_error_line_naming_the_variable(
     assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(f"error: {want}") and fix in err
     no_secret(out, err)
+
+
+def read_until_error(loader, at_first_batch) -> tuple[int, DatasetError]:
+    """Iterate ``loader``, calling ``at_first_batch`` after its first batch, until it raises:
+    (batches read, the error)."""
+    got = 0
+    with pytest.raises(DatasetError) as info:
+        for _ in loader:
+            if got == 0:
+                at_first_batch()
+            got += 1
+    return got, info.value
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_object_vanishing_mid_epoch_is_one_error_line(s3_dataset, s3_env, workers):
+    prefix = f"vanish-{workers}"
+    url = copy_prefix("tiny", prefix)
+    kw = dict(batch_size=4, device="cpu", shuffle=False, num_workers=workers)
+    loader = build_loader("torch", url, **kw)
+    gone = f"{url}/train-000002.tar"  # the last 4 samples: read well after the first batch
+    keys_gone = {r.key for r in loader.dataset.items if r.tar == gone}
+
+    def delete():
+        s3().delete_object(Bucket=BUCKET, Key=f"{prefix}/train-000002.tar")
+
+    got, exc = read_until_error(loader, delete)
+    text = str(exc)
+    assert 1 <= got < len(loader) and "\n" not in text and "Traceback" not in text
+    head = f"{gone} (endpoint {s3_env}): sample "
+    assert text.startswith(head) and text[len(head) :].partition(":")[0] in keys_gone
+    assert "vanished while the run was reading it (no such object)" in text
+    assert f"make_shards.py --verify {url}`, and resume from the last checkpoint" in text
+    no_secret(text)
+
+
+@pytest.mark.slow  # a server of its own (3 s), a timeout, torch's workers stopping
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_endpoint_going_silent_mid_epoch_is_one_error_line(s3_dataset, monkeypatch, workers):
+    with moto_process() as (endpoint, proc):
+        url = copy_to_server(endpoint)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        # a second without a byte is silence here (4 s by default), and 2 tries (3)
+        monkeypatch.setattr(storage, "READ_TIMEOUT_S", 1)
+        monkeypatch.setattr(storage, "ATTEMPTS", 2)
+        kw = dict(batch_size=4, device="cpu", shuffle=False, num_workers=workers)
+        loader = build_loader("torch", url, **kw)
+        try:
+            got, exc = read_until_error(loader, lambda: proc.send_signal(signal.SIGSTOP))
+        finally:
+            proc.send_signal(signal.SIGCONT)
+    text = str(exc)
+    assert 1 <= got < len(loader) and "\n" not in text and "Traceback" not in text
+    assert text.startswith(f"{url}/train-00000") and f".tar (endpoint {endpoint}): " in text
+    assert "the endpoint stopped answering (no reply within 1 s, 2 tries)" in text
+    assert text.endswith("; resume from the last checkpoint once it answers")
+    assert "(reading sample " in text
+    no_secret(text)
