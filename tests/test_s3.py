@@ -466,3 +466,43 @@ def test_an_endpoint_going_silent_mid_epoch_is_one_error_line(s3_dataset, monkey
     assert text.endswith("; resume from the last checkpoint once it answers")
     assert "(reading sample " in text
     no_secret(text)
+
+
+def host_name_only_boto3_resolves() -> tuple[str, str]:
+    """(name, address): this machine's host name, which resolves to one of its addresses, while
+    ``<bucket>.<name>`` (how DALI's S3 client addresses a bucket at a named endpoint) does not."""
+    name = socket.gethostname()
+    try:
+        address = socket.gethostbyname(name)
+    except OSError:
+        pytest.skip(f"this machine's host name {name} does not resolve")
+    try:
+        socket.gethostbyname(f"{BUCKET}.{name}")
+        pytest.skip(f"{BUCKET}.{name} resolves here")
+    except OSError:
+        pass
+    return name, address
+
+
+@pytest.mark.slow  # a server of its own, a training run in a subprocess
+def test_dali_failing_to_reach_s3_names_the_cause_and_not_verify(s3_dataset, tmp_path):
+    name, address = host_name_only_boto3_resolves()
+    with moto_process(host=address, name=name) as (endpoint, _):
+        url = copy_to_server(endpoint)
+        env = {**os.environ, **aws_env(endpoint)}
+        verify = [sys.executable, "pipeline/make_shards.py", "--verify", url]
+        res = subprocess.run(verify, env=env, cwd=ROOT, capture_output=True, text=True)
+        assert res.returncode == 0 and res.stdout.strip() == f"{url}: OK"  # boto3 reaches it
+        cmd = [sys.executable, "-m", "train", "--loader", "dali", "--debug"]
+        for s in (*SMALL_RUN, f"data.dir={url}", f"run.dir={tmp_path}"):
+            cmd += ["--set", s]
+        res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = [line for line in res.stderr.splitlines() if "error" in line.lower()]
+    assert res.returncode == 1 and "Traceback" not in res.stderr and len(lines) == 1
+    line = lines[0]
+    assert line.startswith(f"error: {url}: DALI could not build the train pipeline: ")
+    assert f"Could not resolve host: {BUCKET}.{name}" in line and "C++" not in line
+    assert f"addresses the bucket as the host {BUCKET}.{name}" in line
+    assert "give AWS_ENDPOINT_URL as an IP address, or use the torch loader" in line
+    assert "--verify" not in line
+    no_secret(res.stdout, res.stderr)
