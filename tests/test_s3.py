@@ -7,14 +7,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import torch
@@ -142,6 +146,86 @@ def copy_to_server(endpoint: str, prefix: str = "tiny") -> str:
         body = s3().get_object(Bucket=BUCKET, Key=f"{prefix}/{name}")["Body"].read()
         dst.put_object(Bucket=BUCKET, Key=f"{prefix}/{name}", Body=body)
     return f"s3://{BUCKET}/{prefix}"
+
+
+class SlowLink:
+    """A TCP proxy on 127.0.0.1 in front of ``endpoint``, with the uplink of a slow line: what
+    clients send reaches the server at ``rate`` bytes/s (all connections together), queued
+    without bound meanwhile, as a congested link buffers it; answers come back at full speed.
+    A connection its client closes is dropped with what it still had queued."""
+
+    def __init__(self, endpoint: str, rate: int) -> None:
+        target = urlsplit(endpoint)
+        self.target, self.rate = (target.hostname, target.port), rate
+        self.free_at = time.monotonic()  # when the line is free for the next chunk
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            self.sockets += [client, server]
+            queue: deque[bytes] = deque()
+            more = threading.Condition()
+            for run in (self._queue_up, self._send_up, self._send_down):
+                threading.Thread(
+                    target=run, args=(client, server, queue, more), daemon=True
+                ).start()
+
+    def _queue_up(self, client, server, queue, more) -> None:
+        while True:
+            try:
+                data = client.recv(1 << 16)
+            except OSError:
+                data = b""
+            with more:
+                queue.append(data)  # b"": the client is gone
+                more.notify()
+            if not data:
+                return
+
+    def _send_up(self, client, server, queue, more) -> None:
+        while True:
+            with more:
+                more.wait_for(lambda: queue)
+                data = queue.popleft()
+            if not data:
+                break
+            for i in range(0, len(data), 1 << 14):
+                chunk = data[i : i + (1 << 14)]
+                with self.lock:
+                    self.free_at = max(self.free_at, time.monotonic()) + len(chunk) / self.rate
+                    wait = self.free_at - time.monotonic()
+                time.sleep(max(0.0, wait))
+                if queue and not queue[-1]:  # the client left: drop the rest
+                    break
+                try:
+                    server.sendall(chunk)
+                except OSError:
+                    break
+        server.close()
+
+    def _send_down(self, client, server, queue, more) -> None:
+        while True:
+            try:
+                data = server.recv(1 << 16)
+                client.sendall(data)
+            except OSError:
+                data = b""
+            if not data:
+                client.close()
+                return
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
 
 
 def no_secret(*texts: str) -> None:
@@ -506,3 +590,49 @@ def test_dali_failing_to_reach_s3_names_the_cause_and_not_verify(s3_dataset, tmp
     assert "give AWS_ENDPOINT_URL as an IP address, or use the torch loader" in line
     assert "--verify" not in line
     no_secret(res.stdout, res.stderr)
+
+
+@contextlib.contextmanager
+def slow_link(monkeypatch, s3_env: str, rate: int):
+    """The S3 endpoint behind a ``SlowLink`` of ``rate`` bytes/s, for this process's clients.
+    Reads call an endpoint silent after 1 s here (4 s by default): a test's slow link need
+    carry only a few seconds' worth to be slower than that."""
+    link = SlowLink(s3_env, rate)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", link.url)
+    monkeypatch.setattr(storage, "READ_TIMEOUT_S", 1)
+    monkeypatch.setattr(storage, "ATTEMPTS", 2)
+    try:
+        yield link
+    finally:
+        link.close()
+
+
+def test_an_upload_over_a_link_slower_than_the_read_timeout_arrives(monkeypatch, s3_env, tmp_path):
+    src = tmp_path / "part.bin"
+    src.write_bytes(os.urandom(1 << 20))
+    url = storage.location(f"s3://{BUCKET}/slow/part.bin")
+    with slow_link(monkeypatch, s3_env, rate=400_000):  # 1 MB: 2.6 s after it is sent
+        storage.upload(src, url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env)
+    assert s3().get_object(Bucket=BUCKET, Key="slow/part.bin")["Body"].read() == src.read_bytes()
+
+
+def test_an_upload_too_slow_for_its_link_says_so_with_bytes_and_rate(monkeypatch, s3_env, capsys):
+    url = f"s3://{BUCKET}/too-slow"
+    args = ["--synthetic", "4", "--samples-per-shard", "4", "--workers", "2", "--quiet"]
+    with slow_link(monkeypatch, s3_env, rate=250_000):
+        monkeypatch.setattr(storage, "UPLOAD_READ_TIMEOUT_S", 1)  # 60 s by default
+        assert make_shards.main([*args, "--out", url]) == 1
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: uploading the dataset to {url} failed after 1 of ")
+    assert f"{url}/train-000000.tar (endpoint http://127.0.0.1:" in err
+    assert "the upload was too slow: " in err and "stopped answering" not in err
+    sent = re.search(
+        r"too slow: ([\d.]+) MB sent in (\d+) s \(([\d.]+) kB/s\) for a file of ([\d.]+) MB", err
+    )
+    assert sent is not None, err
+    size = float(sent[4]) * 1e6
+    assert float(sent[1]) * 1e6 >= size  # the part went out, each try, with no answer in time
+    assert "no answer came within 1 s of a part of up to 8 MB sent (2 tries)" in err
+    no_secret(out, err)
