@@ -629,7 +629,7 @@ def test_an_upload_too_slow_for_its_link_says_so_with_bytes_and_rate(monkeypatch
     assert f"{url}/train-000000.tar (endpoint http://127.0.0.1:" in err
     assert "the upload was too slow: " in err and "stopped answering" not in err
     sent = re.search(
-        r"too slow: ([\d.]+) MB sent in (\d+) s \(([\d.]+) kB/s\) for a file of ([\d.]+) MB", err
+        r"too slow: ([\d.]+) MB sent in (\d+) s \(([\d.]+) [kM]B/s\) for a file of ([\d.]+) MB", err
     )
     assert sent is not None, err
     size = float(sent[4]) * 1e6
