@@ -621,7 +621,9 @@ def test_an_upload_too_slow_for_its_link_says_so_with_bytes_and_rate(monkeypatch
     url = f"s3://{BUCKET}/too-slow"
     args = ["--synthetic", "4", "--samples-per-shard", "4", "--workers", "2", "--quiet"]
     with slow_link(monkeypatch, s3_env, rate=250_000):
-        monkeypatch.setattr(storage, "UPLOAD_READ_TIMEOUT_S", 1)  # 60 s by default
+        # 60 s by default (raising=False: where uploads have no timeout of their own, the
+        # read timeout of 1 s applies, and the error is to say the same)
+        monkeypatch.setattr(storage, "UPLOAD_READ_TIMEOUT_S", 1, raising=False)
         assert make_shards.main([*args, "--out", url]) == 1
     out, err = capsys.readouterr()
     assert err.count("\n") == 1 and "Traceback" not in err
