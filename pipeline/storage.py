@@ -11,7 +11,9 @@ headers. Credentials come from the standard AWS chain (environment, ``~/.aws``, 
 role); ``AWS_ENDPOINT_URL`` points at any S3-compatible server (boto3 >= 1.28 reads it), e.g.
 ``moto_server``, MinIO or Ceph. Errors become ``DatasetError``s naming the URL, the endpoint and
 the reason (never a key), in bounded time: short timeouts and ``ATTEMPTS`` tries per request,
-so an unreachable endpoint fails in seconds instead of hanging.
+so an unreachable endpoint fails in seconds instead of hanging. Uploads have a client of their
+own that waits longer for an answer (``UPLOAD_READ_TIMEOUT_S``), as a slow link carries what it
+buffered first; one that fails there says how many bytes went out and how fast.
 """
 
 from __future__ import annotations
