@@ -14,6 +14,7 @@ sample: nothing is replayed, so resuming at 90% of an epoch costs what resuming 
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -91,16 +92,24 @@ class DaliLoader(EpochLoader):
         """Our error for a DALI failure: the sample that explains it, found by decoding the
         split as the Python readers do (``decode``: not for a pipeline that failed to build,
         which read no data, nor for a dataset in S3, where that would download the whole
-        split before saying anything; ``--verify`` does it on request), or DALI's own first
-        line when the data looks right."""
+        split before saying anything; ``--verify`` does it on request), or DALI's own cause.
+        ``--verify`` is suggested only where the data may be the cause: not for a pipeline that
+        failed to build over shards unchanged since the start-up check, nor for DALI's S3
+        client failing to reach the store."""
         culprit = changed_shards(self._stamps)
         if culprit is None and decode and not is_s3(self.manifest.root):
             culprit = first_problem(self.manifest, self.split, Depth.DECODE)
         if culprit is not None:
             return self._error(str(culprit))
-        text = str(exc).strip()
-        first_line = text.splitlines()[0][:300] if text else type(exc).__name__
-        return self._error(f"{what} (DALI: {first_line})")
+        cause = dali_cause(str(exc)).rstrip(".") or type(exc).__name__
+        if is_s3(self.manifest.root) and _NETWORK.search(cause):
+            return DatasetError(f"{what}: {cause}. {_store_hint(cause, self.manifest.root)}")
+        if not decode:
+            return DatasetError(
+                f"{what}: {cause}. The shards are as the start-up check found them, so the "
+                "cause is not the data; the torch loader (--loader torch) reads the same shards"
+            )
+        return self._error(f"{what} (DALI: {cause})")
 
     @staticmethod
     def _source(batch: dict[str, torch.Tensor], i: int) -> str:
@@ -211,6 +220,56 @@ class DaliLoader(EpochLoader):
                 self._check_values(*pending[:3])
         finally:
             del it, pipe
+
+
+# DALI's S3 client (the AWS SDK over curl) failing to reach the endpoint
+_NETWORK = re.compile(r"curlCode|Could not resolve|Couldn't connect|Connection refused|timed out")
+
+
+def dali_cause(text: str) -> str:
+    """What DALI says went wrong, on one line: the lines after ``encountered:`` (or the whole
+    text), without its headers, the pipeline's Python traceback and the C++ context/stack."""
+    lines = text.strip().splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() == "encountered:":
+            lines = lines[i + 1 :]
+    keep = []
+    for line in lines:
+        line = line.strip().lstrip(":").strip()
+        if not line or line.startswith(_DALI_NOISE) or re.match(r"\[frame \d+\]", line):
+            continue
+        keep.append(line.rstrip(":"))
+    return ": ".join(keep)[:600]
+
+
+_DALI_NOISE = (
+    "Critical error when building pipeline",
+    "Error in CPU operator",
+    "Error in GPU operator",
+    "Error in MIXED operator",
+    "which was used in the pipeline definition",
+    'File "',
+    "C++ context:",
+    "Stacktrace (",
+    "Current pipeline object is no longer valid",
+)
+
+
+def _store_hint(cause: str, root: object) -> str:
+    """What to do when DALI's own S3 client cannot reach the store that boto3 reaches."""
+    bucket = str(root).removeprefix("s3://").partition("/")[0]
+    host = re.search(r"Could not resolve host: (\S+)", cause)
+    if host and host[1].startswith(f"{bucket}."):
+        return (
+            f"DALI's S3 client addresses the bucket as the host {host[1]} (virtual-hosted style, "
+            "for an AWS_ENDPOINT_URL given by name): make that name resolve, give "
+            "AWS_ENDPOINT_URL as an IP address, or use the torch loader (--loader torch)"
+        )
+    return (
+        "DALI's own S3 client (it reads AWS_ENDPOINT_URL once per process) could not reach the "
+        "endpoint: check AWS_ENDPOINT_URL and the network, or use the torch loader "
+        "(--loader torch)"
+    )
 
 
 def _shape(dims: tuple[int, ...]) -> str:

@@ -18,16 +18,31 @@ import os
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from model.features import LogMel, Mel
 from pipeline import storage
 from pipeline.augment import Augment, apply, draw, sample_rng
-from pipeline.errors import DatasetError, MemberError
+from pipeline.errors import ArkitError, DatasetError, MemberError
 from pipeline.loading import EpochLoader, Leg, TorchOptions
 from pipeline.manifest import Manifest, verify_hint
 from pipeline.members import decode_sample
 from pipeline.verify import SampleRef, changed_shards, sample_refs, shard_stamps
+
+
+class Failed:
+    """A sample that could not be read, in place of its batch: a worker hands its
+    ``ArkitError`` over as a value and the main process raises it as it is (raised in the
+    worker, torch would re-raise it with the worker's traceback inside its message)."""
+
+    def __init__(self, error: ArkitError) -> None:
+        self.error = error
+
+
+def collate(samples: list) -> dict | Failed:
+    """torch's default collate, or the first ``Failed`` among the samples."""
+    failed = next((s for s in samples if isinstance(s, Failed)), None)
+    return failed if failed is not None else default_collate(samples)
 
 
 class ShardSamples(Dataset):
@@ -76,11 +91,42 @@ class ShardSamples(Dataset):
         # S3: one ranged GET over both members, which lie side by side in the tar
         (w, w_size), (n, n_size) = ref.wav, ref.npy
         lo = min(w, n)
-        blob = storage.read_range(fd, lo, max(w + w_size, n + n_size) - lo)
+        try:
+            blob = storage.read_range(fd, lo, max(w + w_size, n + n_size) - lo)
+        except storage.StorageError as exc:
+            raise self._read_failed(ref, exc) from None
         return blob[w - lo : w - lo + w_size], blob[n - lo : n - lo + n_size]
 
-    def __getitem__(self, item: int | tuple[int, int]) -> dict:
-        i, epoch_seed = item if isinstance(item, tuple) else (item, 0)
+    def _read_failed(self, ref: SampleRef, exc: storage.StorageError) -> DatasetError:
+        """What a failed read of an S3 sample means: the object, the endpoint, what to do."""
+        if isinstance(exc, storage.NotFound):
+            return DatasetError(
+                f"{ref.tar} (endpoint {storage.endpoint()}): sample {ref.key}: vanished while "
+                "the run was reading it (no such object): put it back or make the dataset "
+                f"again, check it with `{verify_hint(self.manifest.root)}`, and resume from "
+                "the last checkpoint"
+            )
+        return DatasetError(
+            f"{exc} (reading sample {ref.key}); resume from the last checkpoint once it answers"
+        )
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict | Failed:
+        try:
+            return self._sample(*(item if isinstance(item, tuple) else (item, 0)))
+        except ArkitError as exc:
+            return Failed(exc)
+
+    def __getitems__(self, items: list) -> list:
+        """A batch's samples (torch's fetcher asks for them together), or its first failure:
+        the batch is lost then, so the rest of it is not read."""
+        out = []
+        for item in items:
+            out.append(self[item])
+            if isinstance(out[-1], Failed):
+                return [out[-1]]
+        return out
+
+    def _sample(self, i: int, epoch_seed: int) -> dict:
         wav, npy = self.read(i)
         try:
             audio, arkit = decode_sample(wav, npy, self.layout)
@@ -149,6 +195,7 @@ class TorchLoader(EpochLoader):
             num_workers=o.num_workers,
             pin_memory=o.pin_memory and self.device.type == "cuda",
             drop_last=True,
+            collate_fn=collate,
             prefetch_factor=o.prefetch_factor if o.num_workers > 0 else None,
         )
 
@@ -156,6 +203,8 @@ class TorchLoader(EpochLoader):
         self._sampler.order = leg.batches.ravel().tolist()
         self._sampler.seed = leg.epoch_seed
         for batch in self.loader:
+            if isinstance(batch, Failed):
+                raise batch.error
             yield {
                 k: v.to(self.device, non_blocking=True) if k in ("wav", "mel", "arkit") else v
                 for k, v in batch.items()

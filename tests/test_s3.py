@@ -7,13 +7,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import torch
@@ -51,14 +56,21 @@ def aws_env(endpoint: str) -> dict[str, str]:
 @contextlib.contextmanager
 def moto_server(**env):
     """A moto_server on a free port of 127.0.0.1, answering; killed on exit."""
+    with moto_process(**env) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def moto_process(host: str = "127.0.0.1", name: str | None = None, **env):
+    """``moto_server`` on ``host``, reached as ``name`` (default: ``host``): (URL, process)."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{name or host}:{port}"
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -71,7 +83,7 @@ def moto_server(**env):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"moto_server did not start on {url}") from None
                 time.sleep(0.1)
-        yield url
+        yield url, proc
     finally:
         proc.kill()
         proc.wait()
@@ -124,6 +136,96 @@ def copy_prefix(src: str, dst: str) -> str:
             CopySource={"Bucket": BUCKET, "Key": f"{src}/{name}"},
         )
     return f"s3://{BUCKET}/{dst}"
+
+
+def copy_to_server(endpoint: str, prefix: str = "tiny") -> str:
+    """The objects under ``prefix`` copied into the bucket of another server."""
+    dst = boto3.session.Session().client("s3", endpoint_url=endpoint)
+    dst.create_bucket(Bucket=BUCKET)
+    for name in keys(prefix):
+        body = s3().get_object(Bucket=BUCKET, Key=f"{prefix}/{name}")["Body"].read()
+        dst.put_object(Bucket=BUCKET, Key=f"{prefix}/{name}", Body=body)
+    return f"s3://{BUCKET}/{prefix}"
+
+
+class SlowLink:
+    """A TCP proxy on 127.0.0.1 in front of ``endpoint``, with the uplink of a slow line: what
+    clients send reaches the server at ``rate`` bytes/s (all connections together), queued
+    without bound meanwhile, as a congested link buffers it; answers come back at full speed.
+    A connection its client closes is dropped with what it still had queued."""
+
+    def __init__(self, endpoint: str, rate: int) -> None:
+        target = urlsplit(endpoint)
+        self.target, self.rate = (target.hostname, target.port), rate
+        self.free_at = time.monotonic()  # when the line is free for the next chunk
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            self.sockets += [client, server]
+            queue: deque[bytes] = deque()
+            more = threading.Condition()
+            for run in (self._queue_up, self._send_up, self._send_down):
+                threading.Thread(
+                    target=run, args=(client, server, queue, more), daemon=True
+                ).start()
+
+    def _queue_up(self, client, server, queue, more) -> None:
+        while True:
+            try:
+                data = client.recv(1 << 16)
+            except OSError:
+                data = b""
+            with more:
+                queue.append(data)  # b"": the client is gone
+                more.notify()
+            if not data:
+                return
+
+    def _send_up(self, client, server, queue, more) -> None:
+        while True:
+            with more:
+                more.wait_for(lambda: queue)
+                data = queue.popleft()
+            if not data:
+                break
+            for i in range(0, len(data), 1 << 14):
+                chunk = data[i : i + (1 << 14)]
+                with self.lock:
+                    self.free_at = max(self.free_at, time.monotonic()) + len(chunk) / self.rate
+                    wait = self.free_at - time.monotonic()
+                time.sleep(max(0.0, wait))
+                if queue and not queue[-1]:  # the client left: drop the rest
+                    break
+                try:
+                    server.sendall(chunk)
+                except OSError:
+                    break
+        server.close()
+
+    def _send_down(self, client, server, queue, more) -> None:
+        while True:
+            try:
+                data = server.recv(1 << 16)
+                client.sendall(data)
+            except OSError:
+                data = b""
+            if not data:
+                client.close()
+                return
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
 
 
 def no_secret(*texts: str) -> None:
@@ -501,3 +603,182 @@ def test_access_denied_names_the_url_never_the_key(tiny_dataset):
     assert res.stderr.startswith(f"error: s3://{BUCKET}/tiny/manifest.json (endpoint {endpoint})")
     assert "access denied (InvalidAccessKeyId)" in res.stderr
     no_secret(res.stdout, res.stderr)
+
+
+@pytest.mark.parametrize("case", ["endpoint without scheme", "unknown profile"])
+@pytest.mark.parametrize("command", ["verify", "out", "train"])
+def test_bad_aws_settings_are_one_error_line_naming_the_variable(
+    monkeypatch, capsys, tmp_path, s3_env, case, command
+):
+    from train.cli import main as train_main
+
+    url = f"s3://{BUCKET}/tiny"
+    if case == "endpoint without scheme":
+        value = s3_env.removeprefix("http://")  # 127.0.0.1:<port>
+        monkeypatch.setenv("AWS_ENDPOINT_URL", value)
+        want = f"AWS_ENDPOINT_URL={value} is not an endpoint URL: give it as scheme://host[:port]"
+        fix = f"e.g. http://{value}"
+    else:
+        (tmp_path / "config").write_text("[profile other]\nregion = us-east-1\n")
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+        monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+        want = f"AWS_PROFILE=no-such-profile: no such profile in {tmp_path / 'config'}"
+        fix = "unset AWS_PROFILE"
+    if command == "verify":
+        rc = make_shards.main(["--verify", url])
+    elif command == "out":
+        rc = make_shards.main(["--synthetic", "4", "--out", f"{url}-out", "--quiet"])
+    else:
+        run_dir = tmp_path / "run"
+        rc = train_main(["--set", f"data.dir={url}", "--set", f"run.dir={run_dir}"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {want}") and fix in err
+    no_secret(out, err)
+
+
+def read_until_error(loader, at_first_batch) -> tuple[int, DatasetError]:
+    """Iterate ``loader``, calling ``at_first_batch`` after its first batch, until it raises:
+    (batches read, the error)."""
+    got = 0
+    with pytest.raises(DatasetError) as info:
+        for _ in loader:
+            if got == 0:
+                at_first_batch()
+            got += 1
+    return got, info.value
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_object_vanishing_mid_epoch_is_one_error_line(s3_dataset, s3_env, workers):
+    prefix = f"vanish-{workers}"
+    url = copy_prefix("tiny", prefix)
+    kw = dict(batch_size=4, device="cpu", shuffle=False, num_workers=workers)
+    loader = build_loader("torch", url, **kw)
+    gone = f"{url}/train-000002.tar"  # the last 4 samples: read well after the first batch
+    keys_gone = {r.key for r in loader.dataset.items if r.tar == gone}
+
+    def delete():
+        s3().delete_object(Bucket=BUCKET, Key=f"{prefix}/train-000002.tar")
+
+    got, exc = read_until_error(loader, delete)
+    text = str(exc)
+    assert 1 <= got < len(loader) and "\n" not in text and "Traceback" not in text
+    head = f"{gone} (endpoint {s3_env}): sample "
+    assert text.startswith(head) and text[len(head) :].partition(":")[0] in keys_gone
+    assert "vanished while the run was reading it (no such object)" in text
+    assert f"make_shards.py --verify {url}`, and resume from the last checkpoint" in text
+    no_secret(text)
+
+
+@pytest.mark.slow  # a server of its own (3 s), a timeout, torch's workers stopping
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_endpoint_going_silent_mid_epoch_is_one_error_line(s3_dataset, monkeypatch, workers):
+    with moto_process() as (endpoint, proc):
+        url = copy_to_server(endpoint)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        # a second without a byte is silence here (4 s by default), and 2 tries (3)
+        monkeypatch.setattr(storage, "READ_TIMEOUT_S", 1)
+        monkeypatch.setattr(storage, "ATTEMPTS", 2)
+        kw = dict(batch_size=4, device="cpu", shuffle=False, num_workers=workers)
+        loader = build_loader("torch", url, **kw)
+        try:
+            got, exc = read_until_error(loader, lambda: proc.send_signal(signal.SIGSTOP))
+        finally:
+            proc.send_signal(signal.SIGCONT)
+    text = str(exc)
+    assert 1 <= got < len(loader) and "\n" not in text and "Traceback" not in text
+    assert text.startswith(f"{url}/train-00000") and f".tar (endpoint {endpoint}): " in text
+    assert "the endpoint stopped answering (no reply within 1 s, 2 tries)" in text
+    assert text.endswith("; resume from the last checkpoint once it answers")
+    assert "(reading sample " in text
+    no_secret(text)
+
+
+def host_name_only_boto3_resolves() -> tuple[str, str]:
+    """(name, address): this machine's host name, which resolves to one of its addresses, while
+    ``<bucket>.<name>`` (how DALI's S3 client addresses a bucket at a named endpoint) does not."""
+    name = socket.gethostname()
+    try:
+        address = socket.gethostbyname(name)
+    except OSError:
+        pytest.skip(f"this machine's host name {name} does not resolve")
+    try:
+        socket.gethostbyname(f"{BUCKET}.{name}")
+        pytest.skip(f"{BUCKET}.{name} resolves here")
+    except OSError:
+        pass
+    return name, address
+
+
+@pytest.mark.slow  # a server of its own, a training run in a subprocess
+def test_dali_failing_to_reach_s3_names_the_cause_and_not_verify(s3_dataset, tmp_path):
+    name, address = host_name_only_boto3_resolves()
+    with moto_process(host=address, name=name) as (endpoint, _):
+        url = copy_to_server(endpoint)
+        env = {**os.environ, **aws_env(endpoint)}
+        verify = [sys.executable, "pipeline/make_shards.py", "--verify", url]
+        res = subprocess.run(verify, env=env, cwd=ROOT, capture_output=True, text=True)
+        assert res.returncode == 0 and res.stdout.strip() == f"{url}: OK"  # boto3 reaches it
+        cmd = [sys.executable, "-m", "train", "--loader", "dali", "--debug"]
+        for s in (*SMALL_RUN, f"data.dir={url}", f"run.dir={tmp_path}"):
+            cmd += ["--set", s]
+        res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = [line for line in res.stderr.splitlines() if "error" in line.lower()]
+    assert res.returncode == 1 and "Traceback" not in res.stderr and len(lines) == 1
+    line = lines[0]
+    assert line.startswith(f"error: {url}: DALI could not build the train pipeline: ")
+    assert f"Could not resolve host: {BUCKET}.{name}" in line and "C++" not in line
+    assert f"addresses the bucket as the host {BUCKET}.{name}" in line
+    assert "give AWS_ENDPOINT_URL as an IP address, or use the torch loader" in line
+    assert "--verify" not in line
+    no_secret(res.stdout, res.stderr)
+
+
+@contextlib.contextmanager
+def slow_link(monkeypatch, s3_env: str, rate: int):
+    """The S3 endpoint behind a ``SlowLink`` of ``rate`` bytes/s, for this process's clients.
+    Reads call an endpoint silent after 1 s here (4 s by default): a test's slow link need
+    carry only a few seconds' worth to be slower than that."""
+    link = SlowLink(s3_env, rate)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", link.url)
+    monkeypatch.setattr(storage, "READ_TIMEOUT_S", 1)
+    monkeypatch.setattr(storage, "ATTEMPTS", 2)
+    try:
+        yield link
+    finally:
+        link.close()
+
+
+def test_an_upload_over_a_link_slower_than_the_read_timeout_arrives(monkeypatch, s3_env, tmp_path):
+    src = tmp_path / "part.bin"
+    src.write_bytes(os.urandom(1 << 20))
+    url = storage.location(f"s3://{BUCKET}/slow/part.bin")
+    with slow_link(monkeypatch, s3_env, rate=400_000):  # 1 MB: 2.6 s after it is sent
+        storage.upload(src, url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env)
+    assert s3().get_object(Bucket=BUCKET, Key="slow/part.bin")["Body"].read() == src.read_bytes()
+
+
+def test_an_upload_too_slow_for_its_link_says_so_with_bytes_and_rate(monkeypatch, s3_env, capsys):
+    url = f"s3://{BUCKET}/too-slow"
+    args = ["--synthetic", "4", "--samples-per-shard", "4", "--workers", "2", "--quiet"]
+    with slow_link(monkeypatch, s3_env, rate=250_000):
+        # 60 s by default (raising=False: where uploads have no timeout of their own, the
+        # read timeout of 1 s applies, and the error is to say the same)
+        monkeypatch.setattr(storage, "UPLOAD_READ_TIMEOUT_S", 1, raising=False)
+        assert make_shards.main([*args, "--out", url]) == 1
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: uploading the dataset to {url} failed after 1 of ")
+    assert f"{url}/train-000000.tar (endpoint http://127.0.0.1:" in err
+    assert "the upload was too slow: " in err and "stopped answering" not in err
+    sent = re.search(
+        r"too slow: ([\d.]+) MB sent in (\d+) s \(([\d.]+) [kM]B/s\) for a file of ([\d.]+) MB", err
+    )
+    assert sent is not None, err
+    size = float(sent[4]) * 1e6
+    assert float(sent[1]) * 1e6 >= size  # the part went out, each try, with no answer in time
+    assert "no answer came within 1 s of a part of up to 8 MB sent (2 tries)" in err
+    no_secret(out, err)
