@@ -782,7 +782,7 @@ def test_gpu_crops_equal_the_cpu_graphs_bit_for_bit(segs):
 def test_gpu_augmentation_equals_the_cpu_graphs_in_distribution(segs, segs_members):
     """With augmentation the values drawn are the same (host draws, same seeds), the GPU's
     arithmetic matches the CPU operators' to float precision, and the noise (the same table
-    window, moved to the device) has the drawn SNR (as in
+    window, from the table's copy on the GPU) has the drawn SNR (as in
     test_noise_has_the_drawn_snr_and_leaves_animation)."""
     no_noise = {"gain_db": [-12, 12], "speed": [0.85, 1.15]}
     gpu, cpu = _cuda_batches(segs, "cuda", no_noise), _cuda_batches(segs, "cpu", no_noise)
