@@ -17,8 +17,9 @@ list of samples into one small index per run of consecutive samples from the sam
 takes a tar more than once, and an index's samples in any order), so the reader follows an
 order computed outside (``pipeline.sharding``) and can start anywhere in it. The crops and
 augmentation are drawn on the host per sample (``Draws``: ``pipeline.augment.draw`` with the
-sample's own generator, as the DataLoader's workers draw them) with each sample's window of the
-noise table; the graph does the work on the data's device.
+sample's own generator, as the DataLoader's workers draw them); the graph does the work on the
+data's device. Each sample's window of the noise table comes from the host on CPU operators,
+and on CUDA from one copy of the table on the GPU (``GpuNoise``), copied device to device.
 """
 
 from __future__ import annotations
@@ -29,7 +30,16 @@ from pathlib import Path
 import numpy as np
 
 from model.features import Mel, dali_log_mel
-from pipeline.augment import RESAMPLE_QUALITY, Augment, draw, lowpass, noise, sample_rng
+from pipeline.augment import (
+    RESAMPLE_QUALITY,
+    Augment,
+    Params,
+    draw,
+    lowpass,
+    noise,
+    noise_table,
+    sample_rng,
+)
 from pipeline.errors import ConfigError
 from pipeline.loading import DaliOptions
 from pipeline.manifest import Manifest
@@ -68,7 +78,9 @@ def build_pipeline(
     operators only. ``options`` are the loader's knobs (threads, prefetch, read mode).
     ``files``: the (tars, indexes) the reader reads in order, unshuffled (default: the split's,
     in manifest order); ``draws``: the external source of each sample's crop and augmentation
-    (default: the samples in that order, drawn for epoch seed ``seed``). The train split is
+    (default: the samples in that order, drawn for epoch seed ``seed``, with their noise on the
+    data's device); ``draws.gpu_noise`` must be set exactly when the graph is on GPU operators
+    and draws noise. The train split is
     cropped (and augmented) when its members are longer than the window or ``augment``
     enables something; ``with_params`` adds the drawn values to the outputs (``params_of``, after
     ``OUTPUTS``); ``crop`` (default: as the loaders decide, ``EpochLoader.crops``) forces it
@@ -136,9 +148,23 @@ def build_pipeline(
         if crop if crop is not None else split == "train" and (m.segmented or aug.enabled):
             if draws is None:
                 order = np.arange(m.num_samples(split))
-                draws = Draws(order, seed, aug, m, split, batch_size)
+                gpu_noise = GpuNoise(device_id) if to_gpu and aug.snr_db else None
+                draws = Draws(order, seed, aug, m, split, batch_size, gpu_noise)
+            if aug.snr_db and (draws.gpu_noise is not None) != to_gpu:
+                need = "with" if to_gpu else "without"
+                raise ValueError(f"this graph's noise needs draws {need} gpu_noise")
             drawn = fn.external_source(source=draws, num_outputs=len(draws.outputs), batch=True)
             drawn = dict(zip(draws.outputs, drawn, strict=True))
+            if aug.snr_db and to_gpu:
+                # views of the table on the GPU, copied there on GpuNoise's own stream
+                drawn["noise"] = fn.external_source(
+                    source=draws.gpu_windows,
+                    batch=True,
+                    device="gpu",
+                    dtype=types.FLOAT,
+                    ndim=1,
+                    cuda_stream=draws.gpu_noise,
+                )
             audio, arkit = crop_and_augment(audio, arkit, m, aug, to_gpu, drawn)
             params = [drawn[name] for name in params_of(aug)] if with_params else []
         if features == "mel":
@@ -153,6 +179,45 @@ def params_of(aug: Augment) -> list[str]:
     return ["offset", *aug.enabled]
 
 
+class GpuNoise:
+    """``pipeline.augment.noise_table()`` on one GPU (``device_id``; None: the current one), for
+    a graph whose data is there, with a CUDA stream of its own (``__cuda_stream__``: DALI's
+    external source copies its input on it). At the first batch that needs them the table
+    (16 MiB) is uploaded and synchronised, once for the life of this object, and never written
+    after, so every copy that reads it, on any stream, finds it complete. A sample's noise is a
+    view of the table (``windows``), which the graph's GPU external source copies device to
+    device on this stream: the copies never wait for work queued on torch's current stream (the
+    training step), and torch's views carry no stream for DALI to wait on either (their CUDA
+    array interface is version 2)."""
+
+    def __init__(self, device_id: int | None) -> None:
+        self.device_id = device_id
+        self._table = None
+        self._stream = None
+
+    def _ready(self):
+        if self._table is None:
+            import torch
+
+            device = torch.device("cuda", self.device_id)
+            stream = torch.cuda.Stream(device)
+            table = torch.tensor(noise_table(), device=device)
+            torch.cuda.synchronize(device)
+            # torch's allocator keeps the memory until the copies queued here have run, should
+            # this object go first
+            table.record_stream(stream)
+            self._table, self._stream = table, stream
+        return self._table, self._stream
+
+    def windows(self, drawn: list[Params], window: int) -> list:
+        """Each sample's noise (``pipeline.augment.noise``) as a view of the table."""
+        table, _ = self._ready()
+        return [table[p.noise_at : p.noise_at + window] for p in drawn]
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return 0, self._ready()[1].cuda_stream
+
+
 class Draws:
     """The graph's external source of crops and augmentation: for iteration ``k``, what
     ``pipeline.augment.draw`` gives the ``batch_size`` samples the reader hands out then
@@ -161,39 +226,60 @@ class Draws:
     Outputs (``outputs``), each a batch, only what the graph uses (DALI warns of an output
     left unused, at every pipeline it builds): ``offset`` (int32), each enabled augmentation
     (float32), with ``speed`` the sample's ``lowpass`` taps and with ``snr_db`` its window of
-    the noise table."""
+    the noise table, unless ``gpu_noise`` is given: then the windows are views of the table on
+    the GPU, from ``gpu_windows``, the source of a GPU external source of their own."""
 
     def __init__(
-        self, order: np.ndarray, epoch_seed: int, aug: Augment, m: Manifest, split: str, B: int
+        self,
+        order: np.ndarray,
+        epoch_seed: int,
+        aug: Augment,
+        m: Manifest,
+        split: str,
+        B: int,
+        gpu_noise: GpuNoise | None = None,
     ) -> None:
         self.order, self.epoch_seed, self.aug, self.B = np.asarray(order), epoch_seed, aug, B
         self.segment_frames, self.frames = m.layout(split).frames, m.frames
         self.window = m.clip_samples
+        self.gpu_noise = gpu_noise
         self.outputs = params_of(aug)
         self.outputs += ["lowpass"] if aug.speed else []
-        self.outputs += ["noise"] if aug.snr_db else []
+        self.outputs += ["noise"] if aug.snr_db and gpu_noise is None else []
+        self._last: tuple[int, list[Params]] | None = None
+
+    def params(self, k: int) -> list[Params]:
+        """What iteration ``k``'s samples draw (the last iteration's are kept: both external
+        sources ask for them)."""
+        if self._last is None or self._last[0] != k:
+            at = (k * self.B + np.arange(self.B)) % len(self.order)
+            drawn = [
+                draw(
+                    sample_rng(self.epoch_seed, int(i)),
+                    self.aug,
+                    self.segment_frames,
+                    self.frames,
+                    self.window,
+                )
+                for i in self.order[at]
+            ]
+            self._last = (k, drawn)
+        return self._last[1]
 
     def __call__(self, info) -> tuple:
-        k = getattr(info, "iteration", info)
-        at = (k * self.B + np.arange(self.B)) % len(self.order)
-        drawn = [
-            draw(
-                sample_rng(self.epoch_seed, int(i)),
-                self.aug,
-                self.segment_frames,
-                self.frames,
-                self.window,
-            )
-            for i in self.order[at]
-        ]
+        drawn = self.params(getattr(info, "iteration", info))
         out = [np.array([p.offset for p in drawn], np.int32)]
         for name in self.aug.enabled:
             out.append(np.array([getattr(p, name) for p in drawn], np.float32))
         if self.aug.speed:
             out.append([lowpass(p.speed) for p in drawn])
-        if self.aug.snr_db:
+        if self.aug.snr_db and self.gpu_noise is None:
             out.append([noise(p, self.window) for p in drawn])
         return tuple(out)
+
+    def gpu_windows(self, info) -> list:
+        """Iteration ``k``'s noise windows, views of ``gpu_noise``'s table."""
+        return self.gpu_noise.windows(self.params(getattr(info, "iteration", info)), self.window)
 
 
 def crop_and_augment(audio, arkit, m: Manifest, aug: Augment, to_gpu: bool, drawn: dict):
@@ -242,7 +328,8 @@ def crop_and_augment(audio, arkit, m: Manifest, aug: Augment, to_gpu: bool, draw
         audio = audio * on_data(dmath.pow(10.0, drawn["gain_db"] / 20.0))
     if aug.snr_db:
         scale = fn.reductions.rms(audio) / on_data(dmath.pow(10.0, drawn["snr_db"] / 20.0))
-        audio = audio + on_data(drawn["noise"]) * scale
+        noise = drawn["noise"]  # from the GPU already where the data is there (GpuNoise)
+        audio = audio + (noise if noise.device == "gpu" else on_data(noise)) * scale
     drawn["offset"] = fn.cast(offset, dtype=types.INT64)
     return audio, arkit
 

@@ -27,6 +27,7 @@ from pipeline.dali_graph import (
     OUTPUTS,
     READER,
     Draws,
+    GpuNoise,
     build_pipeline,
     params_of,
     write_indexes,
@@ -57,13 +58,23 @@ class DaliLoader(EpochLoader):
         if self.features == "mel":
             self._wav_shape = (self.mel.n_mels, self.mel.frames(samples))
         self.refs = sample_refs(m, self.split)  # after the start-up check: DALI reads next
+        # on CUDA, the noise table on the GPU: uploaded at the first batch, kept for every epoch
+        self._gpu_noise = None
+        if self.device.type == "cuda" and self.crops and self.augment.snr_db:
+            self._gpu_noise = GpuNoise(self.device.index)
         self._indexes: tempfile.TemporaryDirectory | None = None
 
     def make_pipeline(self, leg: Leg, folder: str | Path):
         """The pipeline reading ``leg``'s samples in order; its index files go in ``folder``."""
         order = leg.batches.ravel()
         draws = Draws(
-            order, leg.epoch_seed, self.augment, self.manifest, self.split, self.batch_size
+            order,
+            leg.epoch_seed,
+            self.augment,
+            self.manifest,
+            self.split,
+            self.batch_size,
+            self._gpu_noise,
         )
         return build_pipeline(
             self.manifest,

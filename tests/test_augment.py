@@ -746,17 +746,19 @@ def test_the_suggested_speed_limit_is_accepted(segment_frames):
 # ---------------------------------------------------------------- on CUDA (make gpu-check)
 
 
-def _cuda_batches(data: Path, device: str, aug: dict | None, epochs: int = 2) -> list[dict]:
+def _cuda_batches(
+    data: Path, device: str, aug: dict | None, epochs: int = 2, backend: str = "dali"
+) -> list[dict]:
     loader = build_loader(
-        "dali",
+        backend,
         data,
         batch_size=4,
         shuffle=True,
         seed=7,
         device=device,
-        decode="gpu",
         augment=aug,
         with_params=True,
+        **({"decode": "gpu"} if backend == "dali" else {"num_workers": 0}),
     )
     out = []
     for epoch in range(epochs):
@@ -780,7 +782,7 @@ def test_gpu_crops_equal_the_cpu_graphs_bit_for_bit(segs):
 def test_gpu_augmentation_equals_the_cpu_graphs_in_distribution(segs, segs_members):
     """With augmentation the values drawn are the same (host draws, same seeds), the GPU's
     arithmetic matches the CPU operators' to float precision, and the noise (the same table
-    window, moved to the device) has the drawn SNR (as in
+    window, from the table's copy on the GPU) has the drawn SNR (as in
     test_noise_has_the_drawn_snr_and_leaves_animation)."""
     no_noise = {"gain_db": [-12, 12], "speed": [0.85, 1.15]}
     gpu, cpu = _cuda_batches(segs, "cuda", no_noise), _cuda_batches(segs, "cpu", no_noise)
@@ -799,6 +801,25 @@ def test_gpu_augmentation_equals_the_cpu_graphs_in_distribution(segs, segs_membe
             assert abs(snr - float(batch["snr_db"][i])) <= 0.3, (key, snr)
 
 
+@pytest.mark.gpu
+def test_gpu_noise_is_the_torch_loaders(segs):
+    """On CUDA each sample's noise is a window of the table's copy on the GPU
+    (``pipeline.dali_graph.GpuNoise``): the audio is the torch loader's (``pipeline.augment``:
+    the same draws, the same window of ``noise_table``) within the tolerance of
+    test_both_loaders_draw_the_same_values_for_each_sample, over two epochs (two pipelines,
+    one upload)."""
+    aug = {"gain_db": [-12, 12], "snr_db": [5, 30]}
+    gpu = _cuda_batches(segs, "cuda", aug)
+    ref = _cuda_batches(segs, "cpu", aug, backend="torch")
+    assert len(gpu) == len(ref) > 0
+    for a, b in zip(gpu, ref, strict=True):
+        assert a["key"] == b["key"]
+        for name in ("offset", "gain_db", "snr_db"):
+            assert torch.equal(a[name], b[name]), name
+        torch.testing.assert_close(a["arkit"], b["arkit"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(a["wav"], b["wav"], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("backend", ["dali-cpu", "torch"])
 def test_a_fixed_value_is_a_range_of_one(segs, segs_members, backend):
     """gain_db [3, 3]: every sample gets exactly +3 dB (DALI's uniform refuses an empty range;
@@ -813,9 +834,11 @@ def test_a_fixed_value_is_a_range_of_one(segs, segs_members, backend):
 
 def test_the_cuda_graph_augments_on_the_gpu_with_host_draws(segs):
     """The CUDA graph with every augmentation, defined without a GPU: the reader, the external
-    source of draws and noise windows and the per-sample scalar arithmetic stay on the host;
-    the speed's low-pass, resampling, the crop, the animation's resize and the noise's RMS run
-    on the GPU, and the audio and animation come out there. It also serializes."""
+    source of draws and the per-sample scalar arithmetic stay on the host; the noise windows
+    come from an external source on the GPU (views of the table's copy there, so no noise
+    crosses from the host per sample); the speed's low-pass, resampling, the crop, the
+    animation's resize and the noise's RMS run on the GPU, and the audio and animation come
+    out there. It also serializes."""
     from pipeline.dali_graph import build_pipeline
     from tests.test_loaders import _graph
 
@@ -828,9 +851,16 @@ def test_the_cuda_graph_augments_on_the_gpu_with_host_draws(segs):
         devices.setdefault(kind, set()).add(dev)
     for kind in ("AudioResample", "Filter", "Resize", "Slice", "reductions__RMS", "Reinterpret"):
         assert devices[kind] == {"gpu"}, kind
-    assert devices["ExternalSource"] == {"cpu"} and devices["readers__Webdataset"] == {"cpu"}
-    # the 4 values, the speed's low-pass taps and the noise
-    assert sum(1 for kind, _ in ops if kind == "ExternalSource") == 6
+    assert devices["readers__Webdataset"] == {"cpu"}
+    # the 4 values and the speed's low-pass taps from the host, the noise on the GPU
+    sources = sorted(dev for kind, dev in ops if kind == "ExternalSource")
+    assert sources == ["cpu"] * 5 + ["gpu"], sources
     assert outputs[:2] == ["gpu", "gpu"] and set(outputs[2:]) == {"cpu"}
+    # the host draws hold no noise then (drawing them touches no GPU)
+    from pipeline.dali_graph import Draws, GpuNoise
+
+    draws = Draws(np.arange(8), 0, aug, m, "train", 4, GpuNoise(0))
+    assert draws.outputs == ["offset", "gain_db", "snr_db", "speed", "lowpass"]
+    assert len(draws(0)) == 5
     blob = build_pipeline(m, "train", device_id=None, gpu_ops=True, **kw).serialize()
     assert b"ExternalSource" in blob and b"AudioResample" in blob
