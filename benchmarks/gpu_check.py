@@ -456,12 +456,12 @@ def write_summary(out: Path, args, env: dict, steps: list[Step], t0: float) -> d
     }
     for name, data in files.items():
         write_atomic(out / name, data)
-    if args.copy_to:
+    if args.copy_to:  # the results first: a summary there never names a log missing there
         copy = Path(args.copy_to)
+        write_atomic(copy / RESULTS_TGZ, results_tgz(out))
         if copy.resolve() != out.resolve():
             for name, data in files.items():
                 write_atomic(copy / name, data)
-        write_atomic(copy / RESULTS_TGZ, results_tgz(out))
     return doc
 
 
@@ -483,14 +483,14 @@ def start(step: Step, steps: list[Step], args, left: float) -> str | None:
         after = steps[steps.index(step) + 1 :]
         if not any(s.reads_data and s.status == "not run" for s in after):
             return "skipped: found no step to run that reads it"
-    data = next((s for s in steps if s.name == "data"), None)
-    if step.reads_data and data is not None and not data.fine:
-        return f"skipped: no dataset at {args.data} (data: {data.status})"
     if left < MIN_START:
         return (
             f"skipped: no time left ({max(left, 0):.0f} s of the {args.budget:g} s --budget; "
             f"a step starts with {MIN_START} s or more)"
         )
+    data = next((s for s in steps if s.name == "data"), None)
+    if step.reads_data and data is not None and not data.fine:
+        return f"skipped: no dataset at {args.data} (data: {data.status})"
     return None
 
 
