@@ -39,7 +39,8 @@ clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
 
 # For a GPU machine (benchmarks/gpu_check.py says how one gets DALI): runs with the python given
-# (PYTHON=python3 there) and never builds .venv; GPU_CHECK_ARGS passes options, e.g. --dry-run.
+# (PYTHON=python3 there) and never builds .venv; GPU_CHECK_ARGS passes options, e.g. --dry-run,
+# or --copy-to=$OUT for the device tool's folder (the summary there after every step).
 .PHONY: gpu-check
 gpu-check: PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 gpu-check:

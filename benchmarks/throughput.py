@@ -69,7 +69,7 @@ DEFAULTS = dict(
     threads=os.cpu_count() or 1,  # the threads row's pool: one per CPU (measured best on 2)
     spdl_threads=1,  # spdl's threads and stage concurrency: 1 measured best on 2 CPUs (the GIL)
     wds_shuffle=128,  # webdataset's sample buffer; the shards are pre-shuffled on disk
-    dali_threads=_DALI.dali_threads,  # 0: one per CPU, at most 4
+    dali_threads=None,  # None: the threads row's count, so both loaders get the same cores
     dali_prefetch=_DALI.dali_prefetch,
     reader_prefetch=_DALI.reader_prefetch,
 )
@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dali-threads",
         type=int,
         default=DEFAULTS["dali_threads"],
-        help="DALI CPU threads (default 0: one per CPU, at most 4)",
+        help="DALI's CPU threads (default: --threads, the threads row's pool)",
     )
     p.add_argument("--dali-prefetch", type=int, default=DEFAULTS["dali_prefetch"])
     p.add_argument("--reader-prefetch", type=int, default=DEFAULTS["reader_prefetch"])
@@ -136,6 +136,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.dali_threads = args.threads if args.dali_threads is None else args.dali_threads
     preset = {**DEFAULTS, **(QUICK if args.quick else {})}
     for key in ("data", "windows", "batch_size", "warmup", "batches", "repeats"):
         if getattr(args, key) is None:

@@ -209,10 +209,7 @@ class DaliLoader(EpochLoader):
                     # never waits for the training step queued in between
                     bounds = torch.stack(torch.aminmax(arkit))
                     if arkit.is_cuda:
-                        host = torch.empty(2, dtype=bounds.dtype, pin_memory=True)
-                        host.copy_(bounds, non_blocking=True)
-                        ready = torch.cuda.Event()
-                        ready.record()
+                        host, ready = _to_host_behind_event(bounds)
                         if pending is not None:
                             pending[3].synchronize()
                             self._check_values(*pending[:3])
@@ -281,6 +278,19 @@ def _store_hint(cause: str, root: object) -> str:
         "endpoint: check AWS_ENDPOINT_URL and the network, or use the torch loader "
         "(--loader torch)"
     )
+
+
+def _to_host_behind_event(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """``t`` (on a CUDA device) copied into pinned host memory without waiting, and an event
+    recorded behind the copy on the stream it was queued on: the current stream of ``t``'s
+    device, which is not the current device's when the loader runs on another GPU (``infer
+    --device cuda:1``). The host reads ``host`` only once the event has completed."""
+    with torch.cuda.device(t.device):
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(t.device))
+    return host, ready
 
 
 def _shape(dims: tuple[int, ...]) -> str:

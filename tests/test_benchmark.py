@@ -250,6 +250,23 @@ def test_threads_row_gives_the_torch_loaders_tensors_across_epochs(tiny_dataset)
         assert torch.equal(a["wav"], b["wav"]) and torch.equal(a["arkit"], b["arkit"])
 
 
+def test_dali_rows_get_the_threads_rows_thread_count_and_say_so(tiny_dataset):
+    """DALI's CPU threads follow --threads (default one per CPU), both stated in the rows."""
+    from pipeline.manifest import load_manifest
+
+    default = throughput.parse_args([])
+    assert default.dali_threads == default.threads == throughput.DEFAULTS["threads"]
+    assert throughput.parse_args(["--threads", "3", "--dali-threads", "1"]).dali_threads == 1
+    args = throughput.parse_args(["--quick", "--data", str(tiny_dataset), "--threads", "3"])
+    m = load_manifest(tiny_dataset)
+    dali, pool = make_row("dali-raw", args, m, CPU), make_row("threads", args, m, CPU)
+    try:
+        assert ", 3 threads, prefetch" in dali.what and "thread pool of 3," in pool.what
+    finally:
+        dali.close()
+        pool.close()
+
+
 def test_spdl_row_gives_the_torch_loaders_tensors_and_stops_its_threads(tiny_dataset):
     """SPDL's pipeline, in the torch baseline's order: the same tensors into the next epoch;
     closing the stream leaves no SPDL thread behind."""

@@ -548,6 +548,24 @@ def test_gpu_dali_default_decode_is_gpu_and_resumes(tiny_dataset):
         assert torch.equal(a["wav"], b["wav"]) and torch.equal(a["arkit"], b["arkit"])
 
 
+@pytest.mark.gpu
+def test_gpu_value_check_waits_on_the_batch_device_not_the_current_one():
+    """The pinned min/max of a batch on cuda:1 is read behind an event on cuda:1's stream,
+    even while cuda:0 is the current device."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs: a batch on cuda:1 while cuda:0 is current")
+    from pipeline.dali_loader import _to_host_behind_event
+
+    torch.cuda.set_device(0)
+    with torch.cuda.device(1):
+        torch.cuda._sleep(1 << 31)  # a second or so of work queued ahead on cuda:1's stream
+        bounds = torch.tensor([0.25, 0.75], device="cuda:1") * 2
+    host, ready = _to_host_behind_event(bounds)
+    assert not ready.query()  # behind cuda:1's work; on cuda:0's idle stream it would be done
+    ready.synchronize()
+    assert host.tolist() == [0.5, 1.5] and host.is_pinned()
+
+
 @pytest.mark.parametrize("decode", ["gpu", "cpu"])
 def test_cuda_graph_serializes_without_a_gpu(tiny_dataset, decode):
     """The CUDA graph, defined with GPU operators but no device, serializes on a CPU machine."""
