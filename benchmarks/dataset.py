@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import time
 
+from core.errors import DatasetError
 from pipeline import storage
-from pipeline.errors import DatasetError
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.storage import Location
 

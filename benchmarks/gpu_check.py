@@ -70,7 +70,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.errors import ArkitError, RunError
+from core.errors import ArkitError, RunError
 
 ROOT = Path(__file__).resolve().parent.parent
 # every step, in the order they run: most valuable first, as a kill may come at any moment

@@ -21,8 +21,8 @@ import torch
 
 from benchmarks import spdl_loader, threads_loader, webdataset_loader
 from benchmarks.measure import MODES, Row
+from core.errors import ConfigError
 from pipeline import build_loader
-from pipeline.errors import ConfigError
 from pipeline.manifest import Manifest
 from pipeline.sharding import epoch_batches
 from pipeline.verify import sample_refs

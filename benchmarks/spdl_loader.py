@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from pipeline.errors import DatasetError, MemberError
+from core.errors import DatasetError, MemberError
 from pipeline.manifest import Manifest, verify_hint
 from pipeline.members import decode_sample
 from pipeline.sharding import epoch_batches

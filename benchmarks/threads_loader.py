@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from pipeline.errors import DatasetError
+from core.errors import DatasetError
 from pipeline.manifest import Manifest
 from pipeline.members import PCM16_SCALE
 from pipeline.sharding import epoch_batches

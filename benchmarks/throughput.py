@@ -43,9 +43,9 @@ from benchmarks.rows import (
     select_rows,
     skipped_rows,
 )
+from core.errors import ArkitError
 from model.features import Mel
 from pipeline import storage
-from pipeline.errors import ArkitError
 from pipeline.loading import DaliOptions, resolve_device
 
 # the seed's 4 workers on a 2-CPU machine is the point of the baseline, not a mistake to warn about

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.errors import ArkitError, ConfigError, InputError, RunError
 from infer.outputs import Outputs, digest
 from pipeline.audio import read_audio
-from pipeline.errors import ArkitError, ConfigError, InputError, RunError
 from pipeline.inputs import AUDIO_EXTS  # what make_shards takes
 from pipeline.livelink import NOMINAL_RATES, write_live_link_csv
 from pipeline.windows import resample_frames

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.errors import DatasetError
 from infer.predict import Predictor
 from infer.report import group_mae
 from pipeline import build_loader
-from pipeline.errors import DatasetError
 from pipeline.manifest import SPLITS, load_manifest
 from train.builders import val_batch_size
 from train.distributed import Dist

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 
 RECORD = ".arkit-infer.jsonl"
 

@@ -23,10 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.constants import FPS, SAMPLE_RATE, WINDOW_FRAMES
+from core.errors import ConfigError, ResumeError
 from model import build_model
-from pipeline.errors import ConfigError, ResumeError
-from pipeline.manifest import FPS, WINDOW_FRAMES
-from pipeline.members import SAMPLE_RATE
 from train.checkpoint import load_checkpoint
 
 DEVICES = "auto, cpu, cuda, cuda:N"

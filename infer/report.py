@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.arkit import ARKIT_NAMES, NUM_BLENDSHAPES
+from core.arkit import ARKIT_NAMES, NUM_BLENDSHAPES
 
 NO_FIGURES = "Figures skipped: matplotlib is not installed (pip install matplotlib)."
 

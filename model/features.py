@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from pipeline.members import SAMPLE_RATE
+from core.constants import SAMPLE_RATE
 
 FLOOR = 1e-6  # added to the mel power before the log: silence gives -6, not -inf
 FEATURES = ("wav", "mel")  # what a loader yields and a model takes: raw audio or log-mel

@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from core.arkit import NUM_BLENDSHAPES
+from core.constants import FPS, WINDOW_FRAMES
+from core.errors import ConfigError
 from model.features import FEATURES, LogMel
-from pipeline.arkit import NUM_BLENDSHAPES
-from pipeline.errors import ConfigError
-from pipeline.manifest import FPS, WINDOW_FRAMES
 
 
 class FrontEnd(nn.Module):

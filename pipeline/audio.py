@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import AudioError
+from core.errors import AudioError
 from pipeline.members import SAMPLE_RATE
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 
 NAMES = ("gain_db", "snr_db", "speed")
 LIMITS = {"gain_db": (-60.0, 60.0), "snr_db": (-20.0, 120.0), "speed": (0.25, 4.0)}

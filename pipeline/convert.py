@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.arkit import NUM_BLENDSHAPES
-from pipeline.errors import DatasetError
+from core.arkit import NUM_BLENDSHAPES
+from core.errors import DatasetError
 from pipeline.inputs import Recording, Reject
 from pipeline.manifest import FPS, SPLITS, Shard
 from pipeline.members import (

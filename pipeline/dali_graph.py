@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.errors import ConfigError
 from model.features import Mel, dali_log_mel
 from pipeline.augment import (
     RESAMPLE_QUALITY,
@@ -40,7 +41,6 @@ from pipeline.augment import (
     noise_table,
     sample_rng,
 )
-from pipeline.errors import ConfigError
 from pipeline.loading import DaliOptions
 from pipeline.manifest import Manifest
 from pipeline.members import NPY_EXT, PCM16_SCALE, WAV_EXT

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from core.errors import ConfigError, DatasetError
 from pipeline.dali_graph import (
     DECODES,
     OUTPUTS,
@@ -32,7 +33,6 @@ from pipeline.dali_graph import (
     params_of,
     write_indexes,
 )
-from pipeline.errors import ConfigError, DatasetError
 from pipeline.loading import DaliOptions, EpochLoader, Leg
 from pipeline.manifest import verify_hint
 from pipeline.storage import is_s3

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import arkit, audio, synthetic
-from pipeline.errors import AnimationError, InputError
+from core import arkit
+from core.errors import AnimationError, InputError
+from pipeline import audio, synthetic
 from pipeline.livelink import LIVE_LINK_FPS, Animation, read_live_link_csv
 from pipeline.manifest import FPS, WINDOW_SECONDS
 from pipeline.members import SAMPLE_RATE

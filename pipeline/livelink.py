@@ -12,7 +12,7 @@ rate, ``.fff`` is a fraction of a frame. They are trusted and checked:
   back, or cannot be parsed, rejects the file naming the row; a wrap past midnight is handled.
 
 The file is parsed with the ``csv`` module (quoted fields, a byte-order mark and CRLF read as
-they should) and columns are mapped by name (``pipeline.arkit``), so Live Link's swapped
+they should) and columns are mapped by name (``core.arkit``), so Live Link's swapped
 JawLeft/JawRight and MouthLeft/MouthRight land right.
 """
 
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.arkit import INDEX, LIVE_LINK_EXTRA, LIVE_LINK_NAMES, canonical_columns
-from pipeline.errors import AnimationError
+from core.arkit import INDEX, LIVE_LINK_EXTRA, LIVE_LINK_NAMES, canonical_columns
+from core.errors import AnimationError
 
 LIVE_LINK_FPS = 60.0  # Live Link Face's usual rate; the rate of a file without timecodes
 NOMINAL_RATES = (24, 25, 30, 48, 50, 60)  # what the frame field of a timecode can count to

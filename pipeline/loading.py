@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.errors import ConfigError, DatasetError, ResumeError
 from model.features import FEATURES, Mel
 from pipeline.augment import Augment
-from pipeline.errors import ConfigError, DatasetError, ResumeError
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.sharding import epoch_order, epoch_seed, position_after, rank_batches, steps_left
 from pipeline.verify import changed_shards, shard_stamps

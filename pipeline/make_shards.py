@@ -29,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.arkit import ORDERS
+from core.errors import ArkitError, DatasetError
 from pipeline import storage
-from pipeline.arkit import ORDERS
 from pipeline.convert import (
     Balance,
     Cutting,
@@ -39,7 +40,6 @@ from pipeline.convert import (
     split_pieces,
     write_shards,
 )
-from pipeline.errors import ArkitError, DatasetError
 from pipeline.inputs import (
     Reject,
     Rejected,

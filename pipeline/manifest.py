@@ -16,19 +16,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from core.arkit import ARKIT_NAMES
+from core.constants import FPS, WINDOW_SECONDS
+from core.errors import DatasetError
 from pipeline import storage
-from pipeline.arkit import ARKIT_NAMES
-from pipeline.errors import DatasetError
 from pipeline.members import SAMPLE_RATE, WAV_HEADER_BYTES, canonical_npy_header, wav_bytes
 from pipeline.members import npy_bytes as npy_member_bytes
 from pipeline.storage import Location, S3Url
 from pipeline.tars import idx_path
 
 FORMAT_VERSION = 1
-FPS = 30  # animation frames per second in every shard
-WINDOW_SECONDS = 10.0  # make_shards' default window ...
-WINDOW_SAMPLES = round(SAMPLE_RATE * WINDOW_SECONDS)  # ... of 160000 samples
-WINDOW_FRAMES = round(FPS * WINDOW_SECONDS)  # ... and 300 frames
 SPLITS = ("train", "val")
 MANIFEST_NAME = "manifest.json"
 MAKE_SHARDS_HINT = "python pipeline/make_shards.py --synthetic 400 --out DIR"

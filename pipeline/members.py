@@ -14,9 +14,9 @@ from typing import Protocol
 
 import numpy as np
 
-from pipeline.errors import MemberError
+from core.constants import SAMPLE_RATE
+from core.errors import MemberError
 
-SAMPLE_RATE = 16_000  # Hz, every shard's audio
 WAV_HEADER_BYTES = 44
 PCM16_SCALE = 32768.0  # int16 -> float: x / 32768, exact in float32 (a power of two)
 WAV_EXT, NPY_EXT, JSON_EXT = "wav", "arkit.npy", "json"  # member extensions (after the key)

@@ -23,7 +23,7 @@ import shutil
 import signal
 from pathlib import Path
 
-from pipeline.errors import ArkitError, DatasetError
+from core.errors import ArkitError, DatasetError
 from pipeline.manifest import MANIFEST_NAME, SPLITS, Manifest, load_manifest
 from pipeline.tars import idx_path
 

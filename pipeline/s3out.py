@@ -30,8 +30,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from core.errors import ArkitError, DatasetError
 from pipeline import storage
-from pipeline.errors import ArkitError, DatasetError
 from pipeline.manifest import MANIFEST_NAME, Manifest, load_manifest
 from pipeline.outdir import REJECTS_NAME, OutDir, dataset_names, name_collisions
 from pipeline.storage import S3Url

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pipeline.errors import DatasetError
+from core.errors import DatasetError
 
 S3_SCHEME = "s3://"
 CONNECT_TIMEOUT_S = 3  # per connection attempt

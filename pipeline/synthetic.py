@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.arkit import INDEX, NUM_BLENDSHAPES
+from core.arkit import INDEX, NUM_BLENDSHAPES
 from pipeline.members import SAMPLE_RATE
 
 CAPTURE_FPS = 60  # like Live Link Face; make_shards resamples to 30 fps as for real captures

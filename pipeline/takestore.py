@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.arkit import NUM_BLENDSHAPES
-from pipeline.errors import DatasetError
+from core.arkit import NUM_BLENDSHAPES
+from core.errors import DatasetError
 from pipeline.inputs import Converted, Recording, Rejected, Settings, convert
 from pipeline.manifest import FPS
 from pipeline.members import SAMPLE_RATE, to_pcm16

@@ -20,10 +20,10 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from core.errors import ArkitError, DatasetError, MemberError
 from model.features import LogMel, Mel
 from pipeline import storage
 from pipeline.augment import Augment, apply, draw, sample_rng
-from pipeline.errors import ArkitError, DatasetError, MemberError
 from pipeline.loading import EpochLoader, Leg, TorchOptions
 from pipeline.manifest import Manifest, verify_hint
 from pipeline.members import decode_sample

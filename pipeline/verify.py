@@ -26,8 +26,8 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from core.errors import DatasetError, MemberError
 from pipeline import storage
-from pipeline.errors import DatasetError, MemberError
 from pipeline.manifest import MANIFEST_NAME, SPLITS, Manifest, Shard, load_manifest, verify_hint
 from pipeline.members import (
     JSON_EXT,

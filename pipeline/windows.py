@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.errors import TakeError
+from core.errors import TakeError
 from pipeline.manifest import FPS
 
 NTSC = 1000 / 1001

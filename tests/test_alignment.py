@@ -27,8 +27,8 @@ import soundfile as sf
 from test_livelink import csv_text, df_labels, nd_labels
 from test_make_shards import by_source, parsed
 
+from core.arkit import INDEX
 from pipeline import make_shards
-from pipeline.arkit import INDEX
 from pipeline.livelink import parse_timecode_fields
 
 RATE = 16000  # the shards' audio rate

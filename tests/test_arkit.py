@@ -1,4 +1,4 @@
-"""pipeline.arkit: the 52 names and their orders, name-based column mapping, the Live Link Face
+"""core.arkit: the 52 names and their orders, name-based column mapping, the Live Link Face
 CSV reader and time-based fps resampling."""
 
 from __future__ import annotations
@@ -8,15 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import arkit, livelink, windows
-from pipeline.arkit import (
+from core import arkit
+from core.arkit import (
     ALPHABETICAL_NAMES,
     ARKIT_NAMES,
     INDEX,
     LIVE_LINK_EXTRA,
     LIVE_LINK_NAMES,
 )
-from pipeline.errors import AnimationError
+from core.errors import AnimationError
+from pipeline import livelink, windows
 
 
 def write_live_link_csv(

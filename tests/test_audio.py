@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from core.errors import AudioError, MemberError
 from pipeline import audio, members
-from pipeline.errors import AudioError, MemberError
 
 
 def sine(seconds: float, rate: int, freq: float, amp: float, phase: float = 0.0) -> np.ndarray:

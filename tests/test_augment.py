@@ -28,10 +28,10 @@ import numpy as np
 import pytest
 import torch
 
+from core.arkit import INDEX
+from core.errors import ConfigError
 from pipeline import build_loader, make_shards
-from pipeline.arkit import INDEX
 from pipeline.augment import SPEED_TOLERANCE, Augment, max_offset, start_sample
-from pipeline.errors import ConfigError
 from pipeline.manifest import load_manifest
 from pipeline.tars import read_index
 

@@ -26,7 +26,7 @@ from benchmarks.rows import (
     select_rows,
     skipped_rows,
 )
-from pipeline.errors import ConfigError, DatasetError
+from core.errors import ConfigError, DatasetError
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.errors import ResumeError
 from pipeline import dali_loader
-from pipeline.errors import ResumeError
 from pipeline.manifest import load_manifest
 from pipeline.sharding import epoch_batches, epoch_order
 from tests.conftest import build_synthetic

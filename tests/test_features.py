@@ -152,7 +152,7 @@ def test_training_on_mel_records_it_and_a_mismatch_is_refused(
 
 
 def test_features_setting_is_checked():
-    from pipeline.errors import ConfigError
+    from core.errors import ConfigError
     from train.config import load_config
 
     with pytest.raises(ConfigError, match="data.features must be wav or mel"):

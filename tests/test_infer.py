@@ -22,11 +22,11 @@ import pytest
 import soundfile as sf
 import torch
 
+from core.arkit import INDEX, LIVE_LINK_EXTRA, LIVE_LINK_NAMES
 from infer.cli import main as infer
 from infer.predict import Predictor
 from model import build_model
 from pipeline import build_loader, make_shards
-from pipeline.arkit import INDEX, LIVE_LINK_EXTRA, LIVE_LINK_NAMES
 from pipeline.livelink import read_live_link_csv, write_live_link_csv
 from pipeline.manifest import load_manifest
 from pipeline.synthetic import make_take

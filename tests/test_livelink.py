@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.arkit import INDEX, LIVE_LINK_EXTRA, LIVE_LINK_NAMES
-from pipeline.errors import AnimationError
+from core.arkit import INDEX, LIVE_LINK_EXTRA, LIVE_LINK_NAMES
+from core.errors import AnimationError
 from pipeline.livelink import (
     Animation,
     Timecode,

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import ConfigError, DatasetError, ResumeError
 from pipeline import build_loader
-from pipeline.errors import ConfigError, DatasetError, ResumeError
 from pipeline.manifest import load_manifest
 from pipeline.sharding import epoch_batches
 from pipeline.tars import read_index

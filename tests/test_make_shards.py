@@ -18,15 +18,15 @@ import pytest
 import soundfile as sf
 from conftest import build_synthetic
 
-from pipeline import make_shards
-from pipeline import members as fmt
-from pipeline.arkit import (
+from core.arkit import (
     ALPHABETICAL_NAMES,
     ARKIT_NAMES,
     INDEX,
     LIVE_LINK_EXTRA,
     LIVE_LINK_NAMES,
 )
+from pipeline import make_shards
+from pipeline import members as fmt
 from pipeline.manifest import SPLITS
 from pipeline.members import parse_canonical_wav, wav_header
 from pipeline.tars import read_index

@@ -426,8 +426,8 @@ def test_a_users_in_progress_folder_beside_our_dataset_is_never_taken(tmp_path, 
 def test_a_swap_cut_short_is_finished_by_the_next_run(tmp_path, monkeypatch, capsys):
     """The swap-in writes a journal first: a failure half way through it (here a full disk on
     the second rename) leaves no complete dataset, and the next run finishes it."""
+    from core.errors import DatasetError
     from pipeline import build_loader
-    from pipeline.errors import DatasetError
 
     args = ("--synthetic", "8", "--samples-per-shard", "2", "--val-fraction", "0")
     ref = tmp_path / "ref"

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from core.errors import ConfigError
 from model.features import LogMel, hz_to_mel, mel_filterbank
 from model.models import SequenceModel, SimplifiedModel, build_model
-from pipeline.errors import ConfigError
 
 SR, N_FFT, WIN, HOP, N_MELS, FMIN, FMAX = 16000, 512, 400, 160, 64, 40.0, 7600.0
 

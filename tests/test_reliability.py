@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.errors import DatasetError
 from pipeline import build_loader
-from pipeline.errors import DatasetError
 from pipeline.members import npy_member as npy_bytes
 from pipeline.tars import write_shard
 from pipeline.verify import check_dataset
@@ -134,7 +134,7 @@ def test_truncated_shard_with_a_matching_manifest_never_reaches_dali(copy_datase
     set_manifest(ds, SHARD, bytes=tar.stat().st_size)  # manifest no longer disagrees
     code = (
         "import sys\nfrom pipeline import build_loader\n"
-        "from pipeline.errors import DatasetError\n"
+        "from core.errors import DatasetError\n"
         "try:\n"
         f"    sum(1 for _ in build_loader('dali', {str(ds)!r}, batch_size=4, shuffle=False, "
         f"device='cpu', dont_use_mmap={not mmap}))\n"
@@ -432,7 +432,7 @@ def test_a_shard_truncated_mid_epoch_is_named_and_never_a_bus_error(copy_dataset
     ds = copy_dataset()
     code = (
         "import os, sys\nfrom pipeline import build_loader\n"
-        "from pipeline.errors import DatasetError\n"
+        "from core.errors import DatasetError\n"
         f"loader = build_loader('dali', {str(ds)!r}, batch_size=4, shuffle=False, "
         "device='cpu', dali_prefetch=1, reader_prefetch=1)\n"
         "it = iter(loader)\nnext(it)\n"

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.arkit import ARKIT_NAMES
 from infer.report import GROUPS, group_mae, most_active, write_report
-from pipeline.arkit import ARKIT_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -464,7 +464,7 @@ def test_make_shards_flag_out_of_range_is_a_usage_error_before_any_work(
 
 
 def test_a_checkpoint_config_of_an_earlier_version_is_read_in_todays_keys():
-    from pipeline.errors import ConfigError
+    from core.errors import ConfigError
     from train.config import load_config
 
     old = {

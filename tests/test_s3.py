@@ -24,8 +24,8 @@ import pytest
 import torch
 from conftest import SMALL_RUN
 
+from core.errors import DatasetError
 from pipeline import build_loader, make_shards, storage
-from pipeline.errors import DatasetError
 from pipeline.manifest import load_manifest
 from pipeline.s3out import UPLOAD_MARK
 

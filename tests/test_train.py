@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 from train.cli import main
 from train.config import load_config
 from train.step import targets

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.errors import TakeError
+from core.errors import TakeError
 from pipeline.windows import cut_take, frame_to_sample, window_starts
 
 RATE, FPS = 16000, 30

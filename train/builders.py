@@ -8,12 +8,12 @@ import dataclasses
 import torch
 from torch import nn
 
+from core.constants import SAMPLE_RATE
 from model import build_model
 from model.features import Mel
 from pipeline import build_loader
 from pipeline.loading import LOADERS, EpochLoader
 from pipeline.manifest import Manifest
-from pipeline.members import SAMPLE_RATE
 from train.config import Config
 from train.distributed import Dist
 

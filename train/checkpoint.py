@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import ResumeError, RunError
+from core.errors import ResumeError, RunError
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import ArkitError
+from core.errors import ArkitError
 from pipeline.loading import LOADERS
 from train.builders import build_loaders, build_model_for
 from train.checkpoint import load_checkpoint

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import yaml
 
+from core.errors import ConfigError
 from model.features import FEATURES
 from pipeline.augment import Augment
-from pipeline.errors import ConfigError
 from pipeline.loading import DaliOptions, TorchOptions
 
 TARGETS = ("first_frame", "sequence")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.errors import RunError
+from core.errors import RunError
 
 # record["split"] -> {record key: TensorBoard tag}; the global step is record["step"]
 SCALARS = {

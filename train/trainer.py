@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import ResumeError, RunError
+from core.errors import ResumeError, RunError
 from pipeline.loading import EpochLoader
 from train.checkpoint import CHECKPOINT_KEYS, save_checkpoint
 from train.config import Config

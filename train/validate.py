@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from pipeline.arkit import ARKIT_NAMES
+from core.arkit import ARKIT_NAMES
 from pipeline.loading import EpochLoader
 from train.distributed import Dist, all_reduce_sum
 from train.step import autocast, model_input, targets

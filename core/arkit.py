@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.errors import AnimationError
+from core.errors import AnimationError
 
 ARKIT_NAMES: tuple[str, ...] = (
     "eyeBlinkLeft",
