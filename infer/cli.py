@@ -186,9 +186,9 @@ def run_inputs(predictor, args, found: list[tuple[Path, Path]], outputs: Outputs
 
 
 def write_eval_report(out: Path, rec: dict, example: dict | None, outputs: Outputs) -> list:
-    """``infer.report.write_report``, recorded; on a failure (a full disk) the report files
+    """``train.report.write_report``, recorded; on a failure (a full disk) the report files
     this run wrote are removed (a RunError): what stays is the earlier report or nothing."""
-    from infer.report import write_report
+    from train.report import write_report
 
     before = {n: digest(out / n) if (out / n).is_file() else None for n in REPORT_FILES}
     made = not out.exists()
@@ -210,8 +210,8 @@ def write_eval_report(out: Path, rec: dict, example: dict | None, outputs: Outpu
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from infer.evaluate import evaluate
-    from infer.predict import Predictor, pick_device
+    from train.evaluate import evaluate
+    from train.predict import Predictor, pick_device
 
     try:
         pick_device(args.device)  # a device this machine lacks is named before any work

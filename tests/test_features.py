@@ -126,8 +126,8 @@ def test_models_take_mel_and_refuse_the_other_input():
 def test_training_on_mel_records_it_and_a_mismatch_is_refused(
     tiny_dataset, tmp_path, loader, capsys
 ):
-    from infer.predict import Predictor
     from train.cli import main as train
+    from train.predict import Predictor
 
     sets = ["model.hidden=16", "model.n_mels=32", "data.batch_size=4", "run.progress=false"]
     sets += [f"data.dir={tiny_dataset}", f"run.dir={tmp_path / 'run'}", "train.max_steps=3"]

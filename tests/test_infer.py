@@ -24,13 +24,13 @@ import torch
 
 from core.arkit import INDEX, LIVE_LINK_EXTRA, LIVE_LINK_NAMES
 from infer.cli import main as infer
-from infer.predict import Predictor
 from model import build_model
 from pipeline import build_loader, make_shards
 from pipeline.livelink import read_live_link_csv, write_live_link_csv
 from pipeline.manifest import load_manifest
 from pipeline.synthetic import make_take
 from train.cli import main as train
+from train.predict import Predictor
 
 SMALL = ["model.hidden=16", "model.n_mels=32", "data.batch_size=4", "run.progress=false"]
 
@@ -322,8 +322,8 @@ def test_the_trainer_writes_best_pts_report_unless_told_not_to(tiny_dataset, tmp
 def test_eval_of_a_segmented_train_split_scores_whole_segments(checkpoint, tmp_path):
     """Segments longer than the window are scored whole (not the loaders' random crops), the
     same with both loaders."""
-    from infer.evaluate import evaluate
     from tests.conftest import build_synthetic
+    from train.evaluate import evaluate
 
     ds = build_synthetic(tmp_path / "seg", 6, "--segment-seconds", "12", "--val-fraction", "0")
     n = load_manifest(ds).num_samples("train")

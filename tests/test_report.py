@@ -1,4 +1,4 @@
-"""infer.report: the groups, the pure helpers and the files write_report renders."""
+"""train.report: the groups, the pure helpers and the files write_report renders."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from core.arkit import ARKIT_NAMES
-from infer.report import GROUPS, group_mae, most_active, write_report
+from train.report import GROUPS, group_mae, most_active, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -166,8 +166,8 @@ def test_write_report_without_baseline_says_na(tmp_path):
 
 
 def test_import_is_cheap():
-    """Importing infer.report must not pull in matplotlib (only write_report does)."""
-    code = "import sys, infer.report; print('matplotlib' in sys.modules)"
+    """Importing train.report must not pull in matplotlib (only write_report does)."""
+    code = "import sys, train.report; print('matplotlib' in sys.modules)"
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),

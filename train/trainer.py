@@ -262,10 +262,10 @@ class Trainer:
         if not hasattr(self.model, "build_args"):
             self.say("no evaluation report: the model was not made by model.build_model")
             return
-        from infer.evaluate import evaluate
-        from infer.predict import Predictor
-        from infer.report import write_report
         from train.builders import loader_options
+        from train.evaluate import evaluate
+        from train.predict import Predictor
+        from train.report import write_report
 
         best = self.run_dir / "best.pt"
         # every rank goes on only if every rank sees the best.pt rank 0 wrote (the stop check's

@@ -10,12 +10,12 @@ import numpy as np
 import torch
 
 from core.errors import DatasetError
-from infer.predict import Predictor
-from infer.report import group_mae
 from pipeline import build_loader
 from pipeline.manifest import SPLITS, load_manifest
 from train.builders import val_batch_size
 from train.distributed import Dist
+from train.predict import Predictor
+from train.report import group_mae
 from train.validate import JAW_OPEN, Scores
 
 
@@ -28,7 +28,7 @@ def evaluate(
     dist: Dist | None = None,
     options: dict | None = None,
 ) -> tuple[dict, dict | None]:
-    """The evaluation record (see ``infer.report``) and the example window worth plotting: the
+    """The evaluation record (see ``train.report``) and the example window worth plotting: the
     one whose true jawOpen moves most. Under DDP (``dist``) each rank scores its share;
     ``options``: the loader backend's knobs."""
     d = dist or Dist()
