@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 
 from core.errors import DatasetError
-from pipeline import storage
-from pipeline.manifest import Manifest, load_manifest
-from pipeline.storage import Location
+from pipeline.shards import storage
+from pipeline.shards.manifest import Manifest, load_manifest
+from pipeline.shards.storage import Location
 
 
 def ensure_dataset(path: Location, windows: int, samples_per_shard: int | None = None) -> Manifest:

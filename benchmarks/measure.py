@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from pipeline.manifest import Manifest
+from pipeline.shards.manifest import Manifest
 
 MODES = ("loader", "train")
 # workers' CPU comes in clock ticks (10 ms) and other threads wind down after the previous row:

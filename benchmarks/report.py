@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from benchmarks.measure import MIN_CPU_WINDOW_S, MODES
-from pipeline.manifest import Manifest
+from pipeline.shards.manifest import Manifest
 
 
 def cpu_model() -> str:

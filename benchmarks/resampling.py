@@ -1,5 +1,5 @@
-"""What the 60 -> 30 fps low-pass of ``pipeline.windows.resample_frames`` does to capture data,
-against keeping every other row (plain interpolation at the frame times).
+"""What the 60 -> 30 fps low-pass of ``pipeline.convert.windows.resample_frames`` does to capture
+data, against keeping every other row (plain interpolation at the frame times).
 
     python benchmarks/resampling.py
 
@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from pipeline.windows import resample_frames
+from pipeline.convert.windows import resample_frames
 
 CAPTURE, TARGET = 60, 30
 

@@ -4,7 +4,7 @@
     python benchmarks/resume.py --at 0.1,0.9 --loaders dali --data s3://bucket/prefix
 
 A loader resumed from a checkpoint's state starts reading at the first unconsumed sample of
-the epoch (``pipeline.sharding``'s global position), so the time to the first batch should not
+the epoch (``pipeline.loaders.plan``'s global position), so the time to the first batch should not
 grow with the position. For scale, each row also gives what replaying the consumed batches
 would cost, the way the loaders resumed before: pulling that many batches through a fresh
 loader. Medians of ``--repeats``; nothing is asserted (speed is measured, not tested).

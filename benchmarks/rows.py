@@ -23,9 +23,9 @@ from benchmarks import spdl_loader, threads_loader, webdataset_loader
 from benchmarks.measure import MODES, Row
 from core.errors import ConfigError
 from pipeline import build_loader
-from pipeline.manifest import Manifest
-from pipeline.sharding import epoch_batches
-from pipeline.verify import sample_refs
+from pipeline.loaders.plan import epoch_batches
+from pipeline.shards.manifest import Manifest
+from pipeline.shards.verify import sample_refs
 
 Factory = Callable[["RowSpec", argparse.Namespace, Manifest, torch.device], Row]
 
@@ -106,7 +106,7 @@ def dali_row(decode: str, what: str, on_cpu: bool = False, **options) -> Factory
     """A DALI row's factory: ``decode`` mode, the graph on CPU operators if ``on_cpu``."""
 
     def factory(spec: RowSpec, args, m: Manifest, device: torch.device) -> Row:
-        from pipeline.dali_graph import default_threads
+        from pipeline.loaders.dali_graph import default_threads
 
         threads = args.dali_threads or f"default {default_threads()}"
         return loader_row(

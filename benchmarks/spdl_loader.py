@@ -41,10 +41,10 @@ import numpy as np
 import torch
 
 from core.errors import DatasetError, MemberError
-from pipeline.manifest import Manifest, verify_hint
-from pipeline.members import decode_sample
-from pipeline.sharding import epoch_batches
-from pipeline.verify import sample_refs
+from pipeline.loaders.plan import epoch_batches
+from pipeline.shards.manifest import Manifest, verify_hint
+from pipeline.shards.members import decode_sample
+from pipeline.shards.verify import sample_refs
 
 SINK_BUFFER = 4  # batches decoded ahead of the consumer, at the end of the pipeline
 

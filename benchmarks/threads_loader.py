@@ -6,7 +6,7 @@ into the thread's staging buffer, converted into its slot of a preallocated floa
 its slot of the batch. Batches are filled ``depth`` ahead in a ring of ``depth + 1`` slots
 (pinned on CUDA, copied without blocking; a slot is refilled only after its copy's event). The
 GIL is released in ``preadv`` and in numpy's loop, so threads overlap on a multi-core CPU.
-Sample order: the torch baseline's (``pipeline.sharding``, rank 0 of 1, shuffled), so both give
+Sample order: the torch baseline's (``pipeline.loaders.plan``, rank 0 of 1, shuffled), so both give
 the same tensors. No checks beyond the start-up check (``sample_refs``): not a product loader.
 A segmented train split is read as its first window of each segment (a fixed crop).
 """
@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from core.errors import DatasetError
-from pipeline.manifest import Manifest
-from pipeline.members import PCM16_SCALE
-from pipeline.sharding import epoch_batches
-from pipeline.verify import sample_refs
+from pipeline.loaders.plan import epoch_batches
+from pipeline.shards.manifest import Manifest
+from pipeline.shards.members import PCM16_SCALE
+from pipeline.shards.verify import sample_refs
 
 
 class ThreadBatches:

@@ -45,8 +45,8 @@ from benchmarks.rows import (
 )
 from core.errors import ArkitError
 from model.features import Mel
-from pipeline import storage
-from pipeline.loading import DaliOptions, resolve_device
+from pipeline.loaders.base import DaliOptions, resolve_device
+from pipeline.shards import storage
 
 # the seed's 4 workers on a 2-CPU machine is the point of the baseline, not a mistake to warn about
 warnings.filterwarnings("ignore", message="This DataLoader will create")

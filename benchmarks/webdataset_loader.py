@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from pipeline.manifest import Manifest
-from pipeline.members import NPY_EXT, WAV_EXT, decode_sample
+from pipeline.shards.manifest import Manifest
+from pipeline.shards.members import NPY_EXT, WAV_EXT, decode_sample
 
 
 def _wds_decoder(m: Manifest):

@@ -26,10 +26,10 @@ import numpy as np
 
 from core.errors import ArkitError, ConfigError, InputError, RunError
 from infer.outputs import Outputs, digest
-from pipeline.audio import read_audio
-from pipeline.inputs import AUDIO_EXTS  # what make_shards takes
-from pipeline.livelink import NOMINAL_RATES, write_live_link_csv
-from pipeline.windows import resample_frames
+from pipeline.convert.audio import read_audio
+from pipeline.convert.inputs import AUDIO_EXTS  # what make_shards takes
+from pipeline.convert.livelink import NOMINAL_RATES, write_live_link_csv
+from pipeline.convert.windows import resample_frames
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -11,8 +11,8 @@ Live Link Face CSV or a ``[T, 52]`` .npy. Every input that cannot be used become
 and the dataset is written beside the old one and swapped in, ``manifest.json`` last, so an
 interrupted run never looks complete and never destroys the previous dataset. An ``s3://``
 ``--out`` is written in a local staging folder, then uploaded beside the old dataset under
-names its manifest does not list, ``manifest.json`` last (``pipeline.s3out``), so an upload cut
-short leaves the previous dataset whole; the same command run again finishes it (it converts
+names its manifest does not list, ``manifest.json`` last (``pipeline.convert.s3out``), so an upload
+cut short leaves the previous dataset whole; the same command run again finishes it (it converts
 again). ``--verify`` reads ``s3://`` too.
 """
 
@@ -31,8 +31,17 @@ import numpy as np
 
 from core.arkit import ORDERS
 from core.errors import ArkitError, DatasetError
-from pipeline import storage
-from pipeline.convert import (
+from pipeline.convert.inputs import (
+    Reject,
+    Rejected,
+    Settings,
+    find_recordings,
+    synthetic_recordings,
+)
+from pipeline.convert.livelink import LIVE_LINK_FPS
+from pipeline.convert.outdir import REJECTS_NAME, WORK_NAME, OutDir
+from pipeline.convert.s3out import S3OutDir, staging_dir
+from pipeline.convert.stages import (
     Balance,
     Cutting,
     TrainStats,
@@ -40,21 +49,12 @@ from pipeline.convert import (
     split_pieces,
     write_shards,
 )
-from pipeline.inputs import (
-    Reject,
-    Rejected,
-    Settings,
-    find_recordings,
-    synthetic_recordings,
-)
-from pipeline.livelink import LIVE_LINK_FPS
-from pipeline.manifest import FPS, SPLITS, WINDOW_SECONDS, Manifest
-from pipeline.outdir import REJECTS_NAME, WORK_NAME, OutDir
-from pipeline.s3out import S3OutDir, staging_dir
-from pipeline.storage import Location, S3Url
-from pipeline.takestore import StoredTake, TakeStore, convert_takes
-from pipeline.verify import check_dataset
-from pipeline.windows import MAX_GAP_SECONDS, TOLERANCE_RATIO, TOLERANCE_SECONDS
+from pipeline.convert.takestore import StoredTake, TakeStore, convert_takes
+from pipeline.convert.windows import MAX_GAP_SECONDS, TOLERANCE_RATIO, TOLERANCE_SECONDS
+from pipeline.shards import storage
+from pipeline.shards.manifest import FPS, SPLITS, WINDOW_SECONDS, Manifest
+from pipeline.shards.storage import Location, S3Url
+from pipeline.shards.verify import check_dataset
 
 
 @dataclass

@@ -29,7 +29,7 @@ from test_make_shards import by_source, parsed
 
 from core.arkit import INDEX
 from pipeline import make_shards
-from pipeline.livelink import parse_timecode_fields
+from pipeline.convert.livelink import parse_timecode_fields
 
 RATE = 16000  # the shards' audio rate
 FPS = 30  # the shards' animation rate

@@ -17,7 +17,7 @@ from core.arkit import (
     LIVE_LINK_NAMES,
 )
 from core.errors import AnimationError
-from pipeline import livelink, windows
+from pipeline.convert import livelink, windows
 
 
 def write_live_link_csv(

@@ -1,4 +1,5 @@
-"""pipeline.audio: reading any WAV/FLAC to 16 kHz mono, and the canonical 44-byte PCM16 WAV."""
+"""pipeline.convert.audio: reading any WAV/FLAC to 16 kHz mono, and the canonical 44-byte PCM16
+WAV."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 import soundfile as sf
 
 from core.errors import AudioError, MemberError
-from pipeline import audio, members
+from pipeline.convert import audio
+from pipeline.shards import members
 
 
 def sine(seconds: float, rate: int, freq: float, amp: float, phase: float = 0.0) -> np.ndarray:
@@ -169,7 +171,7 @@ def test_wav_cut_short_is_an_error_not_a_shorter_take(tmp_path):
     """libsndfile would read what is there; a truncated file must be rejected, not trimmed."""
     import soundfile as sf
 
-    from pipeline.audio import read_audio
+    from pipeline.convert.audio import read_audio
 
     path = tmp_path / "cut.wav"
     sf.write(path, np.zeros(16000, np.float32), 16000, subtype="PCM_16")

@@ -1,4 +1,5 @@
-"""Random crops and paired augmentation (``pipeline.augment``) in both loaders, on real shards.
+"""Random crops and paired augmentation (``pipeline.loaders.augment``) in both loaders, on real
+shards.
 
 Every check compares what a loader yields with the segments make_shards wrote, read straight
 from the tars by key, at the crop and augmentation values the batch says were drawn
@@ -31,9 +32,9 @@ import torch
 from core.arkit import INDEX
 from core.errors import ConfigError
 from pipeline import build_loader, make_shards
-from pipeline.augment import SPEED_TOLERANCE, Augment, max_offset, start_sample
-from pipeline.manifest import load_manifest
-from pipeline.tars import read_index
+from pipeline.loaders.augment import SPEED_TOLERANCE, Augment, max_offset, start_sample
+from pipeline.shards.manifest import load_manifest
+from pipeline.shards.tars import read_index
 
 RATE, FPS = 16000, 30
 CLIP, FRAMES = 160000, 300
@@ -416,7 +417,7 @@ def tone_amplitude(y: np.ndarray, f: float) -> float:
 @pytest.mark.parametrize("backend", ["dali-cpu", "torch"])
 def test_speed_keeps_the_passband_and_removes_the_rest(tones, backend, speeds, record_property):
     """The speed change's audio is band-limited at the lower of the two Nyquists
-    (``pipeline.augment.speed_audio``: kept below 0.92 of it, removed above 0.98), in both
+    (``pipeline.loaders.augment.speed_audio``: kept below 0.92 of it, removed above 0.98), in both
     loaders. Each source tone at f Hz plays at f * speed: a tone below the band limit keeps its
     amplitude within 1% (0.09 dB); one above it (faster: 6.5 and 7 kHz are over 8 kHz / speed)
     must not fold back into the audio at 16 kHz - f * speed, nor may a slowed tone's image at
@@ -451,7 +452,7 @@ def test_speed_keeps_the_passband_and_removes_the_rest(tones, backend, speeds, r
 @pytest.mark.parametrize("speeds", [(0.85, 1.15), (1.2, 1.37), (1.0, 1.0)])
 def test_both_loaders_speed_up_the_audio_alike(short, speeds, record_property):
     """On the same crops at the same speeds, the DALI graph's audio is the torch loader's
-    (``pipeline.augment.speed_audio``, soxr VHQ) within SPEED_TOLERANCE (3%) of its RMS, on
+    (``pipeline.loaders.augment.speed_audio``, soxr VHQ) within SPEED_TOLERANCE (3%) of its RMS, on
     the synthetic corpus, whose noise reaches the top of the band (measured: at most 2%).
     Speed 1 leaves the audio untouched in both: the plain crop (DALI's resampler at scale 1
     to float rounding)."""
@@ -804,10 +805,10 @@ def test_gpu_augmentation_equals_the_cpu_graphs_in_distribution(segs, segs_membe
 @pytest.mark.gpu
 def test_gpu_noise_is_the_torch_loaders(segs):
     """On CUDA each sample's noise is a window of the table's copy on the GPU
-    (``pipeline.dali_graph.GpuNoise``): the audio is the torch loader's (``pipeline.augment``:
-    the same draws, the same window of ``noise_table``) within the tolerance of
-    test_both_loaders_draw_the_same_values_for_each_sample, over two epochs (two pipelines,
-    one upload)."""
+    (``pipeline.loaders.dali_graph.GpuNoise``): the audio is the torch loader's
+    (``pipeline.loaders.augment``: the same draws, the same window of ``noise_table``) within
+    the tolerance of test_both_loaders_draw_the_same_values_for_each_sample, over two epochs
+    (two pipelines, one upload)."""
     aug = {"gain_db": [-12, 12], "snr_db": [5, 30]}
     gpu = _cuda_batches(segs, "cuda", aug)
     ref = _cuda_batches(segs, "cpu", aug, backend="torch")
@@ -839,7 +840,7 @@ def test_the_cuda_graph_augments_on_the_gpu_with_host_draws(segs):
     crosses from the host per sample); the speed's low-pass, resampling, the crop, the
     animation's resize and the noise's RMS run on the GPU, and the audio and animation come
     out there. It also serializes."""
-    from pipeline.dali_graph import build_pipeline
+    from pipeline.loaders.dali_graph import build_pipeline
     from tests.test_loaders import _graph
 
     m = load_manifest(segs)
@@ -857,7 +858,7 @@ def test_the_cuda_graph_augments_on_the_gpu_with_host_draws(segs):
     assert sources == ["cpu"] * 5 + ["gpu"], sources
     assert outputs[:2] == ["gpu", "gpu"] and set(outputs[2:]) == {"cpu"}
     # the host draws hold no noise then (drawing them touches no GPU)
-    from pipeline.dali_graph import Draws, GpuNoise
+    from pipeline.loaders.dali_graph import Draws, GpuNoise
 
     draws = Draws(np.arange(8), 0, aug, m, "train", 4, GpuNoise(0))
     assert draws.outputs == ["offset", "gain_db", "snr_db", "speed", "lowpass"]

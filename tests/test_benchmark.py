@@ -232,7 +232,7 @@ def test_threads_row_gives_the_torch_loaders_tensors_across_epochs(tiny_dataset)
     into the next epoch (36 samples, batch 4: 9 batches an epoch)."""
     from benchmarks.threads_loader import ThreadBatches
     from pipeline import build_loader
-    from pipeline.manifest import load_manifest
+    from pipeline.shards.manifest import load_manifest
 
     rows = ThreadBatches(load_manifest(tiny_dataset), 4, CPU, threads=2)
     try:
@@ -252,7 +252,7 @@ def test_threads_row_gives_the_torch_loaders_tensors_across_epochs(tiny_dataset)
 
 def test_dali_rows_get_the_threads_rows_thread_count_and_say_so(tiny_dataset):
     """DALI's CPU threads follow --threads (default one per CPU), both stated in the rows."""
-    from pipeline.manifest import load_manifest
+    from pipeline.shards.manifest import load_manifest
 
     default = throughput.parse_args([])
     assert default.dali_threads == default.threads == throughput.DEFAULTS["threads"]
@@ -275,7 +275,7 @@ def test_spdl_row_gives_the_torch_loaders_tensors_and_stops_its_threads(tiny_dat
 
     from benchmarks.spdl_loader import spdl_batches
     from pipeline import build_loader
-    from pipeline.manifest import load_manifest
+    from pipeline.shards.manifest import load_manifest
 
     torch_loader = build_loader(
         "torch", tiny_dataset, batch_size=4, shuffle=True, seed=0, num_workers=0, device="cpu"

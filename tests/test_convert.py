@@ -1,5 +1,5 @@
-"""make_shards' stages on plain lists (pipeline.convert): split by recording, shuffle, chunks,
-train statistics, the take store and its fingerprints. No worker pool, no tars."""
+"""make_shards' stages on plain lists (pipeline.convert.stages): split by recording, shuffle,
+chunks, train statistics, the take store and its fingerprints. No worker pool, no tars."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.convert import (
+from pipeline.convert.inputs import Converted, Recording, Rejected, Settings
+from pipeline.convert.stages import (
     Cutting,
     StoredPiece,
     TrainStats,
@@ -19,10 +20,9 @@ from pipeline.convert import (
     shuffle_split,
     split_pieces,
 )
-from pipeline.inputs import Converted, Recording, Rejected, Settings
-from pipeline.members import npy_member
-from pipeline.takestore import StoredTake, TakeStore, fingerprint
-from pipeline.windows import Piece, PreparedTake
+from pipeline.convert.takestore import StoredTake, TakeStore, fingerprint
+from pipeline.convert.windows import Piece, PreparedTake
+from pipeline.shards.members import npy_member
 
 
 def recordings(n: int) -> list[Recording]:

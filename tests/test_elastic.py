@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from core.errors import ResumeError
-from pipeline import dali_loader
-from pipeline.manifest import load_manifest
-from pipeline.sharding import epoch_batches, epoch_order
+from pipeline.loaders import dali_loader
+from pipeline.loaders.plan import epoch_batches, epoch_order
+from pipeline.shards.manifest import load_manifest
 from tests.conftest import build_synthetic
 from tests.test_loaders import make, run_epoch, take
 
@@ -41,7 +41,7 @@ def by_key(batches: list[dict]) -> dict[str, tuple]:
 
 
 def keys_in_order(data) -> list[str]:
-    from pipeline.verify import sample_refs
+    from pipeline.shards.verify import sample_refs
 
     return [r.key for r in sample_refs(load_manifest(data), "train")]
 

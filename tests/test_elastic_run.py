@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.manifest import load_manifest
-from pipeline.sharding import epoch_batches
-from pipeline.verify import sample_refs
+from pipeline.loaders.plan import epoch_batches
+from pipeline.shards.manifest import load_manifest
+from pipeline.shards.verify import sample_refs
 from tests.conftest import build_synthetic
 from tests.test_distributed import SMALL, _free_port
 

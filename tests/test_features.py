@@ -91,8 +91,8 @@ def test_dali_log_mel_frames_are_centred_at_multiples_of_the_hop():
 
 
 def test_cuda_graph_computes_the_log_mel_on_the_gpu(tiny_dataset):
-    from pipeline.dali_graph import build_pipeline
-    from pipeline.manifest import load_manifest
+    from pipeline.loaders.dali_graph import build_pipeline
+    from pipeline.shards.manifest import load_manifest
 
     m = load_manifest(tiny_dataset)
     for decode in ("gpu", "cpu"):

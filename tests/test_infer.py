@@ -26,9 +26,9 @@ from core.arkit import INDEX, LIVE_LINK_EXTRA, LIVE_LINK_NAMES
 from infer.cli import main as infer
 from model import build_model
 from pipeline import build_loader, make_shards
-from pipeline.livelink import read_live_link_csv, write_live_link_csv
-from pipeline.manifest import load_manifest
-from pipeline.synthetic import make_take
+from pipeline.convert.livelink import read_live_link_csv, write_live_link_csv
+from pipeline.convert.synthetic import make_take
+from pipeline.shards.manifest import load_manifest
 from train.cli import main as train
 from train.predict import Predictor
 

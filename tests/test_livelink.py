@@ -1,4 +1,4 @@
-"""pipeline.livelink: the Live Link Face CSV reader (timecodes, their rate, drop-frame,
+"""pipeline.convert.livelink: the Live Link Face CSV reader (timecodes, their rate, drop-frame,
 duplicates, rows out of order, midnight).
 
 Drop-frame numbering is derived here from the SMPTE 12M rule itself, by enumerating the labels
@@ -18,7 +18,7 @@ import pytest
 
 from core.arkit import INDEX, LIVE_LINK_EXTRA, LIVE_LINK_NAMES
 from core.errors import AnimationError
-from pipeline.livelink import (
+from pipeline.convert.livelink import (
     Animation,
     Timecode,
     nominal_rate,
@@ -415,7 +415,7 @@ def test_bom_crlf_quotes_and_unclipped_values(tmp_path):
 
 
 def test_csv_fps_59_94_is_60000_over_1001_exactly(tmp_path):
-    from pipeline.livelink import NTSC, _capture_rate, parse_timecode_fields
+    from pipeline.convert.livelink import NTSC, _capture_rate, parse_timecode_fields
 
     codes = [
         parse_timecode_fields(f"00:00:{s:02d}:{f:02d}.000") for s in range(3) for f in range(60)

@@ -20,9 +20,9 @@ import torch
 
 from core.errors import ConfigError, DatasetError, ResumeError
 from pipeline import build_loader
-from pipeline.manifest import load_manifest
-from pipeline.sharding import epoch_batches
-from pipeline.tars import read_index
+from pipeline.loaders.plan import epoch_batches
+from pipeline.shards.manifest import load_manifest
+from pipeline.shards.tars import read_index
 
 CLIP, FRAMES = 160000, 300
 N_TRAIN, N_VAL = 36, 4
@@ -224,7 +224,7 @@ def shard_sizes(data_dir, split: str = "train") -> list[int]:
 
 @pytest.mark.parametrize("backend", ALL)
 def test_every_backend_follows_the_planned_order(tiny_dataset, written, backend):
-    """Both loaders visit exactly ``epoch_batches`` of ``pipeline.sharding``, batch by batch."""
+    """Both loaders visit exactly ``epoch_batches`` of ``pipeline.loaders.plan``, batch by batch."""
     loader = make(backend, tiny_dataset, batch_size=4, shuffle=True, seed=5, world_size=2, rank=1)
     for epoch in range(2):
         want = epoch_batches(5, epoch, shard_sizes(tiny_dataset), 4, rank=1, world_size=2)
@@ -461,7 +461,7 @@ def _graph(pipe) -> tuple[list[tuple[str, str]], list[str]]:
 
 
 def _cuda_graph(tiny_dataset, decode: str):
-    from pipeline.dali_graph import build_pipeline
+    from pipeline.loaders.dali_graph import build_pipeline
 
     m = load_manifest(tiny_dataset)
     return build_pipeline(
@@ -477,7 +477,7 @@ def test_cuda_graph_decodes_on_the_gpu(tiny_dataset):
     """The CUDA variant of the raw-bytes graph (device_id=0) is defined without a GPU: only the
     reader and each sample's source stay on the host; reinterpreting, slicing off the headers,
     scaling and reshaping run on the GPU, and the two big outputs are GPU tensors."""
-    from pipeline.dali_graph import OUTPUTS
+    from pipeline.loaders.dali_graph import OUTPUTS
 
     ops, outputs = _graph(_cuda_graph(tiny_dataset, "gpu"))
     host = sorted(kind for kind, dev in ops if dev == "cpu")
@@ -554,7 +554,7 @@ def test_gpu_value_check_waits_on_the_batch_device_not_the_current_one():
     even while cuda:0 is the current device."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs: a batch on cuda:1 while cuda:0 is current")
-    from pipeline.dali_loader import _to_host_behind_event
+    from pipeline.loaders.dali_loader import _to_host_behind_event
 
     torch.cuda.set_device(0)
     with torch.cuda.device(1):
@@ -569,7 +569,7 @@ def test_gpu_value_check_waits_on_the_batch_device_not_the_current_one():
 @pytest.mark.parametrize("decode", ["gpu", "cpu"])
 def test_cuda_graph_serializes_without_a_gpu(tiny_dataset, decode):
     """The CUDA graph, defined with GPU operators but no device, serializes on a CPU machine."""
-    from pipeline.dali_graph import build_pipeline
+    from pipeline.loaders.dali_graph import build_pipeline
 
     m = load_manifest(tiny_dataset)
     pipe = build_pipeline(

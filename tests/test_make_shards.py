@@ -26,11 +26,11 @@ from core.arkit import (
     LIVE_LINK_NAMES,
 )
 from pipeline import make_shards
-from pipeline import members as fmt
-from pipeline.manifest import SPLITS
-from pipeline.members import parse_canonical_wav, wav_header
-from pipeline.tars import read_index
-from pipeline.verify import check_dataset
+from pipeline.shards import members as fmt
+from pipeline.shards.manifest import SPLITS
+from pipeline.shards.members import parse_canonical_wav, wav_header
+from pipeline.shards.tars import read_index
+from pipeline.shards.verify import check_dataset
 
 EXTS = (fmt.WAV_EXT, fmt.NPY_EXT, fmt.JSON_EXT)
 

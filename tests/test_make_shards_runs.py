@@ -1,7 +1,7 @@
 """make_shards runs against each other, failures and Ctrl-C: one conversion per folder at a time,
 a failed run never costs the previous dataset, an interrupted run resumes from its converted
 takes, folders that are not ours are never written into, and a finished run leaves only the
-dataset behind (the contract of ``pipeline/outdir.py``).
+dataset behind (the contract of ``pipeline/convert/outdir.py``).
 
 Real processes where the behaviour is about processes (the lock, signals); in-process runs with
 an injected failure where it is about what a failure leaves behind.
@@ -173,7 +173,7 @@ def test_the_lock_still_excludes_when_its_file_is_unlinked_under_an_opener(
     """Run A ends (unlinking the lock file, then closing it) just after run B opened that file
     and before B's flock: B's flock succeeds on the unlinked file, so B must not believe it
     holds the folder's lock unless a third run C is then refused."""
-    from pipeline.outdir import OutDir
+    from pipeline.convert.outdir import OutDir
 
     out = tmp_path / "out"
     a = OutDir(out, overwrite=False).__enter__()
@@ -212,7 +212,7 @@ def assert_previous_dataset_whole(out: Path, previous: dict[str, bytes]) -> None
 
 
 def test_a_failing_run_leaves_the_previous_dataset_whole(tmp_path, monkeypatch, capsys):
-    from pipeline import convert
+    from pipeline.convert import stages as convert
 
     out = tmp_path / "out"
     assert run("--synthetic", "8", "--samples-per-shard", "4", "--out", out) == 0
@@ -379,7 +379,7 @@ def test_a_users_folder_named_in_progress_is_not_taken_for_ours(tmp_path, capsys
 
 
 def test_a_finished_run_leaves_only_the_dataset(tmp_path, monkeypatch):
-    from pipeline.takestore import TakeStore
+    from pipeline.convert.takestore import TakeStore
 
     out = tmp_path / "out"
     args = ("--synthetic", "6", "--samples-per-shard", "2", "--val-fraction", "0", "--out", out)
@@ -457,7 +457,7 @@ def test_a_swap_cut_short_is_finished_by_the_next_run(tmp_path, monkeypatch, cap
 
 def test_a_file_that_could_not_be_read_is_tried_again_on_the_rerun(tmp_path, monkeypatch):
     """A permission or I/O error is not stored with the converted takes: fixed, it converts."""
-    from pipeline import audio as audio_module
+    from pipeline.convert import audio as audio_module
 
     src = tmp_path / "in"
     pcm16_take(src, "a", 12.0, seed=1)

@@ -27,7 +27,7 @@ from benchmarks.measure import (
     summarize,
     trainer_step,
 )
-from pipeline.manifest import Manifest
+from pipeline.shards.manifest import Manifest
 
 CPU = torch.device("cpu")
 

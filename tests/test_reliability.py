@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 
 from core.errors import DatasetError
 from pipeline import build_loader
-from pipeline.members import npy_member as npy_bytes
-from pipeline.tars import write_shard
-from pipeline.verify import check_dataset
+from pipeline.shards.members import npy_member as npy_bytes
+from pipeline.shards.tars import write_shard
+from pipeline.shards.verify import check_dataset
 
 
 def verify_dataset(ds: Path) -> list[str]:
@@ -376,7 +376,8 @@ def test_a_failure_while_writing_a_shard_leaves_the_previous_dataset_whole(
 ):
     """A full disk in the middle of a shard: an error naming it, the previous dataset intact,
     no temporary file left, and a rerun that reuses the converted takes gives the same data."""
-    from pipeline import make_shards, tars
+    from pipeline import make_shards
+    from pipeline.shards import tars
 
     args = ["--synthetic", "24", "--workers", "2", "--samples-per-shard", "4", "--quiet"]
     ref = tmp_path / "ref"

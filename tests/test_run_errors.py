@@ -21,7 +21,7 @@ import torch
 from conftest import build_synthetic
 
 from pipeline import make_shards
-from pipeline.tars import idx_path, read_index
+from pipeline.shards.tars import idx_path, read_index
 from tests.conftest import SMALL_RUN
 from train import runlog as runlog_module
 from train.cli import main

@@ -25,9 +25,10 @@ import torch
 from conftest import SMALL_RUN
 
 from core.errors import DatasetError
-from pipeline import build_loader, make_shards, storage
-from pipeline.manifest import load_manifest
-from pipeline.s3out import UPLOAD_MARK
+from pipeline import build_loader, make_shards
+from pipeline.convert.s3out import UPLOAD_MARK
+from pipeline.shards import storage
+from pipeline.shards.manifest import load_manifest
 
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto.server")
@@ -237,7 +238,7 @@ def no_secret(*texts: str) -> None:
 
 
 def test_s3_urls_join_and_name_like_paths_and_bad_ones_are_refused():
-    from pipeline.tars import idx_path
+    from pipeline.shards.tars import idx_path
 
     root = storage.location("s3://my-bucket/some/prefix/")
     assert root == storage.S3Url("my-bucket", "some/prefix") and str(root) == (
@@ -466,7 +467,8 @@ def test_a_failed_or_killed_overwrite_keeps_the_old_dataset_and_the_rerun_finish
     # killed in the middle of the upload (SIGKILL: no handler runs)
     kill = (
         "import os, signal, sys\n"
-        "from pipeline import make_shards, storage\n"
+        "from pipeline import make_shards\n"
+        "from pipeline.shards import storage\n"
         "real, sent = storage.upload, []\n"
         "def upload(src, dst):\n"
         "    if len(sent) == 2:\n"

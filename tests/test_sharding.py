@@ -1,4 +1,4 @@
-"""The epoch order and the rank plan (pipeline.sharding): pure arithmetic, no DALI, no data.
+"""The epoch order and the rank plan (pipeline.loaders.plan): pure arithmetic, no DALI, no data.
 
 The promises of the module docstring and docs/loaders.md: one global order per epoch whatever
 the world size, grouped by shard; equal steps on every rank; ranks disjoint; fewer than
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.sharding import (
+from pipeline.loaders.plan import (
     epoch_batches,
     epoch_order,
     epoch_seed,

@@ -1,4 +1,5 @@
-"""pipeline.windows: cutting a take into windows; frame k starts at sample round(k*16000/30)."""
+"""pipeline.convert.windows: cutting a take into windows; frame k starts at sample
+round(k*16000/30)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from core.errors import TakeError
-from pipeline.windows import cut_take, frame_to_sample, window_starts
+from pipeline.convert.windows import cut_take, frame_to_sample, window_starts
 
 RATE, FPS = 16000, 30
 
@@ -171,7 +172,7 @@ def test_cut_take_clips_values_and_other_window_lengths():
 
 
 def test_resampling_in_chunks_changes_nothing(monkeypatch):
-    from pipeline import windows
+    from pipeline.convert import windows
 
     rng = np.random.default_rng(0)
     t = np.sort(rng.uniform(0, 30, 1790))

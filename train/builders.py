@@ -12,8 +12,8 @@ from core.constants import SAMPLE_RATE
 from model import build_model
 from model.features import Mel
 from pipeline import build_loader
-from pipeline.loading import LOADERS, EpochLoader
-from pipeline.manifest import Manifest
+from pipeline.loaders.base import LOADERS, EpochLoader
+from pipeline.shards.manifest import Manifest
 from train.config import Config
 from train.distributed import Dist
 

@@ -1,7 +1,7 @@
 """Configuration: YAML (``yaml.safe_load``) resolved once into typed dataclasses, then checked.
 
 Every knob has a default and a comment in one place: here, or for a loader's own knobs in
-``pipeline.loading`` (``DaliOptions``, ``TorchOptions``, whose fields are ``data.*`` keys under
+``pipeline.loaders.base`` (``DaliOptions``, ``TorchOptions``, whose fields are ``data.*`` keys under
 the same names). ``configs/default.yaml`` holds the seed's values. ``--set section.key=value``
 overrides one key (the value is parsed as YAML, so ``--set train.lr=3e-4`` is a float, ``null``
 is None); unknown keys are rejected with the list of valid ones, and every value is checked
@@ -19,8 +19,8 @@ import yaml
 
 from core.errors import ConfigError
 from model.features import FEATURES
-from pipeline.augment import Augment
-from pipeline.loading import DaliOptions, TorchOptions
+from pipeline.loaders.augment import Augment
+from pipeline.loaders.base import DaliOptions, TorchOptions
 
 TARGETS = ("first_frame", "sequence")
 
@@ -42,7 +42,8 @@ class DataConfig(DaliOptions, TorchOptions):
 
 @dataclass
 class AugmentConfig:
-    """Train-split augmentation (``pipeline.augment``); each ``[low, high]`` or null (off)."""
+    """Train-split augmentation (``pipeline.loaders.augment``); each ``[low, high]`` or null
+    (off)."""
 
     gain_db: list[float] | None = None  # audio gain, uniform in dB
     snr_db: list[float] | None = None  # Gaussian noise at a uniform SNR in dB
@@ -196,7 +197,7 @@ def _coerce(key: str, value, hint):
 # keys older configs may hold, and why they went
 REMOVED = {
     "data.shuffle_buffer": "DALI's reader no longer shuffles; both loaders follow "
-    "pipeline.sharding's order (shards, and samples within each, shuffled every epoch)",
+    "pipeline.loaders.plan's order (shards, and samples within each, shuffled every epoch)",
 }
 
 

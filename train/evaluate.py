@@ -11,7 +11,7 @@ import torch
 
 from core.errors import DatasetError
 from pipeline import build_loader
-from pipeline.manifest import SPLITS, load_manifest
+from pipeline.shards.manifest import SPLITS, load_manifest
 from train.builders import val_batch_size
 from train.distributed import Dist
 from train.predict import Predictor

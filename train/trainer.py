@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from core.errors import ResumeError, RunError
-from pipeline.loading import EpochLoader
+from pipeline.loaders.base import EpochLoader
 from train.checkpoint import CHECKPOINT_KEYS, save_checkpoint
 from train.config import Config
 from train.distributed import Dist

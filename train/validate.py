@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from core.arkit import ARKIT_NAMES
-from pipeline.loading import EpochLoader
+from pipeline.loaders.base import EpochLoader
 from train.distributed import Dist, all_reduce_sum
 from train.step import autocast, model_input, targets
 

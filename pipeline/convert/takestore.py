@@ -24,10 +24,10 @@ import numpy as np
 
 from core.arkit import NUM_BLENDSHAPES
 from core.errors import DatasetError
-from pipeline.inputs import Converted, Recording, Rejected, Settings, convert
-from pipeline.manifest import FPS
-from pipeline.members import SAMPLE_RATE, to_pcm16
-from pipeline.windows import PreparedTake
+from pipeline.convert.inputs import Converted, Recording, Rejected, Settings, convert
+from pipeline.convert.windows import PreparedTake
+from pipeline.shards.manifest import FPS
+from pipeline.shards.members import SAMPLE_RATE, to_pcm16
 
 STORE_VERSION = 2  # bump when a stored take's bytes would differ for the same inputs
 

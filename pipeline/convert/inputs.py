@@ -15,17 +15,17 @@ import numpy as np
 
 from core import arkit
 from core.errors import AnimationError, InputError
-from pipeline import audio, synthetic
-from pipeline.livelink import LIVE_LINK_FPS, Animation, read_live_link_csv
-from pipeline.manifest import FPS, WINDOW_SECONDS
-from pipeline.members import SAMPLE_RATE
-from pipeline.windows import (
+from pipeline.convert import audio, synthetic
+from pipeline.convert.livelink import LIVE_LINK_FPS, Animation, read_live_link_csv
+from pipeline.convert.windows import (
     MAX_GAP_SECONDS,
     TOLERANCE_RATIO,
     TOLERANCE_SECONDS,
     PreparedTake,
     prepare_take,
 )
+from pipeline.shards.manifest import FPS, WINDOW_SECONDS
+from pipeline.shards.members import SAMPLE_RATE
 
 AUDIO_EXTS = (".wav", ".flac")
 ANIM_EXTS = (".csv", ".npy")

@@ -1,13 +1,14 @@
-"""The DALI backend: ``pipeline.dali_graph``'s pipeline -> ``DALIGenericIterator`` -> batches.
+"""The DALI backend: ``pipeline.loaders.dali_graph``'s pipeline -> ``DALIGenericIterator`` ->
+batches.
 
-Before DALI reads a byte, the start-up check (``pipeline.verify``) checks every index entry,
+Before DALI reads a byte, the start-up check (``pipeline.shards.verify``) checks every index entry,
 member size and member header; every batch carries each sample's source and its blendshapes'
 min/max are checked, so bad data stops with an error naming the shard and sample instead of
 becoming silently wrong tensors. (Checking headers per batch in the graph instead cost ~30% of
 the CPU path's throughput: DALI's per-sample slicing is not free.)
 
 Each epoch (or resumed rest of one) builds a fresh pipeline whose reader follows exactly the
-samples ``pipeline.sharding`` gives this rank from the loader's position on, through index
+samples ``pipeline.loaders.plan`` gives this rank from the loader's position on, through index
 files written for it in a temporary folder. A resumed epoch starts at its first unconsumed
 sample: nothing is replayed, so resuming at 90% of an epoch costs what resuming at 10% does.
 """
@@ -23,7 +24,8 @@ from pathlib import Path
 import torch
 
 from core.errors import ConfigError, DatasetError
-from pipeline.dali_graph import (
+from pipeline.loaders.base import DaliOptions, EpochLoader, Leg
+from pipeline.loaders.dali_graph import (
     DECODES,
     OUTPUTS,
     READER,
@@ -33,10 +35,9 @@ from pipeline.dali_graph import (
     params_of,
     write_indexes,
 )
-from pipeline.loading import DaliOptions, EpochLoader, Leg
-from pipeline.manifest import verify_hint
-from pipeline.storage import is_s3
-from pipeline.verify import Depth, changed_shards, first_problem, sample_refs
+from pipeline.shards.manifest import verify_hint
+from pipeline.shards.storage import is_s3
+from pipeline.shards.verify import Depth, changed_shards, first_problem, sample_refs
 
 
 class DaliLoader(EpochLoader):

@@ -1,5 +1,5 @@
 """Input audio: any WAV (PCM or float, any rate and channel count) or FLAC to mono float32 at
-the shards' rate. The shards' own WAV members are ``pipeline.members``' business."""
+the shards' rate. The shards' own WAV members are ``pipeline.shards.members``' business."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import AudioError
-from pipeline.members import SAMPLE_RATE
+from pipeline.shards.members import SAMPLE_RATE
 
 
 def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

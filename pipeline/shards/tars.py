@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import storage
-from pipeline.storage import Location, S3Url
+from pipeline.shards import storage
+from pipeline.shards.storage import Location, S3Url
 
 INDEX_VERSION = "v1.2"
 

@@ -1,6 +1,6 @@
 """make_shards' stages 3 and 4: cut the stored takes into pieces, split by recording and shuffle,
 then write the shards. Each stage is a small function over plain lists of named records, so
-each is tested without the others (stage 2, the take store, is ``pipeline.takestore``).
+each is tested without the others (stage 2, the take store, is ``pipeline.convert.takestore``).
 
 Validation gets windows (``--window-seconds`` every ``--stride-seconds``); training gets the
 same windows, or with ``--segment-seconds`` segments that overlap by one window so that the
@@ -20,9 +20,11 @@ import numpy as np
 
 from core.arkit import NUM_BLENDSHAPES
 from core.errors import DatasetError
-from pipeline.inputs import Recording, Reject
-from pipeline.manifest import FPS, SPLITS, Shard
-from pipeline.members import (
+from pipeline.convert.inputs import Recording, Reject
+from pipeline.convert.takestore import StoredTake
+from pipeline.convert.windows import Piece, outside_gaps, segment_pieces, window_pieces
+from pipeline.shards.manifest import FPS, SPLITS, Shard
+from pipeline.shards.members import (
     JSON_EXT,
     NPY_EXT,
     SAMPLE_RATE,
@@ -30,9 +32,7 @@ from pipeline.members import (
     canonical_wav_bytes,
     npy_member,
 )
-from pipeline.takestore import StoredTake
-from pipeline.tars import write_shard
-from pipeline.windows import Piece, outside_gaps, segment_pieces, window_pieces
+from pipeline.shards.tars import write_shard
 
 # ---------------------------------------------------------------- stage 3: cut, split, shuffle
 

@@ -24,16 +24,17 @@ import signal
 from pathlib import Path
 
 from core.errors import ArkitError, DatasetError
-from pipeline.manifest import MANIFEST_NAME, SPLITS, Manifest, load_manifest
-from pipeline.tars import idx_path
+from pipeline.shards.manifest import MANIFEST_NAME, SPLITS, Manifest, load_manifest
+from pipeline.shards.tars import idx_path
 
 LOCK_NAME = ".make_shards.lock"
 WORK_NAME = "in-progress"
 WORK_MARK = ".make_shards-work"  # inside WORK_NAME: the folder is ours
 REJECTS_NAME = "rejects.jsonl"
 JOURNAL_NAME = "commit.json"  # in WORK_NAME: what a swap-in does, written before it starts
-# every name a shard or index of ours can have: ``<split>-NNNNNN.tar`` (``pipeline.convert``),
-# and on S3 ``<split>-b-NNNNNN.tar`` for a dataset uploaded beside another (``pipeline.s3out``)
+# every name a shard or index of ours can have: ``<split>-NNNNNN.tar``
+# (``pipeline.convert.stages``), and on S3 ``<split>-b-NNNNNN.tar`` for a dataset uploaded
+# beside another (``pipeline.convert.s3out``)
 _SHARD_NAME = re.compile(rf"(?:{'|'.join(SPLITS)})-(?:b-)?[0-9]{{6,}}\.(?:tar|idx)")
 
 

@@ -19,11 +19,11 @@ import numpy as np
 from core.arkit import ARKIT_NAMES
 from core.constants import FPS, WINDOW_SECONDS
 from core.errors import DatasetError
-from pipeline import storage
-from pipeline.members import SAMPLE_RATE, WAV_HEADER_BYTES, canonical_npy_header, wav_bytes
-from pipeline.members import npy_bytes as npy_member_bytes
-from pipeline.storage import Location, S3Url
-from pipeline.tars import idx_path
+from pipeline.shards import storage
+from pipeline.shards.members import SAMPLE_RATE, WAV_HEADER_BYTES, canonical_npy_header, wav_bytes
+from pipeline.shards.members import npy_bytes as npy_member_bytes
+from pipeline.shards.storage import Location, S3Url
+from pipeline.shards.tars import idx_path
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")

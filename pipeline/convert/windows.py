@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from core.errors import TakeError
-from pipeline.manifest import FPS
+from pipeline.shards.manifest import FPS
 
 NTSC = 1000 / 1001
 # The audio may end at most this many seconds away from the capture's last frame. Nothing tells

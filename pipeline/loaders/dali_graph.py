@@ -15,8 +15,8 @@ Decode modes:
 The reader reads unshuffled whatever (tar, index) pairs it is given: ``write_indexes`` turns a
 list of samples into one small index per run of consecutive samples from the same tar (DALI
 takes a tar more than once, and an index's samples in any order), so the reader follows an
-order computed outside (``pipeline.sharding``) and can start anywhere in it. The crops and
-augmentation are drawn on the host per sample (``Draws``: ``pipeline.augment.draw`` with the
+order computed outside (``pipeline.loaders.plan``) and can start anywhere in it. The crops and
+augmentation are drawn on the host per sample (``Draws``: ``pipeline.loaders.augment.draw`` with the
 sample's own generator, as the DataLoader's workers draw them); the graph does the work on the
 data's device. Each sample's window of the noise table comes from the host on CPU operators,
 and on CUDA from one copy of the table on the GPU (``GpuNoise``), copied device to device.
@@ -31,7 +31,7 @@ import numpy as np
 
 from core.errors import ConfigError
 from model.features import Mel, dali_log_mel
-from pipeline.augment import (
+from pipeline.loaders.augment import (
     RESAMPLE_QUALITY,
     Augment,
     Params,
@@ -41,11 +41,11 @@ from pipeline.augment import (
     noise_table,
     sample_rng,
 )
-from pipeline.loading import DaliOptions
-from pipeline.manifest import Manifest
-from pipeline.members import NPY_EXT, PCM16_SCALE, WAV_EXT
-from pipeline.tars import Member, index_text
-from pipeline.verify import SampleRef
+from pipeline.loaders.base import DaliOptions
+from pipeline.shards.manifest import Manifest
+from pipeline.shards.members import NPY_EXT, PCM16_SCALE, WAV_EXT
+from pipeline.shards.tars import Member, index_text
+from pipeline.shards.verify import SampleRef
 
 READER = "Reader"
 OUTPUTS = ["wav", "arkit", "source"]
@@ -115,7 +115,7 @@ def build_pipeline(
             index_paths=indexes,
             ext=[WAV_EXT, NPY_EXT],
             missing_component_behavior="error",
-            random_shuffle=False,  # the order is the index files' (pipeline.sharding)
+            random_shuffle=False,  # the order is the index files' (pipeline.loaders.plan)
             # a memory-mapped tar that is cut short kills the process (SIGBUS): before DALI
             # opens them the start-up check makes sure every index entry lies inside its tar,
             # but only reading by copy (the default) also survives a shard truncated while
@@ -180,8 +180,8 @@ def params_of(aug: Augment) -> list[str]:
 
 
 class GpuNoise:
-    """``pipeline.augment.noise_table()`` on one GPU (``device_id``; None: the current one), for
-    a graph whose data is there, with a CUDA stream of its own (``__cuda_stream__``: DALI's
+    """``pipeline.loaders.augment.noise_table()`` on one GPU (``device_id``; None: the current one),
+    for a graph whose data is there, with a CUDA stream of its own (``__cuda_stream__``: DALI's
     external source copies its input on it). At the first batch that needs them the table
     (16 MiB) is uploaded and synchronised, once for the life of this object, and never written
     after, so every copy that reads it, on any stream, finds it complete. A sample's noise is a
@@ -210,7 +210,7 @@ class GpuNoise:
         return self._table, self._stream
 
     def windows(self, drawn: list[Params], window: int) -> list:
-        """Each sample's noise (``pipeline.augment.noise``) as a view of the table."""
+        """Each sample's noise (``pipeline.loaders.augment.noise``) as a view of the table."""
         table, _ = self._ready()
         return [table[p.noise_at : p.noise_at + window] for p in drawn]
 
@@ -220,7 +220,7 @@ class GpuNoise:
 
 class Draws:
     """The graph's external source of crops and augmentation: for iteration ``k``, what
-    ``pipeline.augment.draw`` gives the ``batch_size`` samples the reader hands out then
+    ``pipeline.loaders.augment.draw`` gives the ``batch_size`` samples the reader hands out then
     (``order``, the samples of the index files in their order; the reader wraps around at its
     end, and so does this), each from its own generator (``sample_rng(epoch_seed, index)``).
     Outputs (``outputs``), each a batch, only what the graph uses (DALI warns of an output
@@ -283,8 +283,8 @@ class Draws:
 
 
 def crop_and_augment(audio, arkit, m: Manifest, aug: Augment, to_gpu: bool, drawn: dict):
-    """The graph's part of ``pipeline.augment``: a frame-aligned crop of each train member at
-    the drawn ``offset``, after speed and before gain and noise, on the device the data is on.
+    """The graph's part of ``pipeline.loaders.augment``: a frame-aligned crop of each train member
+    at the drawn ``offset``, after speed and before gain and noise, on the device the data is on.
     ``drawn``: the external source's nodes (``Draws``). Returns the window's audio and arkit;
     ``drawn["offset"]`` becomes int64 for the outputs."""
     import nvidia.dali.math as dmath
@@ -298,7 +298,7 @@ def crop_and_augment(audio, arkit, m: Manifest, aug: Augment, to_gpu: bool, draw
     rate, fps = m.sample_rate, m.fps
     offset = drawn["offset"]
     if aug.speed:
-        # pipeline.augment.speed_audio within SPEED_TOLERANCE: the band above the lower
+        # pipeline.loaders.augment.speed_audio within SPEED_TOLERANCE: the band above the lower
         # Nyquist removed first (the resampler filters at the source's Nyquist only), then
         # resampled. fn.filter takes images: the audio is a [1, samples] one
         speed = drawn["speed"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from core.arkit import INDEX, NUM_BLENDSHAPES
-from pipeline.members import SAMPLE_RATE
+from pipeline.shards.members import SAMPLE_RATE
 
 CAPTURE_FPS = 60  # like Live Link Face; make_shards resamples to 30 fps as for real captures
 CTRL_RATE = 200  # Hz, rate of the hidden control signals

@@ -5,8 +5,8 @@ size, position), shared by both loaders and tested without DALI.
 split's shards in an order drawn for the epoch, each shard's samples in an order drawn for the
 epoch and the shard (MosaicML Streaming calls this "py1s"); unshuffled, the split in tar order.
 Grouping by shard lets DALI's reader follow the order with one index file per shard a rank
-touches (``pipeline.dali_graph.write_indexes``); ``make_shards`` shuffles samples across takes
-before it cuts shards, so a shard is a random subset of the split, as a batch should be.
+touches (``pipeline.loaders.dali_graph.write_indexes``); ``make_shards`` shuffles samples across
+takes before it cuts shards, so a shard is a random subset of the split, as a batch should be.
 
 **The position** is how many samples of that order are consumed; it is the loader's whole
 resume state. From position ``p`` with ``world_size`` ranks of ``batch_size``, global batch

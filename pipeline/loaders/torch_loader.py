@@ -3,13 +3,13 @@
 ``DataLoader(batch_size=16, num_workers=4, pin_memory=True, drop_last=True)``, tensors moved
 with ``.to(device, non_blocking=True)``. Samples are read straight from the tars at the offsets
 in their DALI index (no pickle, no tar scanning), so a sampler can give this loader exactly
-the order ``pipeline.sharding`` plans, which keeps ranks disjoint and resume exact. Every rank
+the order ``pipeline.loaders.plan`` plans, which keeps ranks disjoint and resume exact. Every rank
 runs the same number of whole batches, so the last partial batch is always dropped.
 
 With ``features="mel"`` the workers also compute the model's own log-mel front end
-(``model.features.LogMel``). Crops and augmentation (``pipeline.augment``) run in the workers,
-in numpy and soxr, with the values the DALI graph gets: each sample's generator is seeded by
-the epoch's seed and the sample's index, so an epoch replays exactly whatever the worker.
+(``model.features.LogMel``). Crops and augmentation (``pipeline.loaders.augment``) run in the
+workers, in numpy and soxr, with the values the DALI graph gets: each sample's generator is seeded
+by the epoch's seed and the sample's index, so an epoch replays exactly whatever the worker.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from core.errors import ArkitError, DatasetError, MemberError
 from model.features import LogMel, Mel
-from pipeline import storage
-from pipeline.augment import Augment, apply, draw, sample_rng
-from pipeline.loading import EpochLoader, Leg, TorchOptions
-from pipeline.manifest import Manifest, verify_hint
-from pipeline.members import decode_sample
-from pipeline.verify import SampleRef, changed_shards, sample_refs, shard_stamps
+from pipeline.loaders.augment import Augment, apply, draw, sample_rng
+from pipeline.loaders.base import EpochLoader, Leg, TorchOptions
+from pipeline.shards import storage
+from pipeline.shards.manifest import Manifest, verify_hint
+from pipeline.shards.members import decode_sample
+from pipeline.shards.verify import SampleRef, changed_shards, sample_refs, shard_stamps
 
 
 class Failed:
@@ -47,7 +47,8 @@ def collate(samples: list) -> dict | Failed:
 
 class ShardSamples(Dataset):
     """Random access to a split's samples through the DALI indexes; with ``augment`` set (a
-    train split to crop), each sample is cropped and augmented as ``pipeline.augment`` says."""
+    train split to crop), each sample is cropped and augmented as ``pipeline.loaders.augment``
+    says."""
 
     def __init__(
         self,
@@ -73,7 +74,7 @@ class ShardSamples(Dataset):
         return len(self.items)
 
     def _fd(self, path: str):
-        """A local tar's descriptor, or an s3:// tar's ``S3Url`` (``pipeline.storage`` keeps
+        """A local tar's descriptor, or an s3:// tar's ``S3Url`` (``pipeline.shards.storage`` keeps
         one S3 client per process, made in the process that reads)."""
         if self._pid != os.getpid():  # a forked worker must not share the parent's descriptors
             self._fds, self._pid = {}, os.getpid()

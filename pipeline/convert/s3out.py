@@ -2,8 +2,8 @@
 upload that never leaves a half-written dataset looking complete and never costs the previous
 one.
 
-The rules are the local ones (``pipeline.outdir``): the prefix must be empty, hold one of our
-datasets (replaced only with ``--overwrite``; other objects stay, and one named like a shard
+The rules are the local ones (``pipeline.convert.outdir``): the prefix must be empty, hold one of
+our datasets (replaced only with ``--overwrite``; other objects stay, and one named like a shard
 that the old manifest does not list is refused before any work), or hold what an interrupted
 upload of ours left. The dataset is made by ``OutDir`` in a staging folder on this machine
 (``$TMPDIR/make_shards-s3/<digest of the URL>``: a rerun reuses the takes a failed one
@@ -31,11 +31,11 @@ import tempfile
 from pathlib import Path
 
 from core.errors import ArkitError, DatasetError
-from pipeline import storage
-from pipeline.manifest import MANIFEST_NAME, Manifest, load_manifest
-from pipeline.outdir import REJECTS_NAME, OutDir, dataset_names, name_collisions
-from pipeline.storage import S3Url
-from pipeline.tars import idx_path
+from pipeline.convert.outdir import REJECTS_NAME, OutDir, dataset_names, name_collisions
+from pipeline.shards import storage
+from pipeline.shards.manifest import MANIFEST_NAME, Manifest, load_manifest
+from pipeline.shards.storage import S3Url
+from pipeline.shards.tars import idx_path
 
 UPLOAD_MARK = ".make_shards-upload.json"
 UPLOAD_MANIFEST = ".manifest-upload.json"  # in the staging folder: the manifest that goes up

@@ -7,7 +7,7 @@ instead of ``"wav"``. ``len()`` is batches per epoch; iterating again starts the
 (after an iteration stopped early it continues that epoch, unless ``set_epoch`` says otherwise);
 ``state_dict()`` / ``load_state_dict()`` resume mid-epoch with the same next batches, also at
 another world size: the state is the epoch and the global position in its order. Which samples
-a rank reads comes from ``pipeline.sharding`` so both backends obey the same rules; a resumed
+a rank reads comes from ``pipeline.loaders.plan`` so both backends obey the same rules; a resumed
 backend starts reading at the first unconsumed sample (nothing is replayed).
 
 Each backend's knobs are a dataclass below; their field names are the ``data.*`` config keys,
@@ -29,10 +29,10 @@ import torch
 
 from core.errors import ConfigError, DatasetError, ResumeError
 from model.features import FEATURES, Mel
-from pipeline.augment import Augment
-from pipeline.manifest import Manifest, load_manifest
-from pipeline.sharding import epoch_order, epoch_seed, position_after, rank_batches, steps_left
-from pipeline.verify import changed_shards, shard_stamps
+from pipeline.loaders.augment import Augment
+from pipeline.loaders.plan import epoch_order, epoch_seed, position_after, rank_batches, steps_left
+from pipeline.shards.manifest import Manifest, load_manifest
+from pipeline.shards.verify import changed_shards, shard_stamps
 
 
 @dataclass
@@ -57,8 +57,8 @@ class TorchOptions:
 
 # name -> (module, class, options)
 LOADERS = {
-    "dali": ("pipeline.dali_loader", "DaliLoader", DaliOptions),
-    "torch": ("pipeline.torch_loader", "TorchLoader", TorchOptions),
+    "dali": ("pipeline.loaders.dali_loader", "DaliLoader", DaliOptions),
+    "torch": ("pipeline.loaders.torch_loader", "TorchLoader", TorchOptions),
 }
 
 
@@ -68,7 +68,8 @@ class Leg:
 
     epoch: int
     batches: np.ndarray  # [steps, batch_size] sample indices of the split, in order
-    epoch_seed: int  # seeds each sample's crop and augmentation (pipeline.augment.sample_rng)
+    # seeds each sample's crop and augmentation (pipeline.loaders.augment.sample_rng)
+    epoch_seed: int
 
     @property
     def steps(self) -> int:
@@ -284,8 +285,8 @@ def build_loader(
 ) -> EpochLoader:
     """Make a loader by backend name (a key of ``LOADERS``) with that backend's ``options``.
 
-    ``augment``: the config's ``augment:`` section (see ``pipeline.augment``; the train split
-    only); ``with_params``: each batch also carries ``"key"`` (the samples' keys) and
+    ``augment``: the config's ``augment:`` section (see ``pipeline.loaders.augment``; the train
+    split only); ``with_params``: each batch also carries ``"key"`` (the samples' keys) and
     ``"offset"`` (crop offsets in frames), and each enabled augmentation's drawn values;
     ``features``: "wav" or "mel" (log-mel with the ``mel`` settings, ``model.features.Mel``);
     ``crop=False``: a segmented train split's whole segments, uncropped (for evaluation)."""

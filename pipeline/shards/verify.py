@@ -13,7 +13,7 @@ thing that is wrong, at three depths, and every caller takes what it needs of th
 - ``FULL`` (``make_shards --verify``; lists everything): also the sha256 of every shard, a walk
   of every tar header, the index against the tar's real members, and the ``.json`` member.
 
-A dataset in ``s3://`` gets the same checks through ``pipeline.storage``: ranged GETs of the
+A dataset in ``s3://`` gets the same checks through ``pipeline.shards.storage``: ranged GETs of the
 headers and members (planned ahead, so they go out many at a time), HEAD for sizes, and the
 whole object (one download) only at ``FULL``. A store that fails as a whole (unreachable,
 no bucket, access denied) raises its ``StorageError`` instead of a problem per shard.
@@ -27,9 +27,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from core.errors import DatasetError, MemberError
-from pipeline import storage
-from pipeline.manifest import MANIFEST_NAME, SPLITS, Manifest, Shard, load_manifest, verify_hint
-from pipeline.members import (
+from pipeline.shards import storage
+from pipeline.shards.manifest import (
+    MANIFEST_NAME,
+    SPLITS,
+    Manifest,
+    Shard,
+    load_manifest,
+    verify_hint,
+)
+from pipeline.shards.members import (
     JSON_EXT,
     NPY_EXT,
     WAV_EXT,
@@ -37,8 +44,8 @@ from pipeline.members import (
     check_wav_header,
     decode_sample,
 )
-from pipeline.storage import FileReader, Location, NotFound, S3Reader, StorageError
-from pipeline.tars import Member, group_by_key, header_before, idx_path, read_index, walk_tar
+from pipeline.shards.storage import FileReader, Location, NotFound, S3Reader, StorageError
+from pipeline.shards.tars import Member, group_by_key, header_before, idx_path, read_index, walk_tar
 
 
 class Depth(enum.IntEnum):
