@@ -24,8 +24,8 @@ from benchmarks.measure import MODES, Row
 from core.errors import ConfigError
 from pipeline import build_loader
 from pipeline.loaders.plan import epoch_batches
+from pipeline.shards.index import sample_refs
 from pipeline.shards.manifest import Manifest
-from pipeline.shards.verify import sample_refs
 
 Factory = Callable[["RowSpec", argparse.Namespace, Manifest, torch.device], Row]
 

@@ -42,9 +42,9 @@ import torch
 
 from core.errors import DatasetError, MemberError
 from pipeline.loaders.plan import epoch_batches
+from pipeline.shards.index import sample_refs
 from pipeline.shards.manifest import Manifest, verify_hint
 from pipeline.shards.members import decode_sample
-from pipeline.shards.verify import sample_refs
 
 SINK_BUFFER = 4  # batches decoded ahead of the consumer, at the end of the pipeline
 

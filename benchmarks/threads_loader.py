@@ -23,9 +23,9 @@ import torch
 
 from core.errors import DatasetError
 from pipeline.loaders.plan import epoch_batches
+from pipeline.shards.index import sample_refs
 from pipeline.shards.manifest import Manifest
 from pipeline.shards.members import PCM16_SCALE
-from pipeline.shards.verify import sample_refs
 
 
 class ThreadBatches:

@@ -41,7 +41,7 @@ def by_key(batches: list[dict]) -> dict[str, tuple]:
 
 
 def keys_in_order(data) -> list[str]:
-    from pipeline.shards.verify import sample_refs
+    from pipeline.shards.index import sample_refs
 
     return [r.key for r in sample_refs(load_manifest(data), "train")]
 

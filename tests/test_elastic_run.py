@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from pipeline.loaders.plan import epoch_batches
+from pipeline.shards.index import sample_refs
 from pipeline.shards.manifest import load_manifest
-from pipeline.shards.verify import sample_refs
 from tests.conftest import build_synthetic
 from tests.test_distributed import SMALL, _free_port
 

@@ -31,8 +31,8 @@ from core.errors import ConfigError, DatasetError, ResumeError
 from model.features import FEATURES, Mel
 from pipeline.loaders.augment import Augment
 from pipeline.loaders.plan import epoch_order, epoch_seed, position_after, rank_batches, steps_left
+from pipeline.shards.index import changed_shards, shard_stamps
 from pipeline.shards.manifest import Manifest, load_manifest
-from pipeline.shards.verify import changed_shards, shard_stamps
 
 
 @dataclass

@@ -42,10 +42,10 @@ from pipeline.loaders.augment import (
     sample_rng,
 )
 from pipeline.loaders.base import DaliOptions
+from pipeline.shards.index import SampleRef
 from pipeline.shards.manifest import Manifest
 from pipeline.shards.members import NPY_EXT, PCM16_SCALE, WAV_EXT
 from pipeline.shards.tars import Member, index_text
-from pipeline.shards.verify import SampleRef
 
 READER = "Reader"
 OUTPUTS = ["wav", "arkit", "source"]

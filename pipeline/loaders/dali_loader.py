@@ -35,9 +35,10 @@ from pipeline.loaders.dali_graph import (
     params_of,
     write_indexes,
 )
+from pipeline.shards.index import changed_shards, sample_refs
 from pipeline.shards.manifest import verify_hint
 from pipeline.shards.storage import is_s3
-from pipeline.shards.verify import Depth, changed_shards, first_problem, sample_refs
+from pipeline.shards.verify import Depth, first_problem
 
 
 class DaliLoader(EpochLoader):

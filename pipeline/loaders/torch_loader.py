@@ -25,9 +25,9 @@ from model.features import LogMel, Mel
 from pipeline.loaders.augment import Augment, apply, draw, sample_rng
 from pipeline.loaders.base import EpochLoader, Leg, TorchOptions
 from pipeline.shards import storage
+from pipeline.shards.index import SampleRef, changed_shards, sample_refs, shard_stamps
 from pipeline.shards.manifest import Manifest, verify_hint
 from pipeline.shards.members import decode_sample
-from pipeline.shards.verify import SampleRef, changed_shards, sample_refs, shard_stamps
 
 
 class Failed:

@@ -1,0 +1,76 @@
+"""The sample index the loaders read from: each sample's members' places in its tar (from the
+DALI index, after the start-up check) and the shards' stamps a run checks again every epoch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.errors import DatasetError
+from pipeline.shards import storage
+from pipeline.shards.manifest import Manifest, verify_hint
+from pipeline.shards.members import NPY_EXT, WAV_EXT
+from pipeline.shards.storage import NotFound
+from pipeline.shards.tars import idx_path, read_index
+from pipeline.shards.verify import Depth, Problem, first_problem
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one sample's members lie in its tar (from the DALI index)."""
+
+    tar: str
+    key: str
+    wav: tuple[int, int]  # (offset, size)
+    npy: tuple[int, int]
+
+
+def sample_refs(m: Manifest, split: str) -> list[SampleRef]:
+    """A split's samples in order, after the start-up check: DatasetError on the first problem."""
+    problem = first_problem(m, split, Depth.STARTUP)
+    if problem is not None:
+        raise DatasetError(
+            f"{problem}; run `{verify_hint(m.root)}` to list every bad shard and sample"
+        )
+    refs = []
+    for tar in m.tar_paths(split):
+        for sample in read_index(idx_path(tar)):
+            by_ext = {c.ext: c for c in sample}
+            wav, npy = by_ext[WAV_EXT], by_ext[NPY_EXT]
+            refs.append(SampleRef(tar, wav.key, (wav.offset, wav.size), (npy.offset, npy.size)))
+    return refs
+
+
+def shard_stamps(m: Manifest, split: str) -> dict[str, tuple[int, int | str]]:
+    """Each shard's (size, version) now: what a run checks again at every epoch. The version
+    is the modification time of a file, the ETag of an S3 object."""
+    stamps = {}
+    for tar in m.tar_paths(split):
+        try:
+            st = storage.stat(tar)
+        except (OSError, NotFound):
+            continue  # the start-up check names a missing shard
+        stamps[tar] = (st.size, st.version)
+    return stamps
+
+
+def changed_shards(stamps: dict[str, tuple[int, int | str]]) -> Problem | None:
+    """The first shard whose size or version differs from ``stamps``."""
+    for tar, (size, version) in stamps.items():
+        try:
+            st = storage.stat(tar)
+        except OSError as exc:
+            return Problem(tar, f"vanished while the run was reading it ({exc.strerror})")
+        except NotFound:
+            return Problem(tar, "vanished while the run was reading it (no such object)")
+        if (st.size, st.version) != (size, version):
+            what = (
+                f"its size went from {size} to {st.size} bytes"
+                if st.size != size
+                else ("it was modified")
+            )
+            return Problem(
+                tar,
+                f"changed while the run was reading it ({what}): rewritten or truncated during "
+                "training? Let the writer finish, check it, and resume from the last checkpoint",
+            )
+    return None
