@@ -3,20 +3,40 @@ round(k*16000/30)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 from core.errors import TakeError
-from pipeline.convert.windows import cut_take, frame_to_sample, window_starts
+from pipeline.convert.windows import (
+    frame_to_sample,
+    outside_gaps,
+    prepare_take,
+    window_pieces,
+    window_starts,
+)
 
 RATE, FPS = 16000, 30
 
 
-def cut(*args, **kw):
-    """The windows of cut_take (none are left out: these takes have no gaps)."""
-    result = cut_take(*args, **kw)
-    assert result.dropped == []
-    return result.windows
+def cut(*args, stride_seconds=None, **kw):
+    """A take's windows as make_shards cuts them (prepare_take, window_pieces, outside_gaps),
+    each with its audio and frames (none are left out: these takes have no gaps)."""
+    take = prepare_take(*args, **kw)
+    pieces = window_pieces(take, kw.get("window_seconds", 10.0), stride_seconds)
+    kept, dropped = outside_gaps(take, pieces, "window")
+    assert dropped == []
+    return [
+        SimpleNamespace(
+            index=p.index,
+            start_frame=p.start_frame,
+            start_sample=p.start_sample,
+            audio=take.audio[p.start_sample : p.start_sample + p.samples],
+            arkit=take.frames[p.start_frame : p.start_frame + p.frames],
+        )
+        for p in kept
+    ]
 
 
 def exact_start(k: int) -> int:
@@ -72,7 +92,7 @@ def check_windows(windows, audio, *, stride_frames: int):
         np.testing.assert_allclose(win.arkit, (t[:, None] + np.arange(52)) / 100, atol=1e-6, rtol=0)
 
 
-def test_cut_take_aligned_windows():
+def test_cut_aligned_windows():
     audio, times, values = take(35.0, 35.0)
     windows = cut(audio, RATE, times, values)
     assert len(windows) == 3
@@ -86,7 +106,7 @@ def test_cut_take_aligned_windows():
         (2.0 / 3, 20, [0, 10667, 21333, 32000, 42667, 53333, 64000]),
     ],
 )
-def test_cut_take_with_stride(stride, frames, starts):
+def test_cut_with_stride(stride, frames, starts):
     seconds = 20.0 if stride == 2.5 else 14.0
     audio, times, values = take(seconds, seconds)
     windows = cut(audio, RATE, times, values, stride_seconds=stride)
@@ -94,7 +114,7 @@ def test_cut_take_with_stride(stride, frames, starts):
     check_windows(windows, audio, stride_frames=frames)
 
 
-def test_cut_take_trims_to_the_shorter_stream():
+def test_cut_trims_to_the_shorter_stream():
     loose = dict(tolerance_seconds=0.5, tolerance_ratio=0.05)
     audio, times, values = take(20.4, 20.0)  # audio 0.4 s longer: within a tolerance of 0.5 s
     assert len(cut(audio, RATE, times, values, **loose)) == 2
@@ -108,14 +128,14 @@ def test_cut_take_trims_to_the_shorter_stream():
     assert windows[-1].start_sample + 160000 <= len(audio)
 
 
-def test_cut_take_last_window_audio_must_fit():
+def test_cut_last_window_audio_must_fit():
     # frames say 10 s but the audio is one sample short of 10 s: no window
     audio, times, values = take(10.0, 10.0)
     with pytest.raises(TakeError, match="shorter than one 10 s window"):
         cut(audio[:-1], RATE, times, values)
 
 
-def test_cut_take_exactly_one_window_despite_float_noise_in_times():
+def test_cut_exactly_one_window_despite_float_noise_in_times():
     # times from HH:MM:SS:FF timecodes carry ~1e-13 s of float error; a take of exactly 10 s
     # (600 rows at 60 fps, 160000 samples) must still give its window
     audio, times, values = take(10.0, 10.0)
@@ -124,7 +144,7 @@ def test_cut_take_exactly_one_window_despite_float_noise_in_times():
         assert len(windows) == 1 and windows[0].start_sample == 0
 
 
-def test_cut_take_tolerance_is_absolute_and_relative_and_errors():
+def test_cut_tolerance_is_absolute_and_relative_and_errors():
     audio, times, values = take(20.0, 20.6)
     with pytest.raises(TakeError, match=r"audio is 20.000 s but animation is 20.600 s"):
         cut(audio, RATE, times, values)
@@ -157,7 +177,7 @@ def test_cut_take_tolerance_is_absolute_and_relative_and_errors():
         cut(audio, RATE, times[:1], values[:1])
 
 
-def test_cut_take_clips_values_and_other_window_lengths():
+def test_cut_clips_values_and_other_window_lengths():
     audio, times, values = take(6.0, 6.0)
     values = values * 40 - 1  # from -1 to above 1
     windows = cut(audio, RATE, times, values, window_seconds=2.0)

@@ -13,7 +13,7 @@ filled in by interpolation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,21 +31,6 @@ TOLERANCE_RATIO = 0.0005
 ALIGNMENT_SECONDS = 0.02  # what the project promises: animation within 20 ms of its sound
 MAX_GAP_SECONDS = 0.1  # a longer hole between capture rows is not bridged
 CHUNK_FRAMES = 8192  # output frames resampled at a time
-
-
-@dataclass(frozen=True)
-class Window:
-    index: int
-    start_frame: int
-    start_sample: int
-    audio: np.ndarray  # float32 [window_samples]
-    arkit: np.ndarray  # float32 [window_frames, 52]
-
-
-@dataclass(frozen=True)
-class Cut:
-    windows: list[Window]
-    dropped: list[str] = field(default_factory=list)  # one reason per window left out
 
 
 def resample_frames(times: np.ndarray, values: np.ndarray, fps: float, n_out: int) -> np.ndarray:
@@ -274,47 +259,3 @@ def outside_gaps(
             f"--max-gap-seconds {take.max_gap_seconds:g}"
         )
     return kept, dropped
-
-
-def window_of(take: PreparedTake, p: Piece) -> Window:
-    return Window(
-        index=p.index,
-        start_frame=p.start_frame,
-        start_sample=p.start_sample,
-        audio=take.audio[p.start_sample : p.start_sample + p.samples],
-        arkit=take.frames[p.start_frame : p.start_frame + p.frames],
-    )
-
-
-def cut_take(
-    audio: np.ndarray,
-    rate: int,
-    times: np.ndarray,
-    values: np.ndarray,
-    *,
-    fps: int = FPS,
-    window_seconds: float = 10.0,
-    stride_seconds: float | None = None,
-    tolerance_seconds: float = TOLERANCE_SECONDS,
-    tolerance_ratio: float = TOLERANCE_RATIO,
-    max_gap_seconds: float = MAX_GAP_SECONDS,
-) -> Cut:
-    """Resample animation to ``fps`` by time, trim audio and animation to the shorter one and
-    cut aligned windows, leaving out those that overlap a gap. Raises TakeError when the
-    lengths differ by more than the tolerances or the take is shorter than one window.
-    """
-    take = prepare_take(
-        audio,
-        rate,
-        times,
-        values,
-        fps=fps,
-        window_seconds=window_seconds,
-        tolerance_seconds=tolerance_seconds,
-        tolerance_ratio=tolerance_ratio,
-        max_gap_seconds=max_gap_seconds,
-    )
-    kept, dropped = outside_gaps(
-        take, window_pieces(take, window_seconds, stride_seconds), "window"
-    )
-    return Cut([window_of(take, p) for p in kept], dropped)
