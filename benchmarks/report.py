@@ -31,7 +31,7 @@ def cpu_model() -> str:
 def version(module: str) -> str | None:
     try:
         return str(__import__(module).__version__)
-    except Exception:  # noqa: BLE001 - absent or broken: report as unknown
+    except Exception:  # absent or broken: report as unknown
         return None
 
 

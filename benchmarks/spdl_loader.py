@@ -54,7 +54,7 @@ def available() -> str | None:
     try:
         from spdl.io import transfer_tensor_h2d  # noqa: F401 - the names the row uses (0.8)
         from spdl.pipeline import PipelineBuilder  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - missing, too old or broken: the row is left out
+    except Exception as exc:  # missing, too old or broken: the row is left out
         return f"spdl is not installed ({exc}); pip install 'arkit-dali[bench]'"
     return None
 

@@ -7,5 +7,4 @@ from __future__ import annotations
 SAMPLE_RATE = 16_000  # Hz, every shard's audio
 FPS = 30  # animation frames per second in every shard
 WINDOW_SECONDS = 10.0  # make_shards' default window ...
-WINDOW_SAMPLES = round(SAMPLE_RATE * WINDOW_SECONDS)  # ... of 160000 samples
 WINDOW_FRAMES = round(FPS * WINDOW_SECONDS)  # ... and 300 frames

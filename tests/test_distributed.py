@@ -90,7 +90,7 @@ def _rank_main(rank: int, world: int, port: int, args: list[str], out: str) -> N
     seen: list[int] = []
     orig = Trainer.load_state_dict
 
-    def load(self, state, **kw):  # noqa: ANN001 - record where each rank's loader resumes
+    def load(self, state, **kw):  # record where each rank's loader resumes
         orig(self, state, **kw)
         seen.append(self.train_loader.state_dict()["batch"])
 
@@ -98,7 +98,7 @@ def _rank_main(rank: int, world: int, port: int, args: list[str], out: str) -> N
     trainer_box = {}
     orig_fit = Trainer.fit
 
-    def fit(self):  # noqa: ANN001 - keep the rank's trainer to dump its parameters
+    def fit(self):  # keep the rank's trainer to dump its parameters
         trainer_box["t"] = self
         return orig_fit(self)
 

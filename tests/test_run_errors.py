@@ -43,7 +43,7 @@ def cli(argv: list[str], capsys) -> tuple[int, str]:
     the command line the user would have seen a traceback instead of ``error: ...``."""
     try:
         code = main([str(a) for a in argv])
-    except Exception as exc:  # noqa: BLE001 - any escape is the failure this file looks for
+    except Exception as exc:  # any escape is the failure this file looks for
         pytest.fail(f"main() raised {type(exc).__name__}: {exc} (a traceback for the user)")
     return code, capsys.readouterr().err
 

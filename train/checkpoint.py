@@ -46,7 +46,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise ResumeError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a file it cannot read
+    except Exception as exc:  # torch raises many types for a file it cannot read
         raise ResumeError(
             f"checkpoint {path} is unreadable or not ours ({type(exc).__name__}: "
             f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})"

@@ -33,7 +33,7 @@ def _summary_writer_class():
     """torch's SummaryWriter, or None where the ``tensorboard`` package is missing."""
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # noqa: BLE001 - missing (ImportError) or broken (protobuf: TypeError...)
+    except Exception:  # missing (ImportError) or broken (protobuf: TypeError...)
         return None
     return SummaryWriter
 

@@ -195,7 +195,7 @@ class DaliLoader(EpochLoader):
                         f"{root}: the {split} shards ended after {i} batches, the manifest "
                         f"promises {leg.steps}"
                     ) from None
-                except Exception as exc:  # noqa: BLE001 - DALI raises several types
+                except Exception as exc:  # DALI raises several types
                     what = f"{root}: DALI failed reading the {split} shards at batch {i}"
                     raise self._dali_failed(what, exc) from None
                 wav, arkit = out[self.features], out["arkit"]

@@ -148,7 +148,7 @@ def parse_arkit_npy(blob: bytes, frames: int, width: int) -> np.ndarray:
         return np.frombuffer(blob, dtype="<f4", offset=len(head)).reshape(frames, width)
     try:
         arr = np.lib.format.read_array(io.BytesIO(blob), allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - numpy raises many types for bytes that are not npy
+    except Exception as exc:  # numpy raises many types for bytes that are not npy
         raise MemberError(f"not a readable npy array ({exc})") from None
     raise MemberError(
         f"npy holds {arr.dtype} {tuple(arr.shape)}, expected float32 ({frames}, {width})"
