@@ -319,6 +319,80 @@ def test_resume_of_a_file_that_is_not_our_checkpoint_is_a_named_error(
     assert files(path.parent) == before  # nothing written beside it
 
 
+def _text(path: Path) -> None:
+    path.write_text("step: 3\nlr: 0.001\n")
+
+
+def _zip(path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("weights.txt", "1 2 3")
+
+
+def _npy(path: Path) -> None:
+    import numpy as np
+
+    with open(path, "wb") as f:
+        np.save(f, np.zeros((3, 52), np.float32))
+
+
+def _torch_file_of_objects(path: Path) -> None:
+    import numpy as np
+
+    torch.save({"model": np.zeros(3)}, path)  # a numpy array: not loadable weights_only
+
+
+def _pickle(path: Path) -> None:
+    import pickle
+
+    path.write_bytes(pickle.dumps({"model": {"w": [1.0, 2.0]}}, protocol=4))
+
+
+@pytest.mark.parametrize(
+    "make, what",
+    [
+        (_text, "a text file"),
+        (_zip, "a zip archive, not a torch file"),
+        (_npy, "a NumPy .npy array"),
+        (_torch_file_of_objects, "objects other than tensors and plain values"),
+        (_pickle, "a Python pickle"),
+    ],
+    ids=lambda v: v.__name__.strip("_") if callable(v) else None,
+)
+def test_a_file_that_is_not_a_checkpoint_is_named_without_unsafe_advice(
+    tmp_path, monkeypatch, capsys, make, what
+):
+    """torch's own error for these advises weights_only=False (running any code the file
+    holds): the user is told what the file is and what to pass instead."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "theirs" / "model.pt"
+    path.parent.mkdir()
+    make(path)
+    code, err = cli(["--resume", path], capsys)
+    assert_user_error(code, err, str(path), what, "not a checkpoint of this trainer", "last.pt")
+    assert "weights_only" not in err and "False" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_pickle_given_as_checkpoint_prints_one_line_on_the_command_line(tmp_path):
+    path = tmp_path / "model.pkl"
+    _pickle(path)
+    res = subprocess.run(
+        [sys.executable, "-m", "train", "--resume", str(path)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.startswith(f"error: checkpoint {path} is unreadable or not ours (a "), (
+        res.stderr
+    )
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr  # no torch warning either
+
+
 def test_resume_of_a_missing_path_is_a_named_error(tmp_path, capsys):
     path = tmp_path / "runs" / "x" / "last.pt"
     code, err = cli(["--resume", path], capsys)
