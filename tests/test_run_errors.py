@@ -187,6 +187,24 @@ def test_every_knob_out_of_range_is_refused_before_anything_is_written(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("device", ["nonsense", "mps", "cuda:x", "CPU", "cuda:9", "cuda"])
+def test_a_device_this_trainer_cannot_use_is_refused_naming_the_choices(
+    tmp_path, tiny_dataset, capsys, device
+):
+    """run.device is one of auto, cpu, cuda, cuda:<index>, and one this machine has; anything
+    else is one error line naming the key, the value and the choices (never a CPU run)."""
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.startswith("cuda") and device[5:].isdigit() and int(device[5:]) < have:
+        pytest.skip(f"this machine has {device}")
+    if device == "cuda" and have:
+        pytest.skip("this machine has CUDA")
+    run_dir = tmp_path / "run"
+    code, err = cli(train_args(run_dir, tiny_dataset, f"run.device={device}"), capsys)
+    assert_user_error(code, err, "run.device", device, "auto", "cpu")
+    assert len(err.strip().splitlines()) == 1, err
+    assert not run_dir.exists()
+
+
 def test_a_knob_out_of_range_on_resume_touches_nothing(copied, capsys):
     before = files(copied.parent)
     code, err = cli(["--resume", copied, *sets("train.max_steps=4", "train.lr=0")], capsys)
