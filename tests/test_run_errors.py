@@ -212,6 +212,53 @@ def test_a_knob_out_of_range_on_resume_touches_nothing(copied, capsys):
     assert files(copied.parent) == before
 
 
+def _moved(a: dict, b: dict) -> float:
+    """The largest change of any trained weight between two checkpoints (not the batch norms'
+    running statistics, which every forward pass updates)."""
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    weights = [k for k in a["model"] if not k.endswith(stats)]
+    return max((a["model"][k] - b["model"][k]).abs().max().item() for k in weights)
+
+
+def test_lr_and_weight_decay_set_on_resume_are_what_the_optimizer_steps_with(
+    copied, tmp_path, capsys
+):
+    """--set train.lr / train.weight_decay on resume: the optimizer steps with them (its moments
+    kept), metrics.jsonl and the new checkpoint's config and optimizer all say so."""
+    before = load(copied)
+    assert before["config"]["train"]["lr"] == 1e-3 and before["optimizer"]["param_groups"]
+    tiny = tmp_path / "tiny"
+    args = ["--resume", copied, *sets("train.max_steps=4", "train.report=false", f"run.dir={tiny}")]
+    code, _ = cli([*args, *sets("train.lr=1e-9", "train.weight_decay=0.25")], capsys)
+    assert code == 0
+    after = load(tiny / "last.pt")
+    assert after["step"] == 4
+    assert after["config"]["train"]["lr"] == 1e-9
+    assert after["config"]["train"]["weight_decay"] == 0.25
+    for group in after["optimizer"]["param_groups"]:
+        assert group["lr"] == 1e-9 and group["weight_decay"] == 0.25
+    lines = (tiny / "metrics.jsonl").read_text().splitlines()
+    assert [r["lr"] for r in map(json.loads, lines) if r["split"] == "train"] == [1e-9, 1e-9]
+    # two AdamW steps of lr 1e-9 move no weight by more than ~2e-9; the checkpoint's lr 1e-3
+    # (the same resume without --set) moves them by ~1e-3
+    assert _moved(after, before) < 1e-7
+    kept = tmp_path / "kept"
+    code, _ = cli(
+        ["--resume", copied, *sets("train.max_steps=4", "train.report=false", f"run.dir={kept}")],
+        capsys,
+    )
+    assert code == 0
+    assert _moved(load(kept / "last.pt"), before) > 1e-5
+    assert load(kept / "last.pt")["optimizer"]["param_groups"][0]["lr"] == 1e-3
+
+
+def test_resume_with_another_target_names_the_key(copied, capsys):
+    before = files(copied.parent)
+    code, err = cli(["--resume", copied, *sets("train.target=sequence")], capsys)
+    assert_user_error(code, err, str(copied), "train.target=first_frame", "train.target=sequence")
+    assert files(copied.parent) == before
+
+
 @pytest.mark.parametrize("grad_clip, clips", [("null", 0), ("0.5", 2)])
 def test_grad_clip_null_trains_without_clipping(
     tmp_path, tiny_dataset, monkeypatch, grad_clip, clips

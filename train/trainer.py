@@ -102,6 +102,13 @@ class Trainer:
                 f"{source} is not a checkpoint of this trainer (no {', '.join(missing)})"
             )
         self._check_dataset(state.get("dataset"), source)
+        target = (state.get("model_args") or {}).get("target", self.cfg.train.target)
+        if target != self.cfg.train.target:
+            raise ResumeError(
+                f"{source} was trained with train.target={target}; this run has "
+                f"train.target={self.cfg.train.target} (another model): resume with --set "
+                f"train.target={target}"
+            )
         had = (state.get("model_args") or {}).get("features", "wav")
         has = getattr(self.model, "features", "wav")
         if had != has:
@@ -119,6 +126,7 @@ class Trainer:
                 f"{source} holds a model of another shape than this config builds (model.* "
                 f"settings differ?): {first}"
             ) from None
+        self._apply_optimizer_settings()
         self.step = int(state["step"])
         self.best_val = float(state.get("best_val_mse", math.inf))
         self.train_loader.load_state_dict(state["loader"])
@@ -126,6 +134,22 @@ class Trainer:
         # loader moves on to the next epoch, but this one still gets its validation and save
         if self.train_loader.epoch > int(state["loader"]["epoch"]):
             self._unfinished = int(state["loader"]["epoch"])
+
+    def _apply_optimizer_settings(self) -> None:
+        """The config's ``train.lr`` and ``train.weight_decay`` in every param group: loading an
+        optimizer's state takes the checkpoint's, and a resumed run (``--set train.lr=...``)
+        steps with, and records, the ones its config says. AdamW reads both afresh at every step
+        and keeps its moments, so a change applies exactly from the next step on."""
+        t = self.cfg.train
+        changed = []
+        for key, value in (("lr", t.lr), ("weight_decay", t.weight_decay)):
+            old = self.opt.param_groups[0][key]
+            if float(old) != value:
+                changed.append(f"train.{key} {float(old):g} -> {value:g}")
+            for group in self.opt.param_groups:
+                group[key] = value
+        if changed:
+            self.say(f"resumed with {', '.join(changed)} (from the next step on)")
 
     def _check_dataset(self, recorded: dict | None, source: str) -> None:
         if recorded is None or self.cfg.train.allow_new_data:
