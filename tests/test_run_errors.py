@@ -121,6 +121,60 @@ def test_resume_writes_where_the_user_points_and_never_into_the_source_run(
         assert files(b) == b_before  # B only lent its checkpoint
 
 
+# ---------------------------------------------------------------- one run per run.dir
+
+
+@pytest.mark.slow  # a real first run in a subprocess
+def test_a_second_run_into_a_busy_run_dir_is_refused_and_a_killed_runs_lock_blocks_nobody(
+    tmp_path, tiny_dataset, capsys
+):
+    import signal
+    import socket
+    import time
+
+    a = tmp_path / "A"
+    more = ("train.epochs=1000", "run.checkpoint_every=1", "train.report=false")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "train", *train_args(a, tiny_dataset, *more)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and first.poll() is None:
+            if (a / "last.pt").is_file() and len(steps(a)) >= 2:
+                break
+            time.sleep(0.05)
+        first.send_signal(signal.SIGSTOP)  # frozen mid-run, still holding run.dir
+        before = files(a)
+        for argv in (
+            train_args(a, tiny_dataset, "train.max_steps=2"),
+            ["--resume", a / "last.pt", *sets("train.max_steps=1000")],
+        ):
+            code, err = cli(argv, capsys)
+            host = socket.gethostname()
+            assert_user_error(
+                code, err, f"run.dir {a} is in use", f"pid {first.pid} on host {host}"
+            )
+            assert "--set run.dir=" in err and len(err.strip().splitlines()) == 1, err
+            assert files(a) == before  # the second writer wrote nothing
+        first.kill()  # SIGKILL: no clean-up; the kernel drops the lock
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(timeout=60)
+    assert json.loads((a / ".train.lock").read_text())["pid"] == first.pid  # left behind
+    stopped = load(a / "last.pt")["step"]
+    resume = ["--resume", a / "last.pt", *sets(f"train.max_steps={stopped + 2}")]
+    code, err = cli([*resume, *sets("train.report=false")], capsys)
+    assert code == 0, err
+    assert load(a / "last.pt")["step"] == stopped + 2
+    assert not (a / ".train.lock").exists()  # a run that ends takes its lock file away
+
+
 # ---------------------------------------------------------------- 2. dataset identity
 
 

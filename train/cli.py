@@ -92,6 +92,7 @@ def run(cfg: Config, loader: str, state: dict | None, resume: str | None) -> Non
     finally:
         if trainer is not None:
             trainer.release()
+            trainer.close()
         del trainer
         gc.collect()  # the DDP reducer's cycles go before the group does, not at exit
         shutdown(d)

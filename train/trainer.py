@@ -29,6 +29,7 @@ from pipeline.loading import EpochLoader
 from train.checkpoint import CHECKPOINT_KEYS, save_checkpoint
 from train.config import Config
 from train.distributed import Dist
+from train.runlock import RunLock
 from train.runlog import RunLog
 from train.step import TrainStep, make_optimizer
 from train.validate import summary_lines, validate
@@ -53,6 +54,9 @@ class Trainer:
         dist: Dist | None = None,
     ) -> None:
         self.cfg, self.device, self.dist = cfg, device, dist or Dist()
+        self.run_dir = Path(cfg.run.dir)
+        self.lock: RunLock | None = None  # rank 0's hold on run.dir (released by close)
+        self._open_run_dir()
         self.train_loader, self.val_loader = train_loader, val_loader
         self.manifest = train_loader.manifest
         self.model = model.to(device)
@@ -68,16 +72,43 @@ class Trainer:
         self.last_val: dict | None = None
         mean = self.manifest.train_mean(t.target)
         self.mean_predictor = None if mean is None else torch.as_tensor(mean, device=device)
-        self.run_dir = Path(cfg.run.dir)
         self._stop_signal: int | None = None
         self._unfinished: int | None = None  # a resumed epoch with no whole step left to run
         self.runlog: RunLog | None = None  # rank 0's metrics.jsonl and TensorBoard files
         if self.dist.is_main:
+            self.runlog = RunLog(self.run_dir, tensorboard=cfg.run.tensorboard)
+
+    def _open_run_dir(self) -> None:
+        """Rank 0 makes run.dir and locks it (``train.runlock``: one run writes a folder);
+        under DDP every rank learns whether it could, so that none waits for the others in
+        vain when it could not."""
+        problem = None
+        if self.dist.is_main:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.lock = RunLock(self.run_dir)
+                self.lock.acquire()
             except OSError as exc:
-                raise RunError(f"run.dir {self.run_dir} cannot be made ({exc.strerror})") from None
-            self.runlog = RunLog(self.run_dir, tensorboard=cfg.run.tensorboard)
+                problem = RunError(f"run.dir {self.run_dir} cannot be made ({exc.strerror})")
+            except RunError as exc:
+                problem = exc
+        if self.dist.enabled:
+            failed = torch.tensor([float(problem is not None)], device=self.device)
+            torch.distributed.broadcast(failed, src=0)
+            if failed.item() and problem is None:
+                problem = RunError(
+                    f"rank {self.dist.rank}: rank 0 could not open run.dir {self.run_dir} "
+                    "(its error line says why)"
+                )
+        if problem is not None:
+            self.lock = None
+            raise problem
+
+    def close(self) -> None:
+        """Let go of run.dir (the end of a run, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict:
