@@ -72,7 +72,8 @@ class Trainer:
         self.last_val: dict | None = None
         mean = self.manifest.train_mean(t.target)
         self.mean_predictor = None if mean is None else torch.as_tensor(mean, device=device)
-        self._stop_signal: int | None = None
+        self._stop_signal: int | None = None  # this rank's signal (or, once agreed, any rank's)
+        self._stop_sent: int | None = None  # the signal put into TrainStep.stop
         self._unfinished: int | None = None  # a resumed epoch with no whole step left to run
         self.runlog: RunLog | None = None  # rank 0's metrics.jsonl and TensorBoard files
         if self.dist.is_main:
@@ -232,7 +233,7 @@ class Trainer:
                     if not self._out_of_steps():
                         self.train_loader.set_epoch(epoch + 1)  # a checkpoint now resumes there
                     self._end_epoch(epoch, first=epoch == start)
-                if self._stop_requested():  # a signal during the last validation or save
+                if self._stop_requested_now():  # a signal during the last validation or save
                     raise Interrupted(self._stop_signal, self.run_dir / "last.pt")
                 self._report()
             return self.last_val
@@ -252,6 +253,7 @@ class Trainer:
             waited += wait
             if t.debug and batch_idx >= 3:
                 break
+            self._send_stop()
             loss = self.train_step(batch)
             self.step += 1
             if self.cfg.run.sample_log:
@@ -410,12 +412,32 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
+    def _send_stop(self) -> None:
+        """Under DDP, this rank's signal goes into the next step's all_reduce (``TrainStep.stop``,
+        with the bad-batch flag), set once on the device: no host sync, no collective."""
+        if self.dist.enabled and self._stop_signal not in (None, self._stop_sent):
+            self.train_step.stop.fill_(self._stop_signal)
+            self._stop_sent = self._stop_signal
+
     def _stop_requested(self) -> bool:
-        """Whether any rank got SIGTERM/SIGINT; under DDP all ranks agree after each step, so
-        they stop at the same step (a rank that stopped alone would hang the others)."""
+        """After a step: whether to save and stop. Alone, whether a signal came. Under DDP,
+        whether any rank had one by the all_reduce of the step before: every rank reads that
+        same value after the same step, so all stop at the same step (a rank that stopped alone
+        would hang the others), one step after the signal's, without a collective of its own
+        or waiting for the device to finish the last step."""
         if not self.dist.enabled:
             return self._stop_signal is not None
-        flag = torch.tensor([self._stop_signal or 0], device=self.device)
+        agreed = self.train_step.previous_stop()
+        if agreed:
+            self._stop_signal = agreed
+        return bool(agreed)
+
+    def _stop_requested_now(self) -> bool:
+        """Whether any rank had a signal by now (its own all_reduce: for the end of the run)."""
+        if not self.dist.enabled:
+            return self._stop_signal is not None
+        flag = torch.tensor([float(self._stop_signal or 0)], device=self.device)
+        flag = torch.maximum(flag, self.train_step.stop.reshape(1))
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         self._stop_signal = int(flag.item()) or None
         return self._stop_signal is not None
