@@ -82,7 +82,7 @@ def _what_it_is(path: Path) -> str:
             return "a torch file holding objects other than tensors and plain values, or damaged"
         return "a zip archive, not a torch file"
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return "a Python pickle (a torch file of the legacy format, or not a torch file at all)"
+        return "a Python pickle: a torch file of the legacy format, or no torch file at all"
     try:
         head.decode("utf-8")
     except UnicodeDecodeError as exc:
