@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from benchmarks.figures import plural
 from pipeline.manifest import Manifest
 from pipeline.members import NPY_EXT, WAV_EXT, decode_sample
 
@@ -53,5 +54,6 @@ def webdataset_row(spec, args, m: Manifest, device: torch.device):
             for batch in loader:
                 yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
-    what = f"webdataset WebLoader, {args.workers} workers, our parsers, shuffle {args.wds_shuffle}"
+    workers = plural(args.workers, "worker")
+    what = f"webdataset WebLoader, {workers}, our parsers, shuffle {args.wds_shuffle}"
     return spec.row(what, stream)
