@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -488,3 +489,49 @@ def test_the_resume_benchmark_refuses_bad_input_in_one_line(
     one_error_line(capsys.readouterr().err, message)
     assert not typo.exists() and file.read_text() == "mine\n"
     assert not (tmp_path / "out").exists()
+
+
+def damage(data: Path, how: str) -> list[str]:
+    """Damage a copy of the tiny dataset; returns what the error names."""
+    from pipeline.manifest import load_manifest
+    from pipeline.verify import sample_refs
+
+    if how == "manifest":
+        (data / "manifest.json").write_text("{not json")
+        return [f"{data / 'manifest.json'} is unreadable"]
+    if how == "truncated":
+        (data / "train-000001.tar").write_bytes(b"")
+        return [f"{data / 'train-000001.tar'}: 0 bytes, manifest says"]
+    ref = sample_refs(load_manifest(data), "train")[0]
+    with open(ref.tar, "r+b") as f:
+        if how == "nan":  # the last value of one sample's blendshapes
+            f.seek(ref.npy[0] + ref.npy[1] - 4)
+            f.write(np.float32(np.nan).tobytes())
+            return [str(ref.tar), ref.key, "NaN"]
+        f.seek(ref.npy[0])  # "header": the npy magic of one sample overwritten
+        f.write(b"\xff" * 8)
+        return [str(ref.tar), ref.key, "npy header"]
+
+
+@pytest.mark.parametrize(
+    ("how", "row"),
+    [
+        ("manifest", "read-only"),
+        ("truncated", "read-only"),
+        ("nan", "webdataset"),
+        ("nan", "spdl"),
+        ("nan", "dali-cpu"),
+        ("header", "webdataset"),
+    ],
+)
+def test_a_damaged_dataset_is_one_error_line_naming_the_file_and_sample(
+    copy_dataset, tmp_path, capsys, how, row
+):
+    if row == "spdl":
+        pytest.importorskip("spdl.pipeline")
+    data = copy_dataset()
+    names = damage(data, how)  # (the threads row, a reference, checks no values)
+    argv = ["--quick", "--data", str(data), "--out", str(tmp_path / "out"), "--workers", "2"]
+    assert throughput.main([*argv, "--rows", row, "--modes", "loader"]) == 1
+    one_error_line(capsys.readouterr().err, *names)
+    assert not (tmp_path / "out" / "throughput.json").exists()
