@@ -535,3 +535,18 @@ def test_a_damaged_dataset_is_one_error_line_naming_the_file_and_sample(
     assert throughput.main([*argv, "--rows", row, "--modes", "loader"]) == 1
     one_error_line(capsys.readouterr().err, *names)
     assert not (tmp_path / "out" / "throughput.json").exists()
+
+
+def test_the_resampling_table_never_rounds_a_loss_away(capsys):
+    """Heights kept below 1 print below 1, and peak-time errors keep two significant digits."""
+    from benchmarks import resampling
+
+    assert resampling.main() == 0
+    table = [line.split("|") for line in capsys.readouterr().out.splitlines() if line[:5].strip()]
+    rows = [r for r in table if r[0].strip().isdigit()]
+    assert [int(r[0]) for r in rows] == [15, 25, 40, 60, 100]
+    for _, kept, errors in rows:
+        assert all(0 < float(x) < 1 for x in kept.split(" / ")), kept
+        for ms in errors.split(" / "):
+            digits = ms.strip().replace(".", "").lstrip("0")
+            assert float(ms) > 0 and len(digits) >= 2, errors
