@@ -550,3 +550,22 @@ def test_the_resampling_table_never_rounds_a_loss_away(capsys):
         for ms in errors.split(" / "):
             digits = ms.strip().replace(".", "").lstrip("0")
             assert float(ms) > 0 and len(digits) >= 2, errors
+
+
+@pytest.mark.slow
+def test_the_resume_benchmark_prints_its_figures_with_their_digits(tiny_dataset, tmp_path, capsys):
+    import re
+
+    from benchmarks import resume
+
+    argv = ["--data", str(tiny_dataset), "--out", str(tmp_path), "--loaders", "torch"]
+    assert resume.main([*argv, "--at", "0.05,0.5", "--repeats", "1", "--batch-size", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == f"wrote {tmp_path / 'resume.json'}"
+    got = [
+        re.search(r"at +([\d.]+) % .* after ([\d.]+) s resumed.*: ([\d.]+) s$", x) for x in lines
+    ]
+    assert [m.group(1) for m in got[:2]] == ["5.0", "50"]  # not "5%" and "50%" alike
+    for m in got[:2]:
+        for s in m.group(2, 3):  # three significant digits, however short the time
+            assert float(s) > 0 and len(s.replace(".", "").lstrip("0")) == 3, s
