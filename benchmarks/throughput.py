@@ -159,6 +159,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     preset = {**DEFAULTS, **(QUICK if args.quick else {})}
+    if args.data is None:  # the benchmark's own folder, in the repository whatever the cwd
+        args.data = str(ROOT / preset["data"])
     for key in ("data", "windows", "batch_size", "warmup", "batches", "repeats"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])

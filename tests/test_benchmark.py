@@ -569,3 +569,20 @@ def test_the_resume_benchmark_prints_its_figures_with_their_digits(tiny_dataset,
     for m in got[:2]:
         for s in m.group(2, 3):  # three significant digits, however short the time
             assert float(s) > 0 and len(s.replace(".", "").lstrip("0")) == 3, s
+
+
+def test_without_data_the_benchmarks_own_folder_is_built_whatever_the_cwd(
+    tmp_path, monkeypatch, capsys
+):
+    """The one folder the benchmark builds into: data/bench-quick under its repository (here a
+    temp dir standing for it), also when run from elsewhere."""
+    repo, elsewhere = tmp_path / "repo", tmp_path / "elsewhere"
+    (elsewhere / "data" / "bench-quick").mkdir(parents=True)  # not the benchmark's: left alone
+    monkeypatch.setattr(throughput, "ROOT", repo)
+    monkeypatch.chdir(elsewhere)
+    argv = ["--quick", "--windows", "12", "--out", str(tmp_path / "out")]
+    assert throughput.main([*argv, "--rows", "read-only", "--modes", "loader"]) == 0
+    assert (repo / "data" / "bench-quick" / "manifest.json").is_file()
+    assert list((elsewhere / "data" / "bench-quick").iterdir()) == []
+    result = json.loads((tmp_path / "out" / "throughput.json").read_text())
+    assert Path(result["env"]["dataset"]["dir"]) == repo / "data" / "bench-quick"
