@@ -5,17 +5,42 @@ from __future__ import annotations
 
 import time
 
+from benchmarks.figures import figure
 from core.errors import DatasetError
 from pipeline.shards import storage
 from pipeline.shards.manifest import Manifest, load_manifest
 from pipeline.shards.storage import Location
 
 
-def ensure_dataset(path: Location, windows: int, samples_per_shard: int | None = None) -> Manifest:
-    """Use the dataset at ``path``; build the synthetic one there if nothing is there yet (a
-    local folder only)."""
+def not_a_dataset(path: Location) -> str:
+    """Why ``path``, a local path given by the user, holds no dataset, and what to do."""
+    if not path.exists():
+        what = "does not exist"
+    elif not path.is_dir():
+        what = "is a file, not a dataset folder"
+    elif not any(path.iterdir()):
+        what = "is an empty folder"
+    else:
+        what = "has no manifest.json (not a dataset, or an interrupted build)"
+    return (
+        f"--data {path} {what}: give a dataset made by `python pipeline/make_shards.py --out "
+        f"DIR` (or an s3:// URL of one), or leave --data out for the benchmark's own synthetic "
+        "dataset, built on first use"
+    )
+
+
+def ensure_dataset(
+    path: Location, windows: int, samples_per_shard: int | None = None, *, build: bool = True
+) -> Manifest:
+    """Use the dataset at ``path``; with ``build`` (the benchmark's own default folder only),
+    build the synthetic one there if nothing is there yet (a local folder only). A user's
+    ``--data`` is never built into: without ``build`` a path holding no dataset is refused."""
     if storage.is_s3(path) or (path / "manifest.json").is_file():
         return load_manifest(path)
+    if not build:
+        raise DatasetError(not_a_dataset(path))
+    if path.exists() and not path.is_dir():
+        raise DatasetError(f"{path} is a file, not a folder: move it away to build the dataset")
     if path.exists() and any(path.iterdir()):
         raise DatasetError(
             f"{path} exists but has no manifest.json (an interrupted build?): finish it with "
@@ -34,7 +59,7 @@ def ensure_dataset(path: Location, windows: int, samples_per_shard: int | None =
     t0 = time.perf_counter()
     if make_shards.main(args) != 0:
         raise DatasetError(f"building {path} failed")
-    print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"built in {figure(time.perf_counter() - t0)} s", flush=True)
     return load_manifest(path)
 
 

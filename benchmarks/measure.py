@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from benchmarks.figures import figure
 from pipeline.shards.manifest import Manifest
 
 MODES = ("loader", "train")
@@ -136,7 +137,7 @@ def run_repeats(
                 reps.setdefault((row.name, mode), []).append(r)
                 print(
                     f"repeat {rep + 1}/{repeats} {mode:6s} {row.name:13s} "
-                    f"{batch_size / r['s_per_batch']:9,.1f} samples/s",
+                    f"{figure(batch_size / r['s_per_batch']):>9} samples/s",
                     flush=True,
                 )
             epoch += 1

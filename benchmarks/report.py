@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.figures import figure, plural
 from benchmarks.measure import MIN_CPU_WINDOW_S, MODES
+from core.errors import RunError
 from pipeline.shards.manifest import Manifest
 
 
@@ -74,35 +76,39 @@ def environment(args, m: Manifest, device: torch.device, seq_mb_s: float) -> dic
             "train_bytes": sum(s.bytes for s in train_shards),
             "sample_bytes": m.layout("train").sample_bytes,
             "hours": m.hours,
-            "sequential_read_mb_per_s": round(seq_mb_s, 1),
+            "sequential_read_mb_per_s": seq_mb_s,  # unrounded: a slow read is not 0
         },
         "config": {k: v for k, v in vars(args).items() if k not in ("argv",)},
     }
 
 
-def _fmt(x: float | None, digits: int = 2) -> str:
-    if x is None or (isinstance(x, float) and np.isnan(x)):
-        return "–"
-    if abs(x) >= 100:
-        return f"{x:,.0f}"
-    return f"{x:.{digits}f}"
+def _ratios_said(rows: list[dict]) -> str:
+    """The end of a mode's heading: what × limit and × torch are taken against, or that the
+    run has no such row (the column is then '–')."""
+    limit = rows[0]["limit"]
+    said = [f"× limit is to `{limit}`" if limit else "no limit row in this run, so no × limit"]
+    if not any(r["name"] == "torch" for r in rows):
+        said.append("no torch row in this run, so no × torch")
+    return "; ".join(said)
 
 
 def markdown(results: list[dict], env: dict, notes: list[str]) -> str:
     """The results as markdown: the setup, then one table per mode."""
-    d = env["dataset"]
+    d, c = env["dataset"], env["config"]
     lines = [
         "# Loader throughput: DALI vs the DataLoader baseline vs the limits",
         "",
-        f"- machine: {env['cpu_model']}, {env['cpus_usable']} CPUs usable, "
+        f"- machine: {env['cpu_model']}, {plural(env['cpus_usable'], 'CPU')} usable, "
         f"{env['memory_gib']} GiB, GPU: {env['gpu'] or 'none'}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
-        f"- data: {d['dir']} ({d['train_samples']} train samples in {d['train_shards']} shards, "
-        f"{d['train_bytes'] / 1e6:,.0f} MB; {d['sample_bytes']} B of wav+npy per sample; "
-        f"sequential read {d['sequential_read_mb_per_s']:,.0f} MB/s)",
-        f"- batch {env['config']['batch_size']}, {env['config']['warmup']} warm-up + "
-        f"{env['config']['batches']} timed batches per repeat, {env['config']['repeats']} "
-        f"repeats (median [min–max]); train step on {env['torch_threads']} torch thread(s)",
+        f"- data: {d['dir']} ({plural(d['train_samples'], 'train sample')} in "
+        f"{plural(d['train_shards'], 'shard')}, "
+        f"{figure(d['train_bytes'] / 1e6)} MB; {d['sample_bytes']:,} B of wav+npy per sample; "
+        f"sequential read {figure(d['sequential_read_mb_per_s'])} MB/s)",
+        f"- batch {c['batch_size']}, {c['warmup']} warm-up + "
+        f"{plural(c['batches'], 'timed batch', 'timed batches')} per repeat, "
+        f"{plural(c['repeats'], 'repeat')} (median [min–max]); train step on "
+        f"{plural(env['torch_threads'], 'torch thread')}",
         f"- load average (1, 5, 15 min) at start "
         f"{', '.join(f'{x:.1f}' for x in env['load_average_start'])}, at end "
         f"{', '.join(f'{x:.1f}' for x in env.get('load_average_end', []))}",
@@ -120,10 +126,9 @@ def markdown(results: list[dict], env: dict, notes: list[str]) -> str:
         rows = [r for r in results if r["mode"] == mode]
         if not rows:
             continue
-        limit = rows[0]["limit"]
         if mode == "loader":
             lines += [
-                f"## loader mode (iterate batches only; ratio to limit = to `{limit}`)",
+                f"## loader mode (iterate batches only; {_ratios_said(rows)})",
                 "",
                 "| row | samples/s (median [min–max]) | MB/s | ms/batch | first batch s "
                 "| × torch | × limit | CPU ms/sample | cores busy | what |",
@@ -132,29 +137,29 @@ def markdown(results: list[dict], env: dict, notes: list[str]) -> str:
         else:
             lines += [
                 f"## train mode ({env.get('train_model', 'SimplifiedModel')} step per batch; "
-                f"ratio to limit = to `{limit}`)",
+                f"{_ratios_said(rows)})",
                 "",
                 "| row | steps/s | samples/s (median [min–max]) | data wait | × torch "
                 "| × limit | CPU ms/sample | cores busy | what |",
                 "|---|---|---|---|---|---|---|---|---|",
             ]
         for r in rows:
-            lo, hi = _fmt(r["samples_per_s_min"]), _fmt(r["samples_per_s_max"])
-            sps = f"{_fmt(r['samples_per_s'])} [{lo}–{hi}]"
+            lo, hi = figure(r["samples_per_s_min"]), figure(r["samples_per_s_max"])
+            sps = f"{figure(r['samples_per_s'])} [{lo}–{hi}]"
             if mode == "loader":
                 lines.append(
-                    f"| `{r['name']}` | {sps} | {_fmt(r['mb_per_s'])} | "
-                    f"{_fmt(1000 * r['median_s_per_batch'])} | {_fmt(r['first_batch_s'])} | "
-                    f"{_fmt(r['ratio_to_torch'])} | {_fmt(r['ratio_to_limit'])} | "
-                    f"{_fmt(r['cpu_ms_per_sample'])} | {_fmt(r['cores_busy'])} | "
+                    f"| `{r['name']}` | {sps} | {figure(r['mb_per_s'])} | "
+                    f"{figure(1000 * r['median_s_per_batch'])} | {figure(r['first_batch_s'])} | "
+                    f"{figure(r['ratio_to_torch'])} | {figure(r['ratio_to_limit'])} | "
+                    f"{figure(r['cpu_ms_per_sample'])} | {figure(r['cores_busy'])} | "
                     f"{r['what']} |"
                 )
             else:
                 lines.append(
-                    f"| `{r['name']}` | {_fmt(r['steps_per_s'])} | {sps} | "
-                    f"{100 * r['wait_share']:.0f}% | {_fmt(r['ratio_to_torch'])} | "
-                    f"{_fmt(r['ratio_to_limit'])} | {_fmt(r['cpu_ms_per_sample'])} | "
-                    f"{_fmt(r['cores_busy'])} | {r['what']} |"
+                    f"| `{r['name']}` | {figure(r['steps_per_s'])} | {sps} | "
+                    f"{figure(100 * r['wait_share'], 2)}% | {figure(r['ratio_to_torch'])} | "
+                    f"{figure(r['ratio_to_limit'])} | {figure(r['cpu_ms_per_sample'])} | "
+                    f"{figure(r['cores_busy'])} | {r['what']} |"
                 )
         lines.append("")
     if notes:
@@ -192,11 +197,11 @@ def plot(results: list[dict], path: Path, env: dict) -> None:
         ax.barh(y, med, xerr=err, color=colors, capsize=3)
         ax.set_yticks(y, [r["name"] for r in rows])
         for yi, r in zip(y, rows, strict=True):  # the label starts past the whisker
-            ratio = f"  ×{r['ratio_to_torch']:.1f} torch" if r["ratio_to_torch"] else ""
+            ratio = f"  ×{figure(r['ratio_to_torch'], 2)} torch" if r["ratio_to_torch"] else ""
             ax.text(
                 r["samples_per_s_max"],
                 yi,
-                f"  {r['samples_per_s']:,.0f}{ratio}",
+                f"  {figure(r['samples_per_s'])}{ratio}",
                 va="center",
                 fontsize=8,
             )
@@ -207,7 +212,8 @@ def plot(results: list[dict], path: Path, env: dict) -> None:
         ax.set_xlabel("samples/s (median, whiskers min–max; grey = limits)")
         ax.set_title(f"{mode} mode", fontsize=10)
     fig.suptitle(
-        f"{env['cpu_model']} ×{env['cpus_usable']} CPUs, GPU: {env['gpu'] or 'none'}", fontsize=9
+        f"{env['cpu_model']} ×{plural(env['cpus_usable'], 'CPU')}, GPU: {env['gpu'] or 'none'}",
+        fontsize=9,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -228,8 +234,9 @@ def closing_notes(args, names: list[str], results: list[dict], device: torch.dev
         )
     if (os.cpu_count() or 1) < args.workers and {"torch", "webdataset"} & set(names):
         notes.append(
-            f"torch and webdataset run {args.workers} workers on {os.cpu_count()} "
-            "CPUs (the seed's setting), so they share the cores with the main process"
+            f"torch and webdataset run {args.workers} workers on "
+            f"{plural(os.cpu_count() or 1, 'CPU')} (the seed's setting), so they share the cores "
+            "with the main process"
         )
     if any(r["cpu_ms_per_sample"] is None for r in results):
         notes.append(
@@ -239,8 +246,33 @@ def closing_notes(args, names: list[str], results: list[dict], device: torch.dev
     return notes
 
 
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` the results cannot be written to, before a run that would be lost."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file: give a folder for the results")
+    base = out.absolute()
+    while not base.exists():  # the folder that would hold the new ones
+        base = base.parent
+    if not base.is_dir():
+        raise RunError(f"--out {out}: {base} is a file, not a folder; give a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise RunError(f"--out {out}: {base} cannot be written; give a folder you can write")
+
+
 def write_reports(out: Path, results: list[dict], env: dict, notes: list[str]) -> list[Path]:
-    """throughput.json, .md and .png in ``out`` (created if absent); returns their paths."""
+    """throughput.json, .md and .png in ``out`` (created if absent); returns their paths. Other
+    files in ``out`` stay; a folder that cannot be written is a ``RunError``."""
+    try:
+        return _write_reports(out, results, env, notes)
+    except OSError as exc:
+        raise RunError(
+            f"cannot write the results to {out}: {exc.strerror or exc}"
+            f"{f' ({exc.filename})' if exc.filename and str(exc.filename) != str(out) else ''}; "
+            "give --out a folder you can write"
+        ) from None
+
+
+def _write_reports(out: Path, results: list[dict], env: dict, notes: list[str]) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "throughput.json", out / "throughput.md", out / "throughput.png"]
     doc = {"rows": results, "env": env, "notes": notes}

@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 
+from benchmarks.figures import figure
 from pipeline.convert.windows import resample_frames
 
 CAPTURE, TARGET = 60, 30
@@ -64,8 +65,8 @@ def main() -> int:
             err_f.append(abs(tf / TARGET - t0))
             err_p.append(abs(tp / TARGET - t0))
         print(
-            f"{sigma_ms:>5} | {np.mean(kept_f):.3f} / {np.mean(kept_p):.3f} | "
-            f"{1000 * max(err_f):.1f} / {1000 * max(err_p):.1f}"
+            f"{sigma_ms:>5} | {np.mean(kept_f):.4f} / {np.mean(kept_p):.4f} | "
+            f"{figure(1000 * max(err_f), 2)} / {figure(1000 * max(err_p), 2)}"
         )
     return 0
 

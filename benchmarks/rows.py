@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks import spdl_loader, threads_loader, webdataset_loader
+from benchmarks.figures import plural
 from benchmarks.measure import MODES, Row
 from core.errors import ConfigError
 from pipeline import build_loader
@@ -90,7 +91,8 @@ def loader_row(
     )
     if len(loader) < args.warmup + args.batches:
         print(
-            f"note: {spec.name}: the timed run is longer than an epoch ({len(loader)} batches); "
+            f"note: {spec.name}: the timed run is longer than an epoch "
+            f"({plural(len(loader), 'batch', 'batches')}); "
             "it continues into the next one",
             flush=True,
         )
@@ -98,7 +100,7 @@ def loader_row(
 
 
 def torch_row(spec: RowSpec, args, m: Manifest, device: torch.device) -> Row:
-    what = f"DataLoader, {args.workers} workers, pin_memory"
+    what = f"DataLoader, {plural(args.workers, 'worker')}, pin_memory"
     return loader_row(spec, what, args, device, "torch", num_workers=args.workers, pin_memory=True)
 
 
@@ -108,10 +110,11 @@ def dali_row(decode: str, what: str, on_cpu: bool = False, **options) -> Factory
     def factory(spec: RowSpec, args, m: Manifest, device: torch.device) -> Row:
         from pipeline.loaders.dali_graph import default_threads
 
-        threads = args.dali_threads or f"default {default_threads()}"
+        threads = plural(args.dali_threads or default_threads(), "thread")
         return loader_row(
             spec,
-            f"{what}, {threads} threads, prefetch {args.dali_prefetch}",
+            f"{what}, {'' if args.dali_threads else 'default '}{threads}, "
+            f"prefetch {args.dali_prefetch}",
             args,
             device,
             "dali",

@@ -102,8 +102,11 @@ def spdl_batches(
                 f"{ref.tar}: sample {ref.key}: {exc}; run `{verify_hint(m.root)}`"
             ) from None
 
-    def load_batch(indexes: list[int]) -> dict[str, torch.Tensor]:
-        samples = [load(i) for i in indexes]
+    def load_batch(indexes: list[int]) -> dict[str, torch.Tensor] | dict[str, str]:
+        try:
+            samples = [load(i) for i in indexes]
+        except DatasetError as exc:  # raised by the reader, not in a stage: SPDL logs those
+            return {"error": str(exc)}
         return {
             "wav": torch.from_numpy(np.stack([s[0] for s in samples])),
             "arkit": torch.from_numpy(np.stack([s[1] for s in samples])),
@@ -121,13 +124,16 @@ def spdl_batches(
         )
         h2d = ThreadPoolExecutor(1, thread_name_prefix="spdl_h2d")  # one stream, one copy at a time
         if device.type == "cuda":
-            builder.pipe(transfer_tensor_h2d, executor=h2d)
+            # a bad sample's {"error": ...} passes on to be raised in the consumer
+            builder.pipe(lambda b: b if "error" in b else transfer_tensor_h2d(b), executor=h2d)
         pipeline = builder.add_sink(SINK_BUFFER).build(num_threads=threads, max_failures=0)
         with h2d, pipeline.auto_stop():
             while True:  # one iterator per epoch (SPDL's contract for a continuous source)
                 empty = True
                 for batch in pipeline.get_iterator():
                     empty = False
+                    if "error" in batch:
+                        raise DatasetError(batch["error"])
                     yield batch
                 if empty:  # every epoch has a batch: the pipeline was stopped
                     raise RuntimeError("the spdl pipeline stopped")

@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.dataset import ensure_dataset, warm_page_cache
+from benchmarks.figures import figure, plural
 from benchmarks.measure import MODES, add_ratios, measure, run_repeats, summarize, trainer_step
-from benchmarks.report import closing_notes, environment, markdown, write_reports
+from benchmarks.report import check_out, closing_notes, environment, markdown, write_reports
 from benchmarks.rows import (
     ROW_ORDER,
     augment_for,
@@ -43,7 +44,7 @@ from benchmarks.rows import (
     select_rows,
     skipped_rows,
 )
-from core.errors import ArkitError
+from core.errors import ArkitError, ConfigError
 from model.features import Mel
 from pipeline.loaders.base import DaliOptions, resolve_device
 from pipeline.shards import storage
@@ -74,6 +75,23 @@ DEFAULTS = dict(
     reader_prefetch=_DALI.reader_prefetch,
 )
 QUICK = dict(data="data/bench-quick", windows=48, batch_size=4, warmup=1, batches=4, repeats=1)
+# the least value of each number flag: below it a row fails (a pool of 0 threads, a prefetch
+# queue of 0) or a repeat times nothing (the first batch is a warm-up one)
+AT_LEAST = dict(
+    windows=1,
+    batch_size=1,
+    warmup=1,
+    batches=1,
+    repeats=1,
+    workers=0,
+    wds_shuffle=0,
+    threads=1,
+    spdl_threads=1,
+    dali_threads=0,
+    dali_prefetch=1,
+    reader_prefetch=1,
+    torch_threads=1,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -82,11 +100,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=rows_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--data", help=f"dataset dir; built if absent (default {DEFAULTS['data']})")
+    p.add_argument(
+        "--data",
+        help="a dataset folder made by make_shards, or its s3:// URL (default: the synthetic "
+        f"{DEFAULTS['data']}, or {QUICK['data']} with --quick, built on first use)",
+    )
     p.add_argument(
         "--windows",
         type=int,
-        help="windows to build if --data is absent "
+        help="windows of the default dataset when it is built "
         f"(default {DEFAULTS['windows']}; --quick {QUICK['windows']})",
     )
     p.add_argument("--out", default=DEFAULTS["out"], help="where the results go (default results/)")
@@ -138,12 +160,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.dali_threads = args.threads if args.dali_threads is None else args.dali_threads
     preset = {**DEFAULTS, **(QUICK if args.quick else {})}
+    if args.data is None:  # the benchmark's own folder, in the repository whatever the cwd
+        args.data = str(ROOT / preset["data"])
     for key in ("data", "windows", "batch_size", "warmup", "batches", "repeats"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
-    if min(args.batch_size, args.batches, args.repeats) < 1 or args.warmup < 1:
-        p.error("--batch-size, --warmup, --batches and --repeats must be >= 1")
+    for key, least in AT_LEAST.items():
+        value = getattr(args, key)
+        if value is not None and value < least:
+            p.error(f"--{key.replace('_', '-')} {value}: must be at least {least}")
     args.modes = [x.strip() for x in args.modes.split(",") if x.strip()]
+    if not args.modes:
+        p.error(f"--modes names no mode: choose from {', '.join(MODES)}")
     for mode in args.modes:
         if mode not in MODES:
             p.error(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
@@ -173,16 +201,28 @@ def run(args: argparse.Namespace) -> int:
     data = storage.location(args.data)
     if not remote and not data.exists() and args.data in (DEFAULTS["data"], QUICK["data"]):
         data = ROOT / data  # the default location is inside the repository (git-ignored /data/)
-    m = ensure_dataset(data, args.windows, 16 if args.quick else None)
+    check_out(Path(args.out))
+    # only the benchmark's own folders are built into; a user's --data must hold a dataset
+    own = {(ROOT / DEFAULTS["data"]).resolve(), (ROOT / QUICK["data"]).resolve()}
+    build = not remote and data.resolve() in own
+    m = ensure_dataset(data, args.windows, 16 if args.quick else None, build=build)
     args.data = str(data)
     args.augment_config = augment_for(m)
     args.mel_config = Mel(sample_rate=m.sample_rate)  # the model's default log-mel
 
     notes: list[str] = [] if args.rows else skipped_rows()
     B, n_train = args.batch_size, m.num_samples("train")
+    if n_train < B:  # no row would yield a batch: some would wait for one forever
+        raise ConfigError(
+            f"--batch-size {B}: {m.root} has {plural(n_train, 'train sample')}, fewer than one "
+            "batch; give a smaller --batch-size or a larger dataset"
+        )
     seq = warm_page_cache(m)
     read = "read once from S3" if remote else "page cache warm"
-    print(f"{m.root}: {n_train} train samples; {read} ({seq:,.0f} MB/s sequential)", flush=True)
+    print(
+        f"{m.root}: {plural(n_train, 'train sample')}; {read} ({figure(seq)} MB/s sequential)",
+        flush=True,
+    )
     rows = [make_row(n, args, m, device) for n in names]
     env = environment(args, m, device, seq)
 

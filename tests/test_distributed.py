@@ -131,6 +131,64 @@ def _spawn(args: list[str], out: Path, world: int = 2) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
+def _counting_rank_main(rank: int, world: int, port: int, args: list[str], out: str) -> None:
+    """A rank that counts the collectives (``all_reduce``) of each epoch's training steps."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        TQDM_DISABLE="1",
+    )
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from train.cli import main
+    from train.trainer import Trainer
+
+    calls = [0]
+    real_all_reduce = dist.all_reduce
+
+    def counting(*a, **kw):  # noqa: ANN002, ANN003 - counts, then the real collective
+        calls[0] += 1
+        return real_all_reduce(*a, **kw)
+
+    dist.all_reduce = counting
+    epochs: list[dict] = []
+    real_epoch = Trainer._train_epoch
+
+    def train_epoch(self, epoch):  # noqa: ANN001
+        step, before = self.step, calls[0]
+        real_epoch(self, epoch)
+        epochs.append({"steps": self.step - step, "all_reduce": calls[0] - before})
+
+    Trainer._train_epoch = train_epoch
+    rc = main(args)
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"rc": rc, "epochs": epochs}))
+
+
+@pytest.mark.slow
+def test_a_ddp_training_step_makes_one_collective_of_its_own(tmp_path, tiny_dataset):
+    """The bad-batch flag and the stop agreement share one all_reduce per step (DDP's gradient
+    buckets aside), and no step waits on the host for the device to read the stop flag."""
+    out = tmp_path / "out"
+    out.mkdir()
+    args = _args(tmp_path / "run", tiny_dataset, "dali", "train.max_steps=6", NO_REPORT)
+    mp.start_processes(
+        _counting_rank_main,
+        args=(2, _free_port(), [*args, "--set", "data.num_workers=0"], str(out)),
+        nprocs=2,
+        start_method="spawn",
+        join=True,
+    )
+    for r in range(2):
+        rec = json.loads((out / f"rank{r}.json").read_text())
+        assert rec["rc"] == 0
+        assert [e["steps"] for e in rec["epochs"]] == [4, 2]  # 36 samples, 2 ranks, batch 4
+        assert [e["all_reduce"] for e in rec["epochs"]] == [4, 2]
+
+
 def _args(run_dir: Path, dataset: Path, loader: str, *sets: str) -> list[str]:
     args = ["--loader", loader]
     for s in (*SMALL, f"data.dir={dataset}", f"run.dir={run_dir}", *sets):

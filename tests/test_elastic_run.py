@@ -159,3 +159,46 @@ def test_a_resume_with_less_than_a_global_batch_left_still_ends_that_epoch(tmp_p
     assert vals[0] == (0, 8)  # epoch 0 validated at the step it stopped, by the resumed run
     trained = [(x["epoch"], x["step"]) for x in lines if x["split"] == "train" and x["step"] > 8]
     assert trained == [(1, 9), (1, 10)]
+
+
+@pytest.mark.slow
+def test_torchrun_sigterm_gives_one_line_per_rank_and_the_checkpoint_of_that_step(
+    tmp_path, tiny_dataset
+):
+    """What a user sees when the job is preempted: every rank says in one line where it
+    stopped (the same step), rank 0 saved last.pt there, and no traceback of ours. torchrun
+    itself then prints its SignalException and exits 1 (documented in the README)."""
+    import re
+
+    run = tmp_path / "run"
+    cmd = [*_torchrun(2), "-m", "train", "--loader", "dali", *_sets(tiny_dataset, run)]
+    proc = subprocess.Popen(
+        [*cmd, "--set", "train.epochs=500"],
+        cwd=ROOT,
+        env=ENV,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = run / "samples-rank0.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    saved = re.findall(
+        rf"^SIGTERM: saved {re.escape(str(run / 'last.pt'))} at step (\d+); "
+        r"continue with --resume",
+        out,
+        re.M,
+    )
+    stopped = re.findall(r"^rank 1: stopped by SIGTERM at step (\d+)", out, re.M)
+    assert len(saved) == 1 and stopped == saved, out[-2000:]
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == int(saved[0])
+    # torchrun's own SignalException is the only traceback; none passes through our code
+    assert err.count("Traceback") <= 1, err[-3000:]
+    assert str(ROOT / "train") not in err and str(ROOT / "pipeline") not in err, err[-3000:]

@@ -345,6 +345,40 @@ def test_signal_mid_epoch_checkpoints_and_resume_gives_the_same_losses(tmp_path,
     assert [got[s] for s in range(stopped + 1, 28)] == [ref[s] for s in range(stopped + 1, 28)]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_sigterm_to_the_whole_process_group_saves_with_either_loader(
+    tmp_path, tiny_dataset, loader
+):
+    """A scheduler (or torchrun) signals every process of the job: the torch loader's workers
+    get the SIGTERM too, and must leave the stop to the trainer (last.pt, exit 128 + 15)."""
+    run = tmp_path / "run"
+    cmd = _train_cmd(tiny_dataset, run, "train.epochs=100", "data.num_workers=2")
+    cmd[cmd.index("dali")] = loader
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").is_file() and len(_losses(run)) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and "killed by signal" not in err, err[-3000:]
+    import torch
+
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["step"] >= 3 and f"saved {run / 'last.pt'} at step {state['step']}" in out
+    assert max(_losses(run)) == state["step"]  # saved where it stopped
+
+
 def test_checkpoint_write_that_crashes_keeps_the_previous_one(tmp_path, monkeypatch):
     import torch
 

@@ -121,6 +121,60 @@ def test_resume_writes_where_the_user_points_and_never_into_the_source_run(
         assert files(b) == b_before  # B only lent its checkpoint
 
 
+# ---------------------------------------------------------------- one run per run.dir
+
+
+@pytest.mark.slow  # a real first run in a subprocess
+def test_a_second_run_into_a_busy_run_dir_is_refused_and_a_killed_runs_lock_blocks_nobody(
+    tmp_path, tiny_dataset, capsys
+):
+    import signal
+    import socket
+    import time
+
+    a = tmp_path / "A"
+    more = ("train.epochs=1000", "run.checkpoint_every=1", "train.report=false")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "train", *train_args(a, tiny_dataset, *more)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and first.poll() is None:
+            if (a / "last.pt").is_file() and len(steps(a)) >= 2:
+                break
+            time.sleep(0.05)
+        first.send_signal(signal.SIGSTOP)  # frozen mid-run, still holding run.dir
+        before = files(a)
+        for argv in (
+            train_args(a, tiny_dataset, "train.max_steps=2"),
+            ["--resume", a / "last.pt", *sets("train.max_steps=1000")],
+        ):
+            code, err = cli(argv, capsys)
+            host = socket.gethostname()
+            assert_user_error(
+                code, err, f"run.dir {a} is in use", f"pid {first.pid} on host {host}"
+            )
+            assert "--set run.dir=" in err and len(err.strip().splitlines()) == 1, err
+            assert files(a) == before  # the second writer wrote nothing
+        first.kill()  # SIGKILL: no clean-up; the kernel drops the lock
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(timeout=60)
+    assert json.loads((a / ".train.lock").read_text())["pid"] == first.pid  # left behind
+    stopped = load(a / "last.pt")["step"]
+    resume = ["--resume", a / "last.pt", *sets(f"train.max_steps={stopped + 2}")]
+    code, err = cli([*resume, *sets("train.report=false")], capsys)
+    assert code == 0, err
+    assert load(a / "last.pt")["step"] == stopped + 2
+    assert not (a / ".train.lock").exists()  # a run that ends takes its lock file away
+
+
 # ---------------------------------------------------------------- 2. dataset identity
 
 
@@ -187,10 +241,75 @@ def test_every_knob_out_of_range_is_refused_before_anything_is_written(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("device", ["nonsense", "mps", "cuda:x", "CPU", "cuda:9", "cuda"])
+def test_a_device_this_trainer_cannot_use_is_refused_naming_the_choices(
+    tmp_path, tiny_dataset, capsys, device
+):
+    """run.device is one of auto, cpu, cuda, cuda:<index>, and one this machine has; anything
+    else is one error line naming the key, the value and the choices (never a CPU run)."""
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.startswith("cuda") and device[5:].isdigit() and int(device[5:]) < have:
+        pytest.skip(f"this machine has {device}")
+    if device == "cuda" and have:
+        pytest.skip("this machine has CUDA")
+    run_dir = tmp_path / "run"
+    code, err = cli(train_args(run_dir, tiny_dataset, f"run.device={device}"), capsys)
+    assert_user_error(code, err, "run.device", device, "auto", "cpu")
+    assert len(err.strip().splitlines()) == 1, err
+    assert not run_dir.exists()
+
+
 def test_a_knob_out_of_range_on_resume_touches_nothing(copied, capsys):
     before = files(copied.parent)
     code, err = cli(["--resume", copied, *sets("train.max_steps=4", "train.lr=0")], capsys)
     assert_user_error(code, err, "train.lr must be > 0")
+    assert files(copied.parent) == before
+
+
+def _moved(a: dict, b: dict) -> float:
+    """The largest change of any trained weight between two checkpoints (not the batch norms'
+    running statistics, which every forward pass updates)."""
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    weights = [k for k in a["model"] if not k.endswith(stats)]
+    return max((a["model"][k] - b["model"][k]).abs().max().item() for k in weights)
+
+
+def test_lr_and_weight_decay_set_on_resume_are_what_the_optimizer_steps_with(
+    copied, tmp_path, capsys
+):
+    """--set train.lr / train.weight_decay on resume: the optimizer steps with them (its moments
+    kept), metrics.jsonl and the new checkpoint's config and optimizer all say so."""
+    before = load(copied)
+    assert before["config"]["train"]["lr"] == 1e-3 and before["optimizer"]["param_groups"]
+    tiny = tmp_path / "tiny"
+    args = ["--resume", copied, *sets("train.max_steps=4", "train.report=false", f"run.dir={tiny}")]
+    code, _ = cli([*args, *sets("train.lr=1e-9", "train.weight_decay=0.25")], capsys)
+    assert code == 0
+    after = load(tiny / "last.pt")
+    assert after["step"] == 4
+    assert after["config"]["train"]["lr"] == 1e-9
+    assert after["config"]["train"]["weight_decay"] == 0.25
+    for group in after["optimizer"]["param_groups"]:
+        assert group["lr"] == 1e-9 and group["weight_decay"] == 0.25
+    lines = (tiny / "metrics.jsonl").read_text().splitlines()
+    assert [r["lr"] for r in map(json.loads, lines) if r["split"] == "train"] == [1e-9, 1e-9]
+    # two AdamW steps of lr 1e-9 move no weight by more than ~2e-9; the checkpoint's lr 1e-3
+    # (the same resume without --set) moves them by ~1e-3
+    assert _moved(after, before) < 1e-7
+    kept = tmp_path / "kept"
+    code, _ = cli(
+        ["--resume", copied, *sets("train.max_steps=4", "train.report=false", f"run.dir={kept}")],
+        capsys,
+    )
+    assert code == 0
+    assert _moved(load(kept / "last.pt"), before) > 1e-5
+    assert load(kept / "last.pt")["optimizer"]["param_groups"][0]["lr"] == 1e-3
+
+
+def test_resume_with_another_target_names_the_key(copied, capsys):
+    before = files(copied.parent)
+    code, err = cli(["--resume", copied, *sets("train.target=sequence")], capsys)
+    assert_user_error(code, err, str(copied), "train.target=first_frame", "train.target=sequence")
     assert files(copied.parent) == before
 
 
@@ -317,6 +436,80 @@ def test_resume_of_a_file_that_is_not_our_checkpoint_is_a_named_error(
     code, err = cli(["--resume", path], capsys)
     assert_user_error(code, err, str(path), reason)
     assert files(path.parent) == before  # nothing written beside it
+
+
+def _text(path: Path) -> None:
+    path.write_text("step: 3\nlr: 0.001\n")
+
+
+def _zip(path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("weights.txt", "1 2 3")
+
+
+def _npy(path: Path) -> None:
+    import numpy as np
+
+    with open(path, "wb") as f:
+        np.save(f, np.zeros((3, 52), np.float32))
+
+
+def _torch_file_of_objects(path: Path) -> None:
+    import numpy as np
+
+    torch.save({"model": np.zeros(3)}, path)  # a numpy array: not loadable weights_only
+
+
+def _pickle(path: Path) -> None:
+    import pickle
+
+    path.write_bytes(pickle.dumps({"model": {"w": [1.0, 2.0]}}, protocol=4))
+
+
+@pytest.mark.parametrize(
+    "make, what",
+    [
+        (_text, "a text file"),
+        (_zip, "a zip archive, not a torch file"),
+        (_npy, "a NumPy .npy array"),
+        (_torch_file_of_objects, "objects other than tensors and plain values"),
+        (_pickle, "a Python pickle"),
+    ],
+    ids=lambda v: v.__name__.strip("_") if callable(v) else None,
+)
+def test_a_file_that_is_not_a_checkpoint_is_named_without_unsafe_advice(
+    tmp_path, monkeypatch, capsys, make, what
+):
+    """torch's own error for these advises weights_only=False (running any code the file
+    holds): the user is told what the file is and what to pass instead."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "theirs" / "model.pt"
+    path.parent.mkdir()
+    make(path)
+    code, err = cli(["--resume", path], capsys)
+    assert_user_error(code, err, str(path), what, "not a checkpoint of this trainer", "last.pt")
+    assert "weights_only" not in err and "False" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_pickle_given_as_checkpoint_prints_one_line_on_the_command_line(tmp_path):
+    path = tmp_path / "model.pkl"
+    _pickle(path)
+    res = subprocess.run(
+        [sys.executable, "-m", "train", "--resume", str(path)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.startswith(f"error: checkpoint {path} is unreadable or not ours (a "), (
+        res.stderr
+    )
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr  # no torch warning either
 
 
 def test_resume_of_a_missing_path_is_a_named_error(tmp_path, capsys):

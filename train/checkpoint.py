@@ -6,6 +6,8 @@ destroys the last one.
 from __future__ import annotations
 
 import os
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -45,14 +47,54 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise ResumeError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises many types for a file it cannot read
+        with warnings.catch_warnings():  # torch warns about pickle protocols it will refuse
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception:  # torch raises many types for a file it cannot read
+        # torch's own message advises weights_only=False, which would run any code the file
+        # holds: say what the file looks like instead
         raise ResumeError(
-            f"checkpoint {path} is unreadable or not ours ({type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})"
+            f"checkpoint {path} is unreadable or not ours ({_what_it_is(path)}): not a "
+            "checkpoint of this trainer; pass a last.pt or best.pt that python -m train wrote"
         ) from None
     missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else []
     if not isinstance(state, dict) or missing:
         lacks = f" (no {', '.join(missing)})" if missing else ""
         raise ResumeError(f"checkpoint {path} is not a checkpoint of this trainer{lacks}")
     return state
+
+
+def _what_it_is(path: Path) -> str:
+    """A few words on what a file torch could not load looks like, from its first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    if not head:
+        return "an empty file"
+    if head.startswith(b"\x93NUMPY"):
+        return "a NumPy .npy array"
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):
+            return "a zip archive cut short or damaged (a torch file truncated by a full disk?)"
+        if _torch_zip(path):
+            return "a torch file holding objects other than tensors and plain values, or damaged"
+        return "a zip archive, not a torch file"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle: a torch file of the legacy format, or no torch file at all"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not only a character cut at the 512th byte
+            return "a binary file of another kind"
+    return "a text file"
+
+
+def _torch_zip(path: Path) -> bool:
+    """Whether a zip holds torch.save's layout (``<name>/data.pkl``)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/data.pkl") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False

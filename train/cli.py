@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import signal
 import sys
 from pathlib import Path
 
@@ -87,11 +88,22 @@ def run(cfg: Config, loader: str, state: dict | None, resume: str | None) -> Non
         try:
             trainer.fit()
         except Interrupted as stop:
-            trainer.say(f"{stop} at step {trainer.step}; continue with --resume {stop.checkpoint}")
+            if d.is_main:
+                trainer.say(
+                    f"{stop} at step {trainer.step}; continue with --resume {stop.checkpoint}"
+                )
+            else:  # one line per rank, as torchrun shows every rank's output
+                name = signal.Signals(stop.signum).name
+                print(
+                    f"rank {d.rank}: stopped by {name} at step {trainer.step} with every rank; "
+                    f"rank 0 saves {stop.checkpoint}",
+                    flush=True,
+                )
             raise
     finally:
         if trainer is not None:
             trainer.release()
+            trainer.close()
         del trainer
         gc.collect()  # the DDP reducer's cycles go before the group does, not at exit
         shutdown(d)

@@ -11,6 +11,7 @@ against its range before anything runs.
 from __future__ import annotations
 
 import math
+import re
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -82,7 +83,7 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     dir: str = "runs/default"  # metrics.jsonl, TensorBoard event files, last.pt, best.pt
-    device: str = "auto"  # auto: CUDA when available
+    device: str = "auto"  # auto: CUDA when available; cpu, cuda (GPU LOCAL_RANK), cuda:<index>
     checkpoint_every: int = 0  # steps between checkpoints (0: at the end of each epoch)
     progress: bool = True  # progress bar on rank 0
     tensorboard: bool = True  # TensorBoard event files in run.dir (needs the tensorboard extra)
@@ -149,6 +150,10 @@ RANGES: dict[str, tuple[typing.Callable, str]] = {
     "train.target": (lambda v: v in TARGETS, " or ".join(TARGETS)),
     "train.log_every": _POSITIVE,
     "run.dir": (lambda v: bool(v.strip()), "a folder"),
+    "run.device": (
+        lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+        "auto, cpu, cuda or cuda:<index>",
+    ),
     "run.checkpoint_every": (_NON_NEGATIVE[0], ">= 0 (0: every epoch)"),
     "run.torch_threads": (_NON_NEGATIVE[0], ">= 0 (0: torch's default)"),
     "data.dir": (lambda v: bool(v.strip()), "a dataset folder"),

@@ -33,7 +33,16 @@ def init_distributed(device: str) -> tuple[Dist, torch.device]:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     d = Dist(rank, world, local)
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"run.device={device} but CUDA is not available")
+        raise ConfigError(
+            f"run.device={device} but CUDA is not available on this machine; choose "
+            "run.device=auto or cpu"
+        )
+    count = torch.cuda.device_count() if device.startswith("cuda:") else 0
+    if device.startswith("cuda:") and int(device.partition(":")[2]) >= count:
+        raise ConfigError(
+            f"run.device={device} but this machine has {count} CUDA device(s); choose "
+            f"run.device=auto, cpu, cuda or one of cuda:0 to cuda:{count - 1}"
+        )
     if device.startswith("cuda:") and d.enabled:
         raise ConfigError(
             f"run.device={device} pins every rank to one GPU; under torchrun use "

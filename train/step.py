@@ -109,7 +109,8 @@ class TrainStep:
     A bad batch (see the module's doc) takes no optimizer step; ``last_skipped`` (0-d bool) and
     ``skipped`` (0-d int64, the count since this step was made) say so, on the device: read
     them where the host waits anyway (``loss.item()``). Under DDP the flag is all-reduced, so
-    that every rank skips the same steps and the replicas stay equal."""
+    that every rank skips the same steps and the replicas stay equal; the same all_reduce
+    carries ``stop`` (the trainer's signal agreement)."""
 
     def __init__(
         self,
@@ -125,6 +126,16 @@ class TrainStep:
         self.params = [p for g in opt.param_groups for p in g["params"]]
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)
         self.last_skipped = torch.zeros((), dtype=torch.bool, device=device)
+        # under DDP: a stop request (a signal number, 0: none) the trainer sets on its rank; the
+        # step's all_reduce carries it with the bad-batch flag, so that afterwards every rank
+        # holds the same value, the largest any rank set (no collective of its own). Each
+        # step copies the reduced value to the host (slot = steps % 2) without waiting;
+        # ``previous_stop`` reads the one of the step before the last
+        self.stop = torch.zeros((), dtype=torch.float32, device=device)
+        self.steps = 0
+        cuda = torch.device(device).type == "cuda"
+        self._stop_host = [torch.zeros((), pin_memory=cuda) for _ in range(2)]
+        self._stop_copied = [torch.cuda.Event() for _ in range(2)] if cuda else None
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         wav = model_input(batch).to(self.device, non_blocking=True)
@@ -144,7 +155,20 @@ class TrainStep:
         self._step_unless(bad)
         self.skipped += bad
         self.last_skipped = bad
+        self.steps += 1
         return loss.detach()
+
+    def previous_stop(self) -> int:
+        """Under DDP, the stop request every rank held after the all_reduce of the step before
+        the last (0: none). The host waits for that step's all_reduce and copy only, which
+        finished while it queued the last step: no wait for the device to drain. Every rank
+        reads the same value after the same step, so all stop together."""
+        if self.steps < 2:
+            return 0
+        slot = (self.steps - 2) % 2
+        if self._stop_copied is not None:
+            self._stop_copied[slot].synchronize()
+        return int(self._stop_host[slot].item())
 
     def _bad_batch(self, wav: torch.Tensor, arkit: torch.Tensor, loss: torch.Tensor):
         """0-d bool on the device; min/max propagate NaN, so two reductions check it all."""
@@ -153,9 +177,13 @@ class TrainStep:
         ok = (lo >= 0) & (hi <= 1) & torch.isfinite(wav_lo) & torch.isfinite(wav_hi)
         bad = ~(ok & torch.isfinite(loss.detach()))
         if isinstance(self.net, DistributedDataParallel):  # one rank's bad batch: all skip
-            flag = bad.to(torch.float32)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            bad = flag > 0
+            flags = torch.stack([bad.to(torch.float32), self.stop])
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            bad, self.stop = flags[0] > 0, flags[1]
+            slot = self.steps % 2
+            self._stop_host[slot].copy_(self.stop, non_blocking=True)
+            if self._stop_copied is not None:
+                self._stop_copied[slot].record()
         return bad
 
     def _step_unless(self, bad: torch.Tensor) -> None:

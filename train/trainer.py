@@ -29,6 +29,7 @@ from pipeline.loaders.base import EpochLoader
 from train.checkpoint import CHECKPOINT_KEYS, save_checkpoint
 from train.config import Config
 from train.distributed import Dist
+from train.runlock import RunLock
 from train.runlog import RunLog
 from train.step import TrainStep, make_optimizer
 from train.validate import summary_lines, validate
@@ -53,6 +54,9 @@ class Trainer:
         dist: Dist | None = None,
     ) -> None:
         self.cfg, self.device, self.dist = cfg, device, dist or Dist()
+        self.run_dir = Path(cfg.run.dir)
+        self.lock: RunLock | None = None  # rank 0's hold on run.dir (released by close)
+        self._open_run_dir()
         self.train_loader, self.val_loader = train_loader, val_loader
         self.manifest = train_loader.manifest
         self.model = model.to(device)
@@ -68,16 +72,44 @@ class Trainer:
         self.last_val: dict | None = None
         mean = self.manifest.train_mean(t.target)
         self.mean_predictor = None if mean is None else torch.as_tensor(mean, device=device)
-        self.run_dir = Path(cfg.run.dir)
-        self._stop_signal: int | None = None
+        self._stop_signal: int | None = None  # this rank's signal (or, once agreed, any rank's)
+        self._stop_sent: int | None = None  # the signal put into TrainStep.stop
         self._unfinished: int | None = None  # a resumed epoch with no whole step left to run
         self.runlog: RunLog | None = None  # rank 0's metrics.jsonl and TensorBoard files
         if self.dist.is_main:
+            self.runlog = RunLog(self.run_dir, tensorboard=cfg.run.tensorboard)
+
+    def _open_run_dir(self) -> None:
+        """Rank 0 makes run.dir and locks it (``train.runlock``: one run writes a folder);
+        under DDP every rank learns whether it could, so that none waits for the others in
+        vain when it could not."""
+        problem = None
+        if self.dist.is_main:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.lock = RunLock(self.run_dir)
+                self.lock.acquire()
             except OSError as exc:
-                raise RunError(f"run.dir {self.run_dir} cannot be made ({exc.strerror})") from None
-            self.runlog = RunLog(self.run_dir, tensorboard=cfg.run.tensorboard)
+                problem = RunError(f"run.dir {self.run_dir} cannot be made ({exc.strerror})")
+            except RunError as exc:
+                problem = exc
+        if self.dist.enabled:
+            failed = torch.tensor([float(problem is not None)], device=self.device)
+            torch.distributed.broadcast(failed, src=0)
+            if failed.item() and problem is None:
+                problem = RunError(
+                    f"rank {self.dist.rank}: rank 0 could not open run.dir {self.run_dir} "
+                    "(its error line says why)"
+                )
+        if problem is not None:
+            self.lock = None
+            raise problem
+
+    def close(self) -> None:
+        """Let go of run.dir (the end of a run, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -102,6 +134,13 @@ class Trainer:
                 f"{source} is not a checkpoint of this trainer (no {', '.join(missing)})"
             )
         self._check_dataset(state.get("dataset"), source)
+        target = (state.get("model_args") or {}).get("target", self.cfg.train.target)
+        if target != self.cfg.train.target:
+            raise ResumeError(
+                f"{source} was trained with train.target={target}; this run has "
+                f"train.target={self.cfg.train.target} (another model): resume with --set "
+                f"train.target={target}"
+            )
         had = (state.get("model_args") or {}).get("features", "wav")
         has = getattr(self.model, "features", "wav")
         if had != has:
@@ -119,6 +158,7 @@ class Trainer:
                 f"{source} holds a model of another shape than this config builds (model.* "
                 f"settings differ?): {first}"
             ) from None
+        self._apply_optimizer_settings()
         self.step = int(state["step"])
         self.best_val = float(state.get("best_val_mse", math.inf))
         self.train_loader.load_state_dict(state["loader"])
@@ -126,6 +166,22 @@ class Trainer:
         # loader moves on to the next epoch, but this one still gets its validation and save
         if self.train_loader.epoch > int(state["loader"]["epoch"]):
             self._unfinished = int(state["loader"]["epoch"])
+
+    def _apply_optimizer_settings(self) -> None:
+        """The config's ``train.lr`` and ``train.weight_decay`` in every param group: loading an
+        optimizer's state takes the checkpoint's, and a resumed run (``--set train.lr=...``)
+        steps with, and records, the ones its config says. AdamW reads both afresh at every step
+        and keeps its moments, so a change applies exactly from the next step on."""
+        t = self.cfg.train
+        changed = []
+        for key, value in (("lr", t.lr), ("weight_decay", t.weight_decay)):
+            old = self.opt.param_groups[0][key]
+            if float(old) != value:
+                changed.append(f"train.{key} {float(old):g} -> {value:g}")
+            for group in self.opt.param_groups:
+                group[key] = value
+        if changed:
+            self.say(f"resumed with {', '.join(changed)} (from the next step on)")
 
     def _check_dataset(self, recorded: dict | None, source: str) -> None:
         if recorded is None or self.cfg.train.allow_new_data:
@@ -177,7 +233,7 @@ class Trainer:
                     if not self._out_of_steps():
                         self.train_loader.set_epoch(epoch + 1)  # a checkpoint now resumes there
                     self._end_epoch(epoch, first=epoch == start)
-                if self._stop_requested():  # a signal during the last validation or save
+                if self._stop_requested_now():  # a signal during the last validation or save
                     raise Interrupted(self._stop_signal, self.run_dir / "last.pt")
                 self._report()
             return self.last_val
@@ -197,6 +253,7 @@ class Trainer:
             waited += wait
             if t.debug and batch_idx >= 3:
                 break
+            self._send_stop()
             loss = self.train_step(batch)
             self.step += 1
             if self.cfg.run.sample_log:
@@ -355,12 +412,32 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
+    def _send_stop(self) -> None:
+        """Under DDP, this rank's signal goes into the next step's all_reduce (``TrainStep.stop``,
+        with the bad-batch flag), set once on the device: no host sync, no collective."""
+        if self.dist.enabled and self._stop_signal not in (None, self._stop_sent):
+            self.train_step.stop.fill_(self._stop_signal)
+            self._stop_sent = self._stop_signal
+
     def _stop_requested(self) -> bool:
-        """Whether any rank got SIGTERM/SIGINT; under DDP all ranks agree after each step, so
-        they stop at the same step (a rank that stopped alone would hang the others)."""
+        """After a step: whether to save and stop. Alone, whether a signal came. Under DDP,
+        whether any rank had one by the all_reduce of the step before: every rank reads that
+        same value after the same step, so all stop at the same step (a rank that stopped alone
+        would hang the others), one step after the signal's, without a collective of its own
+        or waiting for the device to finish the last step."""
         if not self.dist.enabled:
             return self._stop_signal is not None
-        flag = torch.tensor([self._stop_signal or 0], device=self.device)
+        agreed = self.train_step.previous_stop()
+        if agreed:
+            self._stop_signal = agreed
+        return bool(agreed)
+
+    def _stop_requested_now(self) -> bool:
+        """Whether any rank had a signal by now (its own all_reduce: for the end of the run)."""
+        if not self.dist.enabled:
+            return self._stop_signal is not None
+        flag = torch.tensor([float(self._stop_signal or 0)], device=self.device)
+        flag = torch.maximum(flag, self.train_step.stop.reshape(1))
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         self._stop_signal = int(flag.item()) or None
         return self._stop_signal is not None

@@ -15,6 +15,7 @@ by the epoch's seed and the sample's index, so an epoch replays exactly whatever
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 
 import torch
@@ -177,6 +178,21 @@ class _EpochSampler(Sampler):
         return len(self.order)
 
 
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """A worker ignores SIGTERM and SIGINT. A scheduler, torchrun or Ctrl-C signals the whole
+    process group: a worker killed by it would end the run in the main process with
+    "DataLoader worker ... killed by signal" before the trainer could save its checkpoint. The
+    main process decides (the trainer saves and stops; elsewhere KeyboardInterrupt), and its
+    iterator then shuts the workers down; one left behind exits when its watchdog sees the
+    main process gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked since the fork
+
+
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 class TorchLoader(EpochLoader):
     name = "torch"
 
@@ -198,12 +214,21 @@ class TorchLoader(EpochLoader):
             drop_last=True,
             collate_fn=collate,
             prefetch_factor=o.prefetch_factor if o.num_workers > 0 else None,
+            worker_init_fn=_leave_stop_signals_to_the_main_process,
         )
 
     def _batches(self, leg: Leg) -> Iterator[dict]:
         self._sampler.order = leg.batches.ravel().tolist()
         self._sampler.seed = leg.epoch_seed
-        for batch in self.loader:
+        # the workers are forked with the stop signals blocked, so that one sent before they
+        # ignore it waits for them and is dropped, not delivered to a worker still taking
+        # torch's default; the main process gets a signal sent meanwhile when it unblocks
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            batches = iter(self.loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        for batch in batches:
             if isinstance(batch, Failed):
                 raise batch.error
             yield {

@@ -1,0 +1,102 @@
+"""One trainer per run folder: rank 0 holds an exclusive ``flock`` on ``run.dir/.train.lock``
+for the run's life, so a second run (or ranks left over from a killed job) cannot append to the
+same ``metrics.jsonl`` or replace its checkpoints.
+
+The kernel drops the lock when the holder's process ends, however it ends (SIGKILL, a crash),
+so the file a killed run leaves behind blocks nobody. While the lock is held the file records
+the holder's pid, host and start time, which the refusal names. A run that ends removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+import weakref
+from pathlib import Path
+
+from core.errors import RunError
+
+LOCK_NAME = ".train.lock"
+
+
+class RunLock:
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self._fd: int | None = None
+        self._closer = None
+
+    def acquire(self) -> None:
+        """Take the lock, or RunError naming the run that holds it and the way out."""
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise RunError(
+                    f"run.dir {self.run_dir}: cannot make {self.path.name} ({exc.strerror}); "
+                    "pick a folder you can write with --set run.dir=..."
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0)
+                os.close(fd)
+                raise RunError(self._refusal(holder)) from None
+            # the holder may have ended and removed the file between our open and flock: a
+            # lock on a file no longer at the path excludes nobody, so open the path again
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    break
+            os.close(fd)
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        self._fd = fd
+        self._closer = weakref.finalize(self, os.close, fd)  # a lock never released: at exit
+
+    def release(self) -> None:
+        """Remove the file and drop the lock (closing the descriptor drops it)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(self._fd), os.stat(self.path)):
+                self.path.unlink()
+        self._fd = None
+        self._closer()
+
+    def _refusal(self, holder: bytes) -> str:
+        try:
+            rec = json.loads(holder.decode())
+            pid, host, since = int(rec["pid"]), str(rec["host"]), str(rec["since"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            who = "another process (it recorded no pid yet)"
+        else:
+            who = f"another run (pid {pid} on host {host}, since {since})"
+            if host == socket.gethostname() and not _alive(pid):
+                who += (
+                    ", which has ended; processes it started (DataLoader workers) still hold "
+                    "the lock and end within seconds"
+                )
+        return (
+            f"run.dir {self.run_dir} is in use by {who}: two runs would write the same "
+            f"metrics.jsonl and checkpoints; wait for it to end or stop it, or pass another "
+            f"folder with --set run.dir=..."
+        )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
