@@ -99,7 +99,7 @@ def spdl_batches(
             return audio[: m.clip_samples], arkit[: m.frames]  # a segment's first window
         except MemberError as exc:
             raise DatasetError(
-                f"{ref.tar}: sample {ref.key}: {exc}; run `{verify_hint(m.root)}`"
+                f"{ref.tar}: sample {ref.key}: {exc}; {verify_hint(m.root)}"
             ) from None
 
     def load_batch(indexes: list[int]) -> dict[str, torch.Tensor] | dict[str, str]:

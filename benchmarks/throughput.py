@@ -46,7 +46,7 @@ from benchmarks.rows import (
 )
 from core.errors import ArkitError, ConfigError
 from model.features import Mel
-from pipeline.loaders.base import DaliOptions, resolve_device
+from pipeline.loaders.spec import DaliOptions, resolve_device
 from pipeline.shards import storage
 
 # the seed's 4 workers on a 2-CPU machine is the point of the baseline, not a mistake to warn about

@@ -25,7 +25,7 @@ def _wds_decoder(m: Manifest):
             # said in the main process: an error raised in a worker reaches it with the
             # worker's traceback inside its message
             where = f"{sample.get('__url__', m.root)}: sample {sample.get('__key__')}"
-            return f"{where}: {exc}; run `{verify_hint(m.root)}`"
+            return f"{where}: {exc}; {verify_hint(m.root)}"
 
     return decode
 

@@ -4,7 +4,7 @@
 def __getattr__(name: str):
     # lazy, so `python pipeline/make_shards.py` does not pay for importing torch
     if name == "build_loader":
-        from pipeline.loaders.base import build_loader
+        from pipeline.loaders.backends import build_loader
 
         return build_loader
     raise AttributeError(name)

@@ -151,18 +151,18 @@ def test_both_loaders_draw_the_same_values_for_each_sample(segments, speed):
             torch.testing.assert_close(dali[key][0], torch_[key][0], atol=1e-5, rtol=0)
 
 
-def test_a_state_from_before_positions_resumes_at_its_count_of_samples(tiny_dataset):
-    """Checkpoints written before global positions hold per-rank batches done (``batch``) at
-    their world size: that many global batches are consumed."""
+def test_a_state_without_a_position_is_refused_by_name(tiny_dataset):
+    """A loader resumes from a global position only: a state holding only per-rank batches
+    done (``batch``) is refused, saying so, and the loader is left at its start."""
     kw = dict(batch_size=2, shuffle=True, seed=4)
     state = make("torch", tiny_dataset, **kw).state_dict()
     old = {k: v for k, v in state.items() if k != "position"}
     old.update(batch=3, world_size=2)
     loader = make("torch", tiny_dataset, **kw)
-    with pytest.warns(UserWarning, match="predates global positions: the run had consumed 12"):
+    with pytest.raises(ResumeError, match="loader state has no position .* only per-rank batches"):
         loader.load_state_dict(old)
-    assert (loader.epoch, loader.position) == (0, 12)
-    assert len(run_epoch(loader)) == (36 - 12) // 2
+    assert (loader.epoch, loader.position) == (0, 0)
+    assert len(run_epoch(loader)) == 36 // 2
     bad = {**state, "position": 37}
     with pytest.raises(ResumeError, match="position 37 is outside an epoch of 36 samples"):
         make("torch", tiny_dataset, **kw).load_state_dict(bad)

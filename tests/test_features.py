@@ -18,7 +18,7 @@ import torch
 from model import build_model
 from model.features import LogMel, Mel
 from pipeline import build_loader
-from tests.test_loaders import _cuda_graph, _graph
+from tests.test_loaders import _graph, dali_graph
 
 SYN_MEL = Mel(n_mels=32)
 
@@ -91,17 +91,13 @@ def test_dali_log_mel_frames_are_centred_at_multiples_of_the_hop():
 
 
 def test_cuda_graph_computes_the_log_mel_on_the_gpu(tiny_dataset):
-    from pipeline.loaders.dali_graph import build_pipeline
-    from pipeline.shards.manifest import load_manifest
-
-    m = load_manifest(tiny_dataset)
     for decode in ("gpu", "cpu"):
-        pipe = build_pipeline(m, "val", batch_size=4, decode=decode, device_id=0, features="mel")
+        pipe = dali_graph(tiny_dataset, decode, split="val", features="mel")
         ops, outputs = _graph(pipe)
         assert ("Spectrogram", "gpu") in ops and ("MelFilterBank", "gpu") in ops
         assert not any(k in ("Spectrogram", "MelFilterBank") for k, d in ops if d == "cpu")
         assert outputs[0] == "gpu"
-    assert _graph(_cuda_graph(tiny_dataset, "gpu"))  # the wav graph is unchanged by the option
+    assert _graph(dali_graph(tiny_dataset, "gpu"))  # the wav graph is unchanged by the option
 
 
 def test_models_take_mel_and_refuse_the_other_input():

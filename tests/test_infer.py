@@ -322,6 +322,7 @@ def test_the_trainer_writes_best_pts_report_unless_told_not_to(tiny_dataset, tmp
 def test_eval_of_a_segmented_train_split_scores_whole_segments(checkpoint, tmp_path):
     """Segments longer than the window are scored whole (not the loaders' random crops), the
     same with both loaders."""
+    from pipeline.loaders.spec import TorchOptions
     from tests.conftest import build_synthetic
     from train.evaluate import evaluate
 
@@ -330,7 +331,7 @@ def test_eval_of_a_segmented_train_split_scores_whole_segments(checkpoint, tmp_p
     p = Predictor.from_checkpoint(checkpoint, "cpu", batch_size=4)
     got = {}
     for loader in ("dali", "torch"):
-        opts = {"num_workers": 0} if loader == "torch" else {}
+        opts = TorchOptions(num_workers=0) if loader == "torch" else None
         rec, example = evaluate(p, ds, "train", loader, batch_size=2, options=opts)
         assert rec["samples"] == n and rec["frames"] == n * 360
         assert example["pred"].shape == example["true"].shape == (360, 52)

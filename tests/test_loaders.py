@@ -21,6 +21,7 @@ import torch
 from core.errors import ConfigError, DatasetError, ResumeError
 from pipeline import build_loader
 from pipeline.loaders.plan import epoch_batches
+from pipeline.loaders.spec import LoaderSpec
 from pipeline.shards.manifest import load_manifest
 from pipeline.shards.tars import read_index
 
@@ -460,17 +461,27 @@ def _graph(pipe) -> tuple[list[tuple[str, str]], list[str]]:
     return ops, [node.device for node in pipe._graph_out]
 
 
-def _cuda_graph(tiny_dataset, decode: str):
-    from pipeline.loaders.dali_graph import build_pipeline
+def dali_graph(data, decode: str, device_id: int | None = 0, split: str = "train", **kw):
+    """The DALI graph of a ``dali`` loader's spec over ``data`` (batches of 4, the split in
+    manifest order, epoch seed 0), defined on CUDA device ``device_id`` (None: CPU operators),
+    not built: a CUDA graph is defined without a GPU. ``kw``: more of the spec's settings."""
+    from pipeline.loaders.dali_graph import Draws, GpuNoise, build_pipeline
 
-    m = load_manifest(tiny_dataset)
-    return build_pipeline(
-        m,
-        "train",
-        batch_size=4,
-        decode=decode,
-        device_id=0,
-    )
+    m = load_manifest(data)
+    kw = dict(split=split, batch_size=4, device="cpu", decode=decode, **kw)
+    spec = LoaderSpec.make("dali", data, **kw)
+    noise = GpuNoise(device_id) if device_id is not None and spec.augment.snr_db else None
+    draws = Draws(np.arange(m.num_samples(split)), 0, spec.augment, m, split, 4, noise)
+    files = (m.tar_paths(split), m.idx_paths(split))
+    return build_pipeline(spec, m, device_id=device_id, files=files, draws=draws, seed=0)
+
+
+def serialized_without_a_device(pipe) -> bytes:
+    """A CUDA graph's definition, serialized on a machine without CUDA: DALI 2.4.0 creates the
+    pipeline on its device to serialize it (``cuInit``), so the device is taken off first (a
+    DALI internal, ``_device_id``); the operators keep their placement."""
+    pipe._device_id = None
+    return pipe.serialize()
 
 
 def test_cuda_graph_decodes_on_the_gpu(tiny_dataset):
@@ -479,7 +490,7 @@ def test_cuda_graph_decodes_on_the_gpu(tiny_dataset):
     scaling and reshaping run on the GPU, and the two big outputs are GPU tensors."""
     from pipeline.loaders.dali_graph import OUTPUTS
 
-    ops, outputs = _graph(_cuda_graph(tiny_dataset, "gpu"))
+    ops, outputs = _graph(dali_graph(tiny_dataset, "gpu"))
     host = sorted(kind for kind, dev in ops if dev == "cpu")
     assert host == ["GetProperty", "Pad", "readers__Webdataset"]
     on_gpu = sorted(kind for kind, dev in ops if dev == "gpu")
@@ -497,7 +508,7 @@ def test_cuda_graph_decodes_on_the_gpu(tiny_dataset):
         "source": "cpu",
     }
 
-    ops, outputs = _graph(_cuda_graph(tiny_dataset, "cpu"))
+    ops, outputs = _graph(dali_graph(tiny_dataset, "cpu"))
     assert {("decoders__Audio", "cpu"), ("decoders__Numpy", "cpu")} <= set(ops)
     assert not any(kind == "Reinterpret" for kind, _ in ops)
     assert outputs[:2] == ["gpu", "gpu"]  # decoded on the host, then copied to the device
@@ -568,37 +579,21 @@ def test_gpu_value_check_waits_on_the_batch_device_not_the_current_one():
 
 @pytest.mark.parametrize("decode", ["gpu", "cpu"])
 def test_cuda_graph_serializes_without_a_gpu(tiny_dataset, decode):
-    """The CUDA graph, defined with GPU operators but no device, serializes on a CPU machine."""
-    from pipeline.loaders.dali_graph import build_pipeline
-
-    m = load_manifest(tiny_dataset)
-    pipe = build_pipeline(
-        m,
-        "train",
-        batch_size=4,
-        decode=decode,
-        device_id=None,
-        gpu_ops=True,
-    )
-    blob = pipe.serialize()
+    """The CUDA graph, defined with GPU operators, serializes on a CPU machine."""
+    pipe = dali_graph(tiny_dataset, decode)
+    blob = serialized_without_a_device(pipe)
     assert b"readers__Webdataset" in blob and b"gpu" in blob
     if decode == "gpu":
         assert b"Reinterpret" in blob and b"decoders__Audio" not in blob
     else:
         assert b"decoders__Audio" in blob and b"Reinterpret" not in blob
     # the same definition without GPU operators mentions no GPU placement at all
-    cpu = build_pipeline(
-        m,
-        "train",
-        batch_size=4,
-        decode=decode,
-        device_id=None,
-    ).serialize()
+    cpu = dali_graph(tiny_dataset, decode, device_id=None).serialize()
     assert b"gpu" not in cpu
 
 
 @pytest.mark.gpu
 def test_gpu_cuda_graph_serializes(tiny_dataset):
-    blob = _cuda_graph(tiny_dataset, "gpu").serialize()
+    blob = dali_graph(tiny_dataset, "gpu").serialize()
     assert isinstance(blob, bytes) and len(blob) > 0
     assert b"gpu" in blob and b"readers__Webdataset" in blob

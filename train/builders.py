@@ -3,7 +3,7 @@ them ready-made, so a test can hand it small ones."""
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import fields
 
 import torch
 from torch import nn
@@ -11,8 +11,10 @@ from torch import nn
 from core.constants import SAMPLE_RATE
 from model import build_model
 from model.features import Mel
-from pipeline import build_loader
-from pipeline.loaders.base import LOADERS, EpochLoader
+from pipeline.loaders.augment import Augment
+from pipeline.loaders.backends import build_loader
+from pipeline.loaders.base import EpochLoader
+from pipeline.loaders.spec import DaliOptions, LoaderSpec, TorchOptions, options_of
 from pipeline.shards.manifest import Manifest
 from train.config import Config
 from train.distributed import Dist
@@ -25,26 +27,24 @@ def val_batch_size(n_val: int, world_size: int, at_most: int) -> int:
     return max(b for b in range(1, min(at_most, share) + 1) if share % b == 0)
 
 
-def loader_options(cfg: Config, loader: str) -> dict:
+def loader_options(cfg: Config, loader: str) -> DaliOptions | TorchOptions:
     """The backend's knobs from ``data:``, under their config names."""
-    options_cls = LOADERS[loader][2] if loader in LOADERS else None
-    if options_cls is None:
-        return {}
-    return {f.name: getattr(cfg.data, f.name) for f in dataclasses.fields(options_cls)}
+    options_cls = options_of(loader)
+    return options_cls(**{f.name: getattr(cfg.data, f.name) for f in fields(options_cls)})
 
 
-def make_loader(
+def loader_spec(
     cfg: Config, loader: str, split: str, device: torch.device, d: Dist, n_val: int = 0
-) -> EpochLoader:
+) -> LoaderSpec:
+    """What the ``split`` loader of a run is made from, read from the config once."""
     data = cfg.data
     batch = data.batch_size
     if split == "val":
         batch = val_batch_size(n_val, d.world_size, data.val_batch_size or batch)
-    options = loader_options(cfg, loader)
     expect = {
         k: getattr(data, k) for k in ("sample_rate", "clip_samples", "frames", "num_blendshapes")
     }
-    return build_loader(
+    return LoaderSpec(
         loader,
         data.dir,
         split=split,
@@ -55,11 +55,11 @@ def make_loader(
         rank=d.rank,
         world_size=d.world_size,
         expect=expect,
-        augment=dataclasses.asdict(cfg.augment) if split == "train" else None,
+        augment=Augment.from_dict(cfg.augment) if split == "train" else Augment(),
         with_params=cfg.run.sample_log and split == "train",  # the batches carry their keys
         features=data.features,
         mel=mel_settings(cfg, m=None),
-        **options,
+        options=loader_options(cfg, loader),
     )
 
 
@@ -69,9 +69,11 @@ def build_loaders(
     """The train loader, and the val loader unless the dataset has no val split (one made with
     --val-fraction 0, or fewer val samples than ranks): then training runs without validation
     rather than refusing to start."""
-    train = make_loader(cfg, loader, "train", device, d)
+    train = build_loader(loader_spec(cfg, loader, "train", device, d))
     n_val = train.manifest.num_samples("val")
-    val = make_loader(cfg, loader, "val", device, d, n_val) if n_val >= d.world_size else None
+    val = None
+    if n_val >= d.world_size:
+        val = build_loader(loader_spec(cfg, loader, "val", device, d, n_val))
     return train, val
 
 

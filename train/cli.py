@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from core.errors import ArkitError
-from pipeline.loaders.base import LOADERS
+from pipeline.loaders.backends import LOADERS
 from train.builders import build_loaders, build_model_for
 from train.checkpoint import load_checkpoint
 from train.config import Config, load_config

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from core.errors import DatasetError
-from pipeline import build_loader
+from pipeline.loaders.backends import build_loader
+from pipeline.loaders.spec import DaliOptions, LoaderSpec, TorchOptions
 from pipeline.shards.manifest import SPLITS, load_manifest
 from train.builders import val_batch_size
 from train.distributed import Dist
@@ -26,7 +27,7 @@ def evaluate(
     loader: str = "dali",
     batch_size: int = 16,
     dist: Dist | None = None,
-    options: dict | None = None,
+    options: DaliOptions | TorchOptions | None = None,
 ) -> tuple[dict, dict | None]:
     """The evaluation record (see ``train.report``) and the example window worth plotting: the
     one whose true jawOpen moves most. Under DDP (``dist``) each rank scores its share;
@@ -45,7 +46,7 @@ def evaluate(
             f"{m.root} is at {m.sample_rate} Hz and {m.fps:g} fps; the checkpoint's model at "
             f"{predictor.sample_rate} Hz and {predictor.fps:g} fps"
         )
-    data = build_loader(
+    spec = LoaderSpec(
         loader,
         data_dir,
         split=split,
@@ -55,8 +56,9 @@ def evaluate(
         rank=d.rank,
         world_size=d.world_size,
         crop=False,  # every frame of every sample: segments whole, not cropped
-        **(options or {}),
+        options=options,
     )
+    data = build_loader(spec)
     mean = m.train_mean("sequence")  # every frame is scored: the mean frame is the baseline
     scores = Scores(
         m.num_blendshapes, dev, None if mean is None else torch.as_tensor(mean, device=dev)

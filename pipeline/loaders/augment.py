@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,19 +57,16 @@ LOWPASS_ATTENUATION_DB = 60.0
 
 @dataclass(frozen=True)
 class Augment:
+    """Each augmentation's ``[low, high]`` range, or None (off); each range is checked once,
+    here, and held as a tuple of floats."""
+
     gain_db: tuple[float, float] | None = None
     snr_db: tuple[float, float] | None = None
     speed: tuple[float, float] | None = None
 
-    @classmethod
-    def from_dict(cls, d: dict | None) -> Augment:
-        """From the config's ``augment:`` section (absent or empty: nothing, crops only)."""
-        d = dict(d or {})
-        unknown = sorted(set(d) - set(NAMES))
-        if unknown:
-            raise ConfigError(f"augment has no {', '.join(unknown)}; it has {', '.join(NAMES)}")
-        ranges = {}
-        for name, value in d.items():
+    def __post_init__(self) -> None:
+        for name in NAMES:
+            value = getattr(self, name)
             if value is None:
                 continue
             lo, hi = LIMITS[name]
@@ -80,8 +78,21 @@ class Augment:
                     f"augment.{name} must be [low, high] with {lo:g} <= low <= high <= {hi:g} "
                     f"or null (got {value!r})"
                 )
-            ranges[name] = (float(value[0]), float(value[1]))
-        return cls(**ranges)
+            object.__setattr__(self, name, (float(value[0]), float(value[1])))
+
+    @classmethod
+    def from_dict(cls, section: Mapping | object | None) -> Augment:
+        """From the config's ``augment:`` section: a mapping (YAML, a checkpoint's config) or
+        the config's section object, whose attributes are ``NAMES`` (absent or empty: nothing,
+        crops only)."""
+        if section is None:
+            return cls()
+        if not isinstance(section, Mapping):
+            return cls(**{n: getattr(section, n) for n in NAMES})
+        unknown = sorted(set(section) - set(NAMES))
+        if unknown:
+            raise ConfigError(f"augment has no {', '.join(unknown)}; it has {', '.join(NAMES)}")
+        return cls(**section)
 
     @property
     def enabled(self) -> list[str]:

@@ -10,56 +10,26 @@ another world size: the state is the epoch and the global position in its order.
 a rank reads comes from ``pipeline.loaders.plan`` so both backends obey the same rules; a resumed
 backend starts reading at the first unconsumed sample (nothing is replayed).
 
-Each backend's knobs are a dataclass below; their field names are the ``data.*`` config keys,
-the keyword arguments of ``build_loader`` and the names the backend uses, and their defaults
-are stated here only.
+What a loader is made from is one ``LoaderSpec`` (``pipeline.loaders.spec``);
+``pipeline.loaders.backends.build_loader`` makes the loader of a spec, or of keywords.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from core.errors import ConfigError, DatasetError, ResumeError
-from model.features import FEATURES, Mel
-from pipeline.loaders.augment import Augment
 from pipeline.loaders.plan import epoch_order, epoch_seed, position_after, rank_batches, steps_left
+from pipeline.loaders.spec import DaliOptions, LoaderSpec, TorchOptions
 from pipeline.shards.index import changed_shards, shard_stamps
 from pipeline.shards.manifest import Manifest, load_manifest
 
-
-@dataclass
-class DaliOptions:
-    decode: str = "auto"  # gpu: raw bytes decoded on the device; cpu: DALI's CPU decoders;
-    # auto: gpu on CUDA, cpu without
-    dali_threads: int = 0  # DALI CPU threads (0: one per CPU, at most 4)
-    dali_prefetch: int = 2  # batches DALI prepares ahead
-    reader_prefetch: int = 2  # batches the reader reads ahead
-    # read the tars by copy (true) or map them (false: faster on CPU, but a shard truncated
-    # while DALI reads it kills the process with SIGBUS instead of a named error)
-    dont_use_mmap: bool = True
-    check_values: bool = True  # stop on blendshapes that are NaN, inf or outside [0, 1]
-
-
-@dataclass
-class TorchOptions:
-    num_workers: int = 4  # DataLoader worker processes (the seed's 4)
-    pin_memory: bool = True  # pinned host batches (on CUDA)
-    prefetch_factor: int | None = None  # batches per worker ahead (None: torch's default)
-
-
-# name -> (module, class, options)
-LOADERS = {
-    "dali": ("pipeline.loaders.dali_loader", "DaliLoader", DaliOptions),
-    "torch": ("pipeline.loaders.torch_loader", "TorchLoader", TorchOptions),
-}
+# the options are the config's data.* keys (train.config builds on them)
+__all__ = ["DaliOptions", "EpochLoader", "Leg", "LoaderSpec", "TorchOptions"]
 
 
 @dataclass(frozen=True)
@@ -76,78 +46,37 @@ class Leg:
         return len(self.batches)
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ConfigError(f"device {device!r} is not a device ({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asked for, but CUDA is not available")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
-
-
 class EpochLoader:
     """Epoch and resume bookkeeping shared by the backends; they implement ``_batches``."""
 
     name = "base"
 
-    def __init__(
-        self,
-        data_dir: str | Path,
-        split: str = "train",
-        batch_size: int = 16,
-        device: str | torch.device = "auto",
-        shuffle: bool = True,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        expect: dict | None = None,
-        augment: Augment | dict | None = None,
-        with_params: bool = False,
-        features: str = "wav",
-        mel: Mel | dict | None = None,
-        crop: bool | None = None,
-    ) -> None:
-        if features not in FEATURES:
-            raise ConfigError(f"features must be {' or '.join(FEATURES)}, not {features!r}")
-        self.manifest: Manifest = load_manifest(data_dir)
-        self.manifest.check(**(expect or {}))
-        self.split = split
+    def __init__(self, spec: LoaderSpec) -> None:
+        self.spec = spec
+        self.manifest: Manifest = load_manifest(spec.data_dir)
+        self.manifest.check(**(spec.expect or {}))
+        self.split = split = spec.split
         self.num_samples = self.manifest.num_samples(split)
         if self.num_samples == 0:
-            raise DatasetError(f"{data_dir} has no {split!r} samples")
-        self.batch_size = batch_size
-        self.device = resolve_device(device)
-        self.shuffle = shuffle
-        self.seed = seed
-        self.rank, self.world_size = rank, world_size
-        self.augment = augment if isinstance(augment, Augment) else Augment.from_dict(augment)
-        self.with_params = with_params
-        self.features = features
-        self.mel = mel if isinstance(mel, Mel) else Mel(**(mel or {}))
-        if features == "mel" and self.mel.sample_rate != self.manifest.sample_rate:
+            raise DatasetError(f"{spec.data_dir} has no {split!r} samples")
+        self.batch_size, self.device = spec.batch_size, spec.device
+        self.shuffle, self.seed = spec.shuffle, spec.seed
+        self.rank, self.world_size = spec.rank, spec.world_size
+        self.augment, self.with_params = spec.augment, spec.with_params
+        self.features, self.mel, self.options = spec.features, spec.mel, spec.options
+        if self.features == "mel" and self.mel.sample_rate != self.manifest.sample_rate:
             raise ConfigError(
-                f"log-mel settings are for {self.mel.sample_rate} Hz; {data_dir} is at "
+                f"log-mel settings are for {self.mel.sample_rate} Hz; {spec.data_dir} is at "
                 f"{self.manifest.sample_rate} Hz"
             )
-        # train members longer than the window, or augmentation: a random crop per sample
-        self.crops = split == "train" and (self.manifest.segmented or bool(self.augment.enabled))
-        if crop is False:  # whole members, as stored (an evaluation of the train split)
-            if self.augment.enabled:
-                raise ConfigError("augmentation needs crops: crop=False takes no augment")
-            self.crops = False
+        self.crops = spec.crops(self.manifest)
         if self.crops:
             self.augment.check_fits(self.manifest.segment_frames, self.manifest.frames)
         if len(self) == 0:
             raise DatasetError(
-                f"{data_dir}: {self.num_samples} {split} samples over {world_size} rank(s) make "
-                f"no whole batch of {batch_size}; use a smaller batch or more data"
+                f"{spec.data_dir}: {self.num_samples} {split} samples over {self.world_size} "
+                f"rank(s) make no whole batch of {self.batch_size}; use a smaller batch or more "
+                "data"
             )
         self.shard_sizes = [s.samples for s in self.manifest.split_shards(split)]
         self._epoch = 0  # position: epoch in progress (or next) ...
@@ -244,77 +173,16 @@ class EpochLoader:
                     f"cannot resume: the checkpoint's loader had {key}={state[key]}, this one "
                     f"has {key}={mine[key]}; resume with the same loader, data and settings"
                 )
-        if "position" in state:
-            position = int(state["position"])
-        else:  # before global positions: per-rank batches done at the recorded world size
-            world = int(state.get("world_size", self.world_size))
-            position = int(state["batch"]) * world * int(state.get("batch_size", self.batch_size))
-            if position:
-                warnings.warn(
-                    f"this loader state predates global positions: the run had consumed "
-                    f"{position} samples of epoch {state['epoch']} in an order this version no "
-                    "longer makes, so the rest of that epoch is the same number of samples but "
-                    "not exactly the ones it had not seen (later epochs are exact)",
-                    stacklevel=2,
-                )
+        if "position" not in state:
+            raise ResumeError(
+                "cannot resume: the checkpoint's loader state has no position (samples of the "
+                "epoch's global order consumed), only per-rank batches done; a loader resumes "
+                "from a position only: start the run afresh"
+            )
+        position = int(state["position"])
         if not 0 <= position <= self.num_samples:
             raise ResumeError(
                 f"cannot resume: the checkpoint's loader position {position} is outside an "
                 f"epoch of {self.num_samples} samples"
             )
         self._epoch, self._pos = int(state["epoch"]), position
-
-
-def build_loader(
-    name: str,
-    data_dir: str | Path,
-    split: str = "train",
-    batch_size: int = 16,
-    device: str | torch.device = "auto",
-    shuffle: bool = True,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    expect: dict | None = None,
-    augment: Augment | dict | None = None,
-    with_params: bool = False,
-    features: str = "wav",
-    mel: Mel | dict | None = None,
-    crop: bool | None = None,
-    **options,
-) -> EpochLoader:
-    """Make a loader by backend name (a key of ``LOADERS``) with that backend's ``options``.
-
-    ``augment``: the config's ``augment:`` section (see ``pipeline.loaders.augment``; the train
-    split only); ``with_params``: each batch also carries ``"key"`` (the samples' keys) and
-    ``"offset"`` (crop offsets in frames), and each enabled augmentation's drawn values;
-    ``features``: "wav" or "mel" (log-mel with the ``mel`` settings, ``model.features.Mel``);
-    ``crop=False``: a segmented train split's whole segments, uncropped (for evaluation)."""
-    if name not in LOADERS:
-        raise ConfigError(f"unknown loader {name!r}: choose from {', '.join(LOADERS)}")
-    module, cls_name, options_cls = LOADERS[name]
-    known = {f.name for f in dataclasses.fields(options_cls)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ConfigError(
-            f"loader {name!r} has no option {', '.join(unknown)}; its options: "
-            f"{', '.join(sorted(known))}"
-        )
-    cls = getattr(importlib.import_module(module), cls_name)
-    return cls(
-        data_dir,
-        split=split,
-        batch_size=batch_size,
-        device=device,
-        shuffle=shuffle,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        expect=expect,
-        augment=augment,
-        with_params=with_params,
-        features=features,
-        mel=mel,
-        crop=crop,
-        options=options_cls(**options),
-    )

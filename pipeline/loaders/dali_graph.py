@@ -29,8 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.errors import ConfigError
-from model.features import Mel, dali_log_mel
+from model.features import dali_log_mel
 from pipeline.loaders.augment import (
     RESAMPLE_QUALITY,
     Augment,
@@ -41,7 +40,7 @@ from pipeline.loaders.augment import (
     noise_table,
     sample_rng,
 )
-from pipeline.loaders.base import DaliOptions
+from pipeline.loaders.spec import DaliOptions, LoaderSpec
 from pipeline.shards.index import SampleRef
 from pipeline.shards.manifest import Manifest
 from pipeline.shards.members import NPY_EXT, PCM16_SCALE, WAV_EXT
@@ -49,7 +48,6 @@ from pipeline.shards.tars import Member, index_text
 
 READER = "Reader"
 OUTPUTS = ["wav", "arkit", "source"]
-DECODES = ("gpu", "cpu")
 
 
 def default_threads() -> int:
@@ -57,120 +55,123 @@ def default_threads() -> int:
 
 
 def build_pipeline(
+    spec: LoaderSpec,
     m: Manifest,
-    split: str,
     *,
-    batch_size: int,
-    decode: str = "gpu",
-    device_id: int | None = None,
-    gpu_ops: bool | None = None,
-    files: tuple[list[str], list[str]] | None = None,
-    draws: Draws | None = None,
-    seed: int = 0,
-    options: DaliOptions | None = None,
-    augment: Augment | None = None,
-    with_params: bool = False,
-    crop: bool | None = None,
-    features: str = "wav",
-    mel: Mel | None = None,
+    device_id: int | None,
+    files: tuple[list[str], list[str]],
+    draws: Draws | None,
+    seed: int,
 ):
-    """The DALI graph over ``split`` of the dataset ``m``. ``device_id=None`` runs it on CPU
-    operators only. ``options`` are the loader's knobs (threads, prefetch, read mode).
-    ``files``: the (tars, indexes) the reader reads in order, unshuffled (default: the split's,
-    in manifest order); ``draws``: the external source of each sample's crop and augmentation
-    (default: the samples in that order, drawn for epoch seed ``seed``, with their noise on the
-    data's device); ``draws.gpu_noise`` must be set exactly when the graph is on GPU operators
-    and draws noise. The train split is
-    cropped (and augmented) when its members are longer than the window or ``augment``
-    enables something; ``with_params`` adds the drawn values to the outputs (``params_of``, after
-    ``OUTPUTS``); ``crop`` (default: as the loaders decide, ``EpochLoader.crops``) forces it
-    either way.
-    ``features="mel"`` ends the audio's way in the log-mel (``model.features``, settings
-    ``mel``), on the device the audio is on: GPU operators on CUDA.
-
-    ``gpu_ops`` (default: whether ``device_id`` is set) places the decode on GPU operators;
-    ``gpu_ops=True`` with ``device_id=None`` defines the CUDA graph on a machine without CUDA,
-    which DALI can ``serialize()`` but not build.
-    """
-    to_gpu = device_id is not None if gpu_ops is None else gpu_ops
-    from nvidia.dali import fn, types
+    """The DALI graph of the loader ``spec`` over its split of the dataset ``m``, on GPU
+    operators on CUDA device ``device_id`` (None: CPU operators only). ``files``: the (tars,
+    indexes) the reader reads in order, unshuffled; ``draws``: the external source of each
+    sample's crop and augmentation, in the same order (unused where ``spec.crops(m)`` is
+    false), whose ``gpu_noise`` is set exactly when the graph is on GPU operators and draws
+    noise; ``seed``: the pipeline's. Outputs: ``OUTPUTS`` (the audio, or its log-mel with
+    ``features="mel"``, on the device the audio is on), then with ``with_params`` and crops
+    the drawn values (``params_of``)."""
     from nvidia.dali.pipeline import Pipeline
 
-    if decode not in DECODES:
-        raise ConfigError(f"decode must be 'gpu' or 'cpu', not {decode!r}")
-    o = options or DaliOptions()
-    aug = augment or Augment()
-    lay = m.layout(split)
-    tars, indexes = files or (m.tar_paths(split), m.idx_paths(split))
+    o: DaliOptions = spec.options
+    on_cuda = device_id is not None
+    aug, crops = spec.augment, spec.crops(m)
     pipe = Pipeline(
-        batch_size=batch_size,
+        batch_size=spec.batch_size,
         num_threads=o.dali_threads or default_threads(),
         device_id=device_id,
         seed=seed,
         prefetch_queue_depth=o.dali_prefetch,
     )
     with pipe:
-        wav, npy = fn.readers.webdataset(
-            paths=tars,
-            index_paths=indexes,
-            ext=[WAV_EXT, NPY_EXT],
-            missing_component_behavior="error",
-            random_shuffle=False,  # the order is the index files' (pipeline.loaders.plan)
-            # a memory-mapped tar that is cut short kills the process (SIGBUS): before DALI
-            # opens them the start-up check makes sure every index entry lies inside its tar,
-            # but only reading by copy (the default) also survives a shard truncated while
-            # the run reads it
-            dont_use_mmap=o.dont_use_mmap,
-            prefetch_queue_depth=o.reader_prefetch,
-            bytes_per_sample_hint=[lay.wav_bytes, lay.npy_bytes],
-            name=READER,
-        )
-        source = fn.pad(fn.get_property(wav, key="source_info"), fill_value=0)
-        if decode == "gpu":
-            if to_gpu:
-                wav, npy = wav.gpu(), npy.gpu()
-            # reinterpret first and slice whole elements; int16 * float32 promotes to float32,
-            # so the multiply is also the cast. Bit-identical to slice/cast/scale, and on CPU
-            # operators half the work (a byte-wise slice and a separate cast pass cost the most).
-            # Both headers end on a sample boundary: 44 bytes, and npy's 64-byte multiples.
-            audio = fn.reinterpret(wav, dtype=types.INT16)[m.wav_header_bytes // 2 :]
-            audio = audio * (1.0 / PCM16_SCALE)
-            arkit = fn.reinterpret(npy, dtype=types.FLOAT)[lay.npy_header_bytes // 4 :]
-            arkit = fn.reshape(arkit, shape=[lay.frames, lay.num_blendshapes])
-        else:
-            audio, _ = fn.decoders.audio(
-                wav, dtype=types.FLOAT, downmix=True, sample_rate=m.sample_rate
-            )
-            arkit = fn.decoders.numpy(npy)  # float32 by contract (the header is checked)
-            if to_gpu:
-                audio, arkit = audio.gpu(), arkit.gpu()
+        wav, npy = _read(m, spec.split, o, files)
+        source = _source_info(wav)
+        audio, arkit = _decode(wav, npy, m, spec.split, o.decode_on(on_cuda), on_cuda)
         params = []
-        if crop if crop is not None else split == "train" and (m.segmented or aug.enabled):
+        if crops:
             if draws is None:
-                order = np.arange(m.num_samples(split))
-                gpu_noise = GpuNoise(device_id) if to_gpu and aug.snr_db else None
-                draws = Draws(order, seed, aug, m, split, batch_size, gpu_noise)
-            if aug.snr_db and (draws.gpu_noise is not None) != to_gpu:
-                need = "with" if to_gpu else "without"
+                raise ValueError("a graph that crops needs draws")
+            if aug.snr_db and (draws.gpu_noise is not None) != on_cuda:
+                need = "with" if on_cuda else "without"
                 raise ValueError(f"this graph's noise needs draws {need} gpu_noise")
-            drawn = fn.external_source(source=draws, num_outputs=len(draws.outputs), batch=True)
-            drawn = dict(zip(draws.outputs, drawn, strict=True))
-            if aug.snr_db and to_gpu:
-                # views of the table on the GPU, copied there on GpuNoise's own stream
-                drawn["noise"] = fn.external_source(
-                    source=draws.gpu_windows,
-                    batch=True,
-                    device="gpu",
-                    dtype=types.FLOAT,
-                    ndim=1,
-                    cuda_stream=draws.gpu_noise,
-                )
-            audio, arkit = crop_and_augment(audio, arkit, m, aug, to_gpu, drawn)
-            params = [drawn[name] for name in params_of(aug)] if with_params else []
-        if features == "mel":
-            audio = dali_log_mel(audio, mel or Mel(sample_rate=m.sample_rate))
+            drawn = _drawn(draws, aug, on_cuda)
+            audio, arkit = crop_and_augment(audio, arkit, m, aug, on_cuda, drawn)
+            params = [drawn[name] for name in params_of(aug)] if spec.with_params else []
+        if spec.features == "mel":
+            audio = dali_log_mel(audio, spec.mel)
         pipe.set_outputs(audio, arkit, source, *params)
     return pipe
+
+
+def _read(m: Manifest, split: str, o: DaliOptions, files: tuple[list[str], list[str]]):
+    """The reader: each sample's raw wav and npy member bytes, in the index files' order."""
+    from nvidia.dali import fn
+
+    lay = m.layout(split)
+    tars, indexes = files
+    return fn.readers.webdataset(
+        paths=tars,
+        index_paths=indexes,
+        ext=[WAV_EXT, NPY_EXT],
+        missing_component_behavior="error",
+        random_shuffle=False,  # the order is the index files' (pipeline.loaders.plan)
+        # a memory-mapped tar that is cut short kills the process (SIGBUS): before DALI opens
+        # them the start-up check makes sure every index entry lies inside its tar, but only
+        # reading by copy (the default) also survives a shard truncated while the run reads it
+        dont_use_mmap=o.dont_use_mmap,
+        prefetch_queue_depth=o.reader_prefetch,
+        bytes_per_sample_hint=[lay.wav_bytes, lay.npy_bytes],
+        name=READER,
+    )
+
+
+def _source_info(wav):
+    """Each sample's source (``tar:member``), as zero-padded bytes."""
+    from nvidia.dali import fn
+
+    return fn.pad(fn.get_property(wav, key="source_info"), fill_value=0)
+
+
+def _decode(wav, npy, m: Manifest, split: str, decode: str, on_cuda: bool):
+    """The members' bytes to float32 audio [samples] and arkit [frames, 52], on the GPU with
+    ``on_cuda`` (see the module's decode modes)."""
+    from nvidia.dali import fn, types
+
+    lay = m.layout(split)
+    if decode == "gpu":
+        if on_cuda:
+            wav, npy = wav.gpu(), npy.gpu()
+        # reinterpret first and slice whole elements; int16 * float32 promotes to float32, so
+        # the multiply is also the cast. Bit-identical to slice/cast/scale, and on CPU operators
+        # half the work (a byte-wise slice and a separate cast pass cost the most). Both
+        # headers end on a sample boundary: 44 bytes, and npy's 64-byte multiples.
+        audio = fn.reinterpret(wav, dtype=types.INT16)[m.wav_header_bytes // 2 :]
+        audio = audio * (1.0 / PCM16_SCALE)
+        arkit = fn.reinterpret(npy, dtype=types.FLOAT)[lay.npy_header_bytes // 4 :]
+        return audio, fn.reshape(arkit, shape=[lay.frames, lay.num_blendshapes])
+    audio, _ = fn.decoders.audio(wav, dtype=types.FLOAT, downmix=True, sample_rate=m.sample_rate)
+    arkit = fn.decoders.numpy(npy)  # float32 by contract (the header is checked)
+    return (audio.gpu(), arkit.gpu()) if on_cuda else (audio, arkit)
+
+
+def _drawn(draws: Draws, aug: Augment, on_cuda: bool) -> dict:
+    """The external sources of the draws, by name (``Draws.outputs``, and on the GPU the noise
+    windows)."""
+    from nvidia.dali import fn, types
+
+    drawn = fn.external_source(source=draws, num_outputs=len(draws.outputs), batch=True)
+    drawn = dict(zip(draws.outputs, drawn, strict=True))
+    if aug.snr_db and on_cuda:
+        # views of the table on the GPU, copied there on GpuNoise's own stream
+        drawn["noise"] = fn.external_source(
+            source=draws.gpu_windows,
+            batch=True,
+            device="gpu",
+            dtype=types.FLOAT,
+            ndim=1,
+            cuda_stream=draws.gpu_noise,
+        )
+    return drawn
 
 
 def params_of(aug: Augment) -> list[str]:

@@ -23,10 +23,9 @@ from pathlib import Path
 
 import torch
 
-from core.errors import ConfigError, DatasetError
-from pipeline.loaders.base import DaliOptions, EpochLoader, Leg
+from core.errors import DatasetError
+from pipeline.loaders.base import EpochLoader, Leg
 from pipeline.loaders.dali_graph import (
-    DECODES,
     OUTPUTS,
     READER,
     Draws,
@@ -35,6 +34,7 @@ from pipeline.loaders.dali_graph import (
     params_of,
     write_indexes,
 )
+from pipeline.loaders.spec import DaliOptions, LoaderSpec
 from pipeline.shards.index import changed_shards, sample_refs
 from pipeline.shards.manifest import verify_hint
 from pipeline.shards.storage import is_s3
@@ -44,14 +44,11 @@ from pipeline.shards.verify import Depth, first_problem
 class DaliLoader(EpochLoader):
     name = "dali"
 
-    def __init__(self, *args, options: DaliOptions | None = None, **kw) -> None:
-        super().__init__(*args, **kw)
-        self.options = options or DaliOptions()
-        self.decode = self.options.decode
-        if self.decode == "auto":
-            self.decode = "gpu" if self.device.type == "cuda" else "cpu"
-        if self.decode not in DECODES:
-            raise ConfigError(f"decode must be 'auto', 'gpu' or 'cpu', not {self.decode!r}")
+    options: DaliOptions
+
+    def __init__(self, spec: LoaderSpec) -> None:
+        super().__init__(spec)
+        self.decode = self.options.decode_on(self.device.type == "cuda")
         m = self.manifest
         # a window, or the whole member where nothing is cropped (segments with crop=False)
         lay = m.layout(self.split)
@@ -79,27 +76,17 @@ class DaliLoader(EpochLoader):
             self._gpu_noise,
         )
         return build_pipeline(
+            self.spec,
             self.manifest,
-            self.split,
-            batch_size=self.batch_size,
-            decode=self.decode,
             device_id=self.device.index if self.device.type == "cuda" else None,
             files=write_indexes([self.refs[i] for i in order], folder),
             draws=draws,
             # the graph draws nothing itself (the noise comes with the draws): seeded anyway
             seed=leg.epoch_seed,
-            options=self.options,
-            augment=self.augment,
-            with_params=self.with_params,
-            crop=self.crops,
-            features=self.features,
-            mel=self.mel,
         )
 
     def _error(self, what: str) -> DatasetError:
-        return DatasetError(
-            f"{what}. Run `{verify_hint(self.manifest.root)}` to list every bad shard and sample"
-        )
+        return DatasetError(f"{what}; {verify_hint(self.manifest.root)}")
 
     def _dali_failed(self, what: str, exc: BaseException, decode: bool = True) -> DatasetError:
         """Our error for a DALI failure: the sample that explains it, found by decoding the

@@ -24,10 +24,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from core.errors import ArkitError, DatasetError, MemberError
 from model.features import LogMel, Mel
 from pipeline.loaders.augment import Augment, apply, draw, sample_rng
-from pipeline.loaders.base import EpochLoader, Leg, TorchOptions
+from pipeline.loaders.base import EpochLoader, Leg
+from pipeline.loaders.spec import LoaderSpec, TorchOptions
 from pipeline.shards import storage
 from pipeline.shards.index import SampleRef, changed_shards, sample_refs, shard_stamps
-from pipeline.shards.manifest import Manifest, verify_hint
+from pipeline.shards.manifest import Manifest, verify_command, verify_hint
 from pipeline.shards.members import decode_sample
 
 
@@ -105,7 +106,7 @@ class ShardSamples(Dataset):
             return DatasetError(
                 f"{ref.tar} (endpoint {storage.endpoint()}): sample {ref.key}: vanished while "
                 "the run was reading it (no such object): put it back or make the dataset "
-                f"again, check it with `{verify_hint(self.manifest.root)}`, and resume from "
+                f"again, check it with `{verify_command(self.manifest.root)}`, and resume from "
                 "the last checkpoint"
             )
         return DatasetError(
@@ -137,7 +138,7 @@ class ShardSamples(Dataset):
             changed = changed_shards({ref.tar: self.stamps[ref.tar]})
             reason = changed.reason if changed else exc
             raise DatasetError(
-                f"{ref.tar}: sample {ref.key}: {reason}; run `{verify_hint(self.manifest.root)}`"
+                f"{ref.tar}: sample {ref.key}: {reason}; {verify_hint(self.manifest.root)}"
             ) from None
         out: dict = {}
         if self.augment is not None:
@@ -196,9 +197,11 @@ STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 class TorchLoader(EpochLoader):
     name = "torch"
 
-    def __init__(self, *args, options: TorchOptions | None = None, **kw) -> None:
-        super().__init__(*args, **kw)
-        self.options = o = options or TorchOptions()
+    options: TorchOptions
+
+    def __init__(self, spec: LoaderSpec) -> None:
+        super().__init__(spec)
+        o = self.options
         augment = self.augment if self.crops else None
         mel = self.mel if self.features == "mel" else None
         self.dataset = ShardSamples(

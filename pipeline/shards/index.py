@@ -28,9 +28,7 @@ def sample_refs(m: Manifest, split: str) -> list[SampleRef]:
     """A split's samples in order, after the start-up check: DatasetError on the first problem."""
     problem = first_problem(m, split, Depth.STARTUP)
     if problem is not None:
-        raise DatasetError(
-            f"{problem}; run `{verify_hint(m.root)}` to list every bad shard and sample"
-        )
+        raise DatasetError(f"{problem}; {verify_hint(m.root)}")
     refs = []
     for tar in m.tar_paths(split):
         for sample in read_index(idx_path(tar)):

@@ -32,8 +32,14 @@ MAKE_SHARDS_HINT = "python pipeline/make_shards.py --synthetic 400 --out DIR"
 VERIFY_HINT = "python pipeline/make_shards.py --verify {dir}"
 
 
-def verify_hint(root: str | Location) -> str:
+def verify_command(root: str | Location) -> str:
+    """The command that re-reads the dataset at ``root`` end to end and lists its problems."""
     return VERIFY_HINT.format(dir=root)
+
+
+def verify_hint(root: str | Location) -> str:
+    """What an error about the data at ``root`` ends with: the command to run, and why."""
+    return f"run `{verify_command(root)}` to list every bad shard and sample"
 
 
 @dataclass(frozen=True)
