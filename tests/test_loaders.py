@@ -521,6 +521,46 @@ def test_unknown_backend_and_decode_are_refused(tiny_dataset):
         make("dali-cpu", tiny_dataset, decode="tpu")
 
 
+def test_a_spec_is_checked_once_and_builds_the_same_loader_as_keywords(tiny_dataset):
+    """``build_loader(spec)`` and the keyword form give the same batches; the registry's names
+    are the options' names and map to the backends' classes; a spec refuses a bad knob when it
+    is made, naming it."""
+    from pipeline.loaders.augment import Augment
+    from pipeline.loaders.backends import LOADERS
+    from pipeline.loaders.dali_loader import DaliLoader
+    from pipeline.loaders.spec import OPTIONS, DaliOptions, TorchOptions
+    from pipeline.loaders.torch_loader import TorchLoader
+
+    assert LOADERS.keys() == OPTIONS.keys() == {"dali", "torch"}
+    assert LOADERS["dali"]() is DaliLoader and LOADERS["torch"]() is TorchLoader
+    kw = dict(batch_size=4, device="cpu", shuffle=True, seed=3)
+    spec = LoaderSpec("torch", tiny_dataset, **kw, options=TorchOptions(num_workers=0))
+    assert spec.device == torch.device("cpu") and spec.augment == Augment()
+    by_spec = run_epoch(build_loader(spec))
+    by_keywords = run_epoch(build_loader("torch", tiny_dataset, **kw, num_workers=0))
+    assert len(by_spec) == len(by_keywords) == N_TRAIN // 4
+    for a, b in zip(by_spec, by_keywords, strict=True):
+        assert torch.equal(a["wav"], b["wav"]) and torch.equal(a["arkit"], b["arkit"])
+    with pytest.raises(TypeError, match="the spec holds it all"):
+        build_loader(spec, batch_size=8)
+    assert LoaderSpec("dali", tiny_dataset, device="cpu").options == DaliOptions()
+    bad = [
+        (dict(batch_size=0), "batch_size must be >= 1"),
+        (dict(rank=2, world_size=2), "rank 2 is not one of 2"),
+        (dict(features="mfcc"), "features must be wav or mel"),
+        (dict(options=TorchOptions()), "loader 'dali' takes DaliOptions, not TorchOptions"),
+        (dict(options=DaliOptions(decode="tpu")), "decode must be 'auto', 'gpu' or 'cpu'"),
+        (dict(augment=Augment(gain_db=(-3, 3)), crop=False), "crop=False takes no augment"),
+        (dict(augment={"gain_db": [-3, 3]}), "takes augment as an Augment"),
+    ]
+    for settings, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            LoaderSpec("dali", tiny_dataset, device="cpu", **settings)
+    with pytest.raises(ConfigError, match="unknown loader 'jax'"):
+        LoaderSpec("jax", tiny_dataset)
+    assert Augment(speed=[0.9, 1]).speed == (0.9, 1.0)  # a range, held as floats
+
+
 # ---------------------------------------------------------------- on a GPU
 
 
