@@ -55,7 +55,7 @@ def make_loader(
         rank=d.rank,
         world_size=d.world_size,
         expect=expect,
-        augment=dataclasses.asdict(cfg.augment) if split == "train" else None,
+        augment=cfg.augment.model_dump() if split == "train" else None,
         with_params=cfg.run.sample_log and split == "train",  # the batches carry their keys
         features=data.features,
         mel=mel_settings(cfg, m=None),
