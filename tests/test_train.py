@@ -152,12 +152,14 @@ def test_val_batch_divides_each_ranks_share_so_validation_sees_every_sample():
 def test_resume_keeps_the_checkpoints_loader_unless_told(tmp_path, tiny_dataset):
     assert run(tmp_path, tiny_dataset, "train.max_steps=2", loader="torch") == 0
     last = str(tmp_path / "run" / "last.pt")
-    assert torch.load(last, weights_only=True)["loader"]["backend"] == "torch"
+    state = torch.load(last, weights_only=True)
+    assert state["loader"]["backend"] == state["config"]["data"]["loader"] == "torch"
     assert main(["--resume", last, "--set", "train.max_steps=4"]) == 0  # no --loader given
     loaders = {r["loader"] for r in metrics(tmp_path)}
     assert loaders == {"torch"}
     # asking for the other backend is refused: its shuffle order differs
     assert main(["--loader", "dali", "--resume", last, "--set", "train.max_steps=6"]) == 1
+    assert main(["--resume", last, "--set", "data.loader=dali", "--set", "train.max_steps=6"]) == 1
 
 
 def test_a_cuda_device_without_cuda_is_a_clear_error(tmp_path, tiny_dataset, capsys):

@@ -55,7 +55,7 @@ def loader_spec(
         rank=d.rank,
         world_size=d.world_size,
         expect=expect,
-        augment=Augment.from_dict(cfg.augment) if split == "train" else Augment(),
+        augment=Augment.from_dict(cfg.augment.model_dump()) if split == "train" else Augment(),
         with_params=cfg.run.sample_log and split == "train",  # the batches carry their keys
         features=data.features,
         mel=mel_settings(cfg, m=None),

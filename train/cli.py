@@ -40,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--loader",
         choices=sorted(LOADERS),
         default=None,
-        help="data loader backend (default: dali, or the checkpoint's with --resume)",
+        help="data loader backend: a shortcut for --set data.loader=NAME (default: the "
+        "config's data.loader, or the checkpoint's with --resume)",
     )
     p.add_argument("--config", default=None, help=f"YAML config (default {DEFAULT_CONFIG.name})")
     p.add_argument(
@@ -56,30 +57,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve(args: argparse.Namespace) -> tuple[Config, dict | None, str]:
-    """The run's config, the checkpoint to resume (or None) and the loader backend."""
-    overrides = list(args.overrides) + (["train.debug=true"] if args.debug else [])
+def resolve(args: argparse.Namespace) -> tuple[Config, dict | None]:
+    """The run's config and the checkpoint to resume (or None)."""
+    overrides = [f"data.loader={args.loader}"] if args.loader else []
+    overrides += list(args.overrides) + (["train.debug=true"] if args.debug else [])
     if not args.resume:
-        return load_config(args.config or DEFAULT_CONFIG, overrides), None, args.loader or "dali"
+        return load_config(args.config or DEFAULT_CONFIG, overrides), None
     state = load_checkpoint(args.resume)
     if not any(o.split("=", 1)[0].strip() == "run.dir" for o in overrides):
         # a resumed run writes beside its checkpoint, never into the folder the checkpoint
         # recorded (a copied checkpoint would append to and overwrite another run)
         overrides.append(f"run.dir={Path(args.resume).resolve().parent}")
     config = state.get("config") if isinstance(state, dict) else None
-    cfg = load_config(args.config, overrides, base=config if isinstance(config, dict) else {})
-    loader = args.loader or (state.get("loader") or {}).get("backend", "dali")
-    return cfg, state, loader
+    base = dict(config) if isinstance(config, dict) else {}
+    backend = (state.get("loader") or {}).get("backend")
+    if backend is not None and isinstance(base.get("data", {}), dict):
+        # the backend the checkpoint's loader state is from, unless --loader or --set says
+        base["data"] = {**base.get("data", {}), "loader": backend}
+    return load_config(args.config, overrides, base=base), state
 
 
-def run(cfg: Config, loader: str, state: dict | None, resume: str | None) -> None:
+def run(cfg: Config, state: dict | None, resume: str | None) -> None:
     d, device = init_distributed(cfg.run.device)
     trainer = None
     try:
         if cfg.run.torch_threads:
             torch.set_num_threads(cfg.run.torch_threads)
         seed_everything(cfg.train.seed)
-        train_loader, val_loader = build_loaders(cfg, loader, device, d)
+        train_loader, val_loader = build_loaders(cfg, cfg.data.loader, device, d)
         model = build_model_for(cfg, train_loader.manifest)
         trainer = Trainer(cfg, model, train_loader, val_loader, device, d)
         if state is not None:
@@ -112,8 +117,8 @@ def run(cfg: Config, loader: str, state: dict | None, resume: str | None) -> Non
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg, state, loader = resolve(args)
-        run(cfg, loader, state, args.resume)
+        cfg, state = resolve(args)
+        run(cfg, state, args.resume)
     except Interrupted as stop:
         return 128 + stop.signum
     except ArkitError as exc:

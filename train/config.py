@@ -1,235 +1,283 @@
-"""Configuration: YAML (``yaml.safe_load``) resolved once into typed dataclasses, then checked.
+"""Configuration: YAML (``yaml.safe_load``) validated once by pydantic into typed sections.
 
-Every knob has a default and a comment in one place: here, or for a loader's own knobs in
-``pipeline.loaders.base`` (``DaliOptions``, ``TorchOptions``, whose fields are ``data.*`` keys under
-the same names). ``configs/default.yaml`` holds the seed's values. ``--set section.key=value``
-overrides one key (the value is parsed as YAML, so ``--set train.lr=3e-4`` is a float, ``null``
-is None); unknown keys are rejected with the list of valid ones, and every value is checked
-against its range before anything runs.
+Every knob is a field below with its default, its range and its one-line description (the
+log-mel defaults come from ``model.features.Mel``; the loader backends' own knobs,
+``pipeline.loaders.base``'s ``DaliOptions`` and ``TorchOptions``, are ``data.*`` keys under the
+same names, with their defaults from there). ``configs/default.yaml`` holds the seed's values.
+``--set section.key=value`` overrides one key (the value is parsed as YAML, so
+``--set train.lr=3e-4`` is a float, ``null`` is None). Layers merge as plain mappings (defaults
+<- a checkpoint's config <- ``--config`` <- ``--set``) and the result is validated once: an
+unknown key is rejected with the list of valid ones, a value of the wrong type or out of range
+with its key path and what it must be, each as one ``ConfigError`` line naming the layer that
+set it.
 """
 
 from __future__ import annotations
 
-import math
 import re
+import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Annotated, Literal
 
+import annotated_types
 import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
 
 from core.errors import ConfigError
-from model.features import FEATURES
+from model.features import FEATURES, Mel
 from pipeline.loaders.augment import Augment
-from pipeline.loaders.base import DaliOptions, TorchOptions
+from pipeline.loaders.backends import LOADERS
+from pipeline.loaders.spec import DaliOptions, TorchOptions
 
-TARGETS = ("first_frame", "sequence")
+
+def _yaml_float(value):
+    """YAML 1.1 reads ``3e-4`` (no dot) as a string: such a string is the float it spells."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
-@dataclass
-class DataConfig(DaliOptions, TorchOptions):
-    dir: str = "data/synthetic"  # dataset folder made by pipeline/make_shards.py
-    batch_size: int = 16  # samples per batch per rank
-    val_batch_size: int = 0  # 0: same as batch_size (clamped to what each rank's part holds)
-    shuffle: bool = True  # seeded shuffle of the training split (val is never shuffled)
-    features: str = "wav"  # wav: raw audio, the model's front end runs in the step; mel: the
-    # loader computes the log-mel (model.n_mels, n_fft, win_length, hop_length, fmin, fmax)
+def _matching(pattern: str, words: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if re.fullmatch(pattern, value) is None:
+            raise ValueError(words)
+        return value
+
+    return AfterValidator(check)
+
+
+# a float, from an int or a numeric string too, never a bool, inf or nan
+Number = Annotated[float, BeforeValidator(_yaml_float), Field(allow_inf_nan=False)]
+Folder = Annotated[str, _matching(r"(?s).*\S.*", "a folder")]
+Device = Annotated[str, _matching(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:<index>")]
+Range = Annotated[list[Number], Field(min_length=2, max_length=2)]  # [low, high]
+
+
+class Section(BaseModel):
+    """A config section: every key known, every value of its own type (no silent conversion
+    but int -> float), assignable as an attribute."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class DataConfig(Section):
+    loader: Literal[tuple(LOADERS)] = Field("dali", description="the loader backend (--loader)")
+    dir: Folder = Field("data/synthetic", description="dataset folder made by make_shards.py")
+    batch_size: int = Field(16, ge=1, description="samples per batch per rank")
+    val_batch_size: int = Field(
+        0, ge=0, description="0: same as batch_size (clamped to what each rank's part holds)"
+    )
+    shuffle: bool = Field(True, description="seeded shuffle of the train split (never val)")
+    features: Literal[FEATURES] = Field(
+        "wav",
+        description="wav: raw audio, the model's front end runs in the step; mel: the loader "
+        "computes the log-mel (model.n_mels, n_fft, win_length, hop_length, fmin, fmax)",
+    )
     # checks against the dataset's manifest (null: take the dataset's value)
-    sample_rate: int | None = None
-    clip_samples: int | None = None
-    frames: int | None = None
-    num_blendshapes: int | None = None
+    sample_rate: int | None = Field(None, ge=1)
+    clip_samples: int | None = Field(None, ge=1)
+    frames: int | None = Field(None, ge=1)
+    num_blendshapes: int | None = Field(None, ge=1)
+    # the backends' own knobs: their defaults and meanings are DaliOptions' and TorchOptions'
+    decode: Literal["auto", "gpu", "cpu"] = DaliOptions.decode
+    dali_threads: int = Field(
+        DaliOptions.dali_threads, ge=0, description="0: one per CPU, at most 4"
+    )
+    dali_prefetch: int = Field(DaliOptions.dali_prefetch, ge=1)
+    reader_prefetch: int = Field(DaliOptions.reader_prefetch, ge=1)
+    dont_use_mmap: bool = DaliOptions.dont_use_mmap
+    check_values: bool = DaliOptions.check_values
+    num_workers: int = Field(TorchOptions.num_workers, ge=0)
+    pin_memory: bool = TorchOptions.pin_memory
+    prefetch_factor: int | None = Field(TorchOptions.prefetch_factor, ge=1)
 
 
-@dataclass
-class AugmentConfig:
-    """Train-split augmentation (``pipeline.loaders.augment``); each ``[low, high]`` or null
-    (off)."""
+class AugmentConfig(Section):
+    """Train-split augmentation (``pipeline.loaders.augment``, which checks each range's
+    bounds); each ``[low, high]`` or null (off)."""
 
-    gain_db: list[float] | None = None  # audio gain, uniform in dB
-    snr_db: list[float] | None = None  # Gaussian noise at a uniform SNR in dB
-    speed: list[float] | None = None  # audio and animation sped up alike by a uniform factor
-
-
-@dataclass
-class ModelConfig:
-    name: str = "auto"  # auto | simplified | sequence (auto picks by train.target)
-    n_mels: int = 64
-    n_fft: int = 512
-    win_length: int = 400  # 25 ms
-    hop_length: int = 160  # 10 ms: 100 mel frames per second
-    fmin: float = 40.0  # the mel filters' lowest and highest frequencies (Hz)
-    fmax: float = 7600.0
-    hidden: int = 128
-    context_seconds: float = 0.3  # simplified model: audio it looks at from the clip's start
+    gain_db: Range | None = Field(None, description="audio gain, uniform in dB")
+    snr_db: Range | None = Field(None, description="Gaussian noise at a uniform SNR in dB")
+    speed: Range | None = Field(
+        None, description="audio and animation sped up alike by a uniform factor"
+    )
 
 
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    max_steps: int = 0  # stop after this many optimizer steps in total (0: no limit)
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_clip: float | None = 1.0  # max gradient norm (null: no clipping)
-    target: str = "first_frame"  # first_frame: arkit[:, 0, :] (the seed's); sequence: all frames
+class ModelConfig(Section):
+    name: Literal["auto", "simplified", "sequence"] = Field(
+        "auto", description="auto picks by train.target"
+    )
+    # the log-mel front end (model.features.Mel holds the defaults)
+    n_mels: int = Field(Mel.n_mels, ge=1)
+    n_fft: int = Field(Mel.n_fft, ge=1)
+    win_length: int = Field(Mel.win_length, ge=1, description="samples (400: 25 ms)")
+    hop_length: int = Field(Mel.hop_length, ge=1, description="samples (160: 100 frames/s)")
+    fmin: Number = Field(Mel.fmin, ge=0, description="the mel filters' lowest frequency (Hz)")
+    fmax: Number = Field(Mel.fmax, gt=0, description="the mel filters' highest frequency (Hz)")
+    hidden: int = Field(128, ge=1)
+    context_seconds: Number = Field(
+        0.3, gt=0, description="simplified model: audio it looks at from the clip's start"
+    )
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, ge=1)
+    max_steps: int = Field(
+        0, ge=0, description="stop after this many optimizer steps in total (0: no limit)"
+    )
+    lr: Number = Field(1e-3, gt=0)
+    weight_decay: Number = Field(0.0, ge=0)
+    grad_clip: Number | None = Field(1.0, gt=0, description="max gradient norm (null: none)")
+    target: Literal["first_frame", "sequence"] = Field(
+        "first_frame", description="first_frame: arkit[:, 0, :] (the seed's); sequence: all"
+    )
     seed: int = 0
-    debug: bool = False  # stop each epoch after 3 batches
-    log_every: int = 10  # steps between train lines in metrics.jsonl
-    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    allow_new_data: bool = False  # let --resume continue on a dataset other than the checkpoint's
-    report: bool = True  # at the end, best.pt's evaluation report in run.dir/report (infer --eval)
+    debug: bool = Field(False, description="stop each epoch after 3 batches")
+    log_every: int = Field(10, ge=1, description="steps between train lines in metrics.jsonl")
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    allow_new_data: bool = Field(
+        False, description="let --resume continue on a dataset other than the checkpoint's"
+    )
+    report: bool = Field(
+        True, description="at the end, best.pt's evaluation report in run.dir/report"
+    )
 
 
-@dataclass
-class RunConfig:
-    dir: str = "runs/default"  # metrics.jsonl, TensorBoard event files, last.pt, best.pt
-    device: str = "auto"  # auto: CUDA when available; cpu, cuda (GPU LOCAL_RANK), cuda:<index>
-    checkpoint_every: int = 0  # steps between checkpoints (0: at the end of each epoch)
-    progress: bool = True  # progress bar on rank 0
-    tensorboard: bool = True  # TensorBoard event files in run.dir (needs the tensorboard extra)
-    torch_threads: int = 0  # CPU threads for torch ops (0: torch's default); on a small CPU
-    # machine 1 leaves the other cores to the loader, which the step would otherwise fight
-    sample_log: bool = False  # each rank appends the keys of every batch it trains on to
-    # run.dir/samples-rank<R>.jsonl: an audit of what a run (and its resumes) consumed
+class RunConfig(Section):
+    dir: Folder = Field(
+        "runs/default", description="metrics.jsonl, TensorBoard event files, last.pt, best.pt"
+    )
+    device: Device = Field(
+        "auto", description="auto: CUDA when available; cpu, cuda (GPU LOCAL_RANK), cuda:<index>"
+    )
+    checkpoint_every: int = Field(
+        0, ge=0, description="steps between checkpoints (0: at the end of each epoch)"
+    )
+    progress: bool = Field(True, description="progress bar on rank 0")
+    tensorboard: bool = Field(
+        True, description="TensorBoard event files in run.dir (needs the tensorboard extra)"
+    )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads for torch ops (0: torch's default); on a small CPU machine 1 "
+        "leaves the other cores to the loader, which the step would otherwise fight",
+    )
+    sample_log: bool = Field(
+        False,
+        description="each rank appends the keys of every batch it trains on to "
+        "run.dir/samples-rank<R>.jsonl: an audit of what a run (and its resumes) consumed",
+    )
 
 
-@dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+class Config(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain types only (a checkpoint loads with ``torch.load(weights_only=True)``)."""
+        return self.model_dump()
 
 
-SECTIONS = {
-    "data": DataConfig,
-    "augment": AugmentConfig,
-    "model": ModelConfig,
-    "train": TrainConfig,
-    "run": RunConfig,
-}
-
-# every knob's range: key -> (test, what it must be)
-_POSITIVE = (lambda v: v >= 1, ">= 1")
-_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
-RANGES: dict[str, tuple[typing.Callable, str]] = {
-    "data.batch_size": _POSITIVE,
-    "data.val_batch_size": (_NON_NEGATIVE[0], ">= 0 (0: same as data.batch_size)"),
-    "data.decode": (lambda v: v in ("auto", "gpu", "cpu"), "auto, gpu or cpu"),
-    "data.dali_threads": (_NON_NEGATIVE[0], ">= 0 (0: one per CPU, at most 4)"),
-    "data.dali_prefetch": _POSITIVE,
-    "data.reader_prefetch": _POSITIVE,
-    "data.num_workers": _NON_NEGATIVE,
-    "data.prefetch_factor": (lambda v: v is None or v >= 1, ">= 1 or null"),
-    "data.sample_rate": (lambda v: v is None or v >= 1, ">= 1 or null"),
-    "data.clip_samples": (lambda v: v is None or v >= 1, ">= 1 or null"),
-    "data.frames": (lambda v: v is None or v >= 1, ">= 1 or null"),
-    "data.num_blendshapes": (lambda v: v is None or v >= 1, ">= 1 or null"),
-    "model.name": (
-        lambda v: v in ("auto", "simplified", "sequence"),
-        "auto, simplified or sequence",
-    ),
-    "model.n_mels": _POSITIVE,
-    "model.n_fft": _POSITIVE,
-    "model.win_length": _POSITIVE,
-    "model.hop_length": _POSITIVE,
-    "model.hidden": _POSITIVE,
-    "model.fmin": _NON_NEGATIVE,
-    "model.fmax": (lambda v: v > 0, "> 0"),
-    "data.features": (lambda v: v in FEATURES, " or ".join(FEATURES)),
-    "model.context_seconds": (lambda v: v > 0, "> 0"),
-    "train.epochs": _POSITIVE,
-    "train.max_steps": (_NON_NEGATIVE[0], ">= 0 (0: no limit)"),
-    "train.lr": (lambda v: v > 0, "> 0"),
-    "train.weight_decay": _NON_NEGATIVE,
-    "train.grad_clip": (lambda v: v is None or v > 0, "> 0 or null"),
-    "train.target": (lambda v: v in TARGETS, " or ".join(TARGETS)),
-    "train.log_every": _POSITIVE,
-    "run.dir": (lambda v: bool(v.strip()), "a folder"),
-    "run.device": (
-        lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
-        "auto, cpu, cuda or cuda:<index>",
-    ),
-    "run.checkpoint_every": (_NON_NEGATIVE[0], ">= 0 (0: every epoch)"),
-    "run.torch_threads": (_NON_NEGATIVE[0], ">= 0 (0: torch's default)"),
-    "data.dir": (lambda v: bool(v.strip()), "a dataset folder"),
+SECTIONS: dict[str, type[Section]] = {
+    name: info.annotation for name, info in Config.model_fields.items()
 }
 
 
 def valid_keys() -> list[str]:
-    return [f"{s}.{f.name}" for s, t in SECTIONS.items() for f in fields(t)]
+    return [f"{s}.{name}" for s, t in SECTIONS.items() for name in t.model_fields]
 
 
-def _types(section: str) -> dict[str, typing.Any]:
-    return typing.get_type_hints(SECTIONS[section])
+def _unknown(key: str) -> str:
+    return f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}"
 
 
-def _coerce(key: str, value, hint):
-    """``value`` as the field's type, or ConfigError naming the key."""
-    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union,) else ()
-    if not allowed and hasattr(hint, "__args__"):  # X | None on Python >= 3.10
-        allowed = hint.__args__
-    options = allowed or (hint,)
-    if value is None and type(None) in options:
-        return None
-    for want in options:
-        if typing.get_origin(want) is list:  # [low, high] ranges; their bounds are checked later
-            if isinstance(value, (list, tuple)) and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-            ):
-                return [float(v) for v in value]
-            raise ConfigError(f"{key} must be a list of numbers or null, got {value!r}")
-    for want in options:
-        if want is type(None):
-            continue
-        if want is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-            try:  # YAML 1.1 reads "3e-4" (no dot) as a string
-                value = float(value)
-            except ValueError:
-                continue
-        if isinstance(value, want) and not (want in (int, float) and isinstance(value, bool)):
-            if want is float and not math.isfinite(value):
-                raise ConfigError(f"{key} must be a finite number, got {value!r}")
-            return value
-    names = " or ".join("null" if t is type(None) else t.__name__ for t in options)
-    raise ConfigError(f"{key} must be {names}, got {value!r}")
+def _rule(info: FieldInfo) -> tuple[str, str]:
+    """A field's type and range in words: ("int >= 1", ">= 1"), ("float > 0 or null", "> 0 or
+    null"), ...; for a choice of values both are the choices ("auto, gpu or cpu")."""
+    options = (info.annotation,)
+    if typing.get_origin(info.annotation) in (typing.Union, types.UnionType):
+        options = typing.get_args(info.annotation)
+    null = " or null" if type(None) in options else ""
+    (hint,) = [o for o in options if o is not type(None)]
+    if typing.get_origin(hint) is Annotated:
+        hint = typing.get_args(hint)[0]
+    if typing.get_origin(hint) is Literal:
+        *most, last = typing.get_args(hint)
+        choices = f"{', '.join(most)} or {last}" if most else last
+        return choices + null, choices + null
+    if typing.get_origin(hint) is list:
+        return f"[low, high]{null}", f"[low, high]{null}"
+    limits = []
+    for m in info.metadata:
+        if isinstance(m, annotated_types.Ge):
+            limits.append(f">= {m.ge}")
+        elif isinstance(m, annotated_types.Gt):
+            limits.append(f"> {m.gt}")
+    rng = " and ".join(limits)
+    return f"{hint.__name__}{' ' + rng if rng else ''}{null}", f"{rng}{null}"
 
 
-# keys older configs may hold, and why they went
-REMOVED = {
-    "data.shuffle_buffer": "DALI's reader no longer shuffles; both loaders follow "
-    "pipeline.loaders.plan's order (shards, and samples within each, shuffled every epoch)",
-}
+RANGE_ERRORS = ("greater_than", "greater_than_equal", "too_short", "too_long")
 
 
-def _set(cfg: Config, key: str, value) -> None:
-    section, _, name = key.partition(".")
-    stype = SECTIONS.get(section)
-    names = {f.name for f in fields(stype)} if stype else set()
-    if key in REMOVED:
-        raise ConfigError(f"{key} is gone: {REMOVED[key]}; remove it from the config")
-    if name not in names:
-        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
-    setattr(getattr(cfg, section), name, _coerce(key, value, _types(section)[name]))
+def _message(error: dict, d: dict) -> str:
+    """One line for pydantic's first error: the key path, what it must be, what it is."""
+    section, *rest = error["loc"]
+    if section not in SECTIONS:
+        names = d.get(section) if isinstance(d.get(section), dict) else {}
+        return _unknown(", ".join(f"{section}.{n}" for n in names) or str(section))
+    if not rest:
+        return f"section {section!r} must be a mapping"
+    name = rest[0]
+    key = f"{section}.{name}"
+    info = SECTIONS[section].model_fields.get(name)
+    if info is None:
+        return _unknown(key)
+    value = d[section][name]
+    kind, rng = _rule(info)
+    hint = f": {info.description}" if info.description else ""
+    if error["type"] in RANGE_ERRORS:
+        return f"{key} must be {rng} (got {value!r}){hint}"
+    if error["type"] == "finite_number":
+        return f"{key} must be a finite number, got {value!r}"
+    if error["type"] == "value_error":  # a str field's own rule (a folder, a device)
+        return f"{key} must be {error['ctx']['error']}, got {value!r}"
+    return f"{key} must be {kind}, got {value!r}"
 
 
-def from_dict(d: dict, cfg: Config | None = None, where: str = "config") -> Config:
-    cfg = cfg or Config()
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where} must be a mapping of sections, got {type(d).__name__}")
-    for section, values in d.items():
+def _merge(into: dict, origin: dict, layer, where: str) -> None:
+    """``layer`` (a mapping of sections) over ``into``; ``origin`` records where each key was
+    set (for the error message)."""
+    if not isinstance(layer, dict):
+        raise ConfigError(f"{where} must be a mapping of sections, got {type(layer).__name__}")
+    for section, values in layer.items():
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: section {section!r} must be a mapping")
-        for name, value in values.items():
-            try:
-                _set(cfg, f"{section}.{name}", value)
-            except ConfigError as exc:
-                raise ConfigError(exc if where == "config" else f"{where}: {exc}") from None
-    return cfg
+        into.setdefault(section, {}).update(values)
+        origin[section] = where
+        origin.update({f"{section}.{name}": where for name in values})
+
+
+def from_dict(d: dict, origin: dict | None = None) -> Config:
+    """``d`` validated into a Config, or one ConfigError line; ``origin`` (key -> where it was
+    set) prefixes the line with where the bad key came from."""
+    try:
+        return Config.model_validate(d)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = (origin or {}).get(".".join(map(str, error["loc"][:2])))
+        where = where or (origin or {}).get(str(error["loc"][0]))
+        line = _message(error, d)
+        raise ConfigError(f"{where}: {line}" if where else line) from None
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -260,41 +308,32 @@ def read_yaml(path: str | Path) -> dict:
         ) from None
 
 
-def retire(old: dict) -> dict:
-    """A config saved by an earlier version (a checkpoint's) in today's keys: ``data.drop_last``
-    is gone (always true), so is ``data.shuffle_buffer`` (the reader no longer shuffles), and
-    ``train.grad_clip: 0`` meant no clipping, today ``null``. (A YAML file or ``--set`` that
-    names a removed key is still told so: only a checkpoint cannot be edited.)"""
-    new = {k: dict(v) if isinstance(v, dict) else v for k, v in (old or {}).items()}
-    if isinstance(new.get("data"), dict):
-        new["data"].pop("drop_last", None)
-        new["data"].pop("shuffle_buffer", None)
-    if isinstance(new.get("train"), dict) and new["train"].get("grad_clip") == 0:
-        new["train"]["grad_clip"] = None
-    return new
-
-
 def load_config(
     path: str | Path | None, overrides: list[str] = (), base: dict | None = None
 ) -> Config:
-    """Defaults <- ``base`` (e.g. a checkpoint's config) <- YAML file <- ``--set`` overrides."""
-    cfg = from_dict(retire(base), where="the checkpoint's config")
+    """Defaults <- ``base`` (e.g. a checkpoint's config) <- YAML file <- ``--set`` overrides,
+    merged, then validated once."""
+    d: dict = {}
+    origin: dict = {}
+    _merge(d, origin, base or {}, "the checkpoint's config")
     if path is not None:
-        cfg = from_dict(read_yaml(path), cfg, where=str(path))
+        _merge(d, origin, read_yaml(path), str(path))
     for text in overrides:
-        _set(cfg, *parse_override(text))
+        key, value = parse_override(text)
+        section, _, name = key.partition(".")
+        if not name:
+            raise ConfigError(_unknown(key))
+        d.setdefault(section, {})[name] = value
+        origin[section] = origin[key] = None
+    cfg = from_dict(d, origin)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: Config) -> None:
-    """Every knob in its range, named with what it must be and what it is."""
-    for key, (ok, must) in RANGES.items():
-        section, _, name = key.partition(".")
-        value = getattr(getattr(cfg, section), name)
-        if not ok(value):
-            raise ConfigError(f"{key} must be {must} (got {value!r})")
-    Augment.from_dict(asdict(cfg.augment))  # names the key whose range is wrong
+    """What no single field's range says: the augment ranges' bounds and the keys that must
+    agree with each other."""
+    Augment.from_dict(cfg.augment.model_dump())  # names the key whose range is wrong
     m = cfg.model
     if m.win_length > m.n_fft:
         raise ConfigError(f"model.win_length ({m.win_length}) must be <= model.n_fft ({m.n_fft})")

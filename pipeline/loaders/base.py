@@ -24,12 +24,12 @@ import torch
 
 from core.errors import ConfigError, DatasetError, ResumeError
 from pipeline.loaders.plan import epoch_order, epoch_seed, position_after, rank_batches, steps_left
-from pipeline.loaders.spec import DaliOptions, LoaderSpec, TorchOptions
+from pipeline.loaders.spec import LoaderSpec
 from pipeline.shards.index import changed_shards, shard_stamps
 from pipeline.shards.manifest import Manifest, load_manifest
 
 # the options are the config's data.* keys (train.config builds on them)
-__all__ = ["DaliOptions", "EpochLoader", "Leg", "LoaderSpec", "TorchOptions"]
+__all__ = ["EpochLoader", "Leg", "LoaderSpec"]
 
 
 @dataclass(frozen=True)
