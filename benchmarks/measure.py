@@ -207,7 +207,7 @@ def trainer_step(
     m: Manifest, batch_size: int, device: torch.device, sequence: bool = False
 ) -> Callable[[dict], torch.Tensor]:
     """The trainer's own step (``train.step.TrainStep``): a SimplifiedModel on target
-    first_frame (the seed's), or with ``sequence`` a SequenceModel on all frames, which reads
+    first_frame (the baseline's), or with ``sequence`` a SequenceModel on all frames, which reads
     the whole clip's log-mel: then a batch holding ``mel`` (a -mel row) goes to the same
     network without its front end. The trainer's default AdamW, gradient clipping and AMP;
     warmed up."""

@@ -2,7 +2,7 @@
 
 Every knob has a default and a comment in one place: here, or for a loader's own knobs in
 ``pipeline.loaders.base`` (``DaliOptions``, ``TorchOptions``, whose fields are ``data.*`` keys under
-the same names). ``configs/default.yaml`` holds the seed's values. ``--set section.key=value``
+the same names). ``configs/default.yaml`` holds the baseline's values. ``--set section.key=value``
 overrides one key (the value is parsed as YAML, so ``--set train.lr=3e-4`` is a float, ``null``
 is None); unknown keys are rejected with the list of valid ones, and every value is checked
 against its range before anything runs.
@@ -71,7 +71,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0  # max gradient norm (null: no clipping)
-    target: str = "first_frame"  # first_frame: arkit[:, 0, :] (the seed's); sequence: all frames
+    target: str = "first_frame"  # first_frame: arkit[:, 0, :] (the baseline); sequence: all frames
     seed: int = 0
     debug: bool = False  # stop each epoch after 3 batches
     log_every: int = 10  # steps between train lines in metrics.jsonl
