@@ -663,6 +663,7 @@ def test_dali_reader_reads_the_shards_with_our_index(tiny_dataset):
         del pipe
 
 
+@pytest.mark.slow
 def test_wds2idx_writes_the_same_index(tiny_dataset, tmp_path):
     man = manifest(tiny_dataset)
     assert len(man["shards"]) >= 2

@@ -494,6 +494,7 @@ def test_a_file_that_is_not_a_checkpoint_is_named_without_unsafe_advice(
     assert len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_a_pickle_given_as_checkpoint_prints_one_line_on_the_command_line(tmp_path):
     path = tmp_path / "model.pkl"
     _pickle(path)
@@ -577,6 +578,7 @@ def test_full_disk_while_appending_metrics_is_a_named_error(
     assert_user_error(code, err, str(run_dir / "metrics.jsonl"), "No space left")
 
 
+@pytest.mark.slow
 def test_the_process_exits_1_with_one_error_line_for_bad_yaml(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("train:\n  lr: [1,\n")

@@ -88,6 +88,7 @@ def test_unknown_set_key_fails_listing_valid_keys(tmp_path, tiny_dataset, capsys
         load_config(None, ["data.batch_size=abc"])
 
 
+@pytest.mark.slow
 def test_resume_continues_the_step_count_with_the_same_losses(tmp_path, tiny_dataset):
     # uninterrupted: 12 steps (crosses the 9-step epoch boundary)
     full = tmp_path / "full"
@@ -149,6 +150,7 @@ def test_val_batch_divides_each_ranks_share_so_validation_sees_every_sample():
     assert val_batch_size(3, 4, 16) == 1
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_checkpoints_loader_unless_told(tmp_path, tiny_dataset):
     assert run(tmp_path, tiny_dataset, "train.max_steps=2", loader="torch") == 0
     last = str(tmp_path / "run" / "last.pt")
@@ -203,6 +205,7 @@ def test_the_trainer_takes_its_model_and_loaders_ready_made(tmp_path, tiny_datas
     assert state["dataset"]["identity"] == loader.manifest.identity
 
 
+@pytest.mark.slow
 def test_resume_with_augmentation_gives_the_same_losses(tmp_path, tiny_dataset):
     """Crops and augmentation are drawn from seeds of the epoch (and part): a run stopped after
     5 steps and resumed gives the uninterrupted run's losses, step for step."""
