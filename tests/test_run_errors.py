@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_synthetic
 
 from pipeline import make_shards
 from pipeline.shards.tars import idx_path, read_index
-from tests.conftest import SMALL_RUN
+from tests.helpers import SMALL_RUN, build_synthetic
 from train import runlog as runlog_module
 from train.cli import main
 

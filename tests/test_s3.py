@@ -22,13 +22,13 @@ from urllib.parse import urlsplit
 
 import pytest
 import torch
-from conftest import SMALL_RUN
 
 from core.errors import DatasetError
 from pipeline import build_loader, make_shards
 from pipeline.convert.s3out import UPLOAD_MARK
 from pipeline.shards import storage
 from pipeline.shards.manifest import load_manifest
+from tests.helpers import SMALL_RUN
 
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto.server")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import SMALL_RUN
+from tests.helpers import SMALL_RUN
 from train.cli import main
 from train.runlog import SKIP_LINE
 

@@ -8,18 +8,12 @@ import pytest
 import torch
 
 from core.errors import ConfigError
+from tests.helpers import SMALL_RUN
 from train.cli import main
 from train.config import load_config
 from train.step import targets
 
-SMALL = [
-    "model.hidden=16",
-    "model.n_mels=32",
-    "data.batch_size=4",
-    "data.num_workers=2",
-    "run.progress=false",
-    "train.log_every=1",
-]
+SMALL = [*SMALL_RUN, "data.num_workers=2"]  # a later --set wins
 
 
 def run(tmp_path, dataset, *sets, loader="dali", extra=()):
@@ -130,7 +124,7 @@ def test_config_that_disagrees_with_the_manifest_is_refused(tmp_path, tiny_datas
 
 
 def test_a_dataset_without_val_split_trains_without_validation(tmp_path, capsys):
-    from conftest import build_synthetic
+    from tests.helpers import build_synthetic
 
     ds = build_synthetic(tmp_path / "noval", 8, "--val-fraction", "0")
     assert run(tmp_path, ds, "train.epochs=2") == 0
