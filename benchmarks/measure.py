@@ -75,30 +75,33 @@ def measure(
     batches: int,
     step: Callable[[dict], object] | None,
     device: torch.device,
+    clock: Callable[[], float] = time.perf_counter,
+    cpu_clock: Callable[[], float | None] = process_tree_cpu_s,
 ) -> dict:
     """One repeat: a fresh epoch, ``warmup`` untimed batches, ``batches`` timed ones, each
-    followed by ``step(batch)`` when there is a step (train mode)."""
+    followed by ``step(batch)`` when there is a step (train mode). ``clock`` reads wall seconds
+    and ``cpu_clock`` the process tree's CPU seconds (None: unknown)."""
     it = row.open(epoch)
     try:
-        t0 = time.perf_counter()
+        t0 = clock()
         for i in range(warmup):
             batch = next(it)
             if i == 0:
-                first = time.perf_counter() - t0
+                first = clock() - t0
             if step:
                 step(batch)
         sync(device)  # the timed part starts with an idle device
-        cpu0 = process_tree_cpu_s()
-        wait, start = 0.0, time.perf_counter()
+        cpu0 = cpu_clock()
+        wait, start = 0.0, clock()
         for _ in range(batches):
-            t = time.perf_counter()
+            t = clock()
             batch = next(it)
-            wait += time.perf_counter() - t
+            wait += clock() - t
             if step:
                 step(batch)
         sync(device)  # CUDA work is asynchronous: count it before reading the clock
-        elapsed = time.perf_counter() - start
-        cpu1 = process_tree_cpu_s()
+        elapsed = clock() - start
+        cpu1 = cpu_clock()
     finally:
         it.close()  # a DALI epoch frees its pipeline here
     cpu = None if cpu0 is None or cpu1 is None or elapsed < MIN_CPU_WINDOW_S else cpu1 - cpu0
@@ -207,7 +210,7 @@ def trainer_step(
     m: Manifest, batch_size: int, device: torch.device, sequence: bool = False
 ) -> Callable[[dict], torch.Tensor]:
     """The trainer's own step (``train.step.TrainStep``): a SimplifiedModel on target
-    first_frame (the seed's), or with ``sequence`` a SequenceModel on all frames, which reads
+    first_frame (the baseline's), or with ``sequence`` a SequenceModel on all frames, which reads
     the whole clip's log-mel: then a batch holding ``mel`` (a -mel row) goes to the same
     network without its front end. The trainer's default AdamW, gradient clipping and AMP;
     warmed up."""

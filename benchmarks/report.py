@@ -235,8 +235,8 @@ def closing_notes(args, names: list[str], results: list[dict], device: torch.dev
     if (os.cpu_count() or 1) < args.workers and {"torch", "webdataset"} & set(names):
         notes.append(
             f"torch and webdataset run {args.workers} workers on "
-            f"{plural(os.cpu_count() or 1, 'CPU')} (the seed's setting), so they share the cores "
-            "with the main process"
+            f"{plural(os.cpu_count() or 1, 'CPU')} (the baseline's setting), so they share the "
+            "cores with the main process"
         )
     if any(r["cpu_ms_per_sample"] is None for r in results):
         notes.append(

@@ -200,7 +200,7 @@ ROWS: dict[str, RowSpec] = {
         RowSpec(
             "torch",
             torch_row,
-            "the seed's DataLoader (4 workers, pin_memory, batch 16) over the shards",
+            "the baseline's DataLoader (4 workers, pin_memory, batch 16) over the shards",
         ),
         RowSpec(
             "webdataset",

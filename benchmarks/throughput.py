@@ -49,7 +49,7 @@ from model.features import Mel
 from pipeline.loaders.spec import DaliOptions, resolve_device
 from pipeline.shards import storage
 
-# the seed's 4 workers on a 2-CPU machine is the point of the baseline, not a mistake to warn about
+# 4 workers on a 2-CPU machine is the point of the baseline, not a mistake to warn about
 warnings.filterwarnings("ignore", message="This DataLoader will create")
 ROOT = Path(__file__).resolve().parent.parent
 _DALI = DaliOptions()  # the loader's defaults, stated there only
@@ -62,11 +62,11 @@ DEFAULTS = dict(
     data="data/bench",
     windows=2048,
     out="results",
-    batch_size=16,  # the seed's batch
+    batch_size=16,  # the baseline's batch
     warmup=5,  # untimed batches per repeat: build, worker start, webdataset's buffer fill
     batches=40,  # timed batches per repeat
     repeats=3,
-    workers=4,  # torch and webdataset workers, as the seed's DataLoader
+    workers=4,  # torch and webdataset workers, as the baseline's DataLoader
     threads=os.cpu_count() or 1,  # the threads row's pool: one per CPU (measured best on 2)
     spdl_threads=1,  # spdl's threads and stage concurrency: 1 measured best on 2 CPUs (the GIL)
     wds_shuffle=128,  # webdataset's sample buffer; the shards are pre-shuffled on disk
@@ -94,7 +94,8 @@ AT_LEAST = dict(
 )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
+    """The benchmark's flags (``parse_args`` fills in the defaults that depend on others)."""
     p = argparse.ArgumentParser(
         description="\n\n".join(__doc__.split("\n\n")[:2]),  # the title and the commands
         epilog=rows_help(),
@@ -156,6 +157,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="intra-op threads of the train step (default: 1 on CPU, torch's on CUDA)",
     )
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = parser()
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.dali_threads = args.threads if args.dali_threads is None else args.dali_threads

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real datasets built with the real make_shards, in temp dirs."""
+"""Shared fixtures: tiny real datasets built with the real make_shards, in temp dirs (the helpers
+they use: tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -8,26 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import make_shards
+from tests.helpers import build_synthetic
 
 os.environ.setdefault("TQDM_DISABLE", "1")
-
-# --set overrides for a trainer run that takes seconds: a tiny model, small batches, no workers
-SMALL_RUN = [
-    "model.hidden=16",
-    "model.n_mels=32",
-    "data.batch_size=4",
-    "data.num_workers=0",
-    "run.progress=false",
-    "train.log_every=1",
-]
-
-
-def build_synthetic(out: Path, n: int, *extra: str) -> Path:
-    """Run make_shards on ``n`` synthetic takes into ``out`` (raises on failure)."""
-    args = ["--synthetic", str(n), "--out", str(out), "--quiet", "--workers", "2", *extra]
-    assert make_shards.main(args) == 0
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -392,6 +392,7 @@ def test_a_bad_device_or_out_is_refused_before_the_run(
     assert file.read_text() == "mine\n"
 
 
+@pytest.mark.slow
 def test_a_batch_larger_than_the_dataset_is_refused_not_waited_for(tiny_dataset, tmp_path):
     """36 train samples make no batch of 64: every row would wait forever or fail on its own;
     a real process, stopped at 60 s if it hangs."""

@@ -14,17 +14,11 @@ import torch
 import torch.multiprocessing as mp
 
 from pipeline import build_loader
+from tests.helpers import SMALL_RUN
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_REPORT = "train.report=false"  # the torchrun test writes one under DDP; these need none
-SMALL = [
-    "model.hidden=16",
-    "model.n_mels=32",
-    "data.batch_size=4",
-    "data.num_workers=1",
-    "run.progress=false",
-    "train.log_every=1",
-]
+SMALL = [*SMALL_RUN, "data.num_workers=1"]  # a later --set wins
 
 
 def fingerprints(batch) -> list[bytes]:

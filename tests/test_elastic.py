@@ -12,7 +12,7 @@ from core.errors import ResumeError
 from pipeline.loaders import dali_loader
 from pipeline.loaders.plan import epoch_batches, epoch_order
 from pipeline.shards.manifest import load_manifest
-from tests.conftest import build_synthetic
+from tests.helpers import build_synthetic
 from tests.test_loaders import make, run_epoch, take
 
 AUG = {"gain_db": [-6, 6], "snr_db": [10, 30], "speed": [0.9, 1.1]}

@@ -20,7 +20,7 @@ import torch
 from pipeline.loaders.plan import epoch_batches
 from pipeline.shards.index import sample_refs
 from pipeline.shards.manifest import load_manifest
-from tests.conftest import build_synthetic
+from tests.helpers import build_synthetic
 from tests.test_distributed import SMALL, _free_port
 
 ROOT = Path(__file__).resolve().parent.parent

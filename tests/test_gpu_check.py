@@ -154,6 +154,7 @@ def test_steps_by_name_or_group_run_in_value_order(capsys):
     assert "--steps: a comma list of pytest-gpu" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_step_that_exits_non_zero_fails(tmp_path):
     parse = [sys.executable, "-c", "import argparse; argparse.ArgumentParser().parse_args()"]
     step = gpu_check.Step("bench", [*parse, "--augment"], 60)
@@ -162,11 +163,13 @@ def test_a_step_that_exits_non_zero_fails(tmp_path):
     assert "unrecognized arguments: --augment" in (tmp_path / "b.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_step_past_its_timeout_is_stopped_and_fails(tmp_path):
     step = gpu_check.Step("slow", [sys.executable, "-c", "import time; time.sleep(60)"], 0.5)
-    gpu_check.run_step(step, tmp_path / "slow.log")
+    clock = iter([1000.0, 1000.5625]).__next__  # read at the start and once it is stopped
+    gpu_check.run_step(step, tmp_path / "slow.log", clock=clock)
     assert step.exit_code == 124 and step.status == "failed: timeout after 0.5 s"
-    assert step.wall_s < 30
+    assert step.wall_s == 0.6
 
 
 def test_steps_past_the_budget_are_skipped_named_and_fail_the_run(tmp_path, capsys):

@@ -29,10 +29,11 @@ from pipeline import build_loader, make_shards
 from pipeline.convert.livelink import read_live_link_csv, write_live_link_csv
 from pipeline.convert.synthetic import make_take
 from pipeline.shards.manifest import load_manifest
+from tests.helpers import SMALL_RUN
 from train.cli import main as train
 from train.predict import Predictor
 
-SMALL = ["model.hidden=16", "model.n_mels=32", "data.batch_size=4", "run.progress=false"]
+SMALL = SMALL_RUN
 
 
 @pytest.fixture(scope="session")
@@ -323,7 +324,7 @@ def test_eval_of_a_segmented_train_split_scores_whole_segments(checkpoint, tmp_p
     """Segments longer than the window are scored whole (not the loaders' random crops), the
     same with both loaders."""
     from pipeline.loaders.spec import TorchOptions
-    from tests.conftest import build_synthetic
+    from tests.helpers import build_synthetic
     from train.evaluate import evaluate
 
     ds = build_synthetic(tmp_path / "seg", 6, "--segment-seconds", "12", "--val-fraction", "0")

@@ -7,7 +7,9 @@
     train     imports no infer (the end-of-run report's code lives in train)
     infer     imports no benchmarks
 
-and no two modules import each other, directly or round a longer loop.
+and no two modules import each other, directly or round a longer loop. Besides: no file of these
+packages is longer than ``MAX_FILE_LINES`` and no function than ``MAX_FUNCTION_LINES``, and no
+test module imports another (shared helpers live in ``tests/helpers.py`` and ``conftest.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("core", "pipeline", "model", "train", "infer", "benchmarks")
+MAX_FILE_LINES = 400
+MAX_FUNCTION_LINES = 80  # from the ``def`` line to the last line of the body
 
 
 def _module_name(path: Path) -> str:
@@ -160,3 +164,47 @@ def test_the_graph_sees_the_packages():
     graph = import_graph()
     assert {"core.errors", "pipeline.make_shards", "model.models", "train.trainer"} <= set(graph)
     assert "core.errors" in graph["model.models"]
+
+
+def test_no_file_is_longer_than_the_limit():
+    long = {
+        str(path.relative_to(ROOT)): n
+        for path in _modules().values()
+        if (n := len(path.read_text().splitlines())) > MAX_FILE_LINES
+    }
+    assert long == {}, f"files over {MAX_FILE_LINES} lines: {long}"
+
+
+def test_no_function_is_longer_than_the_limit():
+    long = {}
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long[f"{module}.{node.name} (line {node.lineno})"] = n
+    assert long == {}, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_the_size_check_counts_lines_from_def_to_the_end_of_the_body():
+    tree = ast.parse("def f():\n    a = 1\n\n    return a\n")
+    node = tree.body[0]
+    assert node.end_lineno - node.lineno + 1 == 4
+
+
+def test_no_test_module_imports_another():
+    tests = ROOT / "tests"
+    names = {p.stem for p in tests.glob("test_*.py")}
+    found = {}
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                imported = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                imported = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            hits = {i for i in imported if i.removeprefix("tests.") in names}
+            if hits:
+                found.setdefault(path.name, set()).update(hits)
+    assert found == {}, f"test modules importing test modules: {found}"

@@ -331,7 +331,7 @@ def test_state_dict_resumes_with_the_same_batches(tiny_dataset, tmp_path, backen
 def test_stopping_early_continues_the_epoch_and_set_epoch_moves_on(tiny_dataset, backend):
     """A debug loop stops after 3 batches; 4 torch workers must not leak stale batches."""
     kw = dict(batch_size=4, shuffle=True, seed=10)
-    if backend == "torch":  # the seed's DataLoader: 4 workers, started afresh every epoch
+    if backend == "torch":  # the baseline's DataLoader: 4 workers, started afresh every epoch
         loader = build_loader("torch", tiny_dataset, device="cpu", **kw)
         assert loader.loader.num_workers == 4 and not loader.loader.persistent_workers
     else:

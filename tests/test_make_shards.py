@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import build_synthetic
 
 from core.arkit import (
     ALPHABETICAL_NAMES,
@@ -31,6 +30,7 @@ from pipeline.shards.manifest import SPLITS
 from pipeline.shards.members import parse_canonical_wav, wav_header
 from pipeline.shards.tars import read_index
 from pipeline.shards.verify import check_dataset
+from tests.helpers import build_synthetic
 
 EXTS = (fmt.WAV_EXT, fmt.NPY_EXT, fmt.JSON_EXT)
 
@@ -663,6 +663,7 @@ def test_dali_reader_reads_the_shards_with_our_index(tiny_dataset):
         del pipe
 
 
+@pytest.mark.slow
 def test_wds2idx_writes_the_same_index(tiny_dataset, tmp_path):
     man = manifest(tiny_dataset)
     assert len(man["shards"]) >= 2

@@ -1,8 +1,8 @@
 """benchmarks/measure.py on fake rows: what a repeat times, how repeats are summarised and
 compared, and the CPU time of the process tree.
 
-The fake rows sleep or spin known amounts, so the tests check shares and lower bounds, never
-how fast this machine is.
+The fake rows move a fake clock by known amounts, so the tests check exact times and shares,
+never how fast this machine is; the real clocks are checked by lower bounds on CPU time.
 """
 
 from __future__ import annotations
@@ -39,6 +39,27 @@ def spin(seconds: float) -> None:
         pass
 
 
+class FakeClock:
+    """Wall and CPU seconds that move only when told: ``sleep`` moves the wall clock, ``spin``
+    both. Steps of binary fractions (1/8, 1/4, ...) keep every sum exact."""
+
+    def __init__(self) -> None:
+        self.now, self.cpu_s = 100.0, 7.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def cpu(self) -> float:
+        return self.cpu_s
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def spin(self, seconds: float) -> None:
+        self.now += seconds
+        self.cpu_s += seconds
+
+
 class FakeRow:
     """A row whose ``next()`` runs ``work(delays[i])`` first (the last delay repeats) and that
     records the epochs it was opened at, the batches drawn and how often it was closed."""
@@ -61,52 +82,70 @@ class FakeRow:
             self.closed += 1
 
 
+def timed(fake: FakeRow, clock: FakeClock, epoch=0, warmup=1, batches=4, step=None) -> dict:
+    return measure(fake.row, epoch, warmup, batches, step, CPU, clock=clock, cpu_clock=clock.cpu)
+
+
 # ---------------------------------------------------------------- measure
 
 
 def test_loader_mode_spends_its_time_waiting_for_data():
-    fake = FakeRow(delays=(0.02,))
-    r = measure(fake.row, 3, warmup=1, batches=5, step=None, device=CPU)
-    assert r["wait_share"] > 0.9  # nothing but next() happens in the timed part
-    assert r["s_per_batch"] >= 0.02
+    clock = FakeClock()
+    fake = FakeRow(delays=(0.125,), work=clock.sleep)
+    r = timed(fake, clock, epoch=3, warmup=1, batches=5)
+    assert r["wait_share"] == 1.0  # nothing but next() happens in the timed part
+    assert r["s_per_batch"] == 0.125 and r["first_batch_s"] == 0.125
+    assert r["cpu_s_per_batch"] == 0.0 and r["cores_busy"] == 0.0  # sleeping costs no CPU
     assert fake.opened == [3] and fake.drawn == 6 and fake.closed == 1
 
 
 def test_train_mode_wait_share_is_the_data_share_of_each_step():
-    fake = FakeRow(delays=(0.03,))
+    clock = FakeClock()
+    fake = FakeRow(delays=(0.125,), work=clock.sleep)
     batches_stepped = []
 
     def step(batch):
         batches_stepped.append(batch["epoch"])
-        time.sleep(0.03)  # as long as the data: half the time is waiting
+        clock.spin(0.375)  # three times the data's time: a quarter of each step is waiting
 
-    r = measure(fake.row, 7, warmup=2, batches=6, step=step, device=CPU)
-    assert 0.3 < r["wait_share"] < 0.7
-    assert r["s_per_batch"] >= 0.06
+    r = timed(fake, clock, epoch=7, warmup=2, batches=6, step=step)
+    assert r["wait_share"] == 0.25
+    assert r["s_per_batch"] == 0.5
+    assert r["cpu_s_per_batch"] == 0.375 and r["cores_busy"] == 0.75
     assert batches_stepped == [7] * 8  # warm-up batches are stepped too, untimed
 
 
 def test_only_the_timed_batches_count():
     # two slow warm-up batches (a pipeline build, a buffer fill), then four quick ones
-    fake = FakeRow(delays=(0.3, 0.3, 0.01))
-    r = measure(fake.row, 0, warmup=2, batches=4, step=None, device=CPU)
-    assert r["first_batch_s"] >= 0.3
-    # counting the warm-up's 0.6 s would make it 0.16 s per batch at least
-    assert 0.01 <= r["s_per_batch"] < 0.15
+    clock = FakeClock()
+    fake = FakeRow(delays=(2.0, 1.0, 0.0625), work=clock.spin)
+    r = timed(fake, clock, warmup=2, batches=4)
+    assert r["first_batch_s"] == 2.0  # the first batch alone
+    assert r["s_per_batch"] == 0.0625 and r["cpu_s_per_batch"] == 0.0625
+    assert r["cores_busy"] == 1.0
     assert fake.drawn == 6 and fake.closed == 1
 
 
 def test_too_short_a_window_has_no_cpu_figures():
-    r = measure(FakeRow().row, 0, warmup=1, batches=3, step=None, device=CPU)
-    assert 3 * r["s_per_batch"] < MIN_CPU_WINDOW_S
+    clock = FakeClock()
+    fake = FakeRow(delays=(MIN_CPU_WINDOW_S / 4,), work=clock.spin)
+    r = timed(fake, clock, warmup=1, batches=3)  # 3/4 of the window
+    assert r["s_per_batch"] == pytest.approx(MIN_CPU_WINDOW_S / 4)
     assert r["cpu_s_per_batch"] is None and r["cores_busy"] is None
 
 
-def test_cpu_time_of_busy_batches_is_counted():
+def test_unknown_cpu_time_has_no_cpu_figures():
+    clock = FakeClock()
+    fake = FakeRow(delays=(0.5,), work=clock.spin)
+    r = measure(fake.row, 0, 1, 2, None, CPU, clock=clock, cpu_clock=lambda: None)
+    assert r["s_per_batch"] == 0.5 and r["wait_share"] == 1.0
+    assert r["cpu_s_per_batch"] is None and r["cores_busy"] is None
+
+
+def test_cpu_time_of_busy_batches_is_counted_with_the_real_clocks():
     fake = FakeRow(delays=(0.05,), work=spin)
     r = measure(fake.row, 0, warmup=1, batches=4, step=None, device=CPU)
     assert r["cpu_s_per_batch"] >= 0.05  # process_time is exact for this process
-    assert 0 < r["cores_busy"] < 1.5  # one thread spinning, the others idle
 
 
 def test_a_failing_batch_still_closes_the_epoch():
@@ -245,6 +284,7 @@ GRANDCHILD = BUSY + "print('busy done', flush=True)\nimport sys\nsys.stdin.read(
 CHILD = f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {GRANDCHILD!r}])\n"
 
 
+@pytest.mark.slow  # starts a child and a grandchild
 def test_process_tree_cpu_counts_live_descendants_and_drops_exited_ones():
     before = process_tree_cpu_s()
     child = subprocess.Popen(

@@ -94,6 +94,7 @@ def expect_named_error(ds: Path, *needles: str) -> None:
 # ---------------------------------------------------------------- corrupt or wrong data
 
 
+@pytest.mark.slow
 def test_truncated_shard_is_named_by_loaders_verify_and_the_trainer(copy_dataset):
     ds = copy_dataset()
     tar = ds / SHARD
@@ -125,6 +126,7 @@ def test_truncated_shard_is_named_by_loaders_verify_and_the_trainer(copy_dataset
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mmap", [True, False])
 def test_truncated_shard_with_a_matching_manifest_never_reaches_dali(copy_dataset, mmap):
     """DALI segfaults on a memory-mapped truncated tar; our index check runs first."""
@@ -461,6 +463,7 @@ def test_a_shard_changed_between_epochs_stops_the_next_epoch_with_a_named_error(
     assert SHARD in str(err.value) and "it was modified" in str(err.value)
 
 
+@pytest.mark.slow
 def test_a_shard_truncated_mid_epoch_is_named_and_never_a_bus_error(copy_dataset):
     """With the tars read by copy (DALI's dont_use_mmap, the default) a shard cut short while
     DALI reads it is an ordinary, named error in the process that reads it."""

@@ -165,6 +165,7 @@ def test_write_report_without_baseline_says_na(tmp_path):
     assert_png(tmp_path / "mae_by_blendshape.png", wide=False)
 
 
+@pytest.mark.slow
 def test_import_is_cheap():
     """Importing train.report must not pull in matplotlib (only write_report does)."""
     code = "import sys, train.report; print('matplotlib' in sys.modules)"

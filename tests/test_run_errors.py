@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_synthetic
 
 from pipeline import make_shards
 from pipeline.shards.tars import idx_path, read_index
-from tests.conftest import SMALL_RUN
+from tests.helpers import SMALL_RUN, build_synthetic
 from train import runlog as runlog_module
 from train.cli import main
 
@@ -494,6 +493,7 @@ def test_a_file_that_is_not_a_checkpoint_is_named_without_unsafe_advice(
     assert len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_a_pickle_given_as_checkpoint_prints_one_line_on_the_command_line(tmp_path):
     path = tmp_path / "model.pkl"
     _pickle(path)
@@ -577,6 +577,7 @@ def test_full_disk_while_appending_metrics_is_a_named_error(
     assert_user_error(code, err, str(run_dir / "metrics.jsonl"), "No space left")
 
 
+@pytest.mark.slow
 def test_the_process_exits_1_with_one_error_line_for_bad_yaml(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("train:\n  lr: [1,\n")

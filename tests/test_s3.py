@@ -22,13 +22,13 @@ from urllib.parse import urlsplit
 
 import pytest
 import torch
-from conftest import SMALL_RUN
 
 from core.errors import DatasetError
 from pipeline import build_loader, make_shards
 from pipeline.convert.s3out import UPLOAD_MARK
 from pipeline.shards import storage
 from pipeline.shards.manifest import load_manifest
+from tests.helpers import SMALL_RUN
 
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto.server")
@@ -596,6 +596,7 @@ def test_an_unreachable_endpoint_or_missing_bucket_is_one_error_line(
     no_secret(out, err)
 
 
+@pytest.mark.slow
 def test_access_denied_names_the_url_never_the_key(tiny_dataset):
     with moto_server(INITIAL_NO_AUTH_ACTION_COUNT="0") as endpoint:
         env = {**os.environ, **aws_env(endpoint)}
@@ -753,6 +754,7 @@ def slow_link(monkeypatch, s3_env: str, rate: int):
         link.close()
 
 
+@pytest.mark.slow
 def test_an_upload_over_a_link_slower_than_the_read_timeout_arrives(monkeypatch, s3_env, tmp_path):
     src = tmp_path / "part.bin"
     src.write_bytes(os.urandom(1 << 20))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import SMALL_RUN
+from tests.helpers import SMALL_RUN
 from train.cli import main
 from train.runlog import SKIP_LINE
 
@@ -89,6 +89,7 @@ def test_run_tensorboard_false_writes_no_event_file(tmp_path, tiny_dataset, caps
     assert SKIP_LINE not in capsys.readouterr().out  # switched off is not "not installed"
 
 
+@pytest.mark.slow
 def test_a_resumed_run_adds_its_steps_to_the_same_folder(tmp_path, tiny_dataset):
     run_dir = tmp_path / "run"
     assert run(run_dir, tiny_dataset, "train.max_steps=4") == 0

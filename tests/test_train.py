@@ -8,18 +8,12 @@ import pytest
 import torch
 
 from core.errors import ConfigError
+from tests.helpers import SMALL_RUN
 from train.cli import main
 from train.config import load_config
 from train.step import targets
 
-SMALL = [
-    "model.hidden=16",
-    "model.n_mels=32",
-    "data.batch_size=4",
-    "data.num_workers=2",
-    "run.progress=false",
-    "train.log_every=1",
-]
+SMALL = [*SMALL_RUN, "data.num_workers=2"]  # a later --set wins
 
 
 def run(tmp_path, dataset, *sets, loader="dali", extra=()):
@@ -88,6 +82,7 @@ def test_unknown_set_key_fails_listing_valid_keys(tmp_path, tiny_dataset, capsys
         load_config(None, ["data.batch_size=abc"])
 
 
+@pytest.mark.slow
 def test_resume_continues_the_step_count_with_the_same_losses(tmp_path, tiny_dataset):
     # uninterrupted: 12 steps (crosses the 9-step epoch boundary)
     full = tmp_path / "full"
@@ -129,7 +124,7 @@ def test_config_that_disagrees_with_the_manifest_is_refused(tmp_path, tiny_datas
 
 
 def test_a_dataset_without_val_split_trains_without_validation(tmp_path, capsys):
-    from conftest import build_synthetic
+    from tests.helpers import build_synthetic
 
     ds = build_synthetic(tmp_path / "noval", 8, "--val-fraction", "0")
     assert run(tmp_path, ds, "train.epochs=2") == 0
@@ -149,6 +144,7 @@ def test_val_batch_divides_each_ranks_share_so_validation_sees_every_sample():
     assert val_batch_size(3, 4, 16) == 1
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_checkpoints_loader_unless_told(tmp_path, tiny_dataset):
     assert run(tmp_path, tiny_dataset, "train.max_steps=2", loader="torch") == 0
     last = str(tmp_path / "run" / "last.pt")
@@ -205,6 +201,7 @@ def test_the_trainer_takes_its_model_and_loaders_ready_made(tmp_path, tiny_datas
     assert state["dataset"]["identity"] == loader.manifest.identity
 
 
+@pytest.mark.slow
 def test_resume_with_augmentation_gives_the_same_losses(tmp_path, tiny_dataset):
     """Crops and augmentation are drawn from seeds of the epoch (and part): a run stopped after
     5 steps and resumed gives the uninterrupted run's losses, step for step."""

@@ -2,8 +2,8 @@
 
 Every knob is a field below with its default, its range and its one-line description (the
 log-mel defaults come from ``model.features.Mel``; the loader backends' own knobs,
-``pipeline.loaders.base``'s ``DaliOptions`` and ``TorchOptions``, are ``data.*`` keys under the
-same names, with their defaults from there). ``configs/default.yaml`` holds the seed's values.
+``pipeline.loaders.spec``'s ``DaliOptions`` and ``TorchOptions``, are ``data.*`` keys under the
+same names, with their defaults from there). ``configs/default.yaml`` holds the baseline's values.
 ``--set section.key=value`` overrides one key (the value is parsed as YAML, so
 ``--set train.lr=3e-4`` is a float, ``null`` is None). Layers merge as plain mappings (defaults
 <- a checkpoint's config <- ``--config`` <- ``--set``) and the result is validated once: an
@@ -134,7 +134,7 @@ class TrainConfig(Section):
     weight_decay: Number = Field(0.0, ge=0)
     grad_clip: Number | None = Field(1.0, gt=0, description="max gradient norm (null: none)")
     target: Literal["first_frame", "sequence"] = Field(
-        "first_frame", description="first_frame: arkit[:, 0, :] (the seed's); sequence: all"
+        "first_frame", description="first_frame: arkit[:, 0, :] (the baseline's); sequence: all"
     )
     seed: int = 0
     debug: bool = Field(False, description="stop each epoch after 3 batches")

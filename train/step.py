@@ -1,6 +1,6 @@
 """One training step, the same for the trainer and the benchmark's train mode.
 
-The seed's step: move the batch to the device, keep ``arkit[:, 0, :]`` for target
+The baseline's step: move the batch to the device, keep ``arkit[:, 0, :]`` for target
 ``first_frame``, forward (bf16 autocast on CUDA), MSE, backward, clip the gradient norm, step.
 
 A bad batch never reaches the optimizer. The CUDA loader checks a batch's blendshape values one
@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 
 def targets(arkit: torch.Tensor, target: str) -> torch.Tensor:
-    """The seed's rule: a 3-D ``arkit`` with target first_frame keeps ``arkit[:, 0, :]``."""
+    """The baseline's rule: a 3-D ``arkit`` with target first_frame keeps ``arkit[:, 0, :]``."""
     if arkit.dim() == 3 and target == "first_frame":
         return arkit[:, 0, :]
     return arkit

@@ -51,7 +51,7 @@ class DaliOptions:
 
 @dataclass
 class TorchOptions:
-    num_workers: int = 4  # DataLoader worker processes (the seed's 4)
+    num_workers: int = 4  # DataLoader worker processes (the baseline's 4)
     pin_memory: bool = True  # pinned host batches (on CUDA)
     prefetch_factor: int | None = None  # batches per worker ahead (None: torch's default)
 

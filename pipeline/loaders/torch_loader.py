@@ -1,4 +1,4 @@
-"""The baseline: the seed's ``torch.utils.data.DataLoader`` over the same shards.
+"""The baseline: the plain ``torch.utils.data.DataLoader`` over the same shards.
 
 ``DataLoader(batch_size=16, num_workers=4, pin_memory=True, drop_last=True)``, tensors moved
 with ``.to(device, non_blocking=True)``. Samples are read straight from the tars at the offsets
