@@ -381,6 +381,7 @@ class LateCheckLoader:
 
 def test_the_trainer_skips_a_nan_batch_the_loader_let_through(tmp_path, tiny_dataset):
     from pipeline import build_loader
+    from train.builders import build_step
     from train.config import Config
     from train.trainer import Trainer
 
@@ -401,7 +402,9 @@ def test_the_trainer_skips_a_nan_batch_the_loader_let_through(tmp_path, tiny_dat
     )
     inner = build_loader("torch", tiny_dataset, batch_size=6, device="cpu", num_workers=0)
     model = Mean()
-    trainer = Trainer(cfg, model, LateCheckLoader(inner), None, CPU)
+    trainer = Trainer(
+        cfg, model, LateCheckLoader(inner), None, CPU, step=build_step(cfg, model, CPU)
+    )
     trainer.fit()
     assert trainer.step == 6  # 36 samples / 6
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -166,9 +166,11 @@ def test_a_cuda_device_without_cuda_is_a_clear_error(tmp_path, tiny_dataset, cap
 
 
 def test_the_trainer_takes_its_model_and_loaders_ready_made(tmp_path, tiny_dataset):
-    """A test (or a user) hands the trainer a small model of its own and a loader built
-    directly; the trainer builds neither, and fits, validates and checkpoints with them."""
+    """A test (or a user) hands the trainer a small model of its own, a step with an optimizer of
+    its own and a loader built directly; the trainer builds none of them, and fits, validates
+    and checkpoints with them."""
     from pipeline import build_loader
+    from train.builders import build_step
     from train.config import Config
     from train.trainer import Trainer
 
@@ -192,12 +194,20 @@ def test_the_trainer_takes_its_model_and_loaders_ready_made(tmp_path, tiny_datas
         "torch", tiny_dataset, split="val", batch_size=2, device="cpu", shuffle=False, num_workers=0
     )
     model = Mean()
-    trainer = Trainer(cfg, model, loader, val, torch.device("cpu"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    step = build_step(cfg, model, torch.device("cpu"), opt=opt)
+    trainer = Trainer(cfg, model, loader, val, torch.device("cpu"), step=step)
     rec = trainer.fit()
     assert trainer.step == 12 and trainer.model is model  # 36 samples / 6 = 6 steps, 2 epochs
+    assert trainer.opt is opt and trainer.train_step is step
     assert rec["samples"] == 4 and rec["epoch"] == 1
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert len(train) == 12 and {r["lr"] for r in train} == {0.05}
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert set(state["model"]) == {"head.weight", "head.bias"}
+    assert state["optimizer"]["param_groups"][0]["momentum"] == 0.9
+    assert all("momentum_buffer" in s for s in state["optimizer"]["state"].values())
     assert state["dataset"]["identity"] == loader.manifest.identity
 
 

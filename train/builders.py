@@ -1,5 +1,5 @@
-"""What a run is made of, built from its config: the loaders and the model. The trainer takes
-them ready-made, so a test can hand it small ones."""
+"""What a run is made of, built from its config: the loaders, the model, its optimizer and train
+step. The trainer takes them ready-made, so a test can hand it small ones."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pipeline.loaders.spec import DaliOptions, LoaderSpec, TorchOptions, options
 from pipeline.shards.manifest import Manifest
 from train.config import Config
 from train.distributed import Dist
+from train.step import TrainStep, make_optimizer
 
 
 def val_batch_size(n_val: int, world_size: int, at_most: int) -> int:
@@ -100,3 +101,31 @@ def build_model_for(cfg: Config, m: Manifest) -> nn.Module:
         features=cfg.data.features,
         **mel,
     )
+
+
+def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """The trainer's AdamW (``train.lr``, ``train.weight_decay``) over ``model``'s parameters,
+    which are on ``device`` already (fused AdamW is chosen for where they are)."""
+    t = cfg.train
+    return make_optimizer(model.parameters(), t.lr, t.weight_decay, device)
+
+
+def build_step(
+    cfg: Config,
+    model: nn.Module,
+    device: torch.device,
+    d: Dist | None = None,
+    opt: torch.optim.Optimizer | None = None,
+) -> TrainStep:
+    """The train step of ``model``, moved to ``device``: under DDP (``d.enabled``) it steps the
+    model wrapped in DistributedDataParallel (its ``net``), with ``opt`` or
+    ``build_optimizer``'s, and ``train.target``, ``train.grad_clip``, ``train.amp``."""
+    model = model.to(device)
+    net = model
+    if d is not None and d.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if opt is None:
+        opt = build_optimizer(cfg, model, device)
+    t = cfg.train
+    return TrainStep(net, opt, device, t.target, t.grad_clip, t.amp)

@@ -1,6 +1,6 @@
 """Checkpoints: plain tensors and Python values, loadable with ``torch.load(weights_only=True)``,
 written atomically (temp file, fsync, rename) so a crash or a full disk while saving never
-destroys the last one.
+destroys the last one; and the checks that a checkpoint fits the run that resumes it.
 """
 
 from __future__ import annotations
@@ -9,10 +9,17 @@ import os
 import warnings
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from core.errors import ResumeError, RunError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from pipeline.shards.manifest import Manifest
+    from train.config import Config
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
@@ -62,6 +69,45 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         lacks = f" (no {', '.join(missing)})" if missing else ""
         raise ResumeError(f"checkpoint {path} is not a checkpoint of this trainer{lacks}")
     return state
+
+
+def check_resumable(
+    state: dict, source: str, cfg: Config, manifest: Manifest, model: nn.Module
+) -> None:
+    """ResumeError unless ``state`` is a checkpoint of this trainer, of the dataset ``manifest``
+    describes (or ``train.allow_new_data``), and of the model this config builds (its
+    ``train.target`` and ``data.features``)."""
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise ResumeError(f"{source} is not a checkpoint of this trainer (no {', '.join(missing)})")
+    _check_dataset(state.get("dataset"), source, cfg, manifest)
+    target = (state.get("model_args") or {}).get("target", cfg.train.target)
+    if target != cfg.train.target:
+        raise ResumeError(
+            f"{source} was trained with train.target={target}; this run has "
+            f"train.target={cfg.train.target} (another model): resume with --set "
+            f"train.target={target}"
+        )
+    had = (state.get("model_args") or {}).get("features", "wav")
+    has = getattr(model, "features", "wav")
+    if had != has:
+        raise ResumeError(
+            f"{source} was trained on data.features={had}; this run has "
+            f"data.features={has} (the model takes {had}): resume with --set "
+            f"data.features={had}"
+        )
+
+
+def _check_dataset(recorded: dict | None, source: str, cfg: Config, manifest: Manifest) -> None:
+    if recorded is None or cfg.train.allow_new_data:
+        return
+    if recorded.get("identity") != manifest.identity:
+        was = f"{recorded.get('dir')} (dataset {recorded.get('identity')})"
+        now = f"{manifest.root} (dataset {manifest.identity})"
+        raise ResumeError(
+            f"{source} was trained on {was}, not on {now}; resume on the same data, or "
+            "pass --set train.allow_new_data=true to continue on this one"
+        )
 
 
 def _what_it_is(path: Path) -> str:

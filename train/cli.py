@@ -21,11 +21,12 @@ import torch
 
 from core.errors import ArkitError
 from pipeline.loaders.backends import LOADERS
-from train.builders import build_loaders, build_model_for
+from train.builders import build_loaders, build_model_for, build_step
 from train.checkpoint import load_checkpoint
 from train.config import Config, load_config
 from train.distributed import init_distributed, shutdown
-from train.trainer import Interrupted, Trainer, seed_everything
+from train.signals import Interrupted
+from train.trainer import Trainer, seed_everything
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -79,14 +80,15 @@ def resolve(args: argparse.Namespace) -> tuple[Config, dict | None]:
 
 def run(cfg: Config, state: dict | None, resume: str | None) -> None:
     d, device = init_distributed(cfg.run.device)
-    trainer = None
+    trainer = step = None
     try:
         if cfg.run.torch_threads:
             torch.set_num_threads(cfg.run.torch_threads)
         seed_everything(cfg.train.seed)
         train_loader, val_loader = build_loaders(cfg, cfg.data.loader, device, d)
         model = build_model_for(cfg, train_loader.manifest)
-        trainer = Trainer(cfg, model, train_loader, val_loader, device, d)
+        step = build_step(cfg, model, device, d)
+        trainer = Trainer(cfg, model, train_loader, val_loader, device, d, step=step)
         if state is not None:
             trainer.load_state_dict(state, source=str(resume))
             trainer.say(f"resumed from {resume} at step {trainer.step} into {trainer.run_dir}")
@@ -109,7 +111,7 @@ def run(cfg: Config, state: dict | None, resume: str | None) -> None:
         if trainer is not None:
             trainer.release()
             trainer.close()
-        del trainer
+        del trainer, step  # step.net: the DDP wrapper, also where no trainer was made
         gc.collect()  # the DDP reducer's cycles go before the group does, not at exit
         shutdown(d)
 

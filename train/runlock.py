@@ -18,7 +18,10 @@ import time
 import weakref
 from pathlib import Path
 
+import torch
+
 from core.errors import RunError
+from train.distributed import Dist
 
 LOCK_NAME = ".train.lock"
 
@@ -100,3 +103,30 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def open_run_dir(run_dir: Path, dist: Dist, device: torch.device) -> RunLock | None:
+    """Rank 0 makes run.dir and locks it (one run writes a folder), and returns its held lock;
+    under DDP every rank learns whether it could, so that none waits for the others in vain
+    when it could not (RunError on every rank). Other ranks hold no lock: None."""
+    problem, lock = None, None
+    if dist.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run_dir)
+            lock.acquire()
+        except OSError as exc:
+            problem = RunError(f"run.dir {run_dir} cannot be made ({exc.strerror})")
+        except RunError as exc:
+            problem = exc
+    if dist.enabled:
+        failed = torch.tensor([float(problem is not None)], device=device)
+        torch.distributed.broadcast(failed, src=0)
+        if failed.item() and problem is None:
+            problem = RunError(
+                f"rank {dist.rank}: rank 0 could not open run.dir {run_dir} "
+                "(its error line says why)"
+            )
+    if problem is not None:
+        raise problem
+    return lock

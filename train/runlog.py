@@ -4,6 +4,9 @@ event files beside it (``tensorboard --logdir runs`` plots every run side by sid
 
 TensorBoard is an optional extra (``pip install 'arkit-dali[tensorboard]'``): without it the run
 says so once and writes ``metrics.jsonl`` alone. Only rank 0 makes a ``RunLog``.
+
+With ``run.sample_log``, every rank also appends the keys of each step's batch to
+``run.dir/samples-rank<R>.jsonl`` (``log_samples``): the audit of what each rank trained on.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 from pathlib import Path
 
 from core.errors import RunError
+from train.distributed import Dist
 
 # record["split"] -> {record key: TensorBoard tag}; the global step is record["step"]
 SCALARS = {
@@ -97,3 +101,14 @@ class RunLog:
                     f"({exc.strerror or exc}); --set run.tensorboard=false skips them"
                 ) from None
         return self._writer
+
+
+def log_samples(run_dir: Path, dist: Dist, epoch: int, step: int, keys: list[str]) -> None:
+    """One line per step and rank: the keys it trained on (``run.sample_log``)."""
+    path = run_dir / f"samples-rank{dist.rank}.jsonl"
+    if not dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"epoch": epoch, "step": step, "rank": dist.rank, "keys": list(keys)}
+    record["world_size"] = dist.world_size
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

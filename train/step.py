@@ -52,6 +52,24 @@ def make_optimizer(
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, capturable=capturable)
 
 
+def set_lr_and_weight_decay(
+    opt: torch.optim.Optimizer, lr: float, weight_decay: float
+) -> list[str]:
+    """Put ``lr`` and ``weight_decay`` in every param group; what changed, as
+    ``train.lr 0.001 -> 0.0003`` lines. Loading an optimizer's state takes the checkpoint's, and
+    a resumed run (``--set train.lr=...``) steps with, and records, the ones its config says.
+    AdamW reads both afresh at every step and keeps its moments, so a change applies exactly
+    from the next step on."""
+    changed = []
+    for key, value in (("lr", lr), ("weight_decay", weight_decay)):
+        old = opt.param_groups[0][key]
+        if float(old) != value:
+            changed.append(f"train.{key} {float(old):g} -> {value:g}")
+        for group in opt.param_groups:
+            group[key] = value
+    return changed
+
+
 def _capturable_devices() -> list[str]:
     from torch.optim import optimizer
 

@@ -1,21 +1,19 @@
-"""The training loop: the seed's loop, with validation, checkpoints, resume and DDP around it.
+"""The training loop: the baseline's loop, with validation, checkpoints, resume and DDP around it.
 
     python -m train --loader dali                      # one GPU (or CPU)
     torchrun --nproc_per_node=8 -m train --loader dali # every GPU of a machine
 
-``Trainer`` takes its model and loaders ready-made (``train.builders`` makes them from a
-config), is itself checkpointable (``state_dict``/``load_state_dict``), and ``fit`` reads top
-to bottom: for each epoch, train its steps, then validate and save.
+``Trainer`` takes its model, train step (the optimizer in it) and loaders ready-made
+(``train.builders`` makes them from a config), is itself checkpointable
+(``state_dict``/``load_state_dict``), and ``fit`` reads top to bottom: for each epoch, train its
+steps, then validate and save. Beside it: ``train.signals`` (SIGTERM/SIGINT), ``train.runlog``
+(metrics.jsonl, TensorBoard, the per-sample log), ``train.endreport`` (best.pt's report).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import json
 import math
 import platform
-import signal
 import sys
 import time
 from pathlib import Path
@@ -24,23 +22,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.errors import ResumeError, RunError
+from core.errors import ResumeError
 from pipeline.loaders.base import EpochLoader
-from train.checkpoint import CHECKPOINT_KEYS, save_checkpoint
+from train.checkpoint import check_resumable, save_checkpoint
 from train.config import Config
 from train.distributed import Dist
-from train.runlock import RunLock
-from train.runlog import RunLog
-from train.step import TrainStep, make_optimizer
+from train.endreport import report_best
+from train.runlock import RunLock, open_run_dir
+from train.runlog import RunLog, log_samples
+from train.signals import StopSignals
+from train.step import TrainStep, set_lr_and_weight_decay
 from train.validate import summary_lines, validate
-
-
-class Interrupted(Exception):
-    """SIGTERM or SIGINT arrived: ``last.pt`` was saved; the CLI exits with 128 + signal."""
-
-    def __init__(self, signum: int, checkpoint: Path) -> None:
-        super().__init__(f"{signal.Signals(signum).name}: saved {checkpoint}")
-        self.signum, self.checkpoint = signum, checkpoint
 
 
 class Trainer:
@@ -52,58 +44,29 @@ class Trainer:
         val_loader: EpochLoader | None,
         device: torch.device,
         dist: Dist | None = None,
+        *,
+        step: TrainStep,
     ) -> None:
+        """``step`` trains ``model`` (``train.builders.build_step``: on ``device``, under DDP
+        through its wrapper ``step.net``) with its optimizer ``step.opt``."""
         self.cfg, self.device, self.dist = cfg, device, dist or Dist()
         self.run_dir = Path(cfg.run.dir)
-        self.lock: RunLock | None = None  # rank 0's hold on run.dir (released by close)
-        self._open_run_dir()
+        # rank 0's hold on run.dir (released by close)
+        self.lock: RunLock | None = open_run_dir(self.run_dir, self.dist, device)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.manifest = train_loader.manifest
         self.model = model.to(device)
-        self.net = self.model
-        if self.dist.enabled:
-            ids = [device.index] if device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        t = cfg.train
-        self.opt = make_optimizer(self.model.parameters(), t.lr, t.weight_decay, device)
-        self.train_step = TrainStep(self.net, self.opt, device, t.target, t.grad_clip, t.amp)
+        self.train_step, self.net, self.opt = step, step.net, step.opt
         self.step = 0
         self.best_val = math.inf
         self.last_val: dict | None = None
-        mean = self.manifest.train_mean(t.target)
+        mean = self.manifest.train_mean(cfg.train.target)
         self.mean_predictor = None if mean is None else torch.as_tensor(mean, device=device)
-        self._stop_signal: int | None = None  # this rank's signal (or, once agreed, any rank's)
-        self._stop_sent: int | None = None  # the signal put into TrainStep.stop
+        self.signals = StopSignals(step, self.dist, device)
         self._unfinished: int | None = None  # a resumed epoch with no whole step left to run
         self.runlog: RunLog | None = None  # rank 0's metrics.jsonl and TensorBoard files
         if self.dist.is_main:
             self.runlog = RunLog(self.run_dir, tensorboard=cfg.run.tensorboard)
-
-    def _open_run_dir(self) -> None:
-        """Rank 0 makes run.dir and locks it (``train.runlock``: one run writes a folder);
-        under DDP every rank learns whether it could, so that none waits for the others in
-        vain when it could not."""
-        problem = None
-        if self.dist.is_main:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                self.lock = RunLock(self.run_dir)
-                self.lock.acquire()
-            except OSError as exc:
-                problem = RunError(f"run.dir {self.run_dir} cannot be made ({exc.strerror})")
-            except RunError as exc:
-                problem = exc
-        if self.dist.enabled:
-            failed = torch.tensor([float(problem is not None)], device=self.device)
-            torch.distributed.broadcast(failed, src=0)
-            if failed.item() and problem is None:
-                problem = RunError(
-                    f"rank {self.dist.rank}: rank 0 could not open run.dir {self.run_dir} "
-                    "(its error line says why)"
-                )
-        if problem is not None:
-            self.lock = None
-            raise problem
 
     def close(self) -> None:
         """Let go of run.dir (the end of a run, however it ends)."""
@@ -128,27 +91,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict, source: str = "the checkpoint") -> None:
-        missing = [k for k in CHECKPOINT_KEYS if k not in state]
-        if missing:
-            raise ResumeError(
-                f"{source} is not a checkpoint of this trainer (no {', '.join(missing)})"
-            )
-        self._check_dataset(state.get("dataset"), source)
-        target = (state.get("model_args") or {}).get("target", self.cfg.train.target)
-        if target != self.cfg.train.target:
-            raise ResumeError(
-                f"{source} was trained with train.target={target}; this run has "
-                f"train.target={self.cfg.train.target} (another model): resume with --set "
-                f"train.target={target}"
-            )
-        had = (state.get("model_args") or {}).get("features", "wav")
-        has = getattr(self.model, "features", "wav")
-        if had != has:
-            raise ResumeError(
-                f"{source} was trained on data.features={had}; this run has "
-                f"data.features={has} (the model takes {had}): resume with --set "
-                f"data.features={had}"
-            )
+        check_resumable(state, source, self.cfg, self.manifest, self.model)
         try:
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
@@ -158,7 +101,10 @@ class Trainer:
                 f"{source} holds a model of another shape than this config builds (model.* "
                 f"settings differ?): {first}"
             ) from None
-        self._apply_optimizer_settings()
+        # the config's, not the checkpoint's, from the next step on
+        changed = set_lr_and_weight_decay(self.opt, self.cfg.train.lr, self.cfg.train.weight_decay)
+        if changed:
+            self.say(f"resumed with {', '.join(changed)} (from the next step on)")
         self.step = int(state["step"])
         self.best_val = float(state.get("best_val_mse", math.inf))
         self.train_loader.load_state_dict(state["loader"])
@@ -166,33 +112,6 @@ class Trainer:
         # loader moves on to the next epoch, but this one still gets its validation and save
         if self.train_loader.epoch > int(state["loader"]["epoch"]):
             self._unfinished = int(state["loader"]["epoch"])
-
-    def _apply_optimizer_settings(self) -> None:
-        """The config's ``train.lr`` and ``train.weight_decay`` in every param group: loading an
-        optimizer's state takes the checkpoint's, and a resumed run (``--set train.lr=...``)
-        steps with, and records, the ones its config says. AdamW reads both afresh at every step
-        and keeps its moments, so a change applies exactly from the next step on."""
-        t = self.cfg.train
-        changed = []
-        for key, value in (("lr", t.lr), ("weight_decay", t.weight_decay)):
-            old = self.opt.param_groups[0][key]
-            if float(old) != value:
-                changed.append(f"train.{key} {float(old):g} -> {value:g}")
-            for group in self.opt.param_groups:
-                group[key] = value
-        if changed:
-            self.say(f"resumed with {', '.join(changed)} (from the next step on)")
-
-    def _check_dataset(self, recorded: dict | None, source: str) -> None:
-        if recorded is None or self.cfg.train.allow_new_data:
-            return
-        if recorded.get("identity") != self.manifest.identity:
-            was = f"{recorded.get('dir')} (dataset {recorded.get('identity')})"
-            now = f"{self.manifest.root} (dataset {self.manifest.identity})"
-            raise ResumeError(
-                f"{source} was trained on {was}, not on {now}; resume on the same data, or "
-                "pass --set train.allow_new_data=true to continue on this one"
-            )
 
     def save(self, name: str = "last.pt") -> None:
         if self.dist.is_main:
@@ -221,7 +140,7 @@ class Trainer:
     def fit(self) -> dict | None:
         """Train until ``train.epochs`` or ``train.max_steps``; the last validation record."""
         try:
-            with self._signals_saved():
+            with self.signals.installed():
                 if self._unfinished is not None:
                     self._end_epoch(self._unfinished, first=True)
                     self._unfinished = None
@@ -233,9 +152,18 @@ class Trainer:
                     if not self._out_of_steps():
                         self.train_loader.set_epoch(epoch + 1)  # a checkpoint now resumes there
                     self._end_epoch(epoch, first=epoch == start)
-                if self._stop_requested_now():  # a signal during the last validation or save
-                    raise Interrupted(self._stop_signal, self.run_dir / "last.pt")
-                self._report()
+                if self.signals.requested_now():  # a signal during the last validation or save
+                    raise self.signals.interrupted(self.run_dir / "last.pt")
+                report_best(
+                    self.cfg,
+                    self.model,
+                    self.train_loader,
+                    self.val_loader,
+                    self.run_dir,
+                    self.device,
+                    self.dist,
+                    self.say,
+                )
             return self.last_val
         finally:
             if self.runlog is not None:
@@ -253,11 +181,11 @@ class Trainer:
             waited += wait
             if t.debug and batch_idx >= 3:
                 break
-            self._send_stop()
+            self.signals.send()
             loss = self.train_step(batch)
             self.step += 1
             if self.cfg.run.sample_log:
-                self._log_samples(epoch, batch["key"])
+                log_samples(self.run_dir, self.dist, epoch, self.step, batch["key"])
             seen += batch["arkit"].shape[0] * self.dist.world_size
             if self.step % t.log_every == 0 or batch_idx == 0:
                 now = time.perf_counter()
@@ -270,9 +198,9 @@ class Trainer:
             bar.update(1)
             if self.cfg.run.checkpoint_every and self.step % self.cfg.run.checkpoint_every == 0:
                 self.save()
-            if self._stop_requested():
+            if self.signals.requested():
                 self.save()
-                raise Interrupted(self._stop_signal, self.run_dir / "last.pt")
+                raise self.signals.interrupted(self.run_dir / "last.pt")
             if self._out_of_steps():
                 break
         bar.close()
@@ -299,70 +227,6 @@ class Trainer:
         elif first:
             self.say(f"{self.cfg.data.dir} has no val split: training without validation")
         self.save()
-
-    def _log_samples(self, epoch: int, keys: list[str]) -> None:
-        """One line per step and rank: the keys it trained on (``run.sample_log``)."""
-        path = self.run_dir / f"samples-rank{self.dist.rank}.jsonl"
-        if not self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        record = {"epoch": epoch, "step": self.step, "rank": self.dist.rank, "keys": list(keys)}
-        record["world_size"] = self.dist.world_size
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def _report(self) -> None:
-        """best.pt's evaluation report in run.dir/report, as ``python -m infer --eval`` writes
-        it (not for debug runs, without validation, or for a model ``build_model`` did not make:
-        inference needs to know how it reads audio)."""
-        if not self.cfg.train.report or self.cfg.train.debug or self.val_loader is None:
-            return
-        if not hasattr(self.model, "build_args"):
-            self.say("no evaluation report: the model was not made by model.build_model")
-            return
-        from train.builders import loader_options
-        from train.evaluate import evaluate
-        from train.predict import Predictor
-        from train.report import write_report
-
-        best = self.run_dir / "best.pt"
-        # every rank goes on only if every rank sees the best.pt rank 0 wrote (the stop check's
-        # all_reduce before this waited for rank 0's save); one rank skipping alone would leave
-        # the others waiting in evaluate's all_reduce
-        seen = torch.tensor([float(best.is_file())], device=self.device)
-        if self.dist.enabled:
-            torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MIN)
-        if not seen.item():
-            self.say(
-                f"no evaluation report: {best} was not written (no finite val mse) or not seen"
-            )
-            return
-        state = torch.load(best, map_location=self.device, weights_only=True)
-        model = copy.deepcopy(self.model)
-        model.load_state_dict(state["model"])
-        m = self.manifest
-        predictor = Predictor(
-            model.eval(),
-            self.cfg.train.target,
-            m.sample_rate,
-            m.fps,
-            m.frames,
-            self.device,
-            self.val_loader.batch_size,
-        )
-        loader = self.train_loader.name
-        rec, example = evaluate(
-            predictor,
-            m.root,
-            "val",
-            loader,
-            self.val_loader.batch_size,
-            self.dist,
-            loader_options(self.cfg, loader),
-        )
-        if self.dist.is_main:
-            rec = {"checkpoint": str(best), "step": int(state["step"]), **rec}
-            paths = write_report(self.run_dir / "report", rec, example)
-            self.say(f"report on {best.name} (step {rec['step']}): {paths[0].parent}/report.md")
 
     def _out_of_steps(self) -> bool:
         return bool(self.cfg.train.max_steps) and self.step >= self.cfg.train.max_steps
@@ -396,51 +260,6 @@ class Trainer:
                 "data_wait_share": wait_share,
             }
         )
-
-    # ------------------------------------------------------------ signals
-    @contextlib.contextmanager
-    def _signals_saved(self):
-        """SIGTERM/SIGINT set a flag the loop reads after each step (then saves and stops)."""
-
-        def on_signal(signum, frame) -> None:
-            self._stop_signal = signum
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-    def _send_stop(self) -> None:
-        """Under DDP, this rank's signal goes into the next step's all_reduce (``TrainStep.stop``,
-        with the bad-batch flag), set once on the device: no host sync, no collective."""
-        if self.dist.enabled and self._stop_signal not in (None, self._stop_sent):
-            self.train_step.stop.fill_(self._stop_signal)
-            self._stop_sent = self._stop_signal
-
-    def _stop_requested(self) -> bool:
-        """After a step: whether to save and stop. Alone, whether a signal came. Under DDP,
-        whether any rank had one by the all_reduce of the step before: every rank reads that
-        same value after the same step, so all stop at the same step (a rank that stopped alone
-        would hang the others), one step after the signal's, without a collective of its own
-        or waiting for the device to finish the last step."""
-        if not self.dist.enabled:
-            return self._stop_signal is not None
-        agreed = self.train_step.previous_stop()
-        if agreed:
-            self._stop_signal = agreed
-        return bool(agreed)
-
-    def _stop_requested_now(self) -> bool:
-        """Whether any rank had a signal by now (its own all_reduce: for the end of the run)."""
-        if not self.dist.enabled:
-            return self._stop_signal is not None
-        flag = torch.tensor([float(self._stop_signal or 0)], device=self.device)
-        flag = torch.maximum(flag, self.train_step.stop.reshape(1))
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self._stop_signal = int(flag.item()) or None
-        return self._stop_signal is not None
 
 
 def timed(loader):
