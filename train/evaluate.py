@@ -20,6 +20,23 @@ from train.report import group_mae
 from train.validate import JAW_OPEN, Scores
 
 
+def scorable(predictor: Predictor, data_dir: str | Path, split: str, world_size: int):
+    """The dataset's manifest, or DatasetError when its ``split`` cannot be scored by the
+    ``predictor`` over ``world_size`` ranks."""
+    if split not in SPLITS:
+        raise DatasetError(f"no split {split!r}: choose from {', '.join(SPLITS)}")
+    m = load_manifest(data_dir)
+    n = m.num_samples(split)
+    if n < world_size:
+        raise DatasetError(f"{m.root} has {n} samples in its {split} split: nothing to score")
+    if m.sample_rate != predictor.sample_rate or m.fps != predictor.fps:
+        raise DatasetError(
+            f"{m.root} is at {m.sample_rate} Hz and {m.fps:g} fps; the checkpoint's model at "
+            f"{predictor.sample_rate} Hz and {predictor.fps:g} fps"
+        )
+    return m
+
+
 def evaluate(
     predictor: Predictor,
     data_dir: str | Path,
@@ -33,19 +50,10 @@ def evaluate(
     one whose true jawOpen moves most. Under DDP (``dist``) each rank scores its share;
     ``options``: the loader backend's knobs."""
     d = dist or Dist()
-    if split not in SPLITS:
-        raise DatasetError(f"no split {split!r}: choose from {', '.join(SPLITS)}")
     dev = predictor.device
-    m = load_manifest(data_dir)
+    m = scorable(predictor, data_dir, split, d.world_size)
     n = m.num_samples(split)
-    if n < d.world_size:
-        raise DatasetError(f"{m.root} has {n} samples in its {split} split: nothing to score")
     lay = m.layout(split)
-    if m.sample_rate != predictor.sample_rate or m.fps != predictor.fps:
-        raise DatasetError(
-            f"{m.root} is at {m.sample_rate} Hz and {m.fps:g} fps; the checkpoint's model at "
-            f"{predictor.sample_rate} Hz and {predictor.fps:g} fps"
-        )
     spec = LoaderSpec(
         loader,
         data_dir,
