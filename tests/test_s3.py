@@ -26,6 +26,7 @@ import torch
 from core.errors import DatasetError
 from pipeline import build_loader, make_shards
 from pipeline.convert.s3out import UPLOAD_MARK
+from pipeline.shards import s3 as s3_client_module
 from pipeline.shards import storage
 from pipeline.shards.manifest import load_manifest
 from tests.helpers import SMALL_RUN
@@ -682,8 +683,8 @@ def test_an_endpoint_going_silent_mid_epoch_is_one_error_line(s3_dataset, monkey
         url = copy_to_server(endpoint)
         monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
         # a second without a byte is silence here (4 s by default), and 2 tries (3)
-        monkeypatch.setattr(storage, "READ_TIMEOUT_S", 1)
-        monkeypatch.setattr(storage, "ATTEMPTS", 2)
+        monkeypatch.setattr(s3_client_module, "READ_TIMEOUT_S", 1)
+        monkeypatch.setattr(s3_client_module, "ATTEMPTS", 2)
         kw = dict(batch_size=4, device="cpu", shuffle=False, num_workers=workers)
         loader = build_loader("torch", url, **kw)
         try:
@@ -746,8 +747,8 @@ def slow_link(monkeypatch, s3_env: str, rate: int):
     carry only a few seconds' worth to be slower than that."""
     link = SlowLink(s3_env, rate)
     monkeypatch.setenv("AWS_ENDPOINT_URL", link.url)
-    monkeypatch.setattr(storage, "READ_TIMEOUT_S", 1)
-    monkeypatch.setattr(storage, "ATTEMPTS", 2)
+    monkeypatch.setattr(s3_client_module, "READ_TIMEOUT_S", 1)
+    monkeypatch.setattr(s3_client_module, "ATTEMPTS", 2)
     try:
         yield link
     finally:
@@ -771,7 +772,7 @@ def test_an_upload_too_slow_for_its_link_says_so_with_bytes_and_rate(monkeypatch
     with slow_link(monkeypatch, s3_env, rate=250_000):
         # 60 s by default (raising=False: where uploads have no timeout of their own, the
         # read timeout of 1 s applies, and the error is to say the same)
-        monkeypatch.setattr(storage, "UPLOAD_READ_TIMEOUT_S", 1, raising=False)
+        monkeypatch.setattr(s3_client_module, "UPLOAD_READ_TIMEOUT_S", 1)
         assert make_shards.main([*args, "--out", url]) == 1
     out, err = capsys.readouterr()
     assert err.count("\n") == 1 and "Traceback" not in err

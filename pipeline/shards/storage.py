@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import DatasetError
+from pipeline.shards import s3
 from pipeline.shards.s3 import (  # noqa: F401 (the S3 names users import from here)
-    ATTEMPTS,
     CHUNK,
     PREFETCH,
     S3_SCHEME,
@@ -93,7 +93,7 @@ def read_range(path: str | Path | S3Url, offset: int, size: int) -> bytes:
             return os.pread(f.fileno(), size, offset)
     if size <= 0:
         return b""
-    for attempt in range(1, ATTEMPTS + 1):
+    for attempt in range(1, s3.ATTEMPTS + 1):
         try:
             resp = call(
                 url,
@@ -109,7 +109,7 @@ def read_range(path: str | Path | S3Url, offset: int, size: int) -> bytes:
         try:  # botocore retries the request, not a body that breaks off mid-stream
             return _body(url, resp)
         except StorageError:
-            if attempt == ATTEMPTS:
+            if attempt == s3.ATTEMPTS:
                 raise
     raise AssertionError("unreachable")
 
