@@ -6,6 +6,7 @@ make_shards)."""
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 import warnings
 from pathlib import Path
@@ -151,3 +152,41 @@ def test_more_torch_workers_than_cpus_are_capped_with_one_line_of_ours(
     )
     assert out.count(line) == 1
     assert not [w for w in caught if "worker" in str(w.message)]  # torch's own warning
+
+
+INPUTS = ROOT / "docs" / "inputs.md"
+
+
+def test_the_example_csv_converts_as_the_inputs_page_says(tmp_path, monkeypatch, capsys):
+    from pipeline import make_shards
+
+    page = INPUTS.read_text()
+    wav_line = next(x for x in page.splitlines() if x.startswith('python -c "'))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "takes").mkdir()
+    (tmp_path / "takes" / "take.csv").write_bytes((ROOT / "examples" / "take.csv").read_bytes())
+    exec(wav_line[len('python -c "') : -1], {})  # the page's own one-liner writes takes/take.wav
+    assert make_shards.main(["--input", "takes/", "--out", "data/example"]) == 0
+    out = capsys.readouterr().out
+    assert "data/example: 1 train + 0 val windows" in out and "; 0 rejected;" in out
+    assert (tmp_path / "data" / "example" / "rejects.jsonl").read_text() == ""
+    assert "data/example: 1 train + 0 val windows ... 0 rejected" in page
+
+
+def test_the_inputs_page_lists_every_column_and_timecode_form():
+    from core.arkit import ARKIT_NAMES, LIVE_LINK_EXTRA, LIVE_LINK_NAMES
+    from pipeline.convert.livelink import _TIMECODE, parse_timecode_fields
+
+    page = INPUTS.read_text()
+    for name in (*LIVE_LINK_NAMES, *LIVE_LINK_EXTRA, "Timecode", "BlendShapeCount"):
+        assert f"`{name}`" in page, name
+    assert {n.lower() for n in LIVE_LINK_NAMES} == {n.lower() for n in ARKIT_NAMES}
+    # every separator the parser accepts before the frame number has a row in the table,
+    # whose example parses as the row says (drop-frame or not)
+    separators = re.search(r"\[([^\]]+)\]", _TIMECODE.pattern).group(1)
+    rows = re.findall(r"^\| `HH:MM:SS(.)FF(?:\.fff)?` \| `([^`]+)` \| (.+) \|$", page, re.M)
+    assert {sep for sep, _, _ in rows} == set(separators)
+    for _sep, example, meaning in rows:
+        tc = parse_timecode_fields(example)
+        assert tc.drop_frame == meaning.startswith("drop-frame"), example
+    assert any(parse_timecode_fields(ex).fraction == 0.5 for _, ex, _ in rows)
