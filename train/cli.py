@@ -1,7 +1,7 @@
 """``python -m train`` (or ``arkit-train``): train an audio -> ARKit blendshape model on shards.
 
     python -m train --loader dali                                  # configs/default.yaml
-    python -m train --loader torch --config configs/demo.yaml --set train.epochs=3
+    python -m train --loader torch --config configs/demo.yaml --set run.dir=runs/demo-torch
     python -m train --loader dali --resume runs/default/last.pt    # continue where it stopped
     torchrun --nproc_per_node=8 -m train --loader dali             # DDP on every GPU
 
