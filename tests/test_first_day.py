@@ -6,8 +6,8 @@ make_shards)."""
 from __future__ import annotations
 
 import hashlib
-import re
 import json
+import re
 import warnings
 from pathlib import Path
 
