@@ -25,8 +25,9 @@ test: $(STAMP)
 data/demo/manifest.json: | $(STAMP)
 	$(BIN)/python pipeline/make_shards.py --synthetic 360 --segment-seconds 12 --out data/demo --overwrite
 
+# a rerun replaces the previous demo's runs/demo (run.overwrite), never appends to it
 demo: $(STAMP) data/demo/manifest.json
-	$(BIN)/python -m train --loader dali --config configs/demo.yaml
+	$(BIN)/python -m train --loader dali --config configs/demo.yaml --set run.overwrite=true
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py

@@ -214,7 +214,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
         else:
             loader = name.removeprefix("train-")
             sets = [f"data.dir={args.data}", f"train.max_steps={args.train_steps}"]
-            sets += [f"run.dir={out / name}", "run.progress=false"]
+            sets += [f"run.dir={out / name}", "run.overwrite=true", "run.progress=false"]
             sets += (["run.device=cpu"] if cpu else []) + args.train_set
             argv = [py, "-m", "train", "--loader", loader]
             argv += [x for s in sets for x in ("--set", s)]

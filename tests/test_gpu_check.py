@@ -115,6 +115,7 @@ def test_dry_run_prints_the_seven_commands_in_order_even_without_cuda(
             f"data.dir={data}",
             "train.max_steps=300",
             run_dir,
+            "run.overwrite=true",
             "run.progress=false",
         ]
     assert not out.exists()

@@ -3,6 +3,7 @@ step. The trainer takes them ready-made, so a test can hand it small ones."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 
 import torch
@@ -28,10 +29,35 @@ def val_batch_size(n_val: int, world_size: int, at_most: int) -> int:
     return max(b for b in range(1, min(at_most, share) + 1) if share % b == 0)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (what torch's DataLoader compares its workers with)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def loader_options(cfg: Config, loader: str) -> DaliOptions | TorchOptions:
-    """The backend's knobs from ``data:``, under their config names."""
+    """The backend's knobs from ``data:``, under their config names; ``data.num_workers`` at
+    most the CPUs this process may use (``worker_cap_line`` says so)."""
     options_cls = options_of(loader)
-    return options_cls(**{f.name: getattr(cfg.data, f.name) for f in fields(options_cls)})
+    values = {f.name: getattr(cfg.data, f.name) for f in fields(options_cls)}
+    if "num_workers" in values:
+        values["num_workers"] = min(values["num_workers"], usable_cpus())
+    return options_cls(**values)
+
+
+def worker_cap_line(cfg: Config) -> str | None:
+    """The line a run says once when the torch loader starts fewer workers than
+    ``data.num_workers`` asks for: more processes than CPUs only compete for them."""
+    cpus, asked = usable_cpus(), cfg.data.num_workers
+    if cfg.data.loader != "torch" or asked <= cpus:
+        return None
+    whose = " (the baseline's)" if asked == TorchOptions.num_workers else ""
+    return (
+        f"data.num_workers={asked}{whose} is more than the {cpus} CPUs this process may use: "
+        f"the torch loader starts {cpus} workers"
+    )
 
 
 def loader_spec(

@@ -1,7 +1,7 @@
 """``python -m train`` (or ``arkit-train``): train an audio -> ARKit blendshape model on shards.
 
     python -m train --loader dali                                  # configs/default.yaml
-    python -m train --loader torch --config configs/demo.yaml --set train.epochs=3
+    python -m train --loader torch --config configs/demo.yaml --set run.dir=runs/demo-torch
     python -m train --loader dali --resume runs/default/last.pt    # continue where it stopped
     torchrun --nproc_per_node=8 -m train --loader dali             # DDP on every GPU
 
@@ -21,7 +21,7 @@ import torch
 
 from core.errors import ArkitError
 from pipeline.loaders.backends import LOADERS
-from train.builders import build_loaders, build_model_for, build_step
+from train.builders import build_loaders, build_model_for, build_step, worker_cap_line
 from train.checkpoint import load_checkpoint
 from train.config import Config, load_config
 from train.distributed import init_distributed, shutdown
@@ -71,6 +71,9 @@ def resolve(args: argparse.Namespace) -> tuple[Config, dict | None]:
         overrides.append(f"run.dir={Path(args.resume).resolve().parent}")
     config = state.get("config") if isinstance(state, dict) else None
     base = dict(config) if isinstance(config, dict) else {}
+    if isinstance(base.get("run"), dict):
+        # run.overwrite is this command's own (--set), never inherited from the checkpoint
+        base["run"] = {k: v for k, v in base["run"].items() if k != "overwrite"}
     backend = (state.get("loader") or {}).get("backend")
     if backend is not None and isinstance(base.get("data", {}), dict):
         # the backend the checkpoint's loader state is from, unless --loader or --set says
@@ -88,10 +91,22 @@ def run(cfg: Config, state: dict | None, resume: str | None) -> None:
         train_loader, val_loader = build_loaders(cfg, cfg.data.loader, device, d)
         model = build_model_for(cfg, train_loader.manifest)
         step = build_step(cfg, model, device, d)
-        trainer = Trainer(cfg, model, train_loader, val_loader, device, d, step=step)
+        # a resume into the checkpoint's own folder continues that run; anywhere else, the
+        # folder must hold no other run
+        resuming = (
+            state is not None and Path(cfg.run.dir).resolve() == Path(resume).resolve().parent
+        )
+        trainer = Trainer(
+            cfg, model, train_loader, val_loader, device, d, step=step, resuming=resuming
+        )
         if state is not None:
             trainer.load_state_dict(state, source=str(resume))
+            if done := trainer.finished():
+                trainer.say(done)
+                return
             trainer.say(f"resumed from {resume} at step {trainer.step} into {trainer.run_dir}")
+        if line := worker_cap_line(cfg):
+            trainer.say(line)
         try:
             trainer.fit()
         except Interrupted as stop:

@@ -152,6 +152,11 @@ class RunConfig(Section):
     dir: Folder = Field(
         "runs/default", description="metrics.jsonl, TensorBoard event files, last.pt, best.pt"
     )
+    overwrite: bool = Field(
+        False,
+        description="a fresh run replaces the run already in run.dir (removes its "
+        "metrics.jsonl, checkpoints, report, event files); off: such a run.dir is refused",
+    )
     device: Device = Field(
         "auto", description="auto: CUDA when available; cpu, cuda (GPU LOCAL_RANK), cuda:<index>"
     )

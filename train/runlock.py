@@ -22,6 +22,7 @@ import torch
 
 from core.errors import RunError
 from train.distributed import Dist
+from train.rundir import claim_fresh
 
 LOCK_NAME = ".train.lock"
 
@@ -105,20 +106,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def open_run_dir(run_dir: Path, dist: Dist, device: torch.device) -> RunLock | None:
-    """Rank 0 makes run.dir and locks it (one run writes a folder), and returns its held lock;
-    under DDP every rank learns whether it could, so that none waits for the others in vain
-    when it could not (RunError on every rank). Other ranks hold no lock: None."""
-    problem, lock = None, None
+def open_run_dir(
+    run_dir: Path, dist: Dist, device: torch.device, fresh: bool = True, overwrite: bool = False
+) -> tuple[RunLock | None, str | None]:
+    """Rank 0 makes run.dir and locks it (one run writes a folder); for a ``fresh`` run (not
+    a resume into the checkpoint's folder) it also claims the folder (``train.rundir``: refused
+    when it holds another run, emptied of it with ``overwrite``). It returns its held lock and
+    the line to say, if any; under DDP every rank learns whether it could, so that none waits
+    for the others in vain when it could not (RunError on every rank). Other ranks: None, None."""
+    problem, lock, note = None, None, None
     if dist.is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             lock = RunLock(run_dir)
             lock.acquire()
+            if fresh:
+                note = claim_fresh(run_dir, overwrite)
         except OSError as exc:
             problem = RunError(f"run.dir {run_dir} cannot be made ({exc.strerror})")
         except RunError as exc:
             problem = exc
+        if problem is not None and lock is not None:
+            lock.release()
     if dist.enabled:
         failed = torch.tensor([float(problem is not None)], device=device)
         torch.distributed.broadcast(failed, src=0)
@@ -129,4 +138,4 @@ def open_run_dir(run_dir: Path, dist: Dist, device: torch.device) -> RunLock | N
             )
     if problem is not None:
         raise problem
-    return lock
+    return lock, note

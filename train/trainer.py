@@ -32,7 +32,7 @@ from train.runlock import RunLock, open_run_dir
 from train.runlog import RunLog, log_samples
 from train.signals import StopSignals
 from train.step import TrainStep, set_lr_and_weight_decay
-from train.validate import summary_lines, validate
+from train.validate import summary_lines, validate, verdict_line
 
 
 class Trainer:
@@ -46,13 +46,21 @@ class Trainer:
         dist: Dist | None = None,
         *,
         step: TrainStep,
+        resuming: bool = False,
     ) -> None:
         """``step`` trains ``model`` (``train.builders.build_step``: on ``device``, under DDP
-        through its wrapper ``step.net``) with its optimizer ``step.opt``."""
+        through its wrapper ``step.net``) with its optimizer ``step.opt``. ``resuming``: the
+        run continues the one in run.dir (``--resume`` of a checkpoint there); otherwise run.dir
+        must hold no run (or ``run.overwrite`` replaces it)."""
         self.cfg, self.device, self.dist = cfg, device, dist or Dist()
         self.run_dir = Path(cfg.run.dir)
         # rank 0's hold on run.dir (released by close)
-        self.lock: RunLock | None = open_run_dir(self.run_dir, self.dist, device)
+        self.lock: RunLock | None
+        self.lock, note = open_run_dir(
+            self.run_dir, self.dist, device, fresh=not resuming, overwrite=cfg.run.overwrite
+        )
+        if note:
+            self.say(note)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.manifest = train_loader.manifest
         self.model = model.to(device)
@@ -164,6 +172,9 @@ class Trainer:
                     self.dist,
                     self.say,
                 )
+                line = verdict_line(self.cfg, self.best_val, self.last_val)
+                if line:
+                    self.say(line)
             return self.last_val
         finally:
             if self.runlog is not None:
@@ -227,6 +238,26 @@ class Trainer:
         elif first:
             self.say(f"{self.cfg.data.dir} has no val split: training without validation")
         self.save()
+
+    def finished(self) -> str | None:
+        """After ``load_state_dict``: the line saying the resumed run has nothing left to do
+        (every epoch trained, or ``train.max_steps`` reached) and how to train on; else None."""
+        t = self.cfg.train
+        if self._unfinished is not None:
+            return None
+        if self._out_of_steps():
+            return (
+                f"{self.run_dir} is finished: train.max_steps={t.max_steps} reached at step "
+                f"{self.step}; nothing to do (to train on, add --set "
+                f"train.max_steps={2 * t.max_steps}, or 0 for no step limit)"
+            )
+        if self.train_loader.epoch >= t.epochs:
+            return (
+                f"{self.run_dir} is finished: all {t.epochs} epochs (train.epochs={t.epochs}) "
+                f"trained, at step {self.step}; nothing to do (to train on, add --set "
+                f"train.epochs={2 * t.epochs}, any number above {t.epochs})"
+            )
+        return None
 
     def _out_of_steps(self) -> bool:
         return bool(self.cfg.train.max_steps) and self.step >= self.cfg.train.max_steps

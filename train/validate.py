@@ -139,3 +139,22 @@ def summary_lines(rec: dict) -> list[str]:
         f"mae {rec['mae']:.4f} over {rec['samples']} samples",
         "  worst MAE: " + ", ".join(f"{k} {v:.3f}" for k, v in worst),
     ]
+
+
+def verdict_line(cfg, best_mse: float, last: dict | None) -> str | None:
+    """The run's last line when even its best validation is worse than predicting the train
+    split's mean for every frame (ratio above 1): the model learnt nothing usable. None
+    otherwise, without validation, or for a debug run."""
+    base = (last or {}).get("baseline_mse")
+    if cfg.train.debug or not base or not math.isfinite(best_mse) or best_mse <= base:
+        return None
+    t = cfg.train
+    tries = ["--config configs/real.yaml (the sequence model, 40 epochs)"]
+    if t.target != "sequence":
+        tries.append("--set train.target=sequence")
+    tries.append(f"more epochs than train.epochs={t.epochs}")
+    return (
+        f"this run is worse than the mean predictor: best val mse {best_mse:.5f} is "
+        f"{best_mse / base:.2f}x its {base:.5f}; try {', or '.join(tries)} "
+        "(docs/training.md#a-first-model-on-your-own-data)"
+    )
