@@ -840,12 +840,13 @@ def test_the_cuda_graph_augments_on_the_gpu_with_host_draws(segs):
     crosses from the host per sample); the speed's low-pass, resampling, the crop, the
     animation's resize and the noise's RMS run on the GPU, and the audio and animation come
     out there. It also serializes."""
-    from tests.test_loaders import _graph, dali_graph, serialized_without_a_device
+    from tests.helpers import graph_of, serialized_graph
 
     m = load_manifest(segs)
     aug = Augment.from_dict(ALL_AUG)
     kw = dict(augment=aug, with_params=True)
-    ops, outputs = _graph(dali_graph(segs, "gpu", **kw))
+    blob = serialized_graph(segs, "gpu", **kw)
+    ops, outputs = graph_of(blob)
     devices = {}
     for kind, dev in ops:
         devices.setdefault(kind, set()).add(dev)
@@ -862,5 +863,4 @@ def test_the_cuda_graph_augments_on_the_gpu_with_host_draws(segs):
     draws = Draws(np.arange(8), 0, aug, m, "train", 4, GpuNoise(0))
     assert draws.outputs == ["offset", "gain_db", "snr_db", "speed", "lowpass"]
     assert len(draws(0)) == 5
-    blob = serialized_without_a_device(dali_graph(segs, "gpu", **kw))
     assert b"ExternalSource" in blob and b"AudioResample" in blob

@@ -12,8 +12,7 @@ from core.errors import ResumeError
 from pipeline.loaders import dali_loader
 from pipeline.loaders.plan import epoch_batches, epoch_order
 from pipeline.shards.manifest import load_manifest
-from tests.helpers import build_synthetic
-from tests.test_loaders import make, run_epoch, take
+from tests.helpers import Written, build_synthetic, make, run_epoch, take
 
 AUG = {"gain_db": [-6, 6], "snr_db": [10, 30], "speed": [0.9, 1.1]}
 KW = dict(batch_size=2, shuffle=True, seed=21, augment=AUG, with_params=True)
@@ -122,8 +121,6 @@ def test_a_resumed_dali_reader_lists_only_the_unconsumed_samples(
 
 
 def _keys(batch: dict, data) -> list[str]:
-    from tests.test_loaders import Written
-
     written = _keys.cache.setdefault(str(data), Written(data, "train"))
     return [written.keys[i] for i in written.ids([batch])]
 
