@@ -123,11 +123,8 @@ def test_config_that_disagrees_with_the_manifest_is_refused(tmp_path, tiny_datas
     assert "clip_samples=80000" in err and "clip_samples=160000" in err
 
 
-def test_a_dataset_without_val_split_trains_without_validation(tmp_path, capsys):
-    from tests.helpers import build_synthetic
-
-    ds = build_synthetic(tmp_path / "noval", 8, "--val-fraction", "0")
-    assert run(tmp_path, ds, "train.epochs=2") == 0
+def test_a_dataset_without_val_split_trains_without_validation(tmp_path, noval_dataset, capsys):
+    assert run(tmp_path, noval_dataset, "train.epochs=2") == 0
     m = metrics(tmp_path)
     assert [r["step"] for r in m if r["split"] == "train"] == [1, 2, 3, 4]
     assert not [r for r in m if r["split"] == "val"]
