@@ -596,7 +596,19 @@ def same_batches(a: list[dict], b: list[dict]) -> None:
                 assert torch.equal(x[k], y[k]), (i, k)
 
 
-@pytest.mark.parametrize("backend", [*ALL, "torch-workers"])
+# two epochs and two resumes per backend: dali-cpu and torch stay in the quick suite
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("dali-gpu", marks=SLOW),
+        "dali-cpu",
+        "torch",
+        pytest.param("torch-workers", marks=SLOW),
+    ],
+)
 def test_augmented_batches_repeat_and_resume_exactly(segs, backend):
     kw = dict(batch_size=2, shuffle=True, seed=15, augment=ALL_AUG)
     if backend == "torch-workers":

@@ -119,7 +119,8 @@ def test_models_take_mel_and_refuse_the_other_input():
             on_wav(feats)
 
 
-@pytest.mark.parametrize("loader", ["dali", "torch"])
+# a trainer run per loader: the DALI one in the slow suite (its log-mel is checked above)
+@pytest.mark.parametrize("loader", [pytest.param("dali", marks=pytest.mark.slow), "torch"])
 def test_training_on_mel_records_it_and_a_mismatch_is_refused(
     tiny_dataset, tmp_path, loader, capsys
 ):

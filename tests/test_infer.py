@@ -297,6 +297,7 @@ def test_frames_for_durations():
         assert p.frames_for(int(round(seconds * 16000))) == max(1, math.ceil(seconds * 30 - 1e-6))
 
 
+@pytest.mark.slow  # two trainer runs of two epochs, each writing its report
 def test_the_trainer_writes_best_pts_report_unless_told_not_to(tiny_dataset, tmp_path):
     sets = [*SMALL, f"data.dir={tiny_dataset}", "train.target=sequence", "train.epochs=2"]
     sets += ["data.num_workers=0"]

@@ -58,6 +58,7 @@ def test_first_frame_targets_are_frame_zero():
     assert torch.equal(targets(arkit[:, 0, :], "first_frame"), arkit[:, 0, :])  # already 2-D
 
 
+@pytest.mark.slow  # three real epochs
 def test_short_cpu_run_lowers_the_training_loss(tmp_path, tiny_dataset):
     assert run(tmp_path, tiny_dataset, "train.epochs=3", "train.lr=3e-3") == 0
     losses = [r["loss"] for r in metrics(tmp_path) if r["split"] == "train"]
