@@ -335,6 +335,7 @@ def test_training_from_s3_writes_its_checkpoint(s3_dataset, tmp_path, capsys, lo
     no_secret(*capsys.readouterr())
 
 
+@pytest.mark.slow  # a benchmark run of two loader rows (the loaders' s3 reads: tests above)
 def test_the_benchmark_runs_the_loader_rows_over_s3(s3_dataset, tmp_path, capsys):
     from benchmarks import throughput
     from benchmarks.rows import select_rows
