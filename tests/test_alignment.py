@@ -24,12 +24,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from test_livelink import csv_text, df_labels, nd_labels
-from test_make_shards import by_source, parsed
 
 from core.arkit import INDEX
 from pipeline import make_shards
 from pipeline.convert.livelink import parse_timecode_fields
+from tests.helpers import by_source, csv_text, df_labels, nd_labels, parsed
 
 RATE = 16000  # the shards' audio rate
 FPS = 30  # the shards' animation rate

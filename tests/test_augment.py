@@ -5,14 +5,16 @@ Every check compares what a loader yields with the segments make_shards wrote, r
 from the tars by key, at the crop and augmentation values the batch says were drawn
 (``with_params=True``). Without CUDA both DALI decode modes run on CPU operators.
 
-Datasets (module-scoped, built with the real make_shards):
+Datasets (built with the real make_shards; ``segs``, ``short`` and ``windows`` are the
+session's ``long_segments``, ``segments_dataset`` and ``noval_dataset`` of conftest.py, the others
+this module's own):
 - ``segs``: 10 synthetic takes of 14 s; 8 train segments of 420 frames (one per take) and
   2 val windows of 300 frames.
 - ``clicks``: 4 takes of silence with short clicks, whose jawOpen is a narrow bump at the
   same instants (a 60 fps .npy, low-passed to 30 fps by make_shards).
-- ``short``: 32 synthetic takes cut into segments of 84 frames for windows of 60 (2 s), so
+- ``short``: 36 synthetic takes cut into segments of 84 frames for windows of 60 (2 s), so
   the distribution test draws many samples quickly.
-- ``windows``: 2 synthetic takes as plain 10 s train windows (no segments).
+- ``windows``: 8 synthetic takes as plain 10 s train windows (no segments).
 - ``tones``: 4 takes that are sums of sine tones at known frequencies, cut into segments of 96
   frames for windows of 60, so that speeds up to 1.55 fit.
 """
@@ -110,10 +112,8 @@ def one_intra_op_thread():
 
 
 @pytest.fixture(scope="module")
-def segs(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("segs") / "ds"
-    args = ["--synthetic", "10", "--segment-seconds", "14", "--window-seconds", "10"]
-    return build(out, *args, "--val-fraction", "0.2")
+def segs(long_segments) -> Path:
+    return long_segments
 
 
 @pytest.fixture(scope="module")
@@ -353,9 +353,8 @@ def test_noise_has_the_drawn_snr_and_leaves_animation(segs, segs_members, backen
 
 
 @pytest.fixture(scope="module")
-def windows(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("windows") / "ds"
-    return build(out, "--synthetic", "2", "--val-fraction", "0")
+def windows(noval_dataset) -> Path:
+    return noval_dataset
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -510,32 +509,19 @@ def test_ks_statistic_on_known_cases():
 
 
 SHORT = dict(segment=84, window=60)  # 2.8 s segments, 2 s windows
-N_SHORT, EPOCHS_SHORT = 32, 8  # 256 samples per backend
-# KS bound for n = m = 256: P(D > d) ~ 2 exp(-2 d^2 n m / (n + m)) = 2 exp(-256 d^2), so
-# 0.2 is exceeded by chance with probability ~7e-5 (less still for the discrete offsets).
+N_SHORT, EPOCHS_SHORT = 36, 8  # 288 samples per backend
+# KS bound for n = m = 288: P(D > d) ~ 2 exp(-2 d^2 n m / (n + m)) = 2 exp(-288 d^2), so
+# 0.2 is exceeded by chance with probability ~2e-5 (less still for the discrete offsets).
 KS_BOUND = 0.2
 PARAMS = ("offset", "gain_db", "snr_db", "speed")
 
 
 @pytest.fixture(scope="module")
-def short(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("short") / "ds"
-    build(
-        out,
-        "--synthetic",
-        str(N_SHORT),
-        "--segment-seconds",
-        "2.8",
-        "--window-seconds",
-        "2",
-        "--val-fraction",
-        "0",
-        "--samples-per-shard",
-        "16",
-    )
-    m = load_manifest(out)
+def short(segments_dataset) -> Path:
+    m = load_manifest(segments_dataset)
     assert (m.segment_frames, m.frames) == (SHORT["segment"], SHORT["window"])
-    return out
+    assert m.num_samples("train") == N_SHORT
+    return segments_dataset
 
 
 def draws(data: Path, backend: str, aug: dict, seed: int = 0) -> dict[str, np.ndarray]:
@@ -610,7 +596,19 @@ def same_batches(a: list[dict], b: list[dict]) -> None:
                 assert torch.equal(x[k], y[k]), (i, k)
 
 
-@pytest.mark.parametrize("backend", [*ALL, "torch-workers"])
+# two epochs and two resumes per backend: dali-cpu and torch stay in the quick suite
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("dali-gpu", marks=SLOW),
+        "dali-cpu",
+        "torch",
+        pytest.param("torch-workers", marks=SLOW),
+    ],
+)
 def test_augmented_batches_repeat_and_resume_exactly(segs, backend):
     kw = dict(batch_size=2, shuffle=True, seed=15, augment=ALL_AUG)
     if backend == "torch-workers":
@@ -840,12 +838,13 @@ def test_the_cuda_graph_augments_on_the_gpu_with_host_draws(segs):
     crosses from the host per sample); the speed's low-pass, resampling, the crop, the
     animation's resize and the noise's RMS run on the GPU, and the audio and animation come
     out there. It also serializes."""
-    from tests.test_loaders import _graph, dali_graph, serialized_without_a_device
+    from tests.helpers import graph_of, serialized_graph
 
     m = load_manifest(segs)
     aug = Augment.from_dict(ALL_AUG)
     kw = dict(augment=aug, with_params=True)
-    ops, outputs = _graph(dali_graph(segs, "gpu", **kw))
+    blob = serialized_graph(segs, "gpu", **kw)
+    ops, outputs = graph_of(blob)
     devices = {}
     for kind, dev in ops:
         devices.setdefault(kind, set()).add(dev)
@@ -862,5 +861,4 @@ def test_the_cuda_graph_augments_on_the_gpu_with_host_draws(segs):
     draws = Draws(np.arange(8), 0, aug, m, "train", 4, GpuNoise(0))
     assert draws.outputs == ["offset", "gain_db", "snr_db", "speed", "lowpass"]
     assert len(draws(0)) == 5
-    blob = serialized_without_a_device(dali_graph(segs, "gpu", **kw))
     assert b"ExternalSource" in blob and b"AudioResample" in blob

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +13,10 @@ import torch
 import torch.multiprocessing as mp
 
 from pipeline import build_loader
-from tests.helpers import SMALL_RUN
+from tests.helpers import ddp_args, free_port, spawn_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_REPORT = "train.report=false"  # the torchrun test writes one under DDP; these need none
-SMALL = [*SMALL_RUN, "data.num_workers=1"]  # a later --set wins
 
 
 def fingerprints(batch) -> list[bytes]:
@@ -60,69 +58,6 @@ def test_ranks_see_disjoint_samples_equal_steps_and_rotating_leftovers(tiny_data
     # over the epochs nothing is starved and the left-out samples change
     assert len(everything) == 36
     assert len({frozenset(s) for s in left_out}) > 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world: int, port: int, args: list[str], out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        TQDM_DISABLE="1",
-    )
-    torch.set_num_threads(1)
-    from train.cli import main
-    from train.trainer import Trainer
-
-    seen: list[int] = []
-    orig = Trainer.load_state_dict
-
-    def load(self, state, **kw):  # record where each rank's loader resumes
-        orig(self, state, **kw)
-        seen.append(self.train_loader.state_dict()["batch"])
-
-    Trainer.load_state_dict = load
-    trainer_box = {}
-    orig_fit = Trainer.fit
-
-    def fit(self):  # keep the rank's trainer to dump its parameters
-        trainer_box["t"] = self
-        return orig_fit(self)
-
-    Trainer.fit = fit
-    rc = main(args)
-    t = trainer_box["t"]
-    torch.save(
-        {
-            "rc": rc,
-            "step": t.step,
-            "resumed_at": seen,
-            "params": {k: v.detach().clone() for k, v in t.model.state_dict().items()},
-            "loader": t.train_loader.state_dict(),
-            # the run let go of its DDP wrapper, so the gloo group is not torn down at exit
-            "released": t.net is t.model and t.train_step.net is t.model,
-        },
-        Path(out) / f"rank{rank}.pt",
-    )
-
-
-def _spawn(args: list[str], out: Path, world: int = 2) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(
-        _rank_main,
-        args=(world, _free_port(), args, str(out)),
-        nprocs=world,
-        start_method="spawn",
-        join=True,
-    )
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
 def _counting_rank_main(rank: int, world: int, port: int, args: list[str], out: str) -> None:
@@ -168,10 +103,10 @@ def test_a_ddp_training_step_makes_one_collective_of_its_own(tmp_path, tiny_data
     buckets aside), and no step waits on the host for the device to read the stop flag."""
     out = tmp_path / "out"
     out.mkdir()
-    args = _args(tmp_path / "run", tiny_dataset, "dali", "train.max_steps=6", NO_REPORT)
+    args = ddp_args(tmp_path / "run", tiny_dataset, "dali", "train.max_steps=6", NO_REPORT)
     mp.start_processes(
         _counting_rank_main,
-        args=(2, _free_port(), [*args, "--set", "data.num_workers=0"], str(out)),
+        args=(2, free_port(), [*args, "--set", "data.num_workers=0"], str(out)),
         nprocs=2,
         start_method="spawn",
         join=True,
@@ -183,21 +118,14 @@ def test_a_ddp_training_step_makes_one_collective_of_its_own(tmp_path, tiny_data
         assert [e["all_reduce"] for e in rec["epochs"]] == [4, 2]
 
 
-def _args(run_dir: Path, dataset: Path, loader: str, *sets: str) -> list[str]:
-    args = ["--loader", loader]
-    for s in (*SMALL, f"data.dir={dataset}", f"run.dir={run_dir}", *sets):
-        args += ["--set", s]
-    return args
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("loader", ["dali", "torch"])
 def test_ddp_ranks_stay_in_step_identical_and_resume_with_the_same_batches(
     tmp_path, tiny_dataset, loader
 ):
     # 36 train samples, 2 ranks, batch 4: 4 steps per epoch per rank. 7 steps cross an epoch.
-    full = _spawn(
-        _args(tmp_path / "full", tiny_dataset, loader, "train.max_steps=7", NO_REPORT),
+    full = spawn_ranks(
+        ddp_args(tmp_path / "full", tiny_dataset, loader, "train.max_steps=7", NO_REPORT),
         tmp_path / "full-out",
     )
     assert [r["rc"] for r in full] == [0, 0]
@@ -210,12 +138,12 @@ def test_ddp_ranks_stay_in_step_identical_and_resume_with_the_same_batches(
     ref = {x["step"]: x["loss"] for x in lines if x["split"] == "train"}
     assert sorted(ref) == list(range(1, 8))
 
-    part = _spawn(
-        _args(tmp_path / "part", tiny_dataset, loader, "train.max_steps=2", NO_REPORT),
+    part = spawn_ranks(
+        ddp_args(tmp_path / "part", tiny_dataset, loader, "train.max_steps=2", NO_REPORT),
         tmp_path / "part-out",
     )
     assert [r["step"] for r in part] == [2, 2]
-    resumed = _spawn(
+    resumed = spawn_ranks(
         [
             "--loader",
             loader,
@@ -243,10 +171,10 @@ def test_torchrun_two_processes_on_cpu(tmp_path, tiny_dataset):
         str(torchrun),
         "--nproc_per_node=2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "train",
-        *_args(tmp_path / "run", tiny_dataset, "dali", "train.epochs=1"),
+        *ddp_args(tmp_path / "run", tiny_dataset, "dali", "train.epochs=1"),
     ]
     res = subprocess.run(
         cmd,

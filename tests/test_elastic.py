@@ -12,8 +12,7 @@ from core.errors import ResumeError
 from pipeline.loaders import dali_loader
 from pipeline.loaders.plan import epoch_batches, epoch_order
 from pipeline.shards.manifest import load_manifest
-from tests.helpers import build_synthetic
-from tests.test_loaders import make, run_epoch, take
+from tests.helpers import Written, make, run_epoch, take
 
 AUG = {"gain_db": [-6, 6], "snr_db": [10, 30], "speed": [0.9, 1.1]}
 KW = dict(batch_size=2, shuffle=True, seed=21, augment=AUG, with_params=True)
@@ -21,12 +20,10 @@ DRAWN = ("offset", "gain_db", "snr_db", "speed")
 
 
 @pytest.fixture(scope="module")
-def segments(tmp_path_factory):
+def segments(segments_dataset):
     """36 train segments of 2.8 s (84 frames) in 5 shards, cropped to 2 s windows: room for
-    crops at every speed in AUG."""
-    out = tmp_path_factory.mktemp("segments") / "ds"
-    args = ["--segment-seconds", "2.8", "--window-seconds", "2", "--val-fraction", "0"]
-    return build_synthetic(out, 36, *args, "--samples-per-shard", "8")
+    crops at every speed in AUG (the session's, conftest.py)."""
+    return segments_dataset
 
 
 def by_key(batches: list[dict]) -> dict[str, tuple]:
@@ -122,8 +119,6 @@ def test_a_resumed_dali_reader_lists_only_the_unconsumed_samples(
 
 
 def _keys(batch: dict, data) -> list[str]:
-    from tests.test_loaders import Written
-
     written = _keys.cache.setdefault(str(data), Written(data, "train"))
     return [written.keys[i] for i in written.ids([batch])]
 

@@ -20,8 +20,7 @@ import torch
 from pipeline.loaders.plan import epoch_batches
 from pipeline.shards.index import sample_refs
 from pipeline.shards.manifest import load_manifest
-from tests.helpers import build_synthetic
-from tests.test_distributed import SMALL, _free_port
+from tests.helpers import SMALL_DDP, build_synthetic, ddp_args, free_port, spawn_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -39,7 +38,7 @@ def short_windows(tmp_path_factory) -> Path:
 def _sets(data: Path, run: Path, *extra: str) -> list[str]:
     args = []
     for s in (
-        *SMALL,
+        *SMALL_DDP,
         "data.num_workers=0",
         f"data.batch_size={BATCH}",
         "train.report=false",
@@ -53,7 +52,7 @@ def _sets(data: Path, run: Path, *extra: str) -> list[str]:
 
 
 def _torchrun(nproc: int) -> list[str]:
-    return [TORCHRUN, f"--nproc_per_node={nproc}", "--master_port", str(_free_port())]
+    return [TORCHRUN, f"--nproc_per_node={nproc}", "--master_port", str(free_port())]
 
 
 def _freeze_mid_epoch(proc: subprocess.Popen, log: Path, steps: int) -> None:
@@ -141,15 +140,15 @@ def test_torchrun_stopped_by_sigterm_resumes_on_one_and_on_three_processes(tmp_p
 def test_a_resume_with_less_than_a_global_batch_left_still_ends_that_epoch(tmp_path, tiny_dataset):
     """One process stops after 8 of its 9 steps (32 of 36 samples); on 2 ranks of 4 the 4 left
     make no global batch, so the loader moves on, but epoch 0 still gets its validation."""
-    from tests.test_distributed import _args, _spawn
-
     part = tmp_path / "part"
     from train.cli import main
 
-    assert main(_args(part, tiny_dataset, "dali", "train.max_steps=8", "train.report=false")) == 0
+    assert (
+        main(ddp_args(part, tiny_dataset, "dali", "train.max_steps=8", "train.report=false")) == 0
+    )
     state = torch.load(part / "last.pt", weights_only=True)
     assert (state["loader"]["epoch"], state["loader"]["position"]) == (0, 32)
-    resumed = _spawn(
+    resumed = spawn_ranks(
         ["--loader", "dali", "--resume", str(part / "last.pt"), "--set", "train.max_steps=10"],
         tmp_path / "out",
     )

@@ -18,7 +18,7 @@ import torch
 from model import build_model
 from model.features import LogMel, Mel
 from pipeline import build_loader
-from tests.test_loaders import _graph, dali_graph
+from tests.helpers import graph_of, serialized_graph
 
 SYN_MEL = Mel(n_mels=32)
 
@@ -92,12 +92,13 @@ def test_dali_log_mel_frames_are_centred_at_multiples_of_the_hop():
 
 def test_cuda_graph_computes_the_log_mel_on_the_gpu(tiny_dataset):
     for decode in ("gpu", "cpu"):
-        pipe = dali_graph(tiny_dataset, decode, split="val", features="mel")
-        ops, outputs = _graph(pipe)
+        blob = serialized_graph(tiny_dataset, decode, split="val", features="mel")
+        ops, outputs = graph_of(blob)
         assert ("Spectrogram", "gpu") in ops and ("MelFilterBank", "gpu") in ops
         assert not any(k in ("Spectrogram", "MelFilterBank") for k, d in ops if d == "cpu")
         assert outputs[0] == "gpu"
-    assert _graph(dali_graph(tiny_dataset, "gpu"))  # the wav graph is unchanged by the option
+    # the wav graph is unchanged by the option
+    assert ("Spectrogram", "gpu") not in graph_of(serialized_graph(tiny_dataset, "gpu"))[0]
 
 
 def test_models_take_mel_and_refuse_the_other_input():
@@ -118,7 +119,8 @@ def test_models_take_mel_and_refuse_the_other_input():
             on_wav(feats)
 
 
-@pytest.mark.parametrize("loader", ["dali", "torch"])
+# a trainer run per loader: the DALI one in the slow suite (its log-mel is checked above)
+@pytest.mark.parametrize("loader", [pytest.param("dali", marks=pytest.mark.slow), "torch"])
 def test_training_on_mel_records_it_and_a_mismatch_is_refused(
     tiny_dataset, tmp_path, loader, capsys
 ):

@@ -297,6 +297,7 @@ def test_frames_for_durations():
         assert p.frames_for(int(round(seconds * 16000))) == max(1, math.ceil(seconds * 30 - 1e-6))
 
 
+@pytest.mark.slow  # two trainer runs of two epochs, each writing its report
 def test_the_trainer_writes_best_pts_report_unless_told_not_to(tiny_dataset, tmp_path):
     sets = [*SMALL, f"data.dir={tiny_dataset}", "train.target=sequence", "train.epochs=2"]
     sets += ["data.num_workers=0"]
@@ -320,22 +321,22 @@ def test_the_trainer_writes_best_pts_report_unless_told_not_to(tiny_dataset, tmp
     assert (runs["on"] / "report" / "mae_by_blendshape.png").is_file()
 
 
-def test_eval_of_a_segmented_train_split_scores_whole_segments(checkpoint, tmp_path):
-    """Segments longer than the window are scored whole (not the loaders' random crops), the
-    same with both loaders."""
+def test_eval_of_a_segmented_train_split_scores_whole_segments(checkpoint, long_segments):
+    """Segments longer than the window (14 s, 420 frames, for 10 s windows) are scored whole
+    (not the loaders' random crops), the same with both loaders."""
     from pipeline.loaders.spec import TorchOptions
-    from tests.helpers import build_synthetic
     from train.evaluate import evaluate
 
-    ds = build_synthetic(tmp_path / "seg", 6, "--segment-seconds", "12", "--val-fraction", "0")
+    ds = long_segments
     n = load_manifest(ds).num_samples("train")
+    assert n == 8
     p = Predictor.from_checkpoint(checkpoint, "cpu", batch_size=4)
     got = {}
     for loader in ("dali", "torch"):
         opts = TorchOptions(num_workers=0) if loader == "torch" else None
         rec, example = evaluate(p, ds, "train", loader, batch_size=2, options=opts)
-        assert rec["samples"] == n and rec["frames"] == n * 360
-        assert example["pred"].shape == example["true"].shape == (360, 52)
+        assert rec["samples"] == n and rec["frames"] == n * 420
+        assert example["pred"].shape == example["true"].shape == (420, 52)
         got[loader] = rec["mse"]
     assert got["dali"] == pytest.approx(got["torch"], rel=1e-6)
 

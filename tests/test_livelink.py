@@ -4,19 +4,18 @@ duplicates, rows out of order, midnight).
 Drop-frame numbering is derived here from the SMPTE 12M rule itself, by enumerating the labels
 that exist (``df_labels``), never from the code under test: at 29.97 fps the frame numbers 0
 and 1 of every minute do not exist, except in minutes divisible by ten (at 59.94, 0-3).
-The label helpers and the CSV writer are shared with test_alignment.py.
+The label helpers and the CSV writer live in tests/helpers.py (test_alignment.py uses them too).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from core.arkit import INDEX, LIVE_LINK_EXTRA, LIVE_LINK_NAMES
+from core.arkit import INDEX
 from core.errors import AnimationError
 from pipeline.convert.livelink import (
     Animation,
@@ -26,68 +25,10 @@ from pipeline.convert.livelink import (
     parse_timecode_fields,
     read_live_link_csv,
 )
+from tests.helpers import DROPPED_LABELS, csv_text, df_label_tuples, df_labels, nd_labels
 
 JAW = INDEX["jawopen"]
-DROPPED_LABELS = {30: 2, 60: 4}  # SMPTE 12M: frame numbers skipped at a dropping minute
-
-
 # ---------------------------------------------------------------- label and CSV writers
-
-
-def nd_label(count: float, nominal: int) -> str:
-    """Non-drop ``HH:MM:SS:FF.fff`` of ``count`` frames since midnight at ``nominal`` frames
-    per timecode second (``.fff``: the fraction of a frame, to 1/1000); wraps at midnight."""
-    milli = int(round(count * 1000))
-    f, sub = divmod(milli, 1000)
-    s, ff = divmod(f, nominal)
-    return f"{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}:{ff:02d}.{sub:03d}"
-
-
-def nd_labels(start: tuple[int, int, int, int], positions, nominal: int) -> list[str]:
-    """Labels of rows at ``positions`` (in timecode frames, may be fractional) after the
-    label ``start`` = (h, m, s, ff)."""
-    h, m, s, f = start
-    first = ((h * 60 + m) * 60 + s) * nominal + f
-    return [nd_label(first + p, nominal) for p in np.asarray(positions, np.float64).tolist()]
-
-
-def df_label_tuples(nominal: int, start=(0, 0, 0, 0)) -> Iterator[tuple[int, int, int, int]]:
-    """Every drop-frame label (h, m, s, ff) from ``start`` on, in order, by the SMPTE rule:
-    count the labels of a clock at ``nominal`` frames a second and skip those that do not exist
-    (frames below 2 at 30, below 4 at 60, at second 0 of each minute not divisible by 10)."""
-    skip = DROPPED_LABELS[nominal]
-    h, m, s, f = start
-    while True:
-        if not (s == 0 and f < skip and m % 10 != 0):
-            yield h, m, s, f
-        f += 1
-        if f == nominal:
-            f, s = 0, s + 1
-        if s == 60:
-            s, m = 0, m + 1
-        if m == 60:
-            m, h = 0, h + 1
-        if h == 24:
-            h = 0
-
-
-def df_labels(start: tuple[int, int, int, int], n: int, nominal: int = 30) -> list[str]:
-    """``n`` consecutive drop-frame labels ``HH:MM:SS;FF.000`` from ``start``."""
-    return [
-        f"{h:02d}:{m:02d}:{s:02d};{f:02d}.000"
-        for h, m, s, f in itertools.islice(df_label_tuples(nominal, start), n)
-    ]
-
-
-def csv_text(labels: list[str], values: np.ndarray, names=LIVE_LINK_NAMES) -> str:
-    """A Live Link Face CSV: ``Timecode,BlendshapeCount,<names>,<9 head/eye>``, one row per
-    label, ``values`` [T, 52] given in the canonical order and written column by name."""
-    cols = [INDEX[n.lower()] for n in names]
-    extra = "," + ",".join(["0.25"] * len(LIVE_LINK_EXTRA))
-    lines = ["Timecode,BlendshapeCount," + ",".join(list(names) + list(LIVE_LINK_EXTRA))]
-    for tc, row in zip(labels, np.asarray(values)[:, cols].tolist(), strict=True):
-        lines.append(f"{tc},61," + ",".join(f"{v:.9g}" for v in row) + extra)
-    return "\n".join(lines) + "\n"
 
 
 def write_csv(path: Path, labels: list[str], values: np.ndarray | None = None) -> Path:

@@ -9,12 +9,6 @@ the end repeat the comparisons on CUDA tensors.
 
 from __future__ import annotations
 
-import hashlib
-import io
-import tarfile
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 
@@ -24,66 +18,22 @@ from pipeline.loaders.plan import epoch_batches
 from pipeline.loaders.spec import LoaderSpec
 from pipeline.shards.manifest import load_manifest
 from pipeline.shards.tars import read_index
+from tests.helpers import (
+    BACKENDS,
+    CLIP,
+    FRAMES,
+    Written,
+    dali_graph,
+    graph_of,
+    make,
+    run_epoch,
+    serialized_graph,
+    take,
+)
 
-CLIP, FRAMES = 160000, 300
 N_TRAIN, N_VAL = 36, 4
 
-# name -> (backend, options). Torch without workers unless a test is about them: fast and the
-# same data path (the workers run the same Dataset.__getitem__).
-BACKENDS = {
-    "dali-gpu": ("dali", {"decode": "gpu"}),  # the raw-bytes graph, here on CPU operators
-    "dali-cpu": ("dali", {"decode": "cpu"}),
-    "torch": ("torch", {"num_workers": 0}),
-}
 ALL = list(BACKENDS)
-
-
-def make(backend: str, data: Path, **kw):
-    name, opts = BACKENDS[backend]
-    return build_loader(name, data, **{"device": "cpu", **opts, **kw})
-
-
-def wav_key(row: torch.Tensor) -> str:
-    return hashlib.blake2b(
-        row.detach().cpu().contiguous().numpy().tobytes(), digest_size=16
-    ).hexdigest()
-
-
-class Written:
-    """One split as make_shards wrote it, in manifest/tar order (the unshuffled order)."""
-
-    def __init__(self, data: Path, split: str) -> None:
-        wavs, arkits, keys = [], [], []
-        m = load_manifest(data)
-        for tar_path, idx_path in zip(m.tar_paths(split), m.idx_paths(split), strict=True):
-            members: dict[str, dict[str, bytes]] = {}
-            with tarfile.open(tar_path) as tf:
-                for info in tf.getmembers():
-                    key, _, ext = info.name.partition(".")
-                    members.setdefault(key, {})[ext] = tf.extractfile(info).read()
-            order = [sample[0].key for sample in read_index(idx_path)]
-            assert order == list(members)  # the index lists samples in tar order
-            for key in order:
-                wav, npy = members[key]["wav"], members[key]["arkit.npy"]
-                assert wav[:4] == b"RIFF" and wav[36:40] == b"data" and len(wav) == 44 + 2 * CLIP
-                wavs.append(np.frombuffer(wav[44:], "<i2").astype(np.float32) / 32768)
-                arkits.append(np.load(io.BytesIO(npy), allow_pickle=False))
-                keys.append(key)
-        self.wav = torch.from_numpy(np.stack(wavs))
-        self.arkit = torch.from_numpy(np.stack(arkits))
-        self.keys = keys
-        self.index = {wav_key(w): i for i, w in enumerate(self.wav)}
-        assert len(self.index) == len(keys)  # every window's audio is distinct: a fingerprint
-
-    def ids(self, batches) -> list[int]:
-        """Sample indices of ``batches``, after checking each sample equals what was written."""
-        out = []
-        for b in batches:
-            for wav, arkit in zip(b["wav"], b["arkit"], strict=True):
-                i = self.index[wav_key(wav)]  # KeyError: audio that was never written
-                assert torch.equal(arkit.cpu(), self.arkit[i])
-                out.append(i)
-        return out
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +49,6 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def run_epoch(loader) -> list[dict[str, torch.Tensor]]:
-    return list(loader)
 
 
 # ---------------------------------------------------------------- identical tensors
@@ -275,17 +221,6 @@ def test_ranks_get_disjoint_parts_with_equal_batch_counts(
 # ---------------------------------------------------------------- resume
 
 
-def take(loader, count: int) -> list[dict[str, torch.Tensor]]:
-    """Consume ``count`` batches across epochs, the way a training loop does, then stop."""
-    out = []
-    while len(out) < count:
-        for batch in loader:
-            out.append(batch)
-            if len(out) == count:
-                break
-    return out
-
-
 # 9 batches an epoch: stop inside epoch 0, at its very end, or inside epoch 1
 RESUME_CASES = [
     ("dali-cpu", 3),
@@ -444,53 +379,13 @@ def test_dali_epochs_never_start_with_the_last_epochs_padding(
             assert len(set(flat)) == 16 and flat == planned.ravel().tolist()
 
 
-def _graph(pipe) -> tuple[list[tuple[str, str]], list[str]]:
-    """The (operator, device) list of a DALI graph and its outputs' devices, from the Python
-    definition.
-
-    Uses DALI 2.x internals (``_build_graph``, ``_ops``, ``_graph_out``): ``serialize()`` itself
-    needs a CUDA driver for a pipeline with a ``device_id`` (DALI 2.4.0 asserts ``cuInit``), and
-    defining the Python graph does not.
-    """
-    pipe._build_graph()
-    ops = []
-    for op in pipe._ops:
-        spec = str(op.spec)
-        kind = spec.split("OpSpec for ", 1)[1].split(":", 1)[0].strip()
-        ops.append((kind, spec.split("device: ", 1)[1].split()[0]))
-    return ops, [node.device for node in pipe._graph_out]
-
-
-def dali_graph(data, decode: str, device_id: int | None = 0, split: str = "train", **kw):
-    """The DALI graph of a ``dali`` loader's spec over ``data`` (batches of 4, the split in
-    manifest order, epoch seed 0), defined on CUDA device ``device_id`` (None: CPU operators),
-    not built: a CUDA graph is defined without a GPU. ``kw``: more of the spec's settings."""
-    from pipeline.loaders.dali_graph import Draws, GpuNoise, build_pipeline
-
-    m = load_manifest(data)
-    kw = dict(split=split, batch_size=4, device="cpu", decode=decode, **kw)
-    spec = LoaderSpec.make("dali", data, **kw)
-    noise = GpuNoise(device_id) if device_id is not None and spec.augment.snr_db else None
-    draws = Draws(np.arange(m.num_samples(split)), 0, spec.augment, m, split, 4, noise)
-    files = (m.tar_paths(split), m.idx_paths(split))
-    return build_pipeline(spec, m, device_id=device_id, files=files, draws=draws, seed=0)
-
-
-def serialized_without_a_device(pipe) -> bytes:
-    """A CUDA graph's definition, serialized on a machine without CUDA: DALI 2.4.0 creates the
-    pipeline on its device to serialize it (``cuInit``), so the device is taken off first (a
-    DALI internal, ``_device_id``); the operators keep their placement."""
-    pipe._device_id = None
-    return pipe.serialize()
-
-
 def test_cuda_graph_decodes_on_the_gpu(tiny_dataset):
     """The CUDA variant of the raw-bytes graph (device_id=0) is defined without a GPU: only the
     reader and each sample's source stay on the host; reinterpreting, slicing off the headers,
     scaling and reshaping run on the GPU, and the two big outputs are GPU tensors."""
     from pipeline.loaders.dali_graph import OUTPUTS
 
-    ops, outputs = _graph(dali_graph(tiny_dataset, "gpu"))
+    ops, outputs = graph_of(serialized_graph(tiny_dataset, "gpu"))
     host = sorted(kind for kind, dev in ops if dev == "cpu")
     assert host == ["GetProperty", "Pad", "readers__Webdataset"]
     on_gpu = sorted(kind for kind, dev in ops if dev == "gpu")
@@ -508,7 +403,7 @@ def test_cuda_graph_decodes_on_the_gpu(tiny_dataset):
         "source": "cpu",
     }
 
-    ops, outputs = _graph(dali_graph(tiny_dataset, "cpu"))
+    ops, outputs = graph_of(serialized_graph(tiny_dataset, "cpu"))
     assert {("decoders__Audio", "cpu"), ("decoders__Numpy", "cpu")} <= set(ops)
     assert not any(kind == "Reinterpret" for kind, _ in ops)
     assert outputs[:2] == ["gpu", "gpu"]  # decoded on the host, then copied to the device
@@ -620,8 +515,7 @@ def test_gpu_value_check_waits_on_the_batch_device_not_the_current_one():
 @pytest.mark.parametrize("decode", ["gpu", "cpu"])
 def test_cuda_graph_serializes_without_a_gpu(tiny_dataset, decode):
     """The CUDA graph, defined with GPU operators, serializes on a CPU machine."""
-    pipe = dali_graph(tiny_dataset, decode)
-    blob = serialized_without_a_device(pipe)
+    blob = serialized_graph(tiny_dataset, decode)
     assert b"readers__Webdataset" in blob and b"gpu" in blob
     if decode == "gpu":
         assert b"Reinterpret" in blob and b"decoders__Audio" not in blob
@@ -630,6 +524,7 @@ def test_cuda_graph_serializes_without_a_gpu(tiny_dataset, decode):
     # the same definition without GPU operators mentions no GPU placement at all
     cpu = dali_graph(tiny_dataset, decode, device_id=None).serialize()
     assert b"gpu" not in cpu
+    assert {device for _, device in graph_of(cpu)[0]} == {"cpu"}
 
 
 @pytest.mark.gpu

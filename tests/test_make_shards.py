@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -30,116 +29,24 @@ from pipeline.shards.manifest import SPLITS
 from pipeline.shards.members import parse_canonical_wav, wav_header
 from pipeline.shards.tars import read_index
 from pipeline.shards.verify import check_dataset
-from tests.helpers import build_synthetic
-
-EXTS = (fmt.WAV_EXT, fmt.NPY_EXT, fmt.JSON_EXT)
-
+from tests.helpers import (
+    EXTS,
+    build_synthetic,
+    by_source,
+    manifest,
+    parsed,
+    pcm16_take,
+    random_anim,
+    random_pcm,
+    read_shards,
+    write_live_link_csv,
+)
+from tests.helpers import run_make_shards as run
 
 # ---------------------------------------------------------------- input writers
 
 
-def write_live_link_csv(
-    path: Path,
-    values: np.ndarray,
-    frame_pos=None,
-    *,
-    names=LIVE_LINK_NAMES,
-    start_frame: int = (10 * 3600 + 11 * 60 + 12) * 60 + 13,
-) -> np.ndarray:
-    """A Live Link Face CSV (``Timecode,BlendshapeCount,<names>,<9 head/eye>``) of ``values``
-    ``[T, 52]`` given in the canonical order; each column is filled by its name. ``frame_pos`` is
-    each row's position in 60 fps frames (default 0..T-1; 1/1000 frame resolution), written as
-    ``HH:MM:SS:FF.fff``. Returns the rows' times in seconds from the first row."""
-    pos = np.arange(len(values)) if frame_pos is None else np.asarray(frame_pos, np.float64)
-    milli = start_frame * 1000 + np.round(pos * 1000).astype(np.int64)
-    cols = [INDEX[n.lower()] for n in names]
-    extra = ",".join(["0.75"] * len(LIVE_LINK_EXTRA))
-    lines = ["Timecode,BlendshapeCount," + ",".join(list(names) + list(LIVE_LINK_EXTRA))]
-    for m, row in zip(milli.tolist(), values[:, cols].tolist(), strict=True):
-        f, sub = divmod(m, 1000)
-        s, ff = divmod(f, 60)
-        tc = f"{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}:{ff:02d}.{sub:03d}"
-        lines.append(f"{tc},61," + ",".join(f"{v:.9g}" for v in row) + "," + extra)
-    Path(path).write_text("\n".join(lines) + "\n")
-    return (milli - milli[0]) / 60000.0
-
-
-def random_pcm(seconds: float, seed: int, rate: int = 16000) -> np.ndarray:
-    pcm = np.random.default_rng(seed).integers(-32768, 32768, int(round(seconds * rate)))
-    pcm[:2] = [-32768, 32767]  # the extremes survive too
-    return pcm.astype("<i2")
-
-
-def random_anim(seconds: float, seed: int, fps: int = 60) -> np.ndarray:
-    return (
-        np.random.default_rng([seed, 9]).random((int(round(seconds * fps)), 52)).astype(np.float32)
-    )
-
-
-def pcm16_take(
-    folder: Path,
-    stem: str,
-    seconds: float,
-    seed: int,
-    anim: str = "csv",
-    anim_seconds: float | None = None,
-):
-    """A 16 kHz mono PCM16 WAV (canonical already) with 60 fps animation as CSV or npy."""
-    folder.mkdir(parents=True, exist_ok=True)
-    pcm = random_pcm(seconds, seed)
-    sf.write(str(folder / f"{stem}.wav"), pcm, 16000, subtype="PCM_16")
-    values = random_anim(seconds if anim_seconds is None else anim_seconds, seed)
-    if anim == "csv":
-        write_live_link_csv(folder / f"{stem}.csv", values)
-    elif anim == "npy":
-        np.save(folder / f"{stem}.npy", values)
-    return pcm, values
-
-
 # ---------------------------------------------------------------- running and reading back
-
-
-def run(*args: str) -> int:
-    return make_shards.main([*map(str, args), "--quiet", "--workers", "2"])
-
-
-def manifest(root: Path) -> dict:
-    return json.loads((root / "manifest.json").read_text())
-
-
-def read_shards(root: Path) -> list[dict]:
-    """Every sample of every shard, in manifest then tar order, read with tarfile."""
-    out: list[dict] = []
-    for sh in manifest(root)["shards"]:
-        with tarfile.open(root / sh["name"], "r:") as tf:
-            for m in tf:
-                key, _, ext = m.name.partition(".")
-                if not out or out[-1]["key"] != key or out[-1]["shard"] != sh["name"]:
-                    out.append({"key": key, "shard": sh["name"], "split": sh["split"]})
-                out[-1][ext] = tf.extractfile(m).read()
-    return out
-
-
-def parsed(root: Path) -> list[dict]:
-    """read_shards plus the parsed members: int16 samples, the arkit array and the json."""
-    man = manifest(root)
-    out = read_shards(root)
-    for s in out:
-        assert sorted(k for k in s if k in EXTS) == sorted(EXTS), s["key"]
-        s["pcm"] = parse_canonical_wav(s["wav"], man["clip_samples"])
-        s["arkit"] = fmt.parse_arkit_npy(s["arkit.npy"], man["frames"], 52)
-        s["meta"] = json.loads(s["json"])
-        assert s["meta"]["split"] == s["split"]
-    return out
-
-
-def by_source(samples: list[dict]) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for s in samples:
-        out.setdefault(Path(s["meta"]["source"]).name, []).append(s)
-    for v in out.values():
-        v.sort(key=lambda s: s["meta"]["window"])
-    return out
 
 
 def rejects(root: Path) -> dict[str, str]:

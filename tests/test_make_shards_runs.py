@@ -21,9 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from test_make_shards import manifest, pcm16_take, run
 
 from pipeline import make_shards
+from tests.helpers import manifest, pcm16_take
+from tests.helpers import run_make_shards as run
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "pipeline" / "make_shards.py"

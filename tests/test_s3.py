@@ -274,7 +274,13 @@ def test_the_uploaded_dataset_is_the_local_one_at_s3_paths(s3_dataset, tiny_data
 
 
 @pytest.mark.parametrize(
-    "backend,options", [("dali", {}), ("torch", {"num_workers": 0}), ("torch", {"num_workers": 2})]
+    "backend,options",
+    [
+        ("dali", {}),
+        ("torch", {"num_workers": 0}),
+        # worker processes: the slow suite
+        pytest.param("torch", {"num_workers": 2}, marks=pytest.mark.slow),
+    ],
 )
 def test_loaders_read_s3_bit_for_bit_like_the_local_copy(
     s3_dataset, tiny_dataset, backend, options
@@ -316,7 +322,8 @@ def test_a_shard_changed_on_s3_is_named_at_the_next_epoch(s3_dataset):
         next(iter(loader))
 
 
-@pytest.mark.parametrize("loader", ["dali", "torch"])
+# a trainer run per loader: the DALI one in the slow suite (DALI reads s3 in the test above)
+@pytest.mark.parametrize("loader", [pytest.param("dali", marks=pytest.mark.slow), "torch"])
 def test_training_from_s3_writes_its_checkpoint(s3_dataset, tmp_path, capsys, loader):
     from train.cli import main
 
@@ -329,6 +336,7 @@ def test_training_from_s3_writes_its_checkpoint(s3_dataset, tmp_path, capsys, lo
     no_secret(*capsys.readouterr())
 
 
+@pytest.mark.slow  # a benchmark run of two loader rows (the loaders' s3 reads: tests above)
 def test_the_benchmark_runs_the_loader_rows_over_s3(s3_dataset, tmp_path, capsys):
     from benchmarks import throughput
     from benchmarks.rows import select_rows

@@ -58,6 +58,7 @@ def test_first_frame_targets_are_frame_zero():
     assert torch.equal(targets(arkit[:, 0, :], "first_frame"), arkit[:, 0, :])  # already 2-D
 
 
+@pytest.mark.slow  # three real epochs
 def test_short_cpu_run_lowers_the_training_loss(tmp_path, tiny_dataset):
     assert run(tmp_path, tiny_dataset, "train.epochs=3", "train.lr=3e-3") == 0
     losses = [r["loss"] for r in metrics(tmp_path) if r["split"] == "train"]
@@ -123,11 +124,8 @@ def test_config_that_disagrees_with_the_manifest_is_refused(tmp_path, tiny_datas
     assert "clip_samples=80000" in err and "clip_samples=160000" in err
 
 
-def test_a_dataset_without_val_split_trains_without_validation(tmp_path, capsys):
-    from tests.helpers import build_synthetic
-
-    ds = build_synthetic(tmp_path / "noval", 8, "--val-fraction", "0")
-    assert run(tmp_path, ds, "train.epochs=2") == 0
+def test_a_dataset_without_val_split_trains_without_validation(tmp_path, noval_dataset, capsys):
+    assert run(tmp_path, noval_dataset, "train.epochs=2") == 0
     m = metrics(tmp_path)
     assert [r["step"] for r in m if r["split"] == "train"] == [1, 2, 3, 4]
     assert not [r for r in m if r["split"] == "val"]
