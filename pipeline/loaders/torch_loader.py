@@ -14,8 +14,10 @@ by the epoch's seed and the sample's index, so an epoch replays exactly whatever
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -231,10 +233,36 @@ class TorchLoader(EpochLoader):
             batches = iter(self.loader)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        for batch in batches:
-            if isinstance(batch, Failed):
-                raise batch.error
-            yield {
-                k: v.to(self.device, non_blocking=True) if k in ("wav", "mel", "arkit") else v
-                for k, v in batch.items()
-            }
+        _LIVE.add(batches)
+        try:
+            for batch in batches:
+                if isinstance(batch, Failed):
+                    raise batch.error
+                yield {
+                    k: v.to(self.device, non_blocking=True) if k in ("wav", "mel", "arkit") else v
+                    for k, v in batch.items()
+                }
+        finally:
+            _stop_workers(batches)
+
+
+# DataLoader iterators whose workers may still run. The workers ignore SIGTERM, so the
+# terminate-and-join that multiprocessing gives its children at interpreter exit would wait
+# for them forever: an iterator still referenced then (by a pending generator, or an error's
+# traceback kept by the caller) is shut down first, by the handler below (atexit runs
+# handlers in reverse order, and multiprocessing registered its own when torch imported it).
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def _stop_workers(batches) -> None:
+    """Ask a DataLoader iterator's workers to finish and wait for them (the iterator's own
+    shutdown: an end-of-work message on each worker's queue, then a join with a timeout)."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+@atexit.register
+def _stop_live_workers() -> None:
+    for batches in list(_LIVE):
+        _stop_workers(batches)
