@@ -395,7 +395,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rank_main(rank: int, world: int, port: int, args: list[str], out: str) -> None:
+def become_rank(rank: int, world: int, port: int) -> None:
+    """This process's environment as rank ``rank`` of ``world`` (torchrun's variables), with
+    one intra-op thread."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -405,6 +407,10 @@ def rank_main(rank: int, world: int, port: int, args: list[str], out: str) -> No
         TQDM_DISABLE="1",
     )
     torch.set_num_threads(1)
+
+
+def rank_main(rank: int, world: int, port: int, args: list[str], out: str) -> None:
+    become_rank(rank, world, port)
     from train.cli import main
     from train.trainer import Trainer
 

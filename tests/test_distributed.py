@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pipeline import build_loader
-from tests.helpers import ddp_args, free_port, spawn_ranks
+from tests.helpers import become_rank, ddp_args, free_port, spawn_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_REPORT = "train.report=false"  # the torchrun test writes one under DDP; these need none
@@ -62,15 +62,7 @@ def test_ranks_see_disjoint_samples_equal_steps_and_rotating_leftovers(tiny_data
 
 def _counting_rank_main(rank: int, world: int, port: int, args: list[str], out: str) -> None:
     """A rank that counts the collectives (``all_reduce``) of each epoch's training steps."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        TQDM_DISABLE="1",
-    )
-    torch.set_num_threads(1)
+    become_rank(rank, world, port)
     import torch.distributed as dist
 
     from train.cli import main
