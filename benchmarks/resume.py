@@ -26,7 +26,8 @@ from benchmarks.dataset import ensure_dataset
 from benchmarks.figures import figure
 from benchmarks.report import check_out
 from core.errors import ArkitError, RunError
-from pipeline import build_loader, storage
+from pipeline import build_loader
+from pipeline.shards import storage
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = "data/bench"  # in the repository (git-ignored /data/), throughput.py's default too

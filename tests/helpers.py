@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 import torch.multiprocessing as mp
 
@@ -106,6 +105,8 @@ def pcm16_take(
     anim_seconds: float | None = None,
 ):
     """A 16 kHz mono PCM16 WAV (canonical already) with 60 fps animation as CSV or npy."""
+    import soundfile as sf  # here, not above: the GPU image collects the tests without it
+
     folder.mkdir(parents=True, exist_ok=True)
     pcm = random_pcm(seconds, seed)
     sf.write(str(folder / f"{stem}.wav"), pcm, 16000, subtype="PCM_16")
