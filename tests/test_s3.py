@@ -774,6 +774,7 @@ def test_an_upload_over_a_link_slower_than_the_read_timeout_arrives(monkeypatch,
     assert s3().get_object(Bucket=BUCKET, Key="slow/part.bin")["Body"].read() == src.read_bytes()
 
 
+@pytest.mark.slow  # a throttled link carrying a dataset until the upload gives up
 def test_an_upload_too_slow_for_its_link_says_so_with_bytes_and_rate(monkeypatch, s3_env, capsys):
     url = f"s3://{BUCKET}/too-slow"
     args = ["--synthetic", "4", "--samples-per-shard", "4", "--workers", "2", "--quiet"]
