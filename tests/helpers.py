@@ -65,22 +65,27 @@ def write_live_link_csv(
     *,
     names=LIVE_LINK_NAMES,
     start_frame: int = (10 * 3600 + 11 * 60 + 12) * 60 + 13,
+    head: str = "0.75",
+    newline: str = "\n",
+    bom: bool = False,
 ) -> np.ndarray:
     """A Live Link Face CSV (``Timecode,BlendshapeCount,<names>,<9 head/eye>``) of ``values``
-    ``[T, 52]`` given in the canonical order; each column is filled by its name. ``frame_pos`` is
-    each row's position in 60 fps frames (default 0..T-1; 1/1000 frame resolution), written as
-    ``HH:MM:SS:FF.fff``. Returns the rows' times in seconds from the first row."""
+    ``[T, 52]`` given in the canonical order; each column is filled by its name, the head/eye
+    columns with ``head``. ``frame_pos`` is each row's position in 60 fps frames (default
+    0..T-1; 1/1000 frame resolution), written as ``HH:MM:SS:FF.fff``. Lines end in ``newline``,
+    with a UTF-8 BOM first if ``bom``. Returns the rows' times in seconds from the first row."""
     pos = np.arange(len(values)) if frame_pos is None else np.asarray(frame_pos, np.float64)
     milli = start_frame * 1000 + np.round(pos * 1000).astype(np.int64)
     cols = [INDEX[n.lower()] for n in names]
-    extra = ",".join(["0.75"] * len(LIVE_LINK_EXTRA))
+    extra = ",".join([head] * len(LIVE_LINK_EXTRA))
     lines = ["Timecode,BlendshapeCount," + ",".join(list(names) + list(LIVE_LINK_EXTRA))]
     for m, row in zip(milli.tolist(), values[:, cols].tolist(), strict=True):
         f, sub = divmod(m, 1000)
         s, ff = divmod(f, 60)
         tc = f"{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}:{ff:02d}.{sub:03d}"
         lines.append(f"{tc},61," + ",".join(f"{v:.9g}" for v in row) + "," + extra)
-    Path(path).write_text("\n".join(lines) + "\n")
+    text = newline.join(lines) + newline
+    Path(path).write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode())
     return (milli - milli[0]) / 60000.0
 
 
@@ -248,6 +253,16 @@ def wav_key(row: torch.Tensor) -> str:
     ).hexdigest()
 
 
+def tar_members(tar_path) -> dict[str, dict[str, bytes]]:
+    """A shard's members in tar order: key -> {extension: bytes}."""
+    members: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(tar_path) as tf:
+        for info in tf.getmembers():
+            key, _, ext = info.name.partition(".")
+            members.setdefault(key, {})[ext] = tf.extractfile(info).read()
+    return members
+
+
 class Written:
     """One split as make_shards wrote it, in manifest/tar order (the unshuffled order)."""
 
@@ -255,11 +270,7 @@ class Written:
         wavs, arkits, keys = [], [], []
         m = load_manifest(data)
         for tar_path, idx_path in zip(m.tar_paths(split), m.idx_paths(split), strict=True):
-            members: dict[str, dict[str, bytes]] = {}
-            with tarfile.open(tar_path) as tf:
-                for info in tf.getmembers():
-                    key, _, ext = info.name.partition(".")
-                    members.setdefault(key, {})[ext] = tf.extractfile(info).read()
+            members = tar_members(tar_path)
             order = [sample[0].key for sample in read_index(idx_path)]
             assert order == list(members)  # the index lists samples in tar order
             for key in order:

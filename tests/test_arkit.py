@@ -3,7 +3,7 @@ CSV reader and time-based fps resampling."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import pytest
@@ -18,38 +18,12 @@ from core.arkit import (
 )
 from core.errors import AnimationError
 from pipeline.convert import livelink, windows
+from tests import helpers
 
-
-def write_live_link_csv(
-    path: Path,
-    values: np.ndarray,
-    frame_pos=None,
-    *,
-    names=LIVE_LINK_NAMES,
-    start_frame: int = (1 * 3600 + 23 * 60 + 45) * 60 + 7,
-    newline: str = "\n",
-    bom: bool = False,
-) -> np.ndarray:
-    """Write a Live Link Face CSV: ``Timecode,BlendshapeCount,<names>,<9 head/eye columns>``.
-
-    ``values`` is ``[T, 52]`` in the canonical order; each CSV column gets the canonical column
-    of its name. ``frame_pos`` is each row's position in 60 fps capture frames (default 0..T-1,
-    fractional allowed to 1/1000 frame), written as ``HH:MM:SS:FF.fff``. Returns each row's
-    time in seconds from the first row, as encoded.
-    """
-    pos = np.arange(len(values)) if frame_pos is None else np.asarray(frame_pos, np.float64)
-    milli = start_frame * 1000 + np.round(pos * 1000).astype(np.int64)
-    lines = ["Timecode,BlendshapeCount," + ",".join(list(names) + list(LIVE_LINK_EXTRA))]
-    cols = [INDEX[n.lower()] for n in names]
-    extra = ",".join(["-0.25"] * len(LIVE_LINK_EXTRA))
-    for m, row in zip(milli.tolist(), values[:, cols].tolist(), strict=True):
-        f, sub = divmod(m, 1000)
-        s, ff = divmod(f, 60)
-        tc = f"{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}:{ff:02d}.{sub:03d}"
-        lines.append(f"{tc},61," + ",".join(f"{v:.9g}" for v in row) + "," + extra)
-    text = newline.join(lines) + newline
-    Path(path).write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode())
-    return (milli - milli[0]) / 60000.0
+# the capture's CSV as in the make_shards tests, from another start time and head pose
+write_live_link_csv = partial(
+    helpers.write_live_link_csv, start_frame=(1 * 3600 + 23 * 60 + 45) * 60 + 7, head="-0.25"
+)
 
 
 def distinct_values(frames: int) -> np.ndarray:

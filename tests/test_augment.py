@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import re
-import tarfile
 import wave
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from pipeline import build_loader, make_shards
 from pipeline.loaders.augment import SPEED_TOLERANCE, Augment, max_offset, start_sample
 from pipeline.shards.manifest import load_manifest
 from pipeline.shards.tars import read_index
+from tests.helpers import tar_members
 
 RATE, FPS = 16000, 30
 CLIP, FRAMES = 160000, 300
@@ -74,11 +74,7 @@ class Members:
         self.wav: dict[str, np.ndarray] = {}
         self.arkit: dict[str, np.ndarray] = {}
         for tar_path, idx_path in zip(m.tar_paths(split), m.idx_paths(split), strict=True):
-            members: dict[str, dict[str, bytes]] = {}
-            with tarfile.open(tar_path) as tf:
-                for info in tf.getmembers():
-                    key, _, ext = info.name.partition(".")
-                    members.setdefault(key, {})[ext] = tf.extractfile(info).read()
+            members = tar_members(tar_path)
             assert [s[0].key for s in read_index(idx_path)] == list(members)
             for key, mem in members.items():
                 wav = mem["wav"]

@@ -362,20 +362,27 @@ def test_the_benchmark_runs_the_loader_rows_over_s3(s3_dataset, tmp_path, capsys
 # ---------------------------------------------------------------- writing
 
 
-def test_upload_puts_the_manifest_last_and_a_rerun_finishes_a_broken_one(
-    monkeypatch, capsys, s3_dataset
-):
-    url, real = f"s3://{BUCKET}/half", storage.upload
-    args = ["--synthetic", "8", "--samples-per-shard", "4", "--workers", "2", "--quiet"]
-    sent: list[str] = []
+def upload_failing_after(monkeypatch, n: int) -> list[str]:
+    """``storage.upload`` that sends ``n`` files, then fails as a reset connection would; returns
+    the list of the names it sent (appended as they go)."""
+    real, sent = storage.upload, []
 
     def failing(src, dst):
-        if len(sent) == 3:
+        if len(sent) == n:
             raise storage.StorageError(f"{dst}: connection reset (injected)")
         real(src, dst)
         sent.append(dst.name)
 
     monkeypatch.setattr(storage, "upload", failing)
+    return sent
+
+
+def test_upload_puts_the_manifest_last_and_a_rerun_finishes_a_broken_one(
+    monkeypatch, capsys, s3_dataset
+):
+    url, real = f"s3://{BUCKET}/half", storage.upload
+    args = ["--synthetic", "8", "--samples-per-shard", "4", "--workers", "2", "--quiet"]
+    sent = upload_failing_after(monkeypatch, 3)
     assert make_shards.main([*args, "--out", url]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: uploading the dataset to {url} failed after 3 of ")
@@ -452,15 +459,7 @@ def test_a_failed_or_killed_overwrite_keeps_the_old_dataset_and_the_rerun_finish
     s3().put_object(Bucket=BUCKET, Key=f"{prefix}/README.md", Body=b"the user's")
     new = ["--synthetic", "4", "--seed", "1", "--out", url, *args, "--overwrite"]
 
-    sent: list[str] = []
-
-    def failing(src, dst):
-        if len(sent) == 3:
-            raise storage.StorageError(f"{dst}: connection reset (injected)")
-        real(src, dst)
-        sent.append(dst.name)
-
-    monkeypatch.setattr(storage, "upload", failing)
+    sent = upload_failing_after(monkeypatch, 3)
     assert make_shards.main(new) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: uploading the dataset to {url} failed after 3 of 6 files (")
