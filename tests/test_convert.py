@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import io
 import os
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipeline.convert.inputs import Converted, Recording, Rejected, Settings
+from pipeline.convert import takestore
+from pipeline.convert.inputs import (
+    Converted,
+    Recording,
+    Rejected,
+    Settings,
+    convert,
+    synthetic_recordings,
+)
 from pipeline.convert.stages import (
     Cutting,
     StoredPiece,
@@ -171,6 +181,32 @@ def test_take_store_round_trip_and_rejects(tmp_path):
     assert list((tmp_path / "store").glob("*.tmp"))  # ... a worker leaves alone ...
     TakeStore(tmp_path / "store")
     assert not list((tmp_path / "store").glob("*.tmp"))  # ... and the next run clears
+
+
+def _write_half_then_hang(job):
+    """A worker caught mid-write: synthetic take 0 never finishes its .bin."""
+    rec, settings, root, digest = job
+    if rec.order == 0:
+        (Path(root) / f"{digest}.bin.tmp").write_bytes(b"half")
+        time.sleep(120)
+    return takestore.TakeStore(Path(root), clean=False).put(rec, digest, convert((rec, settings)))
+
+
+def test_an_interrupted_conversion_leaves_no_half_written_take(tmp_path, monkeypatch):
+    # the workers are forked with the hanging one in place; closing the generator is what
+    # Ctrl-C does to it: the pool is terminated with take 0 mid-write
+    monkeypatch.setattr(takestore, "_convert_and_store", _write_half_then_hang)
+    store = TakeStore(tmp_path / "store")
+    results = takestore.convert_takes(synthetic_recordings(3), Settings(), store, workers=2)
+    first = next(results)
+    assert first.recording.order in (1, 2)
+    deadline = time.monotonic() + 60
+    while not list(store.root.glob("*.bin.tmp")):  # take 0 is being written ...
+        assert time.monotonic() < deadline, "take 0 never started"
+        time.sleep(0.01)
+    results.close()
+    assert not list(store.root.glob("*.tmp"))  # ... and what it left is gone
+    assert len(list(store.root.glob("*.json"))) >= 1  # the finished takes stay
 
 
 def test_fingerprint_follows_the_files_and_every_setting(tmp_path):

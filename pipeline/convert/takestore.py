@@ -77,7 +77,12 @@ class TakeStore:
         a worker must not, while the others write)."""
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        for tmp in root.glob("*.tmp") if clean else ():
+        if clean:
+            self.clean()
+
+    def clean(self) -> None:
+        """Remove half-written files; only while no worker writes."""
+        for tmp in self.root.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
 
     def get(self, rec: Recording, digest: str) -> StoredTake | Rejected | None:
@@ -180,7 +185,12 @@ def convert_takes(
     if not todo:
         return
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ctx.Pool(max(1, min(workers, len(todo))), initializer=_ignore_sigint) as pool:
-        for stored in pool.imap_unordered(_convert_and_store, todo, chunksize=1):
-            on_result(stored)
-            yield stored
+    try:
+        with ctx.Pool(max(1, min(workers, len(todo))), initializer=_ignore_sigint) as pool:
+            for stored in pool.imap_unordered(_convert_and_store, todo, chunksize=1):
+                on_result(stored)
+                yield stored
+    finally:
+        # leaving the block terminates and joins the workers; on Ctrl-C or a failure one may
+        # have been stopped mid-write
+        store.clean()
