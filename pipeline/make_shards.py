@@ -39,7 +39,7 @@ from pipeline.convert.inputs import (
     synthetic_recordings,
 )
 from pipeline.convert.livelink import LIVE_LINK_FPS
-from pipeline.convert.outdir import REJECTS_NAME, WORK_NAME, OutDir
+from pipeline.convert.outdir import REJECTS_NAME, REPORT_NAMES, WORK_NAME, OutDir
 from pipeline.convert.s3out import S3OutDir, staging_dir
 from pipeline.convert.stages import (
     Balance,
@@ -49,6 +49,9 @@ from pipeline.convert.stages import (
     split_pieces,
     write_shards,
 )
+from pipeline.convert.sync import MAX_OFFSET_SECONDS, SEARCH_SECONDS
+from pipeline.convert.sync_plot import lag_histogram
+from pipeline.convert.syncing import SyncReport, judge
 from pipeline.convert.takestore import StoredTake, TakeStore, convert_takes
 from pipeline.convert.windows import MAX_GAP_SECONDS, TOLERANCE_RATIO, TOLERANCE_SECONDS
 from pipeline.shards import storage
@@ -64,11 +67,12 @@ class Summary:
     takes: list[StoredTake]
     rejects: list[Reject]
     minutes: float
+    sync: SyncReport
     uploaded: list[str] = dataclasses.field(default_factory=list)  # s3:// --out: the objects
     warnings: list[str] = dataclasses.field(default_factory=list)  # printed after the summary
 
     def count(self, kind: str) -> int:
-        """Rejects of one kind (``Reject.kind``): "input", "gap" or "short"."""
+        """Rejects of one kind (``Reject.kind``): "input", "gap", "short" or "sync"."""
         return sum(r.kind == kind for r in self.rejects)
 
     @property
@@ -120,7 +124,9 @@ def make_dataset(args: argparse.Namespace) -> Summary:
         finally:
             bar.close()
 
-        # 3. cut, split by recording and shuffle
+        # 3. judge the lags against the dataset's median; cut, split by recording and shuffle
+        takes, out_of_sync, sync = judge(takes, settings)
+        rejects += out_of_sync
         cutting = Cutting(args.window_seconds, args.stride_seconds, args.segment_seconds)
         balance: list[Balance] = []
         ordered, dropped = split_pieces(takes, cutting, args.val_fraction, args.seed, balance)
@@ -149,14 +155,24 @@ def make_dataset(args: argparse.Namespace) -> Summary:
             input_hours=sum(t.seconds for t in takes) / 3600,
             rejects=len(rejects),
             train_stats=stats.to_dict(),
+            sync=sync.to_dict(),
             args={k: v for k, v in vars(args).items() if k not in ("verify", "quiet")},
             versions={"python": sys.version.split()[0], "numpy": np.__version__},
         )
-        out.commit(manifest, reject_lines(rejects))
+        out.commit(manifest, reject_lines(rejects), sync_reports(sync))
     minutes = (time.perf_counter() - t0) / 60
-    warnings = [w for w in (balance[0].warning(),) if w] + getattr(out, "warnings", [])
+    warnings = [w for w in (balance[0].warning(), sync.warning()) if w]
+    warnings += getattr(out, "warnings", [])
     uploaded = getattr(out, "uploaded", [])
-    return Summary(out.path, manifest, takes, rejects, minutes, uploaded, warnings)
+    return Summary(out.path, manifest, takes, rejects, minutes, sync, uploaded, warnings)
+
+
+def sync_reports(sync: SyncReport) -> dict[str, str]:
+    """The files beside the manifest: each take's lag (sync.jsonl) and their histogram."""
+    lines, plot = REPORT_NAMES
+    title = f"Lag of each take: {sync.summary().partition(': ')[2].partition(';')[0]}"
+    svg = lag_histogram(sync.lags(), sync.reference, sync.max_offset, title, sync.count("unknown"))
+    return {lines: sync.lines(), plot: svg}
 
 
 def _write_failed_rejects(out: OutDir | S3OutDir, rejects: list[Reject]) -> Path:
@@ -174,9 +190,10 @@ def report(s: Summary) -> str:
     m = s.manifest
     counts = {split: m.num_samples(split) for split in SPLITS}
     hours_in = m.input_hours
-    gaps, short = s.count("gap"), s.count("short")
+    gaps, short, sync = s.count("gap"), s.count("short"), s.count("sync")
     why = [f"{gaps} of them windows or segments at capture gaps"] if gaps else []
     why += [f"{short} of them takes shorter than a segment"] if short else []
+    why += [f"{sync} of them takes out of sync"] if sync else []
     lines = [
         f"{s.out}: {counts['train']} train + {counts['val']} val windows "
         f"({m.hours:.2f} h of windows from {hours_in:.2f} h of input) in "
@@ -184,7 +201,8 @@ def report(s: Summary) -> str:
         + (f" ({'; '.join([*why, f'see {s.out / REJECTS_NAME}'])})" if s.rejects else "")
         + (f"; {s.duplicates} duplicate timecode rows dropped" if s.duplicates else "")
         + (f"; {s.reused} takes reused from an earlier run" if s.reused else "")
-        + f"; {hours_in / max(s.minutes, 1e-9):.1f} h of audio per minute"
+        + f"; {hours_in / max(s.minutes, 1e-9):.1f} h of audio per minute",
+        f"  {s.sync.summary()} (each take: {s.out / REPORT_NAMES[0]}, {s.out / REPORT_NAMES[1]})",
     ]
     lines += [f"  rejected {r.file}: {r.reason}" for r in s.rejects[:20]]
     if s.uploaded:
@@ -237,6 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=MAX_GAP_SECONDS,
         help="windows overlapping a longer hole in the capture are left out",
     )
+    _add_sync_flags(p)
     p.add_argument("--samples-per-shard", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -264,6 +283,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if problems:
         p.error("; ".join(problems))
     return args
+
+
+def _add_sync_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sync-search-seconds",
+        type=float,
+        default=SEARCH_SECONDS,
+        help="lags between audio and mouth tried either way, per take",
+    )
+    p.add_argument(
+        "--max-sync-offset",
+        type=float,
+        default=MAX_OFFSET_SECONDS,
+        help="a take whose lag is further than this from the dataset's median is out of sync",
+    )
+    p.add_argument(
+        "--fix-sync",
+        action="store_true",
+        help="re-time takes out of sync to the median (and convert takes whose length "
+        "difference their lag explains) instead of rejecting them",
+    )
+    p.add_argument(
+        "--audio-offset",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="every take's audio runs this late against its animation (a recorder's latency; "
+        "negative: early): it is moved that much earlier",
+    )
 
 
 def verify(root: str) -> int:

@@ -386,6 +386,8 @@ def test_out_must_be_empty_or_our_dataset_and_overwrite_touches_only_ours(tmp_pa
         "keep.txt",
         "manifest.json",
         "rejects.jsonl",
+        "sync.jsonl",
+        "sync.svg",
         "train-000000.idx",
         "train-000000.tar",
     ]
@@ -628,6 +630,9 @@ FLOAT_FLAGS = {  # every float flag of make_shards: values out of range, the ran
     "--npy-fps": (["nan", "inf", "-1", "1e9"], "> 0 and at most 1000"),
     "--csv-scale": (["nan", "inf", "0", "1e300"], "> 0 and at most 1000"),
     "--npy-scale": (["nan", "-inf", "-1", "1e300"], "> 0 and at most 1000"),
+    "--sync-search-seconds": (["nan", "inf", "0", "6"], "> 0 and at most 5"),
+    "--max-sync-offset": (["nan", "inf", "-0.1", "0"], "> 0 and at most 5"),
+    "--audio-offset": (["nan", "-inf", "-5.5", "1e9"], "within +-5"),
 }
 
 

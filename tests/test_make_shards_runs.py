@@ -54,7 +54,7 @@ def shard_digests(root: Path) -> list[tuple[str, str]]:
 
 def assert_only_the_dataset(root: Path, *foreign: str) -> None:
     """The folder holds exactly its dataset's files (and the user's ``foreign`` ones)."""
-    names = {"manifest.json", "rejects.jsonl"}
+    names = {"manifest.json", "rejects.jsonl", "sync.jsonl", "sync.svg"}
     for s in manifest(root)["shards"]:
         names |= {s["name"], s["name"].removesuffix(".tar") + ".idx"}
     assert sorted(p.name for p in root.iterdir()) == sorted(names | set(foreign))
@@ -218,7 +218,7 @@ def test_a_failing_run_leaves_the_previous_dataset_whole(tmp_path, monkeypatch, 
     out = tmp_path / "out"
     assert run("--synthetic", "8", "--samples-per-shard", "4", "--out", out) == 0
     previous = top_files(out)
-    assert len(previous) == 2 + 2 * len(manifest(out)["shards"])
+    assert len(previous) == 4 + 2 * len(manifest(out)["shards"])  # manifest, 3 reports
 
     # (a) --strict with a rejected input: an error naming the rejects, written aside
     src = tmp_path / "in"
@@ -400,6 +400,8 @@ def test_a_finished_run_leaves_only_the_dataset(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == [
         "manifest.json",
         "rejects.jsonl",
+        "sync.jsonl",
+        "sync.svg",
         "train-000000.idx",
         "train-000000.tar",
         "train-000001.idx",

@@ -266,7 +266,7 @@ def test_the_uploaded_dataset_is_the_local_one_at_s3_paths(s3_dataset, tiny_data
     assert str(m.root) == s3_dataset
     assert m.tar_paths("train")[0] == f"{s3_dataset}/train-000000.tar"
     assert m.idx_paths("val") == [f"{s3_dataset}/val-000000.idx"]
-    files = {"manifest.json", "rejects.jsonl"} | {
+    files = {"manifest.json", "rejects.jsonl", "sync.jsonl", "sync.svg"} | {
         n for s in local.shards for n in (s.name, s.name.replace(".tar", ".idx"))
     }
     assert keys("tiny") == sorted(files)  # no upload marker left
@@ -419,7 +419,7 @@ def test_out_refuses_foreign_objects_and_replaces_our_dataset_only_with_overwrit
     s3().put_object(Bucket=BUCKET, Key="mixed/notes.txt", Body=b"not ours")
     assert make_shards.main(["--synthetic", "4", "--out", url, *args, "--overwrite"]) == 0
     m = load_manifest(url)
-    ours = {"manifest.json", "rejects.jsonl"} | {
+    ours = {"manifest.json", "rejects.jsonl", "sync.jsonl", "sync.svg"} | {
         n for s in m.shards for n in (s.name, s.name.replace(".tar", ".idx"))
     }
     assert set(keys("mixed")) == ours | {"notes.txt"}  # the old dataset's extra shards gone
@@ -428,7 +428,7 @@ def test_out_refuses_foreign_objects_and_replaces_our_dataset_only_with_overwrit
 
 
 def dataset_keys(m) -> set[str]:
-    return {"manifest.json", "rejects.jsonl"} | {
+    return {"manifest.json", "rejects.jsonl", "sync.jsonl", "sync.svg"} | {
         n for s in m.shards for n in (s.name, s.name.replace(".tar", ".idx"))
     }
 
@@ -462,7 +462,7 @@ def test_a_failed_or_killed_overwrite_keeps_the_old_dataset_and_the_rerun_finish
     sent = upload_failing_after(monkeypatch, 3)
     assert make_shards.main(new) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"error: uploading the dataset to {url} failed after 3 of 6 files (")
+    assert err.startswith(f"error: uploading the dataset to {url} failed after 3 of 8 files (")
     assert err.strip().endswith(
         "it still holds its previous dataset, whole (its manifest.json lists only the previous "
         "shards); rerun the same command to finish"
@@ -517,7 +517,8 @@ def test_old_objects_left_after_the_switch_are_warned_and_deleted_by_the_next_ru
     url, real = f"s3://{BUCKET}/{prefix}", storage.delete
     args = ["--samples-per-shard", "4", "--val-fraction", "0", "--workers", "2", "--quiet"]
     assert make_shards.main(["--synthetic", "4", "--out", url, *args]) == 0
-    old = dataset_keys(load_manifest(url)) - {"manifest.json", "rejects.jsonl"}
+    old = dataset_keys(load_manifest(url)) - {"manifest.json", "rejects.jsonl", "sync.jsonl"}
+    old -= {"sync.svg"}  # uploaded over in place, as rejects.jsonl
 
     def failing(dst):
         if dst.name in old:

@@ -17,6 +17,7 @@ MAX_FPS = 1000.0
 MAX_SCALE = 1000.0
 MAX_COUNT = 1_000_000  # synthetic takes, samples per shard
 MAX_WORKERS = 1024
+MAX_SYNC_SECONDS = 5.0  # a lag searched, tolerated or applied
 
 
 def _frames(seconds: float) -> int | None:
@@ -99,8 +100,32 @@ def usage_problems(args: argparse.Namespace) -> list[str]:
         ("--npy-fps", args.npy_fps, lambda v: 0 < v <= MAX_FPS, fps),
         ("--npy-scale", args.npy_scale, lambda v: 0 < v <= MAX_SCALE, scale),
     ]
-    for flag, value, ok, must in checks:
+    for flag, value, ok, must in checks + _sync_checks(args):
         # NaN and inf first: no range holds them, and counting frames of them fails
         if isinstance(value, float) and not math.isfinite(value) or not ok(value):
             bad.append(f"{flag} must be {must} (got {value})")
     return bad
+
+
+def _sync_checks(args: argparse.Namespace) -> list:
+    """(flag, value, ok, what it must be) of the lag flags."""
+    return [
+        (
+            "--sync-search-seconds",
+            args.sync_search_seconds,
+            lambda v: 0 < v <= MAX_SYNC_SECONDS,
+            f"> 0 and at most {MAX_SYNC_SECONDS:g}",
+        ),
+        (
+            "--max-sync-offset",
+            args.max_sync_offset,
+            lambda v: 0 < v <= MAX_SYNC_SECONDS,
+            f"> 0 and at most {MAX_SYNC_SECONDS:g}",
+        ),
+        (
+            "--audio-offset",
+            args.audio_offset,
+            lambda v: abs(v) <= MAX_SYNC_SECONDS,
+            f"within +-{MAX_SYNC_SECONDS:g}",
+        ),
+    ]

@@ -17,11 +17,14 @@ from core import arkit
 from core.errors import AnimationError, InputError
 from pipeline.convert import audio, synthetic
 from pipeline.convert.livelink import LIVE_LINK_FPS, Animation, read_live_link_csv
+from pipeline.convert.sync import MAX_OFFSET_SECONDS, SEARCH_SECONDS, Lag, estimate_lag
 from pipeline.convert.windows import (
     MAX_GAP_SECONDS,
     TOLERANCE_RATIO,
     TOLERANCE_SECONDS,
+    LengthError,
     PreparedTake,
+    check_lengths,
     prepare_take,
 )
 from pipeline.shards.manifest import FPS, WINDOW_SECONDS
@@ -61,6 +64,19 @@ class Settings:
     npy_fps: float = LIVE_LINK_FPS
     npy_order: str = "arkit"
     npy_scale: float = 1.0
+    sync_search_seconds: float = SEARCH_SECONDS  # lags tried either way
+    max_sync_offset: float = MAX_OFFSET_SECONDS  # from the dataset's median lag
+    fix_sync: bool = False  # re-time takes out of sync instead of rejecting them
+    audio_offset: float = 0.0  # seconds the audio runs late in every take
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A take whose lengths differ beyond the tolerances, kept whole under --fix-sync until its
+    lag says whether a lead-in or a tail explains it."""
+
+    seconds: float  # audio minus animation
+    reason: str  # the reject's reason, if nothing explains it
 
 
 @dataclass(frozen=True)
@@ -69,6 +85,8 @@ class Converted:
     take: PreparedTake  # checked, on the shards' clocks, not yet cut
     seconds: float  # the take's audio duration
     duplicates: int = 0  # capture rows dropped for repeating a timecode
+    lag: Lag = Lag(None, unknown="not measured")
+    mismatch: Mismatch | None = None
 
 
 @dataclass(frozen=True)
@@ -176,7 +194,8 @@ def load_take(rec: Recording, s: Settings) -> tuple[np.ndarray, Animation]:
 
 
 def convert(job: tuple[Recording, Settings]) -> Converted | Rejected:
-    """Worker: one recording prepared for cutting, or the reason it cannot be used.
+    """Worker: one recording prepared for cutting with its lag measured, or the reason it
+    cannot be used.
 
     Only the user's situation becomes a reject (InputError, or a file that cannot be opened);
     anything else is a bug and propagates.
@@ -184,19 +203,48 @@ def convert(job: tuple[Recording, Settings]) -> Converted | Rejected:
     rec, s = job
     try:
         a, anim = load_take(rec, s)
-        take = prepare_take(
-            a,
-            SAMPLE_RATE,
-            anim.times,
-            anim.values,
-            fps=FPS,
-            window_seconds=s.window_seconds,
-            tolerance_seconds=s.tolerance_seconds,
-            tolerance_ratio=s.tolerance_ratio,
-            max_gap_seconds=s.max_gap_seconds,
-        )
+        take, mismatch = _prepare(a, anim, s)
     except InputError as exc:
         return Rejected(rec, str(exc))
     except OSError as exc:
         return Rejected(rec, f"unreadable: {exc.strerror or exc}", transient=True)
-    return Converted(rec, take, len(a) / SAMPLE_RATE, anim.duplicates)
+    search = s.sync_search_seconds + (abs(mismatch.seconds) if mismatch else 0.0)
+    lag = estimate_lag(take.audio, SAMPLE_RATE, take.frames, FPS, search)
+    return Converted(rec, take, len(a) / SAMPLE_RATE, anim.duplicates, lag, mismatch)
+
+
+def _prepare(a: np.ndarray, anim: Animation, s: Settings) -> tuple[PreparedTake, Mismatch | None]:
+    """The take checked and on the shards' clocks; kept whole (``prepare_take``'s ``whole``)
+    when --audio-offset explains its lengths, or under --fix-sync with the lengths' mismatch."""
+    kw = dict(
+        fps=FPS,
+        window_seconds=s.window_seconds,
+        tolerance_seconds=s.tolerance_seconds,
+        tolerance_ratio=s.tolerance_ratio,
+        max_gap_seconds=s.max_gap_seconds,
+    )
+    try:
+        return prepare_take(a, SAMPLE_RATE, anim.times, anim.values, **kw), None
+    except LengthError as exc:
+        audio_seconds, anim_seconds = exc.audio_seconds, exc.anim_seconds
+        if s.audio_offset:
+            try:  # the recorder's latency is extra audio at the start
+                check_lengths(
+                    audio_seconds - s.audio_offset,
+                    anim_seconds,
+                    s.tolerance_seconds,
+                    s.tolerance_ratio,
+                    1 / anim.fps,
+                )
+                return prepare_take(a, SAMPLE_RATE, anim.times, anim.values, **kw, whole=True), None
+            except LengthError:
+                pass
+        if not s.fix_sync:
+            raise LengthError(
+                f"{exc}; --fix-sync converts it if its measured lag explains the difference "
+                "(extra audio or animation at the start or the end)",
+                audio_seconds,
+                anim_seconds,
+            ) from None
+        take = prepare_take(a, SAMPLE_RATE, anim.times, anim.values, **kw, whole=True)
+        return take, Mismatch(audio_seconds - anim_seconds, str(exc))

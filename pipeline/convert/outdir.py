@@ -31,6 +31,9 @@ LOCK_NAME = ".make_shards.lock"
 WORK_NAME = "in-progress"
 WORK_MARK = ".make_shards-work"  # inside WORK_NAME: the folder is ours
 REJECTS_NAME = "rejects.jsonl"
+# the conversion's reports beside the manifest: each take's lag and what was done about it
+# (``pipeline.convert.syncing``), and their histogram
+REPORT_NAMES = ("sync.jsonl", "sync.svg")
 JOURNAL_NAME = "commit.json"  # in WORK_NAME: what a swap-in does, written before it starts
 # every name a shard or index of ours can have: ``<split>-NNNNNN.tar``
 # (``pipeline.convert.stages``), and on S3 ``<split>-b-NNNNNN.tar`` for a dataset uploaded
@@ -44,8 +47,10 @@ def shard_like(name: str) -> bool:
 
 
 def dataset_names(m: Manifest) -> set[str]:
-    """The files of the dataset ``m`` besides its manifest: shards, indexes, rejects."""
-    return {REJECTS_NAME} | {n for s in m.shards for n in (s.name, idx_path(s.name).name)}
+    """The files of the dataset ``m`` besides its manifest: shards, indexes, rejects, reports."""
+    return {REJECTS_NAME, *REPORT_NAMES} | {
+        n for s in m.shards for n in (s.name, idx_path(s.name).name)
+    }
 
 
 def name_collisions(path: object, names: list[str], ours: set[str], kind: str) -> str | None:
@@ -167,10 +172,14 @@ class OutDir:
             )
 
     # ------------------------------------------------------------ committing
-    def commit(self, manifest: Manifest, rejects_text: str) -> None:
-        """Swap the dataset written in the work folder in, manifest last."""
+    def commit(self, manifest: Manifest, rejects_text: str, reports: dict[str, str]) -> None:
+        """Swap the dataset written in the work folder in, manifest last; ``reports``: name
+        (one of ``REPORT_NAMES``) -> text, written beside it."""
         (self.work / REJECTS_NAME).write_text(rejects_text)
         new = [REJECTS_NAME]
+        for name, text in reports.items():
+            (self.work / name).write_text(text)
+            new.append(name)
         for s in manifest.shards:
             new += [s.name, idx_path(s.name).name]
         old = self.old_dataset()

@@ -126,18 +126,19 @@ class S3OutDir:
                 f"--out {self.path} already holds a dataset; pass --overwrite to replace it"
             )
 
-    def commit(self, manifest: Manifest, rejects_text: str) -> None:
+    def commit(self, manifest: Manifest, rejects_text: str, reports: dict[str, str]) -> None:
         """Write the dataset into the staging folder, then upload it beside the old one and
         switch the manifest last."""
-        self.local.commit(manifest, rejects_text)
+        self.local.commit(manifest, rejects_text, reports)
         self._staged = True
-        old = dataset_names(self.old) - {REJECTS_NAME} if self.old is not None else set()
+        in_place = {REJECTS_NAME, *reports}  # uploaded over the previous ones
+        old = dataset_names(self.old) - in_place if self.old is not None else set()
         remote = beside(manifest, old)
         files = [  # (staged name, name under the prefix)
             (n, r)
             for s, t in zip(manifest.shards, remote.shards, strict=True)
             for n, r in ((s.name, t.name), (idx_path(s.name).name, idx_path(t.name).name))
-        ] + [(REJECTS_NAME, REJECTS_NAME)]
+        ] + [(n, n) for n in (REJECTS_NAME, *reports)]
         new = [r for _, r in files]
         stale = (set(self.interrupted) | old) - {UPLOAD_MARK, MANIFEST_NAME} - set(new)
         try:

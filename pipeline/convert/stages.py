@@ -129,9 +129,15 @@ def cut_pieces(
         return [StoredPiece(take, p, "segment") for p in kept], rejects
     windows = window_pieces(prepared, cutting.window_seconds, cutting.stride_seconds)
     kept, dropped = outside_gaps(prepared, windows, "window")
-    return [StoredPiece(take, p, "window") for p in kept], [
-        Reject(source, reason, "gap") for reason in dropped
-    ]
+    rejects = [Reject(source, reason, "gap") for reason in dropped]
+    if take.retimed and not windows:  # cut to the overlap of its re-timed streams
+        reason = (
+            f"take is {prepared.total_frames / prepared.fps:.2f} s once its audio is moved "
+            f"{take.shift:+.3f} s and both streams cut to their overlap ({take.action}), "
+            f"shorter than one {cutting.window_seconds:g} s window"
+        )
+        rejects.append(Reject(source, reason, "short"))
+    return [StoredPiece(take, p, "window") for p in kept], rejects
 
 
 @dataclass(frozen=True)
@@ -242,6 +248,13 @@ def sample_members(p: StoredPiece, split: str) -> tuple[str, list[tuple[str, byt
         p.kind: p.index,
         "start_seconds": p.piece.start_sample / SAMPLE_RATE,
         "split": split,
+        # the take's lag (audio behind animation, seconds; None: unknown) and what was done
+        "sync": {
+            "lag": p.take.lag.lag,
+            "peak": p.take.lag.peak,
+            "action": p.take.action,
+            "shift": p.take.shift,
+        },
     }
     return p.key, [(WAV_EXT, wav), (NPY_EXT, npy), (JSON_EXT, json.dumps(meta).encode())]
 

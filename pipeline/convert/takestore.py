@@ -24,12 +24,13 @@ import numpy as np
 
 from core.arkit import NUM_BLENDSHAPES
 from core.errors import DatasetError
-from pipeline.convert.inputs import Converted, Recording, Rejected, Settings, convert
-from pipeline.convert.windows import PreparedTake
+from pipeline.convert.inputs import Converted, Mismatch, Recording, Rejected, Settings, convert
+from pipeline.convert.sync import Lag
+from pipeline.convert.windows import PreparedTake, retime
 from pipeline.shards.manifest import FPS
 from pipeline.shards.members import SAMPLE_RATE, to_pcm16
 
-STORE_VERSION = 2  # bump when a stored take's bytes would differ for the same inputs
+STORE_VERSION = 3  # bump when a stored take's bytes would differ for the same inputs
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,21 @@ class StoredTake:
     seconds: float  # the take's audio duration
     duplicates: int = 0  # capture rows dropped for repeating a timecode
     reused: bool = False  # converted by an earlier, interrupted run
+    lag: Lag = Lag(None, unknown="not measured")  # audio behind animation, as stored
+    mismatch: Mismatch | None = None  # lengths that differ, stored whole (--fix-sync)
+    # what the judgement of the lags decided (``pipeline.convert.syncing``): the audio is moved
+    # ``shift`` seconds earlier and both streams cut to their overlap, when ``retimed``
+    shift: float = 0.0
+    retimed: bool = False
+    action: str = ""
 
     def prepared(self) -> PreparedTake:
-        """The take, mapped from the store (nothing is read until it is sliced)."""
+        """The take, mapped from the store (nothing is read until it is sliced), re-timed as
+        judged."""
+        return retime(self.stored(), self.shift) if self.retimed else self.stored()
+
+    def stored(self) -> PreparedTake:
+        """The take as stored, mapped from the store."""
         audio = np.memmap(self.path, dtype="<i2", mode="r", shape=(self.samples,))
         frames = np.memmap(
             self.path,
@@ -122,6 +135,8 @@ class TakeStore:
             "gaps": take.gaps,
             "max_gap_seconds": take.max_gap_seconds,
             "duplicates": result.duplicates,
+            "lag": result.lag.to_dict(),
+            "mismatch": None if result.mismatch is None else asdict(result.mismatch),
         }
         _atomic_write(meta, json.dumps(doc).encode())
         return self._take(rec, digest, doc, reused=False)
@@ -137,6 +152,8 @@ class TakeStore:
             doc["seconds"],
             doc["duplicates"],
             reused,
+            Lag.from_dict(doc["lag"]),
+            None if doc["mismatch"] is None else Mismatch(**doc["mismatch"]),
         )
 
 

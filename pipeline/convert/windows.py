@@ -20,6 +20,16 @@ import numpy as np
 from core.errors import TakeError
 from pipeline.shards.manifest import FPS
 
+
+class LengthError(TakeError):
+    """Audio and animation of different lengths, beyond the tolerances."""
+
+    def __init__(self, message: str, audio_seconds: float, anim_seconds: float) -> None:
+        super().__init__(message)
+        self.audio_seconds = audio_seconds
+        self.anim_seconds = anim_seconds
+
+
 NTSC = 1000 / 1001
 # The audio may end at most this many seconds away from the capture's last frame. Nothing tells
 # where extra time sits, and at the start it shifts every frame, so the default is the
@@ -130,7 +140,7 @@ def check_lengths(
             ": the animation is 1001/1000 of the audio, as a 60 or 30 fps capture read at "
             "59.94 or 29.97 fps is; check --csv-fps"
         )
-    raise TakeError(msg)
+    raise LengthError(msg, audio_seconds, anim_seconds)
 
 
 def gaps(times: np.ndarray, max_gap_seconds: float) -> list[tuple[float, float]]:
@@ -180,15 +190,21 @@ def prepare_take(
     tolerance_seconds: float = TOLERANCE_SECONDS,
     tolerance_ratio: float = TOLERANCE_RATIO,
     max_gap_seconds: float = MAX_GAP_SECONDS,
+    whole: bool = False,
 ) -> PreparedTake:
     """Check the lengths, resample the animation to ``fps`` by time and trim both streams to the
     shorter one. Raises TakeError when the lengths differ by more than the tolerances or the
-    take is shorter than one window."""
+    take is shorter than one window. ``whole``: no check, nothing trimmed (every frame of the
+    animation is kept, for ``retime`` to cut once the lag is known)."""
     if len(times) < 2:
         raise TakeError("animation has fewer than 2 frames")
     step = float(np.median(np.diff(times)))
     anim_seconds = float(times[-1]) + step  # the last frame lasts one frame period
     audio_seconds = len(audio) / rate
+    if whole:
+        frames = resample_frames(times, values, fps, int(np.floor(anim_seconds * fps + 1e-6)))
+        gaps_ = gaps(times, max_gap_seconds)
+        return PreparedTake(audio, np.clip(frames, 0.0, 1.0), rate, fps, gaps_, max_gap_seconds)
     check_lengths(audio_seconds, anim_seconds, tolerance_seconds, tolerance_ratio, step)
     seconds = min(anim_seconds, audio_seconds)
     window_frames = int(round(window_seconds * fps))
@@ -204,6 +220,20 @@ def prepare_take(
         raise TakeError(f"take is {seconds:.2f} s, shorter than one {window_seconds:g} s window")
     frames = np.clip(resample_frames(times, values, fps, total_frames), 0.0, 1.0)
     return PreparedTake(audio, frames, rate, fps, gaps(times, max_gap_seconds), max_gap_seconds)
+
+
+def retime(take: PreparedTake, shift_seconds: float) -> PreparedTake:
+    """``take`` with its audio moved ``shift_seconds`` earlier against its frames (positive: the
+    audio ran late), both streams cut to their overlap. The cut falls on whole frames and whole
+    samples: ``k`` frames and ``s`` samples dropped at the start, with ``s / rate = shift + k /
+    fps``, so frame k' of the result sits on sample ``round(k' * rate / fps)`` as before."""
+    k = max(0, int(np.ceil(-shift_seconds * take.fps - 1e-9)))
+    s = int(round((shift_seconds + k / take.fps) * take.rate))
+    audio = take.audio[s:]
+    n = min(len(take.frames) - k, int(np.floor(len(audio) / take.rate * take.fps + 1e-6)))
+    frames = take.frames[k : k + max(n, 0)]
+    moved = [(a - k / take.fps, b - k / take.fps) for a, b in take.gaps]
+    return PreparedTake(audio, frames, take.rate, take.fps, moved, take.max_gap_seconds)
 
 
 def window_pieces(take: PreparedTake, seconds: float, stride_seconds: float | None) -> list[Piece]:

@@ -106,6 +106,7 @@ class Manifest:
     input_hours: float = 0.0
     rejects: int = 0
     train_stats: dict = field(default_factory=dict)
+    sync: dict = field(default_factory=dict)  # the takes' lags: make_shards' SyncReport.to_dict
     args: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -231,6 +232,7 @@ class Manifest:
             "input_hours": self.input_hours,
             "rejects": self.rejects,
             "train_stats": self.train_stats,
+            "sync": self.sync,
             "args": self.args,
             "versions": self.versions,
         }
@@ -267,6 +269,7 @@ class Manifest:
                 input_hours=float(raw.get("input_hours", 0.0)),
                 rejects=int(raw.get("rejects", 0)),
                 train_stats=dict(raw.get("train_stats") or {}),
+                sync=dict(raw.get("sync") or {}),
                 args=dict(raw.get("args") or {}),
                 versions=dict(raw.get("versions") or {}),
             )
