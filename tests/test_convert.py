@@ -218,6 +218,8 @@ def test_fingerprint_follows_the_files_and_every_setting(tmp_path):
     assert fingerprint(Recording(5, str(wav), str(wav), str(csv)), Settings()) == base
     assert fingerprint(rec, Settings(max_gap_seconds=0.2)) != base
     assert fingerprint(rec, Settings(csv_fps=59.94)) != base
+    assert fingerprint(rec, Settings(fix_sync=True)) != base
+    assert fingerprint(rec, Settings(audio_offset=0.1)) != base
     os.utime(csv, ns=(1, 1))
     assert fingerprint(rec, Settings()) != base
     synth = fingerprint(Recording(1, "synthetic:1"), Settings())

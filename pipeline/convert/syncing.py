@@ -83,15 +83,18 @@ class SyncReport:
         return f"lag (audio behind animation): {ref}" + (f"; {', '.join(done)}" if done else "")
 
     def warning(self) -> str | None:
-        """A line when the median lag itself is beyond what speech explains."""
-        if not self.from_median or abs(self.reference) <= SPEECH_LAG_SECONDS:
+        """A line when the median lag, once --audio-offset is taken off, is beyond what speech
+        explains."""
+        left = self.reference - self.audio_offset
+        if not self.from_median or abs(left) <= SPEECH_LAG_SECONDS:
             return None
-        way = "late" if self.reference > 0 else "early"
+        way = "late" if left > 0 else "early"
+        offset = f" after --audio-offset {self.audio_offset:g}" if self.audio_offset else ""
         return (
-            f"the takes' median lag is {ms(self.reference)} (audio {way} against the animation "
+            f"the takes' median lag is {ms(left)}{offset} (audio {way} against the animation "
             f"in most takes), beyond the +-{SPEECH_LAG_SECONDS * 1000:.0f} ms speech explains: "
-            f"a recorder's constant latency? pass --audio-offset "
-            f"{self.reference + self.audio_offset:.3f} to move every take's audio by it"
+            f"a recorder's constant latency? pass --audio-offset {self.reference:.3f} to move "
+            "every take's audio by it"
         )
 
 
