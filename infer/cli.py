@@ -208,6 +208,22 @@ def write_eval_report(out: Path, rec: dict, example: dict | None, outputs: Outpu
     return paths
 
 
+def eval_take_lags(predictor, data_dir: str, split: str) -> dict:
+    """``train.take_lags`` with the checkpoint's model; a line for each take it flags."""
+    from train.take_lags import take_lags
+
+    lags = take_lags(data_dir, split, lambda wav: predictor.predict(wav, progress=False))
+    ref, limit = lags["reference_seconds"], lags["max_sync_offset"]
+    for r in lags["takes"]:
+        if r["flagged"]:
+            print(
+                f"take {r['source']}: its predicted mouth is {r['lag'] * 1000:+.0f} ms from the "
+                f"captured one, {(r['lag'] - ref) * 1000:+.0f} ms from the takes' median: more "
+                f"than --max-sync-offset {limit:g}; its audio and animation are out of sync?"
+            )
+    return lags
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from train.evaluate import evaluate
@@ -230,6 +246,7 @@ def main(argv=None) -> int:
                 predictor, args.eval, args.split, args.loader, predictor.batch_size
             )
             rec = {"checkpoint": str(args.checkpoint), **rec}
+            rec["take_lags"] = eval_take_lags(predictor, args.eval, args.split)
             paths = write_eval_report(out, rec, example, outputs)
             print("wrote " + ", ".join(str(p) for p in paths))
     except ArkitError as exc:

@@ -29,7 +29,7 @@ from pipeline import build_loader, make_shards
 from pipeline.convert.livelink import read_live_link_csv, write_live_link_csv
 from pipeline.convert.synthetic import make_take
 from pipeline.shards.manifest import load_manifest
-from tests.helpers import SMALL_RUN
+from tests.helpers import SMALL_RUN, read_shards
 from train.cli import main as train
 from train.predict import Predictor
 
@@ -249,6 +249,14 @@ def test_eval_report_numbers_match_an_independent_computation(checkpoint, tiny_d
     assert rec["groups"]["jaw"] == pytest.approx(jaw_mae)
     md = (out / "report.md").read_text()
     assert "jawOpen" in md and "(curves.png)" in md and "(mae_by_blendshape.png)" in md
+    # each val take's lag measured with the model: one row per take, flagged or not
+    val = {
+        json.loads(g["json"])["source"] for g in read_shards(tiny_dataset) if g["split"] == "val"
+    }
+    lags = rec["take_lags"]
+    assert {r["source"] for r in lags["takes"]} == val and lags["max_sync_offset"] == 0.05
+    assert all(r["samples"] == 1 and isinstance(r["flagged"], bool) for r in lags["takes"])
+    assert "## Lag of each take" in md
     for png in ("curves.png", "mae_by_blendshape.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 

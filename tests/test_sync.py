@@ -20,11 +20,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from core.arkit import INDEX
 from pipeline import make_shards
 from pipeline.convert import synthetic
 from pipeline.convert.sync import estimate_lag
 from pipeline.convert.windows import PreparedTake, resample_frames, retime
 from tests.helpers import parsed
+from train.take_lags import take_lags
 
 RATE, FPS = 16000, 30
 SHIFTS = (0.033, -0.033, 0.067, -0.067, 0.1, -0.1, 0.2, -0.2, 0.3, -0.3)
@@ -273,3 +275,36 @@ def test_audio_offset_is_applied_exactly_and_a_median_beyond_speech_is_warned(tm
         json.loads((tmp_path / "fixed" / "manifest.json").read_text())["sync"]["audio_offset"]
         == 0.2
     )
+
+
+def energy_model(wav: np.ndarray) -> np.ndarray:
+    """A model of the mouth from the sound alone: jawOpen follows the loudness (dB over 50 dB
+    under the loudest frame, scaled to [0, 1]) of each 30 fps frame's audio."""
+    n = len(wav) * FPS // RATE
+    power = np.array(
+        [np.mean(wav[max(0, k * RATE // FPS - 267) : k * RATE // FPS + 267] ** 2) for k in range(n)]
+    )
+    db = 10 * np.log10(np.maximum(power, power.max() * 1e-5) / (power.max() * 1e-5))
+    out = np.zeros((n, 52), np.float32)
+    out[:, INDEX["jawopen"]] = db / 50
+    return out
+
+
+def test_the_model_measures_each_takes_lag_and_flags_the_shifted_one(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    for i in range(3):
+        write_take(src, f"clean{i}", 40 + i, TAKE_SECONDS)
+    write_take(src, "late", 43, TAKE_SECONDS, shift=0.2)
+    assert convert(src, out, "--max-sync-offset", "1") == 0  # every take kept as it is
+    lags = take_lags(out, "train", energy_model)
+    rows = {Path(r["source"]).stem: r for r in lags["takes"]}
+    assert lags["max_sync_offset"] == 1.0 and set(rows) == {"clean0", "clean1", "clean2", "late"}
+    assert all(r["samples"] == 4 for r in rows.values())
+    for name, r in rows.items():
+        want = 0.2 if name == "late" else 0.0
+        assert abs(r["lag"] - want) < 0.02, (name, r)
+        assert not r["flagged"]  # within the dataset's 1 s
+    flagged = take_lags(out, "train", energy_model, max_offset=0.05)["takes"]
+    assert [Path(r["source"]).stem for r in flagged if r["flagged"]] == ["late"]
+    lags = take_lags(out, "train", lambda wav: np.zeros((len(wav) * FPS // RATE, 52)))
+    assert all(r["lag"] is None and not r["flagged"] for r in lags["takes"])  # a flat mouth

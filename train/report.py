@@ -130,6 +130,10 @@ def _markdown(rec: dict, example: dict | None, figures: bool = True) -> str:
     lines = [title, "", "## Summary", "", *_summary_lines(rec), ""]
     lines += ["## MAE by group", "", *_group_lines(rec), ""]
     lines += ["## Per blendshape (worst MAE first)", "", *_blendshape_lines(rec), ""]
+    if rec.get("take_lags"):
+        from train.take_lags import lag_lines
+
+        lines += ["## Lag of each take", "", *lag_lines(rec["take_lags"]), ""]
     if not figures:
         return "\n".join([*lines, NO_FIGURES, ""])
     lines += ["## Figures", "", "![MAE per blendshape](mae_by_blendshape.png)", ""]
