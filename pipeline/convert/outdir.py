@@ -3,9 +3,9 @@ complete, and nothing deleted that is not ours.
 
 ``--out`` must be empty, absent, or hold one of our datasets (a ``manifest.json`` we can read);
 replacing a dataset needs ``--overwrite`` and touches only that dataset's files (its shards,
-indexes, rejects and manifest): other files in the folder stay, and a file of the user's named
-like a shard (``shard_like``) that the old manifest does not list is refused before any work,
-as the new dataset could need that name. A lock (``flock`` on
+indexes, rejects, reports and manifest): other files in the folder stay, and a file of the
+user's named like a shard (``shard_like``) that the old manifest does not list is refused
+before any work, as the new dataset could need that name. A lock (``flock`` on
 ``.make_shards.lock``, released by the kernel if the process dies) makes a second conversion
 into the same folder refuse instead of mixing. Work happens in ``<out>/in-progress/``: converted
 takes (kept after a failure or Ctrl-C, so a rerun reuses them) and the new shards. Only when
