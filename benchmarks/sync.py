@@ -9,7 +9,8 @@
    thirds clean, a third shifted by one of those offsets (but +-33 ms, under the threshold);
    make_shards with its defaults: clean takes rejected (false rejects), shifted takes caught.
 3. Conversion speed on that corpus with the estimate and with it replaced by "unknown" (the
-   same run otherwise), alternating, ``--repeats`` each: hours of audio per minute.
+   same run otherwise), alternating, ``--repeats`` each: hours of audio per minute of the
+   fastest run of each (the machine may be shared).
 
 Writes ``<out>/sync.json`` (every figure, with the command and the machine) and
 ``<out>/sync.svg`` (the histogram make_shards wrote for the corpus).
@@ -51,12 +52,15 @@ def shifted(audio: np.ndarray, seconds: float, seed: int) -> np.ndarray:
 
 
 def estimate_errors(takes: int, seconds: float) -> dict:
-    errors, unknown = [], 0
+    errors, unknown, spent = [], 0, 0.0
     for i in range(takes):
         audio, times, values = synthetic.make_take(1, i, seconds)
         frames = resample_frames(times, values, FPS, int(seconds * FPS))
         for s in (0.0, *OFFSETS):
-            lag = estimate_lag(shifted(audio, s, i), RATE, frames, FPS)
+            a = shifted(audio, s, i)
+            t0 = time.process_time()
+            lag = estimate_lag(a, RATE, frames, FPS)
+            spent += time.process_time() - t0
             if lag.lag is None:
                 unknown += 1
             else:
@@ -68,6 +72,8 @@ def estimate_errors(takes: int, seconds: float) -> dict:
         "max_abs_error_ms": round(float(e.max()), 2),
         "median_abs_error_ms": round(float(np.median(e)), 2),
         "p95_abs_error_ms": round(float(np.percentile(e, 95)), 2),
+        # CPU time of the estimate alone, per hour of audio measured
+        "cpu_seconds_per_hour": round(spent / (takes * (1 + len(OFFSETS)) * seconds / 3600), 2),
     }
 
 
@@ -140,8 +146,8 @@ def main(argv=None) -> int:
             pool.map(write_take, [(src, i, args.seconds) for i in range(args.takes)])
         hours = args.takes * args.seconds / 3600
         times = {"with": [], "without": []}
-        for _ in range(args.repeats):
-            for key in times:
+        for r in range(args.repeats):  # alternating which goes first
+            for key in ("with", "without") if r % 2 == 0 else ("without", "with"):
                 times[key].append(convert(src, out, key == "with"))
         convert(src, out, True)
         result["corpus"] = {"takes": args.takes, "seconds": args.seconds, "hours": hours}
