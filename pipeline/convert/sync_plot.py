@@ -7,7 +7,7 @@ import math
 from html import escape
 
 W, H = 640, 300  # the picture, px
-LEFT, RIGHT, TOP, BOTTOM = 56, 16, 40, 48  # margins around the axes, px
+LEFT, RIGHT, TOP, BOTTOM = 56, 16, 48, 48  # margins around the axes, px
 BIN_MS = 10.0
 
 
@@ -48,16 +48,19 @@ def lag_histogram(
         if n:
             x0, x1 = x(lo + i * BIN_MS) + 0.5, x(lo + (i + 1) * BIN_MS) - 0.5
             out.append(_rect(x0, y(n), x1, TOP + ph, "#4c72b0"))
-    for ms, colour, label in (
-        (ref_ms, "#333333", f"reference {ref_ms:+.0f} ms"),
-        (ref_ms - lim_ms, "#c44e52", f"{-lim_ms:+.0f} ms"),
-        (ref_ms + lim_ms, "#c44e52", f"{lim_ms:+.0f} ms"),
+    for ms, colour, label, (dx, dy, anchor) in (
+        (ref_ms, "#333333", f"reference {ref_ms:+.0f} ms", (0, -6, "middle")),
+        (ref_ms - lim_ms, "#c44e52", f"{-lim_ms:+.0f} ms", (-3, 24, "end")),
+        (ref_ms + lim_ms, "#c44e52", f"{lim_ms:+.0f} ms", (3, 24, "start")),
     ):
         out.append(
             f'<line x1="{x(ms):.1f}" y1="{TOP}" x2="{x(ms):.1f}" y2="{TOP + ph}" '
             f'stroke="{colour}" stroke-dasharray="4 3"/>'
         )
-        out.append(f'<text x="{x(ms) + 3:.1f}" y="{TOP + 10}" fill="{colour}">{label}</text>')
+        out.append(
+            f'<text x="{x(ms) + dx:.1f}" y="{TOP + dy}" fill="{colour}" '
+            f'text-anchor="{anchor}">{label}</text>'
+        )
     out.append(
         f'<line x1="{LEFT}" y1="{TOP + ph}" x2="{W - RIGHT}" y2="{TOP + ph}" stroke="black"/>'
     )
