@@ -104,7 +104,8 @@ def test_retime_cuts_whole_frames_and_samples_to_the_overlap():
 
 def write_take(folder: Path, stem: str, seed: int, seconds: float, **how) -> dict:
     """A synthetic take as a WAV and a 60 fps npy: ``shift`` (audio moved that late),
-    ``lead_in`` (that much room noise before the audio), ``audio`` (replace it), ``still``
+    ``lead_in`` / ``tail`` (that much room noise before / after the audio), ``audio`` (replace
+    it), ``still``
     (a mouth that never moves). Returns the unshifted take (audio, 30 fps frames)."""
     folder.mkdir(parents=True, exist_ok=True)
     audio, times, values = synthetic.make_take(7, seed, seconds)
@@ -113,6 +114,9 @@ def write_take(folder: Path, stem: str, seed: int, seconds: float, **how) -> dic
     if "lead_in" in how:
         noise = 0.003 * np.random.default_rng([seed, 6]).standard_normal(int(how["lead_in"] * RATE))
         a = np.concatenate([noise.astype(np.float32), a])
+    if "tail" in how:
+        noise = 0.003 * np.random.default_rng([seed, 6]).standard_normal(int(how["tail"] * RATE))
+        a = np.concatenate([a, noise.astype(np.float32)])
     if "audio" in how:
         a = how["audio"](a)
     if how.get("still"):
@@ -144,13 +148,15 @@ def misalignment(window: dict, take: dict) -> float:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, dict]:
-    """4 clean takes, 4 shifted ones (equal lengths), a 0.5 s lead-in, and takes that cannot
+    """4 clean takes, 4 shifted ones (equal lengths), a 0.5 s lead-in, 0.3 s of extra audio at
+    the end, and takes that cannot
     tell a lag (silence, a still mouth, too short), each of 4 s (the short one 1.5 s)."""
     src = tmp_path_factory.mktemp("sync") / "in"
     takes = {f"clean{i}": write_take(src, f"clean{i}", i, TAKE_SECONDS) for i in range(4)}
     for i, s in enumerate((0.067, -0.1, 0.2, -0.3)):
         takes[f"shift{i}"] = write_take(src, f"shift{i}", 10 + i, TAKE_SECONDS, shift=s)
     takes["leadin"] = write_take(src, "leadin", 20, TAKE_SECONDS, lead_in=0.5)
+    takes["tail"] = write_take(src, "tail", 24, TAKE_SECONDS, tail=0.3)
     takes["silent"] = write_take(src, "silent", 21, TAKE_SECONDS, audio=np.zeros_like)
     takes["still"] = write_take(src, "still", 22, TAKE_SECONDS, still=True)
     takes["short"] = write_take(src, "short", 23, 1.5)
@@ -177,7 +183,7 @@ def test_offset_takes_are_rejected_with_their_lag_and_clean_ones_kept(corpus, tm
     out = tmp_path / "out"
     assert convert(src, out) == 0
     lines, rejects = sync_lines(out), rejected(out)
-    assert set(rejects) == {"shift0", "shift1", "shift2", "shift3", "leadin"}
+    assert set(rejects) == {"shift0", "shift1", "shift2", "shift3", "leadin", "tail"}
     for name, line in lines.items():
         if name.startswith(("clean", "shift")):
             assert abs(line["lag"] - takes[name]["shift"]) < 0.010, (name, line)
@@ -191,6 +197,7 @@ def test_offset_takes_are_rejected_with_their_lag_and_clean_ones_kept(corpus, tm
     assert [lines[f"clean{i}"]["action"] for i in range(4)] == ["kept"] * 4
     assert "audio is 4.500 s but animation is 4.000 s" in rejects["leadin"]
     assert "--fix-sync converts it" in rejects["leadin"] and "leadin" not in lines
+    assert "audio is 4.300 s but animation is 4.000 s" in rejects["tail"]
     for name, why in (
         ("silent", "too little sound"),
         ("still", "too little mouth"),
@@ -226,20 +233,22 @@ def test_offset_takes_are_rejected_with_their_lag_and_clean_ones_kept(corpus, tm
     assert make_shards.main(["--verify", str(out)]) == 0
 
 
-def test_fix_sync_re_times_them_within_20_ms_and_converts_the_lead_in(corpus, tmp_path, capsys):
+def test_fix_sync_re_times_them_within_20_ms_and_converts_a_lead_in_and_a_tail(
+    corpus, tmp_path, capsys
+):
     src, takes = corpus
     out = tmp_path / "out"
     args = ["--input", str(src), "--out", str(out), "--workers", "2", *WINDOW, "--fix-sync"]
     assert make_shards.main(args) == 0
     summary = capsys.readouterr().out
     assert "lag (audio behind animation): median " in summary and "over 8 takes, spread " in summary
-    assert "4 re-timed, 1 lead-in" in summary
+    assert "4 re-timed, 1 lead-in, 1 tail" in summary
     lines = sync_lines(out)
     assert not (out / "rejects.jsonl").read_text()
     worst = {}
     for w in parsed(out):
         name = Path(w["meta"]["source"]).stem
-        if name.startswith(("clean", "shift", "leadin")):
+        if name.startswith(("clean", "shift", "leadin", "tail")):
             off = misalignment(w, takes[name])
             worst[name] = max(worst.get(name, 0.0), abs(off))
         assert w["meta"]["sync"]["action"] == lines[name]["action"]
@@ -247,13 +256,16 @@ def test_fix_sync_re_times_them_within_20_ms_and_converts_the_lead_in(corpus, tm
         *(f"clean{i}" for i in range(4)),
         *(f"shift{i}" for i in range(4)),
         "leadin",
+        "tail",
     }
     assert max(worst.values()) <= 0.020, worst
     assert all(worst[f"clean{i}"] == 0.0 for i in range(4))  # untouched
+    assert worst["tail"] == 0.0 and worst["leadin"] == 0.0  # cut by the lengths' difference
     for i in range(4):
         assert lines[f"shift{i}"]["action"] == "re-timed"
         assert abs(lines[f"shift{i}"]["shift"] - takes[f"shift{i}"]["shift"]) < 0.010
     assert lines["leadin"]["action"] == "lead-in" and lines["leadin"]["shift"] == 0.5
+    assert lines["tail"]["action"] == "tail" and lines["tail"]["shift"] == 0.0
 
 
 def test_audio_offset_is_applied_exactly_and_a_median_beyond_speech_is_warned(tmp_path, capsys):
