@@ -60,6 +60,7 @@ class EpochLoader:
     """Epoch and resume bookkeeping shared by the backends; they implement ``_batches``."""
 
     name = "base"
+    cache_holds = 1  # batches' worth of shards the backend holds in the cache at once, at most
 
     def __init__(self, spec: LoaderSpec) -> None:
         self.spec = spec
@@ -94,6 +95,7 @@ class EpochLoader:
         # what the shards looked like when the run started: checked again at every epoch
         self._stamps = shard_stamps(self.manifest, split)
         self.last_cache: ShardCache | None = None  # the latest leg's (its figures: peak, ...)
+        self.check_cache_limit(self.leg(0))  # a limit too small fails at once, not at a batch
 
     def leg(self, epoch: int, position: int = 0) -> Leg:
         """This rank's batches of ``epoch`` from the global ``position`` on."""
@@ -106,13 +108,14 @@ class EpochLoader:
         """Whether the shards are streamed into a local cache: an s3:// dataset, a limit."""
         return storage.is_s3(self.manifest.root) and self.spec.cache_limit > 0
 
-    def open_cache(self, leg: Leg, holds: int = 1) -> tuple[ShardCache, list[tuple[str, int]]]:
-        """The cache that fetches ``leg``'s shards, and each shard's name with the last batch
-        that reads it, in the order they are needed. ``holds``: how many batches' worth of
-        shards the backend keeps at once, at most (ConfigError if the limit is too small)."""
-        shards = self.manifest.split_shards(self.split)
+    def check_cache_limit(self, leg: Leg) -> None:
+        """ConfigError if the cache cannot hold what ``leg`` needs at once: the shards of its
+        largest batch, ``cache_holds`` times over."""
+        if not self.cached or leg.steps == 0:
+            return
+        shards, holds = self.manifest.split_shards(self.split), self.cache_holds
         per_batch = batch_shards(leg.batches, self.shard_sizes)
-        need, k = max(((sum(shards[s].bytes for s in b), k) for k, b in enumerate(per_batch)))
+        need, k = max((sum(shards[s].bytes for s in b), k) for k, b in enumerate(per_batch))
         limit = self.spec.cache_limit
         if need * holds > limit:
             names = ", ".join(shards[s].name for s in per_batch[k])
@@ -122,6 +125,12 @@ class EpochLoader:
                 + (f", and the {self.name} loader holds {holds} such sets" if holds > 1 else "")
                 + f": raise it to at least {need * holds} (or 0 to read S3 directly)"
             )
+
+    def open_cache(self, leg: Leg) -> tuple[ShardCache, list[tuple[str, int]]]:
+        """The cache that fetches ``leg``'s shards, and each shard's name with the last batch
+        that reads it, in the order they are needed."""
+        self.check_cache_limit(leg)
+        shards, limit = self.manifest.split_shards(self.split), self.spec.cache_limit
         uses = shard_uses(leg.batches, self.shard_sizes)
         root = self.manifest.root
         folder = folder_for(self.spec.cache_dir, root, self.manifest.identity)

@@ -46,6 +46,7 @@ from pipeline.shards.verify import Depth, first_problem
 
 class DaliLoader(EpochLoader):
     name = "dali"
+    cache_holds = 2  # a piece being read and the next one (see _read)
 
     options: DaliOptions
 
@@ -167,7 +168,7 @@ class DaliLoader(EpochLoader):
         # it is given when its pipeline is built, so the leg is read in pieces, each over a
         # bounded set of shards (the first small, for a quick start; then larger, up to half
         # the cache), the next one built in the background while one runs
-        cache, uses = self.open_cache(leg, holds=2)
+        cache, uses = self.open_cache(leg)
         shards = self.manifest.split_shards(self.split)
         per_batch = batch_shards(leg.batches, self.shard_sizes)
         cut = pieces(per_batch, [s.bytes for s in shards], self.spec.cache_limit // 2)

@@ -235,6 +235,8 @@ class ShardCache:
                         f.write(chunk)
                         size += len(chunk)
             except Exception as exc:  # the stream broke off: urllib3's and botocore's errors
+                if type(exc).__name__ == "FlexibleChecksumError":  # S3 sent a checksum
+                    return "its checksum differs from the one S3 sent (FlexibleChecksumError)"
                 return f"the download broke off after {size} bytes ({type(exc).__name__})"
             if size != shard.bytes:
                 return f"{size} bytes arrived, the manifest says {shard.bytes}"
