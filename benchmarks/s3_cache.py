@@ -12,15 +12,17 @@ restarts at every epoch, so its start-up is inside the timing); the direct rows,
 magnitude slower, over ``--direct-batches`` batches instead. Rows are interleaved over
 ``--repeats`` (the median is reported). Requests per epoch are counted by the proxy; cache
 bytes are the most the cache held at once (``ShardCache.peak``) and the most found on disk by a
-thread that looks every millisecond. Results: ``--out``/s3_cache.json and .md.
+thread that looks every 20 ms. Results: ``--out``/s3_cache.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -106,7 +108,7 @@ class DiskPeak:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.001):
+        while not self._stop.wait(0.02):
             total = 0
             for p in self.folder.rglob("*"):
                 with contextlib.suppress(OSError):
@@ -152,93 +154,83 @@ def timed(loader, batches: int | None, endpoint: str | None, cache_dir: Path) ->
         "samples_per_s": n * loader.batch_size / took,
         "batches": n,
         "requests_per_epoch": None if sent is None else round(sent * epoch_batches / n),
-        "cache_peak_bytes": cache.peak if cache else 0,
+        "cache_peak_bytes": cache.peak if cache and batches is None else 0,  # the last epoch's
         "disk_peak_bytes": peak_disk,
     }
 
 
 ARGS = argparse.Namespace(epochs=DEFAULTS["epochs"])
+# where each row's requests go: the server itself, or a proxy adding 0 or --delay-ms per answer
+ENDPOINTS = ("moto", "proxy +0 ms", "proxy +30 ms")
 
 
 def rows(args) -> list[dict]:
-    """Every row to measure: name, loader, data, endpoint, settings."""
+    """Every row: its loader, data, endpoint and cache settings (None: the loader's default)."""
     out = []
     for backend in ("dali", "torch"):
-        opts = {"num_workers": args.workers} if backend == "torch" else {}
+        row = dict(loader=backend, data="s3", limit=None, prefetch=None)
         out += [
-            dict(source="local", loader=backend, data="local", opts=opts),
-            dict(source="s3 direct", loader=backend, data="s3", opts=opts, limit=0),
-            dict(source="s3 cached", loader=backend, data="s3", opts=opts),
-            dict(source="s3 cached, +30 ms", loader=backend, data="s3", opts=opts, slow=True),
+            dict(row, source="local", data="local", endpoint=None),
+            dict(row, source="s3 direct (cache_limit 0)", endpoint="moto", limit=0),
+            dict(row, source="s3 direct, proxy +0 ms", endpoint="proxy +0 ms", limit=0),
+            dict(row, source="s3 cached", endpoint="moto"),
+            dict(row, source="s3 cached, proxy +0 ms", endpoint="proxy +0 ms"),
+            dict(row, source="s3 cached, proxy +30 ms", endpoint="proxy +30 ms"),
         ]
         for depth in args.sweep:
-            out.append(
-                dict(
-                    source=f"s3 cached, +30 ms, prefetch {depth}",
-                    loader=backend,
-                    data="s3",
-                    opts=opts,
-                    slow=True,
-                    prefetch=depth,
-                )
-            )
+            source = f"s3 cached, proxy +30 ms, prefetch {depth}"
+            out.append(dict(row, source=source, endpoint="proxy +30 ms", prefetch=depth))
     return out
 
 
-def make(row: dict, args, url: str, cache_dir: Path):
-    kw = dict(batch_size=args.batch_size, device="cpu", cache_dir=str(cache_dir), **row["opts"])
-    if row["data"] == "s3":
-        kw["cache_limit"] = row.get("limit", args.cache_limit)
-        kw["cache_prefetch"] = row.get("prefetch", CACHE_PREFETCH)
-    data = url if row["data"] == "s3" else args.data
+def build(backend: str, data: str, args, cache_dir: Path):
+    """One loader per backend and source: its cache settings are set per row (``configure``),
+    so the start-up check over S3 (ranged GETs of every sample's headers) runs once."""
+    opts = {"num_workers": args.workers} if backend == "torch" else {}
     t0 = time.perf_counter()
-    loader = build_loader(row["loader"], data, **kw)
-    row["startup_s"] = round(time.perf_counter() - t0, 2)
+    loader = build_loader(
+        backend, data, batch_size=args.batch_size, device="cpu", cache_dir=str(cache_dir), **opts
+    )
+    print(f"built {backend} over {data} in {time.perf_counter() - t0:.1f} s", flush=True)
     return loader
+
+
+def configure(loader, row: dict, args) -> None:
+    limit = args.cache_limit if row["limit"] is None else row["limit"]
+    prefetch = CACHE_PREFETCH if row["prefetch"] is None else row["prefetch"]
+    loader.spec = dataclasses.replace(loader.spec, cache_limit=limit, cache_prefetch=prefetch)
 
 
 def measure_all(args, url: str, endpoints: dict[str, str], cache_dir: Path) -> list[dict]:
     todo = rows(args)
-    loaders = []
-    for row in todo:  # built once each (the s3 start-up check reads headers by ranged GETs)
-        os.environ["AWS_ENDPOINT_URL"] = endpoints["slow" if row.get("slow") else "fast"]
-        loaders.append(make(row, args, url, cache_dir))
-        print(f"built {row['loader']} {row['source']} in {row['startup_s']} s", flush=True)
+    os.environ["AWS_ENDPOINT_URL"] = endpoints["moto"]  # DALI's own S3 client reads it once
+    loaders = {
+        (b, d): build(b, url if d == "s3" else args.data, args, cache_dir)
+        for b in ("dali", "torch")
+        for d in ("local", "s3")
+    }
     reps: dict[int, list[dict]] = {i: [] for i in range(len(todo))}
     for rep in range(args.repeats):
-        for i, (row, loader) in enumerate(zip(todo, loaders, strict=True)):
-            slow = row.get("slow")
-            os.environ["AWS_ENDPOINT_URL"] = endpoints["slow" if slow else "fast"]
-            direct = row.get("limit") == 0
-            batches = args.direct_batches if direct else None
-            got = timed(loader, batches, endpoints["slow"] if slow else None, cache_dir)
+        for i, row in enumerate(todo):
+            loader = loaders[(row["loader"], row["data"])]
+            configure(loader, row, args)
+            endpoint = endpoints.get(row["endpoint"])
+            if endpoint:
+                os.environ["AWS_ENDPOINT_URL"] = endpoint
+            batches = args.direct_batches if row["limit"] == 0 else None
+            counted = endpoint if row["endpoint"] and row["endpoint"] != "moto" else None
+            got = timed(loader, batches, counted, cache_dir)
             reps[i].append(got)
-            print(f"  {rep} {row['loader']:5} {row['source']:34} {got}", flush=True)
+            print(f"  {rep} {row['loader']:5} {row['source']:40} {got}", flush=True)
     out = []
     for i, row in enumerate(todo):
         speeds = [r["samples_per_s"] for r in reps[i]]
-        best = reps[i][-1]
+        last = reps[i][-1]
         out.append(
-            {
-                **{k: v for k, v in row.items() if k != "opts"},
-                **best,
-                "samples_per_s": statistics.median(speeds),
-                "min": min(speeds),
-                "max": max(speeds),
-            }
+            {**row, **last, "samples_per_s": statistics.median(speeds)}
+            | {"min": min(speeds), "max": max(speeds)}
         )
     return out
-
-
-def count_direct_requests(args, url: str, counting: str, cache_dir: Path, out: list[dict]):
-    """Requests per epoch of the direct rows, through a proxy that adds nothing."""
-    os.environ["AWS_ENDPOINT_URL"] = counting
-    for row in out:
-        if row.get("limit") == 0:
-            spec = dict(row, opts={"num_workers": args.workers} if row["loader"] == "torch" else {})
-            loader = make(spec, args, url, cache_dir)
-            got = timed(loader, args.direct_batches, counting, cache_dir)
-            row["requests_per_epoch"] = got["requests_per_epoch"]
 
 
 def markdown(out: list[dict], env: dict) -> str:
@@ -272,8 +264,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, help="timed epochs per repeat")
     p.add_argument("--direct-batches", type=int, help="timed batches of the direct rows")
     p.add_argument("--delay-ms", type=float, default=30.0)
-    p.add_argument("--sweep", default="1,2,8", help="prefetch depths behind the slow proxy")
+    p.add_argument("--sweep", default="1,2,8", help="prefetch depths behind the +30 ms proxy")
     p.add_argument("--cache-limit", type=int, default=None, help="bytes (default: the loader's)")
+    p.add_argument("--cache-dir", help="the shard cache's folder (default: OUT/s3-cache-files)")
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
     preset = QUICK if args.quick else DEFAULTS
@@ -291,6 +284,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    # stopped (SIGTERM): leave through the context managers, which stop the server and proxies
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     ARGS.epochs = args.epochs
     from pipeline.loaders.spec import CACHE_LIMIT
 
@@ -303,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cache_dir = out_dir / "s3-cache-files"
+    cache_dir = Path(args.cache_dir) if args.cache_dir else out_dir / "s3-cache-files"
     url = f"s3://{BUCKET}/bench"
     port = free_port()
     with moto(port) as fast:
@@ -311,10 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         upload(data, url)
         with (
             proxy(fast, free_port(), args.delay_ms) as slow,
-            proxy(fast, free_port(), 0) as counting,
+            proxy(fast, free_port(), 0) as plain,
         ):
-            out = measure_all(args, url, {"fast": fast, "slow": slow}, cache_dir)
-            count_direct_requests(args, url, counting, cache_dir, out)
+            endpoints = dict(zip(ENDPOINTS, (fast, plain, slow), strict=True))
+            out = measure_all(args, url, endpoints, cache_dir)
     env = {
         "command": "python benchmarks/s3_cache.py " + " ".join(args.argv),
         "machine": f"{os.cpu_count()} CPUs ({cpu_model()}), no GPU, Python "

@@ -948,3 +948,56 @@ def test_a_shard_damaged_twice_is_one_error_naming_it_and_its_url(s3_dataset, mo
         f"{s3_dataset}`"
     )
     no_secret(text)
+
+
+KILLED_MID_DOWNLOAD = """
+import json, sys
+from pathlib import Path
+from pipeline import build_loader
+url, cache_dir, state = sys.argv[1:4]
+kw = dict(batch_size=4, device="cpu", shuffle=False, num_workers=0)
+loader = build_loader("torch", url, cache_dir=cache_dir, **kw)
+for batch in loader:
+    Path(state).write_text(json.dumps(loader.state_dict()))
+"""
+
+
+@pytest.mark.slow  # a training process killed mid-download
+def test_a_run_killed_mid_download_resumes_without_reading_its_part(
+    s3_dataset, tiny_dataset, s3_env, tmp_path
+):
+    """The second shard's download hangs half way; the run is killed after the first shard's
+    4 batches. The resumed run removes the dead run's part file, fetches from the first
+    unconsumed shard on, and reads what the local copy holds."""
+    cache_dir, state = tmp_path / "cache", tmp_path / "state.json"
+    tar = load_manifest(s3_dataset).split_shards("train")[1]
+    with proxy_process(s3_env, "--stall", f"{tar.name}:99") as proxy:
+        cmd = [sys.executable, "-c", KILLED_MID_DOWNLOAD, s3_dataset, str(cache_dir), str(state)]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "AWS_ENDPOINT_URL": proxy})
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                parts = list(cache_dir.rglob(f"{proc.pid}.{tar.name}.part-*"))
+                sizes = [p.stat().st_size for p in parts if p.exists()]
+                done = state.exists() and json.loads(state.read_text() or "{}").get("position")
+                if done == 16 and sizes and sizes[0] > 0:
+                    break
+                assert proc.poll() is None and time.monotonic() < deadline, "no stalled part"
+                time.sleep(0.02)
+        finally:
+            proc.kill()
+            proc.wait()
+    (part,) = parts
+    assert 0 < part.stat().st_size < tar.bytes  # the partial download, left behind
+    saved = json.loads(state.read_text())
+    kw = dict(batch_size=4, device="cpu", shuffle=False, num_workers=0)
+    remote = build_loader("torch", s3_dataset, cache_dir=str(cache_dir), **kw)
+    local = build_loader("torch", str(tiny_dataset), **kw)
+    remote.load_state_dict(saved)
+    local.load_state_dict(saved)
+    got, want = list(remote), list(local)
+    assert len(got) == len(want) == 5
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a["wav"], b["wav"]) and torch.equal(a["arkit"], b["arkit"])
+    assert not part.exists() and list(part.parent.iterdir()) == []
+    assert remote.last_cache.requests == 2  # the second and third shards, once each
