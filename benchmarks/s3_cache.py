@@ -9,10 +9,13 @@ the shard cache's prefetch depth swept behind that proxy. Loader only (no train 
 It starts its own ``moto_server`` and proxies (``benchmarks/s3_proxy.py``) on 127.0.0.1,
 uploads the dataset, and measures each row as whole epochs after one untimed epoch (the cache
 restarts at every epoch, so its start-up is inside the timing); the direct rows, two orders of
-magnitude slower, over ``--direct-batches`` batches instead. Rows are interleaved over
-``--repeats`` (the median is reported). Requests per epoch are counted by the proxy; cache
-bytes are the most the cache held at once (``ShardCache.peak``) and the most found on disk by a
-thread that looks every 20 ms. Results: ``--out``/s3_cache.json and .md.
+magnitude slower, over ``--direct-batches`` batches instead (the torch loader's through the
+proxy over whole epochs, for its request count; DALI's own S3 client, with
+``cache_limit: 0``, keeps the endpoint it reads first, the server's, so its requests are not
+counted). Rows are interleaved over ``--repeats`` (the median is reported). Requests per
+epoch are counted by the proxy; cache bytes are the most the cache held at once in the last
+epoch (``ShardCache.peak``) and the most found on disk by a thread that looks every 20 ms.
+Results: ``--out``/s3_cache.json and .md.
 """
 
 from __future__ import annotations
@@ -172,7 +175,12 @@ def rows(args) -> list[dict]:
         out += [
             dict(row, source="local", data="local", endpoint=None),
             dict(row, source="s3 direct (cache_limit 0)", endpoint="moto", limit=0),
-            dict(row, source="s3 direct, proxy +0 ms", endpoint="proxy +0 ms", limit=0),
+        ]
+        if backend == "torch":  # DALI's own S3 client keeps the endpoint it read first: moto's
+            # a whole epoch, for its requests (DataLoader workers read 8 batches ahead)
+            source = "s3 direct, proxy +0 ms"
+            out.append(dict(row, source=source, endpoint="proxy +0 ms", limit=0, whole=True))
+        out += [
             dict(row, source="s3 cached", endpoint="moto"),
             dict(row, source="s3 cached, proxy +0 ms", endpoint="proxy +0 ms"),
             dict(row, source="s3 cached, proxy +30 ms", endpoint="proxy +30 ms"),
@@ -202,7 +210,7 @@ def configure(loader, row: dict, args) -> None:
 
 
 def measure_all(args, url: str, endpoints: dict[str, str], cache_dir: Path) -> list[dict]:
-    todo = rows(args)
+    todo = [r for r in rows(args) if not args.sources or r["source"] in args.sources]
     os.environ["AWS_ENDPOINT_URL"] = endpoints["moto"]  # DALI's own S3 client reads it once
     loaders = {
         (b, d): build(b, url if d == "s3" else args.data, args, cache_dir)
@@ -217,7 +225,7 @@ def measure_all(args, url: str, endpoints: dict[str, str], cache_dir: Path) -> l
             endpoint = endpoints.get(row["endpoint"])
             if endpoint:
                 os.environ["AWS_ENDPOINT_URL"] = endpoint
-            batches = args.direct_batches if row["limit"] == 0 else None
+            batches = args.direct_batches if row["limit"] == 0 and not row.get("whole") else None
             counted = endpoint if row["endpoint"] and row["endpoint"] != "moto" else None
             got = timed(loader, batches, counted, cache_dir)
             reps[i].append(got)
@@ -267,6 +275,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep", default="1,2,8", help="prefetch depths behind the +30 ms proxy")
     p.add_argument("--cache-limit", type=int, default=None, help="bytes (default: the loader's)")
     p.add_argument("--cache-dir", help="the shard cache's folder (default: OUT/s3-cache-files)")
+    p.add_argument("--sources", help="|-separated list: measure only the rows of these sources")
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
     preset = QUICK if args.quick else DEFAULTS
@@ -276,6 +285,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.direct_batches = args.direct_batches or preset["direct_batches"]
     args.shard = preset["shard"]
     args.sweep = [int(x) for x in args.sweep.split(",") if x]
+    args.sources = [x.strip() for x in (args.sources or "").split("|") if x.strip()]
     if args.quick:
         args.batch_size, args.repeats = 4, 1
     args.argv = list(sys.argv[1:] if argv is None else argv)
