@@ -67,9 +67,19 @@ def wait_answering(url: str, proc: subprocess.Popen) -> None:
             time.sleep(0.1)
 
 
+PIDS: dict[str, int] = {}  # endpoint URL -> the process serving it (the server, a proxy)
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
 def process(cmd: list[str], url: str):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    PIDS[url] = proc.pid
     try:
         wait_answering(url, proc)
         yield url
@@ -124,15 +134,20 @@ class DiskPeak:
         return self.peak
 
 
-def timed(loader, batches: int | None, endpoint: str | None, cache_dir: Path) -> dict:
-    """One measurement: ``batches`` batches (None: a whole epoch) after an untimed epoch start
-    (or epoch), with the requests sent meanwhile and the cache's bytes."""
+def timed(
+    loader, batches: int | None, endpoint: str | None, cache_dir: Path, servers: list[str]
+) -> dict:
+    """One measurement: ``batches`` batches (None: ``ARGS.epochs`` whole epochs) after an
+    untimed epoch start (or epoch), with the requests sent meanwhile, the cache's bytes, and
+    the CPU seconds per epoch of this process (DALI's threads, the cache's downloads; not the
+    DataLoader's workers) and of the processes in ``servers`` (moto_server, the proxy)."""
     loader.set_epoch(loader.epoch + 1, restart=True)
     if batches is None:
         for _ in loader:  # the untimed epoch: workers, DALI, page cache
             pass
     before = requests_of(endpoint) if endpoint else 0
     disk = DiskPeak(cache_dir)
+    cpu0, serving0 = time.process_time(), sum(cpu_s(PIDS[u]) for u in servers)
     n, t0 = 0, time.perf_counter()
     if batches is None:
         epoch_batches = len(loader)
@@ -150,6 +165,9 @@ def timed(loader, batches: int | None, endpoint: str | None, cache_dir: Path) ->
             n += 1
         it.close()
     took = time.perf_counter() - t0
+    epochs = n / epoch_batches
+    cpu = (time.process_time() - cpu0) / epochs
+    serving = (sum(cpu_s(PIDS[u]) for u in servers) - serving0) / epochs
     peak_disk = disk.stop()
     sent = (requests_of(endpoint) - before) if endpoint else None
     cache = loader.last_cache
@@ -159,6 +177,8 @@ def timed(loader, batches: int | None, endpoint: str | None, cache_dir: Path) ->
         "requests_per_epoch": None if sent is None else round(sent * epoch_batches / n),
         "cache_peak_bytes": cache.peak if cache and batches is None else 0,  # the last epoch's
         "disk_peak_bytes": peak_disk,
+        "cpu_s_per_epoch": round(cpu, 3),
+        "server_cpu_s_per_epoch": round(serving, 3),
     }
 
 
@@ -227,7 +247,8 @@ def measure_all(args, url: str, endpoints: dict[str, str], cache_dir: Path) -> l
                 os.environ["AWS_ENDPOINT_URL"] = endpoint
             batches = args.direct_batches if row["limit"] == 0 and not row.get("whole") else None
             counted = endpoint if row["endpoint"] and row["endpoint"] != "moto" else None
-            got = timed(loader, batches, counted, cache_dir)
+            servers = [endpoints["moto"]] + ([endpoint] if counted else [])
+            got = timed(loader, batches, counted, cache_dir, servers if endpoint else [])
             reps[i].append(got)
             print(f"  {rep} {row['loader']:5} {row['source']:40} {got}", flush=True)
     out = []
@@ -247,8 +268,8 @@ def markdown(out: list[dict], env: dict) -> str:
         f"`{env['command']}` on {env['machine']}",
         "",
         "| loader | source | samples/s (median, min-max) | x local disk | requests/epoch | "
-        "cache peak MB (held / on disk) |",
-        "|---|---|---|---|---|---|",
+        "cache peak MB (held / on disk) | CPU s/epoch (this process / server + proxy) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in out:
         req = r.get("requests_per_epoch")
@@ -256,7 +277,8 @@ def markdown(out: list[dict], env: dict) -> str:
         lines.append(
             f"| {r['loader']} | {r['source']} | {r['samples_per_s']:,.1f} ({r['min']:,.1f}-"
             f"{r['max']:,.1f}) | {r['samples_per_s'] / local[r['loader']]:.3f} | "
-            f"{'' if req is None else f'{req:,}'} | {peak} |"
+            f"{'' if req is None else f'{req:,}'} | {peak} | {r['cpu_s_per_epoch']:.2f} / "
+            f"{r['server_cpu_s_per_epoch']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
