@@ -11,6 +11,8 @@ Each epoch (or resumed rest of one) builds a fresh pipeline whose reader follows
 samples ``pipeline.loaders.plan`` gives this rank from the loader's position on, through index
 files written for it in a temporary folder. A resumed epoch starts at its first unconsumed
 sample: nothing is replayed, so resuming at 90% of an epoch costs what resuming at 10% does.
+An ``s3://`` dataset's leg is read in pieces, one pipeline each, over shards streamed whole
+into a local cache (``pipeline.shards.cache``; see ``_read``).
 """
 
 from __future__ import annotations
@@ -182,6 +184,7 @@ class DaliLoader(EpochLoader):
             sub = tempfile.mkdtemp(dir=folder)
             return piece, *self._open(piece, sub, local)
 
+        nxt = None
         with ThreadPoolExecutor(1, thread_name_prefix="dali-piece") as ahead:
             try:
                 nxt = ahead.submit(prepare, 0)

@@ -93,13 +93,13 @@ def options_of(loader: str) -> type[DaliOptions] | type[TorchOptions]:
 class LoaderSpec:
     """Everything a loader is made from.
 
-        ``expect``: manifest values the dataset must have (``Manifest.check``); ``augment``: the
-        train split's augmentation (``pipeline.loaders.augment``); ``with_params``: each batch also
-        carries ``"key"`` (the samples' keys) and ``"offset"`` (crop offsets in frames), and each
-        enabled augmentation's drawn values; ``features``: "wav" or "mel" (log-mel with the ``mel``
-        settings, ``model.features.Mel``); ``crop=False``: a segmented train split's whole
-        segments, uncropped (for evaluation); ``options``: the backend's knobs (default: its
-        defaults). ``cache_dir``, ``cache_limit`` (bytes; 0: no cache) and ``cache_prefetch``: the
+    ``expect``: manifest values the dataset must have (``Manifest.check``); ``augment``: the
+    train split's augmentation (``pipeline.loaders.augment``); ``with_params``: each batch also
+    carries ``"key"`` (the samples' keys) and ``"offset"`` (crop offsets in frames), and each
+    enabled augmentation's drawn values; ``features``: "wav" or "mel" (log-mel with the ``mel``
+    settings, ``model.features.Mel``); ``crop=False``: a segmented train split's whole
+    segments, uncropped (for evaluation); ``options``: the backend's knobs (default: its
+    defaults). ``cache_dir``, ``cache_limit`` (bytes; 0: no cache) and ``cache_prefetch``: the
     local cache an ``s3://`` dataset's shards stream into (``pipeline.shards.cache``). ``device``
     is resolved when the spec is made ("auto": CUDA when available)."""
 

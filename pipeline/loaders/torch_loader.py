@@ -4,7 +4,9 @@
 with ``.to(device, non_blocking=True)``. Samples are read straight from the tars at the offsets
 in their DALI index (no pickle, no tar scanning), so a sampler can give this loader exactly
 the order ``pipeline.loaders.plan`` plans, which keeps ranks disjoint and resume exact. Every rank
-runs the same number of whole batches, so the last partial batch is always dropped.
+runs the same number of whole batches, so the last partial batch is always dropped. The shards
+of an ``s3://`` dataset are streamed whole into a local cache (``pipeline.shards.cache``) by the
+main process, ahead of the sampler's order; the workers read the verified local copies.
 
 With ``features="mel"`` the workers also compute the model's own log-mel front end
 (``model.features.LogMel``). Crops and augmentation (``pipeline.loaders.augment``) run in the
