@@ -175,7 +175,7 @@ def timed(
         "samples_per_s": n * loader.batch_size / took,
         "batches": n,
         "requests_per_epoch": None if sent is None else round(sent * epoch_batches / n),
-        "cache_peak_bytes": cache.peak if cache and batches is None else 0,  # the last epoch's
+        "cache_peak_bytes": cache.peak if cache and loader.cached else 0,  # the last epoch's
         "disk_peak_bytes": peak_disk,
         "cpu_s_per_epoch": round(cpu, 3),
         "server_cpu_s_per_epoch": round(serving, 3),
