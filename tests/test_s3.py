@@ -1001,3 +1001,26 @@ def test_a_run_killed_mid_download_resumes_without_reading_its_part(
         assert torch.equal(a["wav"], b["wav"]) and torch.equal(a["arkit"], b["arkit"])
     assert not part.exists() and list(part.parent.iterdir()) == []
     assert remote.last_cache.requests == 2  # the second and third shards, once each
+
+
+@pytest.mark.slow  # worker processes
+def test_a_loader_stopped_while_its_workers_wait_for_a_shard_leaves_nothing_behind(
+    s3_dataset, tmp_path
+):
+    """A cache of one shard: the DataLoader's workers, reading ahead, wait for the second shard,
+    which comes only once the first is consumed. Stopping after the first batch stops them (none
+    is left waiting) and empties the cache."""
+    import multiprocessing
+
+    shards = load_manifest(s3_dataset).split_shards("train")
+    kw = dict(batch_size=4, device="cpu", shuffle=False, num_workers=2)
+    cache_dir = tmp_path / "cache"
+    limit = max(s.bytes for s in shards)
+    loader = build_loader("torch", s3_dataset, cache_dir=str(cache_dir), cache_limit=limit, **kw)
+    batches = iter(loader)
+    next(batches)
+    assert len(multiprocessing.active_children()) == 2
+    batches.close()
+    assert multiprocessing.active_children() == []
+    (folder,) = cache_dir.iterdir()
+    assert list(folder.iterdir()) == []

@@ -256,7 +256,8 @@ class TorchLoader(EpochLoader):
                     cache.release(name)
                 yield batch
         finally:
-            batches.close()  # the workers stop before their shards go
+            cache.stop_waiters()  # a worker waiting for a shard gives up ...
+            batches.close()  # ... and the workers stop before their shards go
             self.dataset.cache = None
             cache.close()
 

@@ -81,11 +81,16 @@ def clean_dead(folder: Path) -> list[str]:
 
 def wait_for_file(path: Path) -> Path:
     """``path`` once it is there (a worker process's wait for a shard its loader caches); the
-    ``DatasetError`` the loader's cache recorded if fetching it failed."""
+    ``DatasetError`` the loader's cache recorded if fetching it failed, or one saying the cache
+    is closed or its process gone (so that a worker never waits for what will not come)."""
+    owner = path.name.partition(".")[0]
     failed = path.with_name(path.name + ".failed")
+    closed = path.with_name(f"{owner}.closed")
     while not path.exists():
         if failed.exists():
             raise DatasetError(failed.read_text())
+        if closed.exists() or not _alive(int(owner)):
+            raise DatasetError(f"{path.name}: the shard cache of process {owner} was closed")
         time.sleep(POLL_S)
     return path
 
@@ -149,6 +154,11 @@ class ShardCache:
                 self.held -= self._size[name]
             self._cond.notify_all()
 
+    def stop_waiters(self) -> None:
+        """Tell the processes waiting for this cache's shards (``wait_for_file``) that no more
+        will come: the DataLoader's workers, before they are asked to stop."""
+        (self.folder / f"{self.pid}.closed").touch()
+
     def close(self) -> None:
         """Stop downloading and delete every file this cache wrote."""
         with self._cond:
@@ -159,6 +169,7 @@ class ShardCache:
         for s in self.shards:
             self.path(s.name).unlink(missing_ok=True)
             self.path(s.name).with_name(f"{self.pid}.{s.name}.failed").unlink(missing_ok=True)
+        (self.folder / f"{self.pid}.closed").unlink(missing_ok=True)
         self._ready.clear()
 
     # ------------------------------------------------------------ the downloads
@@ -208,6 +219,8 @@ class ShardCache:
         first = self._download(shard, url)
         if first is None:
             return self.path(shard.name)
+        if self._closed:
+            raise DatasetError(f"{url}: the shard cache was closed")
         second = self._download(shard, url)
         if second is None:
             return self.path(shard.name)
