@@ -95,7 +95,8 @@ class EpochLoader:
         # what the shards looked like when the run started: checked again at every epoch
         self._stamps = shard_stamps(self.manifest, split)
         self.last_cache: ShardCache | None = None  # the latest leg's (its figures: peak, ...)
-        self.check_cache_limit(self.leg(0))  # a limit too small fails at once, not at a batch
+        if self.cached:  # a limit too small fails at once, not at a batch
+            self.check_cache_limit(self.leg(0))
 
     def leg(self, epoch: int, position: int = 0) -> Leg:
         """This rank's batches of ``epoch`` from the global ``position`` on."""
