@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -102,9 +103,10 @@ def s3_server():
 
 
 @pytest.fixture(autouse=True)
-def s3_env(s3_server, monkeypatch):
+def s3_env(s3_server, monkeypatch, tmp_path):
     for k, v in aws_env(s3_server).items():
         monkeypatch.setenv(k, v)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))  # the shard cache's
     return s3_server
 
 
@@ -278,6 +280,9 @@ def test_the_uploaded_dataset_is_the_local_one_at_s3_paths(s3_dataset, tiny_data
     [
         ("dali", {}),
         ("torch", {"num_workers": 0}),
+        # S3 read directly, without the shard cache: DALI's own S3 client, a GET per sample
+        ("dali", {"cache_limit": 0}),
+        ("torch", {"num_workers": 0, "cache_limit": 0}),
         # worker processes: the slow suite
         pytest.param("torch", {"num_workers": 2}, marks=pytest.mark.slow),
     ],
@@ -287,6 +292,7 @@ def test_loaders_read_s3_bit_for_bit_like_the_local_copy(
 ):
     kw = dict(batch_size=4, device="cpu", shuffle=True, seed=3, **options)
     remote = build_loader(backend, s3_dataset, **kw)
+    kw.pop("cache_limit", None)
     local = build_loader(backend, str(tiny_dataset), **kw)
     got, want = list(remote), list(local)
     assert len(got) == len(want) == len(local) == 9  # 36 train samples, the whole epoch
@@ -666,7 +672,8 @@ def read_until_error(loader, at_first_batch) -> tuple[int, DatasetError]:
 def test_an_object_vanishing_mid_epoch_is_one_error_line(s3_dataset, s3_env, workers):
     prefix = f"vanish-{workers}"
     url = copy_prefix("tiny", prefix)
-    kw = dict(batch_size=4, device="cpu", shuffle=False, num_workers=workers)
+    # read directly (the shard cache would have fetched every shard before the first batch)
+    kw = dict(batch_size=4, device="cpu", shuffle=False, num_workers=workers, cache_limit=0)
     loader = build_loader("torch", url, **kw)
     gone = f"{url}/train-000002.tar"  # the last 4 samples: read well after the first batch
     keys_gone = {r.key for r in loader.dataset.items if r.tar == gone}
@@ -693,7 +700,7 @@ def test_an_endpoint_going_silent_mid_epoch_is_one_error_line(s3_dataset, monkey
         # a second without a byte is silence here (4 s by default), and 2 tries (3)
         monkeypatch.setattr(s3_client_module, "READ_TIMEOUT_S", 1)
         monkeypatch.setattr(s3_client_module, "ATTEMPTS", 2)
-        kw = dict(batch_size=4, device="cpu", shuffle=False, num_workers=workers)
+        kw = dict(batch_size=4, device="cpu", shuffle=False, num_workers=workers, cache_limit=0)
         loader = build_loader("torch", url, **kw)
         try:
             got, exc = read_until_error(loader, lambda: proc.send_signal(signal.SIGSTOP))
@@ -734,7 +741,8 @@ def test_dali_failing_to_reach_s3_names_the_cause_and_not_verify(s3_dataset, tmp
         res = subprocess.run(verify, env=env, cwd=ROOT, capture_output=True, text=True)
         assert res.returncode == 0 and res.stdout.strip() == f"{url}: OK"  # boto3 reaches it
         cmd = [sys.executable, "-m", "train", "--loader", "dali", "--debug"]
-        for s in (*SMALL_RUN, f"data.dir={url}", f"run.dir={tmp_path}"):
+        # DALI's own S3 client reads the shards only without the shard cache
+        for s in (*SMALL_RUN, f"data.dir={url}", f"run.dir={tmp_path}", "data.cache_limit=0"):
             cmd += ["--set", s]
         res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     lines = [line for line in res.stderr.splitlines() if "error" in line.lower()]
@@ -796,3 +804,224 @@ def test_an_upload_too_slow_for_its_link_says_so_with_bytes_and_rate(monkeypatch
     assert float(sent[1]) * 1e6 >= size  # the part went out, each try, with no answer in time
     assert "no answer came within 1 s of a part of up to 8 MB sent (2 tries)" in err
     no_secret(out, err)
+
+
+# ---------------------------------------------------------------- the shard cache
+
+
+def upload_folder(local: Path, prefix: str) -> str:
+    for f in sorted(local.iterdir()):
+        storage.upload(f, storage.location(f"s3://{BUCKET}/{prefix}/{f.name}"))
+    return f"s3://{BUCKET}/{prefix}"
+
+
+class DiskBytes:
+    """The most bytes of files found under ``folder`` while it runs (a thread looking at it
+    without pause), and the names it saw."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.most, self.names = folder, 0, set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._look, daemon=True)
+        self._thread.start()
+
+    def _look(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            for p in list(self.folder.rglob("*")):
+                with contextlib.suppress(OSError):
+                    st = p.stat()
+                    if stat.S_ISREG(st.st_mode):
+                        total += st.st_size
+                        self.names.add(p.name)
+            self.most = max(self.most, total)
+            time.sleep(0.0005)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.most
+
+
+@pytest.mark.parametrize(
+    "backend,options",
+    [
+        ("dali", {}),
+        ("torch", {"num_workers": 0}),
+        pytest.param("torch", {"num_workers": 2}, marks=pytest.mark.slow),
+    ],
+)
+def test_the_shard_cache_stays_within_its_limit_and_batches_equal_the_local_ones(
+    segments_dataset, tmp_path, backend, options
+):
+    """Crops and augmentation over 5 shards through a cache that holds 2 of them: every batch
+    (values, keys, drawn parameters) equals the local one, one GET per shard, and the bytes
+    on disk never pass the limit."""
+    url = upload_folder(segments_dataset, f"segments-{backend}-{options.get('num_workers')}")
+    shards = load_manifest(segments_dataset).split_shards("train")
+    limit = 2 * max(s.bytes for s in shards)  # DALI: a piece of one shard, and the next one
+    assert sum(s.bytes for s in shards) > 2 * limit  # consumed shards must go
+    aug = {"gain_db": [-6.0, 6.0], "snr_db": [10.0, 30.0]}
+    kw = dict(batch_size=2, device="cpu", seed=5, augment=aug, with_params=True, **options)
+    cache_dir = tmp_path / "cache"
+    remote = build_loader(backend, url, cache_dir=str(cache_dir), cache_limit=limit, **kw)
+    local = build_loader(backend, str(segments_dataset), **kw)
+    disk = DiskBytes(cache_dir)
+    try:
+        got = list(remote)
+    finally:
+        most = disk.stop()
+    want = list(local)
+    assert len(got) == len(want) == 18
+    for a, b in zip(got, want, strict=True):
+        assert a["key"] == b["key"] and torch.equal(a["offset"], b["offset"])
+        for name in ("wav", "arkit", "gain_db", "snr_db"):
+            assert torch.equal(a[name], b[name]), name
+    cache = remote.last_cache
+    assert 0 < most <= limit and 0 < cache.peak <= limit
+    assert cache.requests == len(shards)  # one whole-object GET each
+    assert any(".part-" in n for n in disk.names)  # downloads went through parts
+    (folder,) = cache_dir.iterdir()
+    assert folder.name.endswith(load_manifest(url).identity) and list(folder.iterdir()) == []
+
+
+def test_a_cache_limit_too_small_for_a_batch_names_both_figures(s3_dataset):
+    from core.errors import ConfigError
+
+    m = load_manifest(s3_dataset)
+    big = max(s.bytes for s in m.split_shards("train"))
+    with pytest.raises(ConfigError) as info:
+        build_loader("torch", s3_dataset, batch_size=4, device="cpu", cache_limit=big // 2)
+    text = str(info.value)
+    assert text.startswith(f"data.cache_limit={big // 2} bytes is too small for {s3_dataset}: ")
+    assert re.search(r"reads the shards train-00000\d\.tar.* \((\d+) bytes\): raise it to at", text)
+    with pytest.raises(ConfigError, match="the dali loader holds 2 such sets: raise it to at"):
+        build_loader("dali", s3_dataset, batch_size=4, device="cpu", cache_limit=big + 1)
+
+
+@contextlib.contextmanager
+def proxy_process(endpoint: str, *faults: str):
+    """``benchmarks/s3_proxy.py`` in a process of its own in front of ``endpoint``, with
+    ``faults`` (its flags): its URL."""
+    cmd = [sys.executable, "-m", "benchmarks.s3_proxy", endpoint, *faults]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().strip()
+        assert line.startswith("listening on http://127.0.0.1:"), line
+        yield line.removeprefix("listening on ")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_a_corrupt_or_truncated_download_is_fetched_again(
+    s3_dataset, tiny_dataset, monkeypatch, s3_env, backend
+):
+    kw = dict(batch_size=4, device="cpu", seed=3)
+    kw.update(num_workers=0) if backend == "torch" else None
+    faults = ["--corrupt", "train-000001.tar:1", "--truncate", "train-000002.tar:1"]
+    with proxy_process(s3_env, *faults) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy)
+        remote = build_loader(backend, s3_dataset, **kw)
+        got = list(remote)
+    want = list(build_loader(backend, str(tiny_dataset), **kw))
+    assert len(got) == len(want) == 9
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a["wav"], b["wav"]) and torch.equal(a["arkit"], b["arkit"])
+    assert remote.last_cache.requests == 3 + 2  # each shard once, the two damaged twice
+
+
+def test_a_shard_damaged_twice_is_one_error_naming_it_and_its_url(s3_dataset, monkeypatch, s3_env):
+    with proxy_process(s3_env, "--corrupt", "train-000001.tar:2") as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy)
+        loader = build_loader("torch", s3_dataset, batch_size=4, device="cpu", num_workers=0)
+        with pytest.raises(DatasetError) as info:
+            list(loader)
+    text = str(info.value)
+    assert text.startswith(
+        f"{s3_dataset}/train-000001.tar: shard train-000001.tar failed its check twice when "
+        "fetched into the cache "
+    )
+    assert text.endswith(
+        "(its sha256 differs from the manifest's; then its sha256 differs from the "
+        f"manifest's); check the dataset with `python pipeline/make_shards.py --verify "
+        f"{s3_dataset}`"
+    )
+    no_secret(text)
+
+
+KILLED_MID_DOWNLOAD = """
+import json, sys
+from pathlib import Path
+from pipeline import build_loader
+url, cache_dir, state = sys.argv[1:4]
+kw = dict(batch_size=4, device="cpu", shuffle=False, num_workers=0)
+loader = build_loader("torch", url, cache_dir=cache_dir, **kw)
+for batch in loader:
+    Path(state).write_text(json.dumps(loader.state_dict()))
+"""
+
+
+@pytest.mark.slow  # a training process killed mid-download
+def test_a_run_killed_mid_download_resumes_without_reading_its_part(
+    s3_dataset, tiny_dataset, s3_env, tmp_path
+):
+    """The second shard's download hangs half way; the run is killed after the first shard's
+    4 batches. The resumed run removes the dead run's part file, fetches from the first
+    unconsumed shard on, and reads what the local copy holds."""
+    cache_dir, state = tmp_path / "cache", tmp_path / "state.json"
+    tar = load_manifest(s3_dataset).split_shards("train")[1]
+    with proxy_process(s3_env, "--stall", f"{tar.name}:99") as proxy:
+        cmd = [sys.executable, "-c", KILLED_MID_DOWNLOAD, s3_dataset, str(cache_dir), str(state)]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "AWS_ENDPOINT_URL": proxy})
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                parts = list(cache_dir.rglob(f"{proc.pid}.{tar.name}.part-*"))
+                sizes = [p.stat().st_size for p in parts if p.exists()]
+                done = state.exists() and json.loads(state.read_text() or "{}").get("position")
+                if done == 16 and sizes and sizes[0] > 0:
+                    break
+                assert proc.poll() is None and time.monotonic() < deadline, "no stalled part"
+                time.sleep(0.02)
+        finally:
+            proc.kill()
+            proc.wait()
+    (part,) = parts
+    assert 0 < part.stat().st_size < tar.bytes  # the partial download, left behind
+    saved = json.loads(state.read_text())
+    kw = dict(batch_size=4, device="cpu", shuffle=False, num_workers=0)
+    remote = build_loader("torch", s3_dataset, cache_dir=str(cache_dir), **kw)
+    local = build_loader("torch", str(tiny_dataset), **kw)
+    remote.load_state_dict(saved)
+    local.load_state_dict(saved)
+    got, want = list(remote), list(local)
+    assert len(got) == len(want) == 5
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a["wav"], b["wav"]) and torch.equal(a["arkit"], b["arkit"])
+    assert not part.exists() and list(part.parent.iterdir()) == []
+    assert remote.last_cache.requests == 2  # the second and third shards, once each
+
+
+@pytest.mark.slow  # worker processes
+def test_a_loader_stopped_while_its_workers_wait_for_a_shard_leaves_nothing_behind(
+    s3_dataset, tmp_path
+):
+    """A cache of one shard: the DataLoader's workers, reading ahead, wait for the second shard,
+    which comes only once the first is consumed. Stopping after the first batch stops them (none
+    is left waiting) and empties the cache."""
+    import multiprocessing
+
+    shards = load_manifest(s3_dataset).split_shards("train")
+    kw = dict(batch_size=4, device="cpu", shuffle=False, num_workers=2)
+    cache_dir = tmp_path / "cache"
+    limit = max(s.bytes for s in shards)
+    loader = build_loader("torch", s3_dataset, cache_dir=str(cache_dir), cache_limit=limit, **kw)
+    batches = iter(loader)
+    next(batches)
+    assert len(multiprocessing.active_children()) == 2
+    batches.close()
+    assert multiprocessing.active_children() == []
+    (folder,) = cache_dir.iterdir()
+    assert list(folder.iterdir()) == []

@@ -16,11 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.loaders.plan import (
+    batch_shards,
     epoch_batches,
     epoch_order,
     epoch_seed,
+    pieces,
     position_after,
     rank_batches,
+    shard_uses,
     steps_left,
 )
 
@@ -172,3 +175,52 @@ def test_bad_arguments_are_refused():
         rank_batches(order, 11, 0, 1, 4)
     with pytest.raises(ValueError, match=">= 1"):
         steps_left(10, 0, 1, 0)
+
+
+@pytest.mark.parametrize("sizes", SHARDINGS)
+@pytest.mark.parametrize("world,batch", [(1, 4), (3, 4), (2, 16)])
+def test_a_rank_reads_each_shard_in_one_run_and_pieces_cover_its_batches(sizes, world, batch):
+    """What the shard cache relies on: a rank's batches read each shard in one run of
+    consecutive batches (so a shard is deleted after its last one); DALI's pieces are
+    consecutive, cover every batch once, start with the first batch's shards and hold at most
+    the budget (unless one batch alone needs more)."""
+    for rank in range(world):
+        at = min(batch * world, sum(sizes))  # resumed after a global batch
+        b = epoch_batches(5, 1, sizes, batch, rank, world, position=at)
+        per_batch = batch_shards(b, sizes)
+        uses = shard_uses(b, sizes)
+        assert len({s for s, _ in uses}) == len(uses)
+        for shard, last in uses:
+            reads = [k for k, shards in enumerate(per_batch) if shard in shards]
+            assert reads == list(range(reads[0], last + 1))
+        owner = np.repeat(np.arange(len(sizes)), sizes)
+        assert [s for s, _ in uses] == list(dict.fromkeys(owner[b.ravel()].tolist()))
+        sizes_b = [1000 + 10 * s for s in sizes]
+        budget = 3 * max(sizes_b)
+        cut = pieces(per_batch, sizes_b, budget)
+        if not len(b):
+            assert cut == []
+            continue
+        assert cut[0][0] == 0 and cut[-1][1] == len(b)
+        assert all(a[1] == c[0] and a[0] < a[1] for a, c in zip(cut, cut[1:], strict=False))
+        first = sum(sizes_b[s] for s in per_batch[0])
+        for k, (lo, hi) in enumerate(cut):
+            held = {s for shards in per_batch[lo:hi] for s in shards}
+            cap = first if k == 0 else budget
+            assert hi - lo == 1 or sum(sizes_b[s] for s in held) <= cap
+
+
+def test_pieces_grow_from_the_first_batchs_shards_by_doubling():
+    per_batch = [[0], [0], [1], [2], [3], [4], [5], [6], [7], [8]]
+    assert pieces(per_batch, [10] * 9, budget=40) == [(0, 2), (2, 4), (4, 8), (8, 10)]
+    assert pieces(per_batch, [10] * 9, budget=15) == [
+        (0, 2),
+        (2, 3),
+        (3, 4),
+        (4, 5),
+        (5, 6),
+        (6, 7),
+        (7, 8),
+        (8, 9),
+        (9, 10),
+    ]

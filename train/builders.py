@@ -86,6 +86,9 @@ def loader_spec(
         with_params=cfg.run.sample_log and split == "train",  # the batches carry their keys
         features=data.features,
         mel=mel_settings(cfg, m=None),
+        cache_dir=data.cache_dir,
+        cache_limit=data.cache_limit,
+        cache_prefetch=data.cache_prefetch,
         options=loader_options(cfg, loader),
     )
 

@@ -29,7 +29,7 @@ from core.errors import ConfigError
 from model.features import FEATURES, Mel
 from pipeline.loaders.augment import Augment
 from pipeline.loaders.backends import LOADERS
-from pipeline.loaders.spec import DaliOptions, TorchOptions
+from pipeline.loaders.spec import CACHE_LIMIT, CACHE_PREFETCH, DaliOptions, TorchOptions
 
 
 def _yaml_float(value):
@@ -83,6 +83,14 @@ class DataConfig(Section):
     clip_samples: int | None = Field(None, ge=1)
     frames: int | None = Field(None, ge=1)
     num_blendshapes: int | None = Field(None, ge=1)
+    # an s3:// dataset's shards are streamed whole into a local cache (docs/s3.md)
+    cache_dir: str | None = Field(
+        None, description="null: $XDG_CACHE_HOME/arkit-dali, else ~/.cache/arkit-dali"
+    )
+    cache_limit: int = Field(
+        CACHE_LIMIT, ge=0, description="bytes of shards cached at once per process; 0: no cache"
+    )
+    cache_prefetch: int = Field(CACHE_PREFETCH, ge=1, description="shard downloads at once")
     # the backends' own knobs: their defaults and meanings are DaliOptions' and TorchOptions'
     decode: Literal["auto", "gpu", "cpu"] = DaliOptions.decode
     dali_threads: int = Field(

@@ -23,8 +23,18 @@ import numpy as np
 import torch
 
 from core.errors import ConfigError, DatasetError, ResumeError
-from pipeline.loaders.plan import epoch_order, epoch_seed, position_after, rank_batches, steps_left
+from pipeline.loaders.plan import (
+    batch_shards,
+    epoch_order,
+    epoch_seed,
+    position_after,
+    rank_batches,
+    shard_uses,
+    steps_left,
+)
 from pipeline.loaders.spec import LoaderSpec
+from pipeline.shards import storage
+from pipeline.shards.cache import ShardCache, folder_for
 from pipeline.shards.index import changed_shards, shard_stamps
 from pipeline.shards.manifest import Manifest, load_manifest
 
@@ -50,6 +60,7 @@ class EpochLoader:
     """Epoch and resume bookkeeping shared by the backends; they implement ``_batches``."""
 
     name = "base"
+    cache_holds = 1  # batches' worth of shards the backend holds in the cache at once, at most
 
     def __init__(self, spec: LoaderSpec) -> None:
         self.spec = spec
@@ -83,12 +94,52 @@ class EpochLoader:
         self._pos = 0  # ... and samples of its global order already consumed (all ranks)
         # what the shards looked like when the run started: checked again at every epoch
         self._stamps = shard_stamps(self.manifest, split)
+        self.last_cache: ShardCache | None = None  # the latest leg's (its figures: peak, ...)
+        if self.cached:  # a limit too small fails at once, not at a batch
+            self.check_cache_limit(self.leg(0))
 
     def leg(self, epoch: int, position: int = 0) -> Leg:
         """This rank's batches of ``epoch`` from the global ``position`` on."""
         order = epoch_order(self.seed, epoch, self.shard_sizes, self.shuffle)
         batches = rank_batches(order, position, self.rank, self.world_size, self.batch_size)
         return Leg(epoch, batches, epoch_seed(self.seed, epoch))
+
+    @property
+    def cached(self) -> bool:
+        """Whether the shards are streamed into a local cache: an s3:// dataset, a limit."""
+        return storage.is_s3(self.manifest.root) and self.spec.cache_limit > 0
+
+    def check_cache_limit(self, leg: Leg) -> None:
+        """ConfigError if the cache cannot hold what ``leg`` needs at once: the shards of its
+        largest batch, ``cache_holds`` times over."""
+        if not self.cached or leg.steps == 0:
+            return
+        shards, holds = self.manifest.split_shards(self.split), self.cache_holds
+        per_batch = batch_shards(leg.batches, self.shard_sizes)
+        need, k = max((sum(shards[s].bytes for s in b), k) for k, b in enumerate(per_batch))
+        limit = self.spec.cache_limit
+        if need * holds > limit:
+            names = ", ".join(shards[s].name for s in per_batch[k])
+            raise ConfigError(
+                f"data.cache_limit={limit} bytes is too small for {self.manifest.root}: batch "
+                f"{k} of epoch {leg.epoch} reads the shards {names} ({need} bytes)"
+                + (f", and the {self.name} loader holds {holds} such sets" if holds > 1 else "")
+                + f": raise it to at least {need * holds} (or 0 to read S3 directly)"
+            )
+
+    def open_cache(self, leg: Leg) -> tuple[ShardCache, list[tuple[str, int]]]:
+        """The cache that fetches ``leg``'s shards, and each shard's name with the last batch
+        that reads it, in the order they are needed."""
+        self.check_cache_limit(leg)
+        shards, limit = self.manifest.split_shards(self.split), self.spec.cache_limit
+        uses = shard_uses(leg.batches, self.shard_sizes)
+        root = self.manifest.root
+        folder = folder_for(self.spec.cache_dir, root, self.manifest.identity)
+        cache = ShardCache(
+            root, [shards[s] for s, _ in uses], folder, limit, self.spec.cache_prefetch
+        )
+        self.last_cache = cache
+        return cache, [(shards[s].name, last) for s, last in uses]
 
     def _steps_left(self, position: int) -> int:
         return steps_left(self.num_samples, position, self.world_size, self.batch_size)

@@ -11,14 +11,18 @@ Each epoch (or resumed rest of one) builds a fresh pipeline whose reader follows
 samples ``pipeline.loaders.plan`` gives this rank from the loader's position on, through index
 files written for it in a temporary folder. A resumed epoch starts at its first unconsumed
 sample: nothing is replayed, so resuming at 90% of an epoch costs what resuming at 10% does.
+An ``s3://`` dataset's leg is read in pieces, one pipeline each, over shards streamed whole
+into a local cache (``pipeline.shards.cache``; see ``_read``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -34,6 +38,7 @@ from pipeline.loaders.dali_graph import (
     params_of,
     write_indexes,
 )
+from pipeline.loaders.plan import batch_shards, pieces
 from pipeline.loaders.spec import DaliOptions, LoaderSpec
 from pipeline.shards.index import changed_shards, sample_refs
 from pipeline.shards.manifest import verify_hint
@@ -43,6 +48,7 @@ from pipeline.shards.verify import Depth, first_problem
 
 class DaliLoader(EpochLoader):
     name = "dali"
+    cache_holds = 2  # a piece being read and the next one (see _read)
 
     options: DaliOptions
 
@@ -63,9 +69,13 @@ class DaliLoader(EpochLoader):
             self._gpu_noise = GpuNoise(self.device.index)
         self._indexes: tempfile.TemporaryDirectory | None = None
 
-    def make_pipeline(self, leg: Leg, folder: str | Path):
-        """The pipeline reading ``leg``'s samples in order; its index files go in ``folder``."""
+    def make_pipeline(self, leg: Leg, folder: str | Path, local: dict[str, str] | None = None):
+        """The pipeline reading ``leg``'s samples in order; its index files go in ``folder``;
+        ``local``: local copies of tars, by their path in the dataset."""
         order = leg.batches.ravel()
+        refs = [self.refs[i] for i in order]
+        if local:
+            refs = [dataclasses.replace(r, tar=local.get(r.tar, r.tar)) for r in refs]
         draws = Draws(
             order,
             leg.epoch_seed,
@@ -79,7 +89,7 @@ class DaliLoader(EpochLoader):
             self.spec,
             self.manifest,
             device_id=self.device.index if self.device.type == "cuda" else None,
-            files=write_indexes([self.refs[i] for i in order], folder),
+            files=write_indexes(refs, folder),
             draws=draws,
             # the graph draws nothing itself (the noise comes with the draws): seeded anyway
             seed=leg.epoch_seed,
@@ -153,11 +163,51 @@ class DaliLoader(EpochLoader):
             shutil.rmtree(folder, ignore_errors=True)
 
     def _read(self, leg: Leg, folder: str) -> Iterator[dict[str, torch.Tensor]]:
+        if not self.cached:
+            yield from self._iterate(leg, *self._open(leg, folder))
+            return
+        # an s3:// dataset, its shards streamed into the cache: DALI's reader opens every tar
+        # it is given when its pipeline is built, so the leg is read in pieces, each over a
+        # bounded set of shards (the first small, for a quick start; then larger, up to half
+        # the cache), the next one built in the background while one runs
+        cache, uses = self.open_cache(leg)
+        shards = self.manifest.split_shards(self.split)
+        per_batch = batch_shards(leg.batches, self.shard_sizes)
+        cut = pieces(per_batch, [s.bytes for s in shards], self.spec.cache_limit // 2)
+        root = self.manifest.root
+
+        def prepare(k: int):
+            a, b = cut[k]
+            names = {shards[s].name for batch in per_batch[a:b] for s in batch}
+            local = {str(root / n): str(cache.wait(n)) for n in names}
+            piece = Leg(leg.epoch, leg.batches[a:b], leg.epoch_seed)
+            sub = tempfile.mkdtemp(dir=folder)
+            return piece, *self._open(piece, sub, local)
+
+        nxt = None
+        with ThreadPoolExecutor(1, thread_name_prefix="dali-piece") as ahead:
+            try:
+                nxt = ahead.submit(prepare, 0)
+                for k, (_, end) in enumerate(cut):
+                    piece, pipe, it = nxt.result()
+                    nxt = ahead.submit(prepare, k + 1) if k + 1 < len(cut) else None
+                    yield from self._iterate(piece, pipe, it)
+                    del pipe, it
+                    for name, last in uses:
+                        if last < end:
+                            cache.release(name)
+            finally:
+                cache.close()
+                if nxt is not None:
+                    nxt.cancel()
+
+    def _open(self, leg: Leg, folder: str, local: dict[str, str] | None = None):
+        """The built pipeline reading ``leg`` and its iterator; ``local``: the tars' local
+        copies by their URL."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        root, split = self.manifest.root, self.split
         try:
-            pipe = self.make_pipeline(leg, folder)
+            pipe = self.make_pipeline(leg, folder, local)
             pipe.build()
             names = [self.features, *OUTPUTS[1:]] + (
                 params_of(self.augment) if self.with_params and self.crops else []
@@ -170,8 +220,12 @@ class DaliLoader(EpochLoader):
                 auto_reset=False,
             )
         except RuntimeError as exc:
-            what = f"{root}: DALI could not build the {split} pipeline"
+            what = f"{self.manifest.root}: DALI could not build the {self.split} pipeline"
             raise self._dali_failed(what, exc, decode=False) from None
+        return pipe, it
+
+    def _iterate(self, leg: Leg, pipe, it) -> Iterator[dict[str, torch.Tensor]]:
+        root, split = self.manifest.root, self.split
         pending = None  # on CUDA: the previous batch's value check, read one batch later
         try:
             for i in range(leg.steps):

@@ -87,3 +87,47 @@ def epoch_batches(
     """A rank's batches of an epoch from ``position`` on (``[steps, batch_size]`` indices)."""
     order = epoch_order(seed, epoch, shard_sizes, shuffle)
     return rank_batches(order, position, rank, world_size, batch_size)
+
+
+def shard_of(shard_sizes: Sequence[int]) -> np.ndarray:
+    """Each sample index's shard (shards in manifest order, samples in tar order)."""
+    return np.repeat(np.arange(len(shard_sizes)), [int(s) for s in shard_sizes])
+
+
+def batch_shards(batches: np.ndarray, shard_sizes: Sequence[int]) -> list[list[int]]:
+    """The shards each batch reads from, in the order it first reads them."""
+    owner = shard_of(shard_sizes)
+    return [list(dict.fromkeys(owner[b].tolist())) for b in batches]
+
+
+def shard_uses(batches: np.ndarray, shard_sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """The shards ``batches`` read, in the order they are first needed, each with the last
+    batch that reads it: ``[(shard, last batch)]``. The epoch's order is grouped by shard, so
+    a rank reads each shard in one run of consecutive batches."""
+    last: dict[int, int] = {}
+    for k, shards in enumerate(batch_shards(batches, shard_sizes)):
+        for s in shards:
+            last[s] = k
+    return list(last.items())
+
+
+def pieces(
+    per_batch: list[list[int]], shard_bytes: Sequence[int], budget: int
+) -> list[tuple[int, int]]:
+    """Batches (``per_batch``: each one's shards, ``batch_shards``) cut at batch boundaries
+    into consecutive pieces ``(start, end)``: the first piece holds the first batch's shards
+    only, and each next piece may hold twice the bytes of shards its predecessor could, up to
+    ``budget`` (a batch whose own shards exceed that is a piece alone)."""
+    sizes = [int(b) for b in shard_bytes]
+    out: list[tuple[int, int]] = []
+    start, held = 0, set()
+    cap = sum(sizes[s] for s in per_batch[0]) if per_batch else 0
+    for k, shards in enumerate(per_batch):
+        grown = held | set(shards)
+        if k > start and sum(sizes[s] for s in grown) > cap:
+            out.append((start, k))
+            start, grown, cap = k, set(shards), min(budget, 2 * cap)
+        held = grown
+    if len(per_batch) > start:
+        out.append((start, len(per_batch)))
+    return out

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from pipeline.shards.manifest import Manifest
 
 DECODES = ("gpu", "cpu")  # what the DALI graph decodes with; "auto" picks one by device
+# an s3:// dataset's shards are streamed whole into a local cache (pipeline.shards.cache):
+CACHE_LIMIT = 8 << 30  # bytes of shards held at once, per process (0: read S3 directly)
+CACHE_PREFETCH = 4  # downloads in flight at once, ahead of use
 
 
 @dataclass
@@ -96,7 +99,9 @@ class LoaderSpec:
     enabled augmentation's drawn values; ``features``: "wav" or "mel" (log-mel with the ``mel``
     settings, ``model.features.Mel``); ``crop=False``: a segmented train split's whole
     segments, uncropped (for evaluation); ``options``: the backend's knobs (default: its
-    defaults). ``device`` is resolved when the spec is made ("auto": CUDA when available)."""
+    defaults). ``cache_dir``, ``cache_limit`` (bytes; 0: no cache) and ``cache_prefetch``: the
+    local cache an ``s3://`` dataset's shards stream into (``pipeline.shards.cache``). ``device``
+    is resolved when the spec is made ("auto": CUDA when available)."""
 
     loader: str
     data_dir: str | Path
@@ -113,6 +118,9 @@ class LoaderSpec:
     features: str = "wav"
     mel: Mel = field(default_factory=Mel)
     crop: bool | None = None
+    cache_dir: str | Path | None = None  # None: pipeline.shards.cache.default_cache_dir()
+    cache_limit: int = CACHE_LIMIT
+    cache_prefetch: int = CACHE_PREFETCH
     options: DaliOptions | TorchOptions | None = None
 
     def __post_init__(self) -> None:
@@ -134,6 +142,11 @@ class LoaderSpec:
             raise ConfigError(f"features must be {' or '.join(FEATURES)}, not {self.features!r}")
         if not isinstance(self.augment, Augment) or not isinstance(self.mel, Mel):
             raise ConfigError("a LoaderSpec takes augment as an Augment and mel as a Mel")
+        if self.cache_limit < 0 or self.cache_prefetch < 1:
+            raise ConfigError(
+                f"cache_limit must be >= 0 (0: no cache) and cache_prefetch >= 1, not "
+                f"{self.cache_limit} and {self.cache_prefetch}"
+            )
         if self.crop is False and self.augment.enabled:
             raise ConfigError("augmentation needs crops: crop=False takes no augment")
         object.__setattr__(self, "device", resolve_device(self.device))

@@ -4,7 +4,9 @@
 with ``.to(device, non_blocking=True)``. Samples are read straight from the tars at the offsets
 in their DALI index (no pickle, no tar scanning), so a sampler can give this loader exactly
 the order ``pipeline.loaders.plan`` plans, which keeps ranks disjoint and resume exact. Every rank
-runs the same number of whole batches, so the last partial batch is always dropped.
+runs the same number of whole batches, so the last partial batch is always dropped. The shards
+of an ``s3://`` dataset are streamed whole into a local cache (``pipeline.shards.cache``) by the
+main process, ahead of the sampler's order; the workers read the verified local copies.
 
 With ``features="mel"`` the workers also compute the model's own log-mel front end
 (``model.features.LogMel``). Crops and augmentation (``pipeline.loaders.augment``) run in the
@@ -19,6 +21,7 @@ import os
 import signal
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
@@ -29,6 +32,7 @@ from pipeline.loaders.augment import Augment, apply, draw, sample_rng
 from pipeline.loaders.base import EpochLoader, Leg
 from pipeline.loaders.spec import LoaderSpec, TorchOptions
 from pipeline.shards import storage
+from pipeline.shards.cache import cached_path, wait_for_file
 from pipeline.shards.index import SampleRef, changed_shards, sample_refs, shard_stamps
 from pipeline.shards.manifest import Manifest, verify_command, verify_hint
 from pipeline.shards.members import decode_sample
@@ -73,6 +77,9 @@ class ShardSamples(Dataset):
         self.augment, self.with_params = augment, with_params
         self._fds: dict[str, int] = {}
         self._pid = -1
+        # (folder, pid) of the loader's shard cache (pipeline.shards.cache) while a leg reads
+        # an s3:// dataset through it: the samples are read from the verified local copies
+        self.cache: tuple[Path, int] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -90,6 +97,15 @@ class ShardSamples(Dataset):
     def read(self, i: int) -> tuple[bytes, bytes]:
         """The raw wav and npy member bytes of sample ``i``."""
         ref = self.items[i]
+        if self.cache is not None:
+            # opened per sample: a shard is deleted once consumed, and a descriptor kept open
+            # would keep its bytes on disk
+            path = wait_for_file(cached_path(*self.cache, storage.location(ref.tar).name))
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                return os.pread(fd, ref.wav[1], ref.wav[0]), os.pread(fd, ref.npy[1], ref.npy[0])
+            finally:
+                os.close(fd)
         fd = self._fd(ref.tar)
         if isinstance(fd, int):
             return os.pread(fd, ref.wav[1], ref.wav[0]), os.pread(fd, ref.npy[1], ref.npy[0])
@@ -223,6 +239,29 @@ class TorchLoader(EpochLoader):
         )
 
     def _batches(self, leg: Leg) -> Iterator[dict]:
+        if not self.cached:
+            yield from self._read(leg)
+            return
+        # an s3:// dataset: the workers wait for each shard in the cache and read it there; a
+        # shard is deleted once every batch reading it has come back
+        cache, uses = self.open_cache(leg)
+        done_at: dict[int, list[str]] = {}
+        for name, last in uses:
+            done_at.setdefault(last, []).append(name)
+        self.dataset.cache = (cache.folder, cache.pid)
+        batches = self._read(leg)
+        try:
+            for i, batch in enumerate(batches):
+                for name in done_at.get(i, ()):
+                    cache.release(name)
+                yield batch
+        finally:
+            cache.stop_waiters()  # a worker waiting for a shard gives up ...
+            batches.close()  # ... and the workers stop before their shards go
+            self.dataset.cache = None
+            cache.close()
+
+    def _read(self, leg: Leg) -> Iterator[dict]:
         self._sampler.order = leg.batches.ravel().tolist()
         self._sampler.seed = leg.epoch_seed
         # the workers are forked with the stop signals blocked, so that one sent before they
