@@ -7,8 +7,13 @@ the shard cache's prefetch depth swept behind that proxy. Loader only (no train 
     python benchmarks/s3_cache.py --quick               # seconds: 48 windows, few batches
 
 It starts its own ``moto_server`` and proxies (``benchmarks/s3_proxy.py``) on 127.0.0.1,
-uploads the dataset, and measures each row as whole epochs after one untimed epoch (the cache
-restarts at every epoch, so its start-up is inside the timing); the direct rows, two orders of
+uploads the dataset, and measures each row as whole epochs after one untimed epoch. The
+"s3 cached" rows run with ``--cache-limit`` (default: half the split's bytes, or 4 shards where
+that is more, always less than the split), so that every
+epoch streams every shard again, as a dataset larger than its cache does; the "split kept" rows
+with the default limit, which holds the whole split, so the timed epochs read the copies the
+untimed one kept (no download, as from the second epoch of a run whose split fits its cache).
+The cache is emptied between rows. The direct rows, two orders of
 magnitude slower, over ``--direct-batches`` batches instead (the torch loader's through the
 proxy over whole epochs, for its request count; DALI's own S3 client, with
 ``cache_limit: 0``, keeps the endpoint it reads first, the server's, so its requests are not
@@ -38,7 +43,7 @@ from pathlib import Path
 from benchmarks.dataset import ensure_dataset
 from benchmarks.report import cpu_model
 from pipeline import build_loader
-from pipeline.loaders.spec import CACHE_PREFETCH
+from pipeline.loaders.spec import CACHE_LIMIT, CACHE_PREFETCH
 from pipeline.shards import storage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,6 +213,10 @@ def rows(args) -> list[dict]:
         for depth in args.sweep:
             source = f"s3 cached, proxy +30 ms, prefetch {depth}"
             out.append(dict(row, source=source, endpoint="proxy +30 ms", prefetch=depth))
+        # the default limit holds the whole split: kept after the untimed epoch
+        for endpoint in ("moto", "proxy +30 ms"):
+            source = "s3 cached, split kept" + ("" if endpoint == "moto" else f", {endpoint}")
+            out.append(dict(row, source=source, endpoint=endpoint, limit=CACHE_LIMIT))
     return out
 
 
@@ -240,6 +249,8 @@ def measure_all(args, url: str, endpoints: dict[str, str], cache_dir: Path) -> l
     reps: dict[int, list[dict]] = {i: [] for i in range(len(todo))}
     for rep in range(args.repeats):
         for i, row in enumerate(todo):
+            for other in loaders.values():  # each row starts with an empty cache
+                other.drop_kept()
             loader = loaders[(row["loader"], row["data"])]
             configure(loader, row, args)
             endpoint = endpoints.get(row["endpoint"])
@@ -295,7 +306,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--direct-batches", type=int, help="timed batches of the direct rows")
     p.add_argument("--delay-ms", type=float, default=30.0)
     p.add_argument("--sweep", default="1,2,8", help="prefetch depths behind the +30 ms proxy")
-    p.add_argument("--cache-limit", type=int, default=None, help="bytes (default: the loader's)")
+    p.add_argument(
+        "--cache-limit", type=int, help="bytes, of the streamed rows (default: half the split)"
+    )
     p.add_argument("--cache-dir", help="the shard cache's folder (default: OUT/s3-cache-files)")
     p.add_argument("--sources", help="|-separated list: measure only the rows of these sources")
     p.add_argument("--out", default="results")
@@ -319,12 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     # stopped (SIGTERM): leave through the context managers, which stop the server and proxies
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     ARGS.epochs = args.epochs
-    from pipeline.loaders.spec import CACHE_LIMIT
-
-    args.cache_limit = args.cache_limit if args.cache_limit is not None else CACHE_LIMIT
     data = Path(args.data)
     own = data.resolve() in {(ROOT / DEFAULTS["data"]).resolve(), (ROOT / QUICK["data"]).resolve()}
     m = ensure_dataset(data, args.windows, args.shard, build=own)
+    if args.cache_limit is None:  # the streamed rows: less than the split, so no epoch keeps it
+        sizes = [s.bytes for s in m.split_shards("train")]  # (half, or what DALI needs at least)
+        args.cache_limit = min(max(sum(sizes) // 2, 4 * max(sizes)), sum(sizes) - 1)
     os.environ.update(
         AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1"
     )

@@ -5,9 +5,11 @@ runs, and failures of the store are one ``error:`` line in bounded time, without
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -885,6 +887,82 @@ def test_the_shard_cache_stays_within_its_limit_and_batches_equal_the_local_ones
     assert folder.name.endswith(load_manifest(url).identity) and list(folder.iterdir()) == []
 
 
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_a_split_that_fits_the_cache_is_downloaded_once_and_deleted_with_its_loader(
+    s3_dataset, tiny_dataset, tmp_path, backend
+):
+    """Three shards under the default 8 GiB: the first epoch fetches each once, the next
+    epochs read the kept copies (no request) and equal the local ones; a torch loader whose
+    limit is a byte short of the split deletes each shard once consumed and fetches it again
+    every epoch."""
+    kw = dict(batch_size=4, device="cpu", seed=3)
+    kw.update(num_workers=0) if backend == "torch" else None
+    cache_dir = tmp_path / "cache"
+    remote = build_loader(backend, s3_dataset, cache_dir=str(cache_dir), **kw)
+    local = build_loader(backend, str(tiny_dataset), **kw)
+    shards = load_manifest(s3_dataset).split_shards("train")
+    for epoch in range(3):
+        got, want = list(remote), list(local)
+        assert len(got) == len(want) == 9
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a["wav"], b["wav"]) and torch.equal(a["arkit"], b["arkit"])
+        assert remote.last_cache.requests == (len(shards) if epoch == 0 else 0), epoch
+    (folder,) = cache_dir.iterdir()
+    names = sorted(p.name.partition(".")[2] for p in folder.iterdir())
+    assert names == sorted(s.name for s in shards)  # kept between the epochs
+    del remote
+    gc.collect()
+    assert list(folder.iterdir()) == []  # ... and deleted with the loader
+    if backend == "dali":  # its least limit, two pieces of a batch's two shards, fits them all
+        return
+    small = sum(s.bytes for s in shards) - 1  # one byte short of the split
+    tight = build_loader(backend, s3_dataset, cache_dir=str(cache_dir), cache_limit=small, **kw)
+    for _ in range(2):
+        assert len(list(tight)) == 9
+        assert tight.last_cache.requests == len(shards) and list(folder.iterdir()) == []
+
+
+def test_through_the_cache_each_shard_is_checked_once_downloaded_not_per_sample(
+    tiny_dataset, s3_env, tmp_path, monkeypatch
+):
+    """An index whose first sample points at the second sample's audio (sizes and places
+    plausible: only reading the tar header before it tells) is what the start-up check names
+    in a local folder. Through the cache the loader is made with a few requests per shard (no
+    ranged GET per sample), reads the shards before it, and stops at that shard's download
+    with the same words; read directly, the start-up check names it when the loader is made."""
+    from benchmarks.s3_cache import requests_of
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dataset, bad)
+    idx = bad / "train-000001.idx"
+    lines = idx.read_text().splitlines()
+    first, second = lines[1].split(), lines[2].split()
+    first[1] = second[1]  # the first sample's wav offset: the second's
+    idx.write_text("\n".join([lines[0], " ".join(first), *lines[2:]]) + "\n")
+    kw = dict(batch_size=4, device="cpu", shuffle=False, num_workers=0)
+    with pytest.raises(DatasetError) as local:
+        build_loader("torch", str(bad), **kw)
+    words = str(local.value).partition(": ")[2].partition("; ")[0]
+    assert words.startswith("sample ") and "the tar header before byte" in words
+    url = upload_folder(bad, "stale-index")
+    with pytest.raises(DatasetError) as direct:
+        build_loader("torch", url, cache_limit=0, **kw)
+    assert str(direct.value).startswith(f"{url}/train-000001.tar: {words}; ")
+    shards = load_manifest(url).split_shards("train")
+    with proxy_process(s3_env) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy)
+        loader = build_loader("torch", url, cache_dir=str(tmp_path / "cache"), **kw)
+        made = requests_of(proxy)
+        # the manifest, and per shard its index (read twice) and two HEADs: none per sample
+        assert made <= 1 + 4 * len(shards) < sum(s.samples for s in shards)
+        got = []
+        with pytest.raises(DatasetError) as cached:
+            for batch in loader:
+                got.append(batch)
+    assert str(cached.value) == str(direct.value)
+    assert len(got) == shards[0].samples // 4  # the first shard's whole batches
+
+
 def test_a_cache_limit_too_small_for_a_batch_names_both_figures(s3_dataset):
     from core.errors import ConfigError
 
@@ -1000,8 +1078,11 @@ def test_a_run_killed_mid_download_resumes_without_reading_its_part(
     assert len(got) == len(want) == 5
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a["wav"], b["wav"]) and torch.equal(a["arkit"], b["arkit"])
-    assert not part.exists() and list(part.parent.iterdir()) == []
     assert remote.last_cache.requests == 2  # the second and third shards, once each
+    assert not part.exists()
+    del remote  # the split fits the cache: its copies stay as long as the loader does
+    gc.collect()
+    assert list(part.parent.iterdir()) == []
 
 
 @pytest.mark.slow  # worker processes

@@ -16,8 +16,10 @@ What a loader is made from is one ``LoaderSpec`` (``pipeline.loaders.spec``);
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,9 +36,10 @@ from pipeline.loaders.plan import (
 )
 from pipeline.loaders.spec import LoaderSpec
 from pipeline.shards import storage
-from pipeline.shards.cache import ShardCache, folder_for
+from pipeline.shards.cache import Kept, ShardCache, folder_for
 from pipeline.shards.index import changed_shards, shard_stamps
-from pipeline.shards.manifest import Manifest, load_manifest
+from pipeline.shards.manifest import Manifest, Shard, load_manifest, verify_hint
+from pipeline.shards.verify import Depth, check_shard
 
 # the options are the config's data.* keys (train.config builds on them)
 __all__ = ["EpochLoader", "Leg", "LoaderSpec"]
@@ -95,6 +98,8 @@ class EpochLoader:
         # what the shards looked like when the run started: checked again at every epoch
         self._stamps = shard_stamps(self.manifest, split)
         self.last_cache: ShardCache | None = None  # the latest leg's (its figures: peak, ...)
+        self._kept = Kept()  # where the split fits in the cache: its copies, for the next leg
+        weakref.finalize(self, self._kept.drop)
         if self.cached:  # a limit too small fails at once, not at a batch
             self.check_cache_limit(self.leg(0))
 
@@ -108,6 +113,19 @@ class EpochLoader:
     def cached(self) -> bool:
         """Whether the shards are streamed into a local cache: an s3:// dataset, a limit."""
         return storage.is_s3(self.manifest.root) and self.spec.cache_limit > 0
+
+    @property
+    def startup_depth(self) -> Depth:
+        """How far the start-up check reads: through the cache, each shard's member headers
+        are read from its verified local copy once downloaded (``check_copy``), not by two
+        ranged GETs per sample when the loader is made."""
+        return Depth.INDEX if self.cached else Depth.STARTUP
+
+    def check_copy(self, shard: Shard, local: Path) -> str | None:
+        """The start-up check of ``shard``'s members, on its verified local copy: the first
+        problem with the way to check the dataset, or None."""
+        problem = next(check_shard(self.manifest, shard, Depth.STARTUP, local), None)
+        return None if problem is None else f"{problem}; {verify_hint(self.manifest.root)}"
 
     def check_cache_limit(self, leg: Leg) -> None:
         """ConfigError if the cache cannot hold what ``leg`` needs at once: the shards of its
@@ -135,11 +153,27 @@ class EpochLoader:
         uses = shard_uses(leg.batches, self.shard_sizes)
         root = self.manifest.root
         folder = folder_for(self.spec.cache_dir, root, self.manifest.identity)
+        # a split that fits is kept whole between legs: downloaded once, not every epoch
+        keep = sum(s.bytes for s in shards) <= limit
+        kept = self._kept.take(folder)
+        if not keep:
+            self._kept.hold(kept)
+            self._kept.drop()
+            kept = {}
+        needed = [shards[s] for s, _ in uses]
         cache = ShardCache(
-            root, [shards[s] for s, _ in uses], folder, limit, self.spec.cache_prefetch
+            root, needed, folder, limit, self.spec.cache_prefetch, keep, kept, self.check_copy
         )
         self.last_cache = cache
         return cache, [(shards[s].name, last) for s, last in uses]
+
+    def drop_kept(self) -> None:
+        """Delete the shards' copies kept for the next leg (the next leg downloads them)."""
+        self._kept.drop()
+
+    def close_cache(self, cache: ShardCache) -> None:
+        """The leg is over: stop its downloads; what the cache keeps waits for the next leg."""
+        self._kept.hold(cache.close())
 
     def _steps_left(self, position: int) -> int:
         return steps_left(self.num_samples, position, self.world_size, self.batch_size)

@@ -62,7 +62,8 @@ class DaliLoader(EpochLoader):
         self._wav_shape, self._arkit_shape = (samples,), (frames, m.num_blendshapes)
         if self.features == "mel":
             self._wav_shape = (self.mel.n_mels, self.mel.frames(samples))
-        self.refs = sample_refs(m, self.split)  # after the start-up check: DALI reads next
+        # after the start-up check: DALI reads next
+        self.refs = sample_refs(m, self.split, self.startup_depth)
         # on CUDA, the noise table on the GPU: uploaded at the first batch, kept for every epoch
         self._gpu_noise = None
         if self.device.type == "cuda" and self.crops and self.augment.snr_db:
@@ -197,7 +198,7 @@ class DaliLoader(EpochLoader):
                         if last < end:
                             cache.release(name)
             finally:
-                cache.close()
+                self.close_cache(cache)
                 if nxt is not None:
                     nxt.cancel()
 

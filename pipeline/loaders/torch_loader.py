@@ -36,6 +36,7 @@ from pipeline.shards.cache import cached_path, wait_for_file
 from pipeline.shards.index import SampleRef, changed_shards, sample_refs, shard_stamps
 from pipeline.shards.manifest import Manifest, verify_command, verify_hint
 from pipeline.shards.members import decode_sample
+from pipeline.shards.verify import Depth
 
 
 class Failed:
@@ -66,12 +67,13 @@ class ShardSamples(Dataset):
         with_params: bool = False,
         mel: Mel | None = None,
         stamps: dict | None = None,
+        depth: Depth = Depth.STARTUP,
     ) -> None:
         self.manifest = manifest
         self.mel = mel  # features "mel": the model's own front end, here in the worker
         self._front: LogMel | None = None
         self.layout = manifest.layout(split)
-        self.items: list[SampleRef] = sample_refs(manifest, split)
+        self.items: list[SampleRef] = sample_refs(manifest, split, depth)
         # the shards' versions when the run started (the loader's, else taken now)
         self.stamps = stamps if stamps is not None else shard_stamps(manifest, split)
         self.augment, self.with_params = augment, with_params
@@ -223,7 +225,13 @@ class TorchLoader(EpochLoader):
         augment = self.augment if self.crops else None
         mel = self.mel if self.features == "mel" else None
         self.dataset = ShardSamples(
-            self.manifest, self.split, augment, self.with_params, mel, stamps=self._stamps
+            self.manifest,
+            self.split,
+            augment,
+            self.with_params,
+            mel,
+            stamps=self._stamps,
+            depth=self.startup_depth,
         )
         self._sampler = _EpochSampler()
         self.loader = DataLoader(
@@ -259,7 +267,7 @@ class TorchLoader(EpochLoader):
             cache.stop_waiters()  # a worker waiting for a shard gives up ...
             batches.close()  # ... and the workers stop before their shards go
             self.dataset.cache = None
-            cache.close()
+            self.close_cache(cache)
 
     def _read(self, leg: Leg) -> Iterator[dict]:
         self._sampler.order = leg.batches.ravel().tolist()

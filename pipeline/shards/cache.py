@@ -10,7 +10,10 @@ checked against the manifest's size and sha256 and only then renamed into place
 (``<pid>.<shard>``, ``os.replace``). A download that breaks off or does not match is fetched
 again; a second failure is a ``DatasetError`` naming the shard, its URL and both reasons, which
 waiting for that shard raises (``wait``) and, for the DataLoader's worker processes, a
-``<pid>.<shard>.failed`` file holds (``wait_for_file``). ``release`` deletes a consumed shard.
+``<pid>.<shard>.failed`` file holds (``wait_for_file``). ``release`` deletes a consumed shard,
+unless the cache ``keep``s its shards: where the whole split fits in the limit, the loader keeps
+every verified copy for its next legs (``close`` hands them over, the next leg's cache starts
+with them ``kept``), so a dataset that fits is downloaded once per process, not once per epoch.
 
 Several processes (ranks, runs) share one folder per dataset (``folder_for``: the URL and the
 manifest's identity): every file a process writes carries its pid, so no two processes write
@@ -26,7 +29,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from core.errors import DatasetError
@@ -55,6 +58,33 @@ def folder_for(cache_dir: str | Path | None, root: S3Url, identity: str) -> Path
 def cached_path(folder: Path, owner: int, shard: str) -> Path:
     """Where process ``owner``'s verified copy of ``shard`` lies while it is cached."""
     return folder / f"{owner}.{shard}"
+
+
+class Kept:
+    """The verified copies a loader keeps between its legs (``ShardCache.keep``): in one
+    folder, this process's; ``drop`` deletes them (the loader's finalizer does)."""
+
+    def __init__(self) -> None:
+        self.folder: Path | None = None
+        self.pid = os.getpid()
+        self.shards: dict[str, int] = {}  # name: bytes
+
+    def take(self, folder: Path) -> dict[str, int]:
+        """The copies kept in ``folder`` (those kept elsewhere are deleted), handed over."""
+        if folder != self.folder:
+            self.drop()
+        self.folder = folder
+        shards, self.shards = self.shards, {}
+        return shards
+
+    def hold(self, shards: dict[str, int]) -> None:
+        self.shards = dict(shards)
+
+    def drop(self) -> None:
+        if self.folder is not None and os.getpid() == self.pid:  # not a forked worker's
+            for name in self.shards:
+                cached_path(self.folder, self.pid, name).unlink(missing_ok=True)
+        self.shards = {}
 
 
 def _alive(pid: int) -> bool:
@@ -100,8 +130,20 @@ class ShardCache:
     ``limit`` bytes held at once, ``prefetch`` downloads at a time (see the module)."""
 
     def __init__(
-        self, root: S3Url, shards: Sequence[Shard], folder: Path, limit: int, prefetch: int
+        self,
+        root: S3Url,
+        shards: Sequence[Shard],
+        folder: Path,
+        limit: int,
+        prefetch: int,
+        keep: bool = False,
+        kept: dict[str, int] | None = None,
+        check: Callable[[Shard, Path], str | None] | None = None,
     ) -> None:
+        """``keep``: consumed shards stay (the loader's next legs read them); ``kept``: the
+        verified copies (name: bytes) an earlier leg of this process kept; ``check``: what is
+        wrong with a downloaded copy whose bytes are the manifest's (its index, say), or None:
+        a problem is the shard's error, not fetched again."""
         big = max(shards, key=lambda s: s.bytes, default=None)
         if big is not None and big.bytes > limit:
             raise DatasetError(
@@ -120,7 +162,15 @@ class ShardCache:
         self._errors: dict[str, DatasetError] = {}
         self._size = {s.name: s.bytes for s in self.shards}
         self._released: set[str] = set()
-        self._closed = False
+        self._closed, self.keep, self._check = False, keep, check
+        for name, size in (kept or {}).items():  # counted whether this leg reads them or not
+            path = self.path(name)
+            if path.is_file() and path.stat().st_size == size:
+                self._ready[name] = path
+                self._size.setdefault(name, size)
+                self.held += size
+        self.peak = self.held
+        self.shards = [s for s in self.shards if s.name not in self._ready]
         self._cond = threading.Condition()
         self._threads = [
             threading.Thread(target=self._work, daemon=True, name=f"shard-cache-{k}")
@@ -149,7 +199,7 @@ class ShardCache:
             if name in self._released or name not in self._size:
                 return
             self._released.add(name)
-            if self._ready.pop(name, None) is not None:
+            if not self.keep and self._ready.pop(name, None) is not None:
                 self.path(name).unlink(missing_ok=True)
                 self.held -= self._size[name]
             self._cond.notify_all()
@@ -159,18 +209,22 @@ class ShardCache:
         will come: the DataLoader's workers, before they are asked to stop."""
         (self.folder / f"{self.pid}.closed").touch()
 
-    def close(self) -> None:
-        """Stop downloading and delete every file this cache wrote."""
+    def close(self) -> dict[str, int]:
+        """Stop downloading and delete every file this cache wrote, except the verified copies
+        it ``keep``s: those it returns (name: bytes), for the next leg's ``kept``."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         for t in self._threads:
             t.join()
-        for s in self.shards:
-            self.path(s.name).unlink(missing_ok=True)
-            self.path(s.name).with_name(f"{self.pid}.{s.name}.failed").unlink(missing_ok=True)
+        kept = {n: self._size[n] for n in self._ready} if self.keep else {}
+        for name in self._size:
+            if name not in kept:
+                self.path(name).unlink(missing_ok=True)
+            self.path(name).with_name(f"{self.pid}.{name}.failed").unlink(missing_ok=True)
         (self.folder / f"{self.pid}.closed").unlink(missing_ok=True)
         self._ready.clear()
+        return kept
 
     # ------------------------------------------------------------ the downloads
     def _claim(self) -> Shard | None:
@@ -255,6 +309,9 @@ class ShardCache:
                 return f"{size} bytes arrived, the manifest says {shard.bytes}"
             if digest.hexdigest() != shard.sha256:
                 return "its sha256 differs from the manifest's"
+            problem = self._check(shard, part) if self._check else None
+            if problem is not None:  # the bytes are the manifest's: fetching again won't help
+                raise DatasetError(problem)
             os.replace(part, self.path(shard.name))
             return None
         finally:

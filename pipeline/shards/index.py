@@ -25,9 +25,11 @@ class SampleRef:
     npy: tuple[int, int]
 
 
-def sample_refs(m: Manifest, split: str) -> list[SampleRef]:
-    """A split's samples in order, after the start-up check: DatasetError on the first problem."""
-    problem = first_problem(m, split, Depth.STARTUP)
+def sample_refs(m: Manifest, split: str, depth: Depth = Depth.STARTUP) -> list[SampleRef]:
+    """A split's samples in order, after the start-up check (``depth``: ``Depth.INDEX`` where
+    the shard cache checks each shard's members once it is downloaded): DatasetError on the
+    first problem."""
+    problem = first_problem(m, split, depth)
     if problem is not None:
         raise DatasetError(f"{problem}; {verify_hint(m.root)}")
     refs = []

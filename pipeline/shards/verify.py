@@ -25,6 +25,7 @@ import enum
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from core.errors import DatasetError, MemberError
 from pipeline.shards import storage
@@ -42,6 +43,9 @@ from pipeline.shards.tars import Member, group_by_key, header_before, idx_path, 
 
 
 class Depth(enum.IntEnum):
+    # the index against the manifest and the tar's size, no member read: where each shard is
+    # checked at STARTUP once its verified copy is in the shard cache (pipeline.shards.cache)
+    INDEX = -1
     STARTUP = 0
     DECODE = 1
     FULL = 2
@@ -81,8 +85,19 @@ def first_problem(m: Manifest, split: str, depth: Depth = Depth.STARTUP) -> Prob
     return next(check_split(m, split, depth), None)
 
 
-def check_shard(m: Manifest, shard: Shard, depth: Depth = Depth.STARTUP) -> Iterator[Problem]:
+def check_shard(
+    m: Manifest, shard: Shard, depth: Depth = Depth.STARTUP, local: Path | None = None
+) -> Iterator[Problem]:
+    """``local``: a verified local copy of the shard to read instead (problems still name the
+    shard where the dataset lies)."""
     tar = m.root / shard.name
+    if local is not None:
+        reader = FileReader(local)
+        try:
+            yield from _check_open_shard(m, shard, tar, reader, depth)
+        finally:
+            reader.close()
+        return
     try:
         # FULL reads every byte (sha256, a walk of the headers): an S3 object comes down once
         reader = storage.open_reader(tar, whole=depth >= Depth.FULL)
@@ -179,7 +194,7 @@ def _check_samples(
     shape = f"float32 [{lay.frames}, {lay.num_blendshapes}]"
     what = {WAV_EXT: "a canonical WAV", NPY_EXT: shape}
     npy_head = canonical_npy_header(lay.frames, lay.num_blendshapes)
-    spots = _spot_checks(len(index)) if depth < Depth.FULL else set()
+    spots = _spot_checks(len(index)) if Depth.STARTUP <= depth < Depth.FULL else set()
     if isinstance(reader, S3Reader):  # a local file gains nothing from knowing ahead
         heads = (m.wav_header_bytes, len(npy_head))
         reader.plan(_planned_reads(index, spots, depth, heads, want, size))
@@ -220,7 +235,7 @@ def _check_samples(
                         ext,
                     )
                     bad = True
-        if bad:
+        if bad or depth < Depth.STARTUP:
             continue
         wav, npy = by_ext[WAV_EXT], by_ext[NPY_EXT]
         try:
@@ -265,7 +280,7 @@ def _planned_reads(
         if i in spots:
             reads += [(512, c.offset - 512) for c in ok]
         wav, npy = by_ext.get(WAV_EXT), by_ext.get(NPY_EXT)
-        if wav is None or npy is None or len(ok) < 2:
+        if wav is None or npy is None or len(ok) < 2 or depth < Depth.STARTUP:
             continue
         wav_head, npy_head = heads
         if depth >= Depth.DECODE:
