@@ -887,12 +887,23 @@ def test_the_shard_cache_stays_within_its_limit_and_batches_equal_the_local_ones
     assert folder.name.endswith(load_manifest(url).identity) and list(folder.iterdir()) == []
 
 
+def counted(fn, calls: list):
+    """``fn``, appending to ``calls`` at each call."""
+
+    def call(*args, **kw):
+        calls.append(1)
+        return fn(*args, **kw)
+
+    return call
+
+
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_a_split_that_fits_the_cache_is_downloaded_once_and_deleted_with_its_loader(
     s3_dataset, tiny_dataset, tmp_path, backend
 ):
     """Three shards under the default 8 GiB: the first epoch fetches each once, the next
-    epochs read the kept copies (no request) and equal the local ones; a torch loader whose
+    epochs read the kept copies (no request; DALI in one pipeline, as from a local folder)
+    and equal the local ones; a torch loader whose
     limit is a byte short of the split deletes each shard once consumed and fetches it again
     every epoch."""
     kw = dict(batch_size=4, device="cpu", seed=3)
@@ -901,15 +912,22 @@ def test_a_split_that_fits_the_cache_is_downloaded_once_and_deleted_with_its_loa
     remote = build_loader(backend, s3_dataset, cache_dir=str(cache_dir), **kw)
     local = build_loader(backend, str(tiny_dataset), **kw)
     shards = load_manifest(s3_dataset).split_shards("train")
+    builds = []  # DALI: pipelines built per epoch (one per piece)
+    if backend == "dali":
+        remote._open = counted(remote._open, builds)
     for epoch in range(3):
+        builds.clear()
         got, want = list(remote), list(local)
         assert len(got) == len(want) == 9
         for a, b in zip(got, want, strict=True):
             assert torch.equal(a["wav"], b["wav"]) and torch.equal(a["arkit"], b["arkit"])
         assert remote.last_cache.requests == (len(shards) if epoch == 0 else 0), epoch
+        if backend == "dali":  # pieces while downloading, one pipeline over the kept split
+            assert len(builds) > 1 if epoch == 0 else builds == [1], (epoch, builds)
     (folder,) = cache_dir.iterdir()
     names = sorted(p.name.partition(".")[2] for p in folder.iterdir())
     assert names == sorted(s.name for s in shards)  # kept between the epochs
+    vars(remote).pop("_open", None)
     del remote
     gc.collect()
     assert list(folder.iterdir()) == []  # ... and deleted with the loader

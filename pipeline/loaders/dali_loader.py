@@ -175,6 +175,8 @@ class DaliLoader(EpochLoader):
         shards = self.manifest.split_shards(self.split)
         per_batch = batch_shards(leg.batches, self.shard_sizes)
         cut = pieces(per_batch, [s.bytes for s in shards], self.spec.cache_limit // 2)
+        if not cache.to_fetch:  # every shard kept from the previous legs: one pipeline
+            cut = [(0, leg.steps)]
         root = self.manifest.root
 
         def prepare(k: int):

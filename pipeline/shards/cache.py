@@ -179,6 +179,11 @@ class ShardCache:
         for t in self._threads:
             t.start()
 
+    @property
+    def to_fetch(self) -> int:
+        """Shards this leg downloads (those not kept from earlier legs)."""
+        return len(self.shards)
+
     def path(self, name: str) -> Path:
         return cached_path(self.folder, self.pid, name)
 
