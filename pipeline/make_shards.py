@@ -257,19 +257,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples-per-shard", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="--engine local")
-    p.add_argument(
-        "--engine",
-        choices=("local", "ray"),
-        default="local",
-        help="local: a process pool on this machine; ray: tasks on a Ray cluster (pip install "
-        "'arkit-dali[ray]'); the same bytes either way",
-    )
-    p.add_argument(
-        "--ray-address",
-        metavar="ADDRESS",
-        help="the Ray cluster (host:port, or auto); default RAY_ADDRESS, else a local Ray "
-        "started for the run",
-    )
+    _add_engine_flags(p)
     p.add_argument(
         "--csv-fps",
         type=float,
@@ -294,6 +282,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if problems:
         p.error("; ".join(problems))
     return args
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: a process pool on this machine; ray: tasks on a Ray cluster (pip install "
+        "'arkit-dali[ray]'); the same bytes either way",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="the Ray cluster (host:port, or auto); default RAY_ADDRESS, else a local Ray "
+        "started for the run",
+    )
 
 
 def _add_sync_flags(p: argparse.ArgumentParser) -> None:
