@@ -165,7 +165,7 @@ def local_files(rec: Recording) -> Iterator[Recording]:
         for role in ("audio", "anim"):
             url = storage.location(getattr(rec, role))
             local[role] = str(Path(tmp) / url.name)
-            Path(local[role]).write_bytes(storage.read_bytes(url))
+            storage.download(url, Path(local[role]))
         yield dataclasses.replace(rec, **local)
 
 
@@ -242,6 +242,8 @@ def convert(job: tuple[Recording, Settings]) -> Converted | Rejected:
         return Rejected(rec, str(exc))
     except OSError as exc:
         return Rejected(rec, f"unreadable: {exc.strerror or exc}", transient=True)
+    except storage.NotFound as exc:  # gone since it was listed; the store's other failures
+        return Rejected(rec, f"unreadable: {exc}", transient=True)  # stop the run, naming it
     search = s.sync_search_seconds + (abs(mismatch.seconds) if mismatch else 0.0)
     lag = estimate_lag(take.audio, SAMPLE_RATE, take.frames, FPS, search)
     return Converted(rec, take, len(a) / SAMPLE_RATE, anim.duplicates, lag, mismatch)

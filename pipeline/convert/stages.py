@@ -301,8 +301,8 @@ class ShardJob:
         """What decides the shard's bytes: each sample's key, take file (named by its
         fingerprint), piece and judgement."""
         doc = [
-            [p.key, Path(p.take.path).name, p.kind, list(astuple(p.piece)), p.take.shift]
-            + [p.take.retimed, p.take.action, self.split]
+            [p.key, p.recording.source, p.recording.anim, Path(p.take.path).name, p.kind]
+            + [list(astuple(p.piece)), p.take.shift, p.take.retimed, p.take.action, self.split]
             for p in self.pieces
         ]
         return hashlib.sha256(json.dumps(doc).encode()).hexdigest()
