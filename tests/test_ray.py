@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,15 @@ def test_a_driver_killed_mid_run_is_rerun_reusing_takes_and_shards(
     assert tree(out) == local
     assert os.stat(out / "train-000000.tar").st_ino == first  # the shard written before
     shutil.rmtree(out)
+
+
+def test_an_unreachable_cluster_is_one_error_line(tmp_path, capsys):
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    assert run(tmp_path / "ds", "--synthetic", "2", "--ray-address", address) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: cannot reach the Ray cluster at {address} (Connection refused): start one "
+        "(`ray start --head`) or check --ray-address / RAY_ADDRESS"
+    ]

@@ -20,6 +20,7 @@ it (``pip install 'arkit-dali[ray]'``).
 from __future__ import annotations
 
 import os
+import socket
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -78,6 +79,7 @@ class RayEngine:
     def __init__(self, address: str | None) -> None:
         ray = _ray()
         self.address = address or os.environ.get("RAY_ADDRESS") or None
+        _check_reachable(self.address)
         if not ray.is_initialized():
             # no address: a local Ray for this run, without its dashboard
             kw = {} if self.address else {"include_dashboard": False}
@@ -157,6 +159,24 @@ class RayEngine:
             raise DatasetError(
                 f"{what}: a Ray task failed after {RETRIES} retries ({_short(exc)})"
             ) from None
+
+
+CONNECT_TIMEOUT_S = 3
+
+
+def _check_reachable(address: str | None) -> None:
+    """A ``host:port`` address that nothing answers on is one error line at once (Ray itself
+    retries it for minutes); ``auto`` and ``ray://`` addresses are left to Ray."""
+    host, sep, port = (address or "").rpartition(":")
+    if not sep or not port.isdigit() or "/" in host:
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise DatasetError(
+            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}): start one "
+            "(`ray start --head`) or check --ray-address / RAY_ADDRESS"
+        ) from None
 
 
 def _shard(args: tuple) -> str:
