@@ -4,6 +4,8 @@
     python pipeline/make_shards.py --input takes/ --out data/mine --val-fraction 0.1
     python pipeline/make_shards.py --verify data/mine
     python pipeline/make_shards.py --synthetic 400 --out s3://bucket/synth   # needs boto3
+    python pipeline/make_shards.py --engine ray --ray-address auto \
+        --input s3://bucket/captures/ --out s3://bucket/mine   # on a Ray cluster, same bytes
 
 Inputs are paired by file stem: audio (.wav/.flac, any rate, channels, sample format) with a
 Live Link Face CSV or a ``[T, 52]`` .npy. Every input that cannot be used becomes a line in
