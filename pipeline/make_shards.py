@@ -4,6 +4,8 @@
     python pipeline/make_shards.py --input takes/ --out data/mine --val-fraction 0.1
     python pipeline/make_shards.py --verify data/mine
     python pipeline/make_shards.py --synthetic 400 --out s3://bucket/synth   # needs boto3
+    python pipeline/make_shards.py --engine ray --ray-address auto \
+        --input s3://bucket/captures/ --out s3://bucket/mine   # on a Ray cluster, same bytes
 
 Inputs are paired by file stem: audio (.wav/.flac, any rate, channels, sample format) with a
 Live Link Face CSV or a ``[T, 52]`` .npy. Every input that cannot be used becomes a line in
@@ -31,9 +33,9 @@ import numpy as np
 from core.arkit import ORDERS
 from core.errors import ArkitError, DatasetError
 from pipeline.convert.args import usage_problems
+from pipeline.convert.engine import convert_all, make_engine
 from pipeline.convert.inputs import (
     Reject,
-    Rejected,
     Settings,
     find_recordings,
     synthetic_recordings,
@@ -52,12 +54,16 @@ from pipeline.convert.stages import (
 from pipeline.convert.sync import MAX_OFFSET_SECONDS, SEARCH_SECONDS
 from pipeline.convert.sync_plot import lag_histogram
 from pipeline.convert.syncing import SyncReport, judge
-from pipeline.convert.takestore import StoredTake, TakeStore, convert_takes
+from pipeline.convert.takestore import StoredTake, TakeStore
 from pipeline.convert.windows import MAX_GAP_SECONDS, TOLERANCE_RATIO, TOLERANCE_SECONDS
 from pipeline.shards import storage
 from pipeline.shards.manifest import SPLITS, WINDOW_SECONDS, Manifest
 from pipeline.shards.storage import Location, S3Url
 from pipeline.shards.verify import check_dataset
+
+# make_shards' arguments that do not change the dataset's bytes: not recorded in the manifest,
+# so the local engine and Ray, with any number of workers, write the same manifest
+NOT_RECORDED = ("verify", "quiet", "workers", "engine", "ray_address")
 
 
 @dataclass
@@ -70,6 +76,7 @@ class Summary:
     sync: SyncReport
     uploaded: list[str] = dataclasses.field(default_factory=list)  # s3:// --out: the objects
     warnings: list[str] = dataclasses.field(default_factory=list)  # printed after the summary
+    cpus: int = 1  # the worker processes, or the Ray cluster's CPUs
 
     def count(self, kind: str) -> int:
         """Rejects of one kind (``Reject.kind``): "input", "gap", "short" or "sync"."""
@@ -92,37 +99,23 @@ def settings_of(args: argparse.Namespace) -> Settings:
 
 
 def make_dataset(args: argparse.Namespace) -> Summary:
-    from tqdm import tqdm
-
     settings = settings_of(args)
     t0 = time.perf_counter()
+    engine = make_engine(args.engine, args.ray_address)
     out_dir = S3OutDir if storage.is_s3(args.out) else OutDir
     with out_dir(args.out, args.overwrite) as out:
-        # 1. find inputs
+        if engine is not None and isinstance(out, S3OutDir):
+            out.upload_files = engine.upload  # each task uploads what it wrote
+        # 1. find inputs (on this machine: a listing, no data)
         if args.synthetic:
             recordings, rejects = synthetic_recordings(args.synthetic), []
         else:
-            recordings, rejects = find_recordings(Path(args.input))
+            recordings, rejects = find_recordings(args.input)
 
-        # 2. load and cut takes (in worker processes, into the take store)
-        takes: list[StoredTake] = []
-        bar = tqdm(total=len(recordings), unit="file", desc="converting", disable=args.quiet)
-
-        def progress(result) -> None:
-            bar.update(1)
-            if isinstance(result, Rejected):
-                rejects.append(Reject(result.recording.source, result.reason))
-            else:
-                takes.append(result)
-            hours = sum(t.seconds for t in takes) / 3600
-            bar.set_postfix(hours=f"{hours:.2f}", rejects=len(rejects))
-
+        # 2. load and cut takes (in worker processes or Ray tasks, into the take store)
         store = TakeStore(out.work / "takes")
-        try:
-            for _ in convert_takes(recordings, settings, store, args.workers, progress):
-                pass
-        finally:
-            bar.close()
+        takes, failed = convert_all(recordings, settings, store, args.workers, engine, args.quiet)
+        rejects += failed
 
         # 3. judge the lags against the dataset's median; cut, split by recording and shuffle
         takes, out_of_sync, sync = judge(takes, settings)
@@ -146,7 +139,8 @@ def make_dataset(args: argparse.Namespace) -> Summary:
         layout = Manifest.for_window(out.path, args.window_seconds, args.segment_seconds)
         crops = layout.segment_frames - layout.frames + 1
         stats = TrainStats(frames=layout.segment_frames, crops=crops)
-        shards = write_shards(ordered, out.work, args.samples_per_shard, stats)
+        run = engine.write if engine is not None else None
+        shards = write_shards(ordered, out.work, args.samples_per_shard, stats, run=run)
 
         # 5. the manifest, then swap the new dataset in
         manifest = dataclasses.replace(
@@ -156,7 +150,7 @@ def make_dataset(args: argparse.Namespace) -> Summary:
             rejects=len(rejects),
             train_stats=stats.to_dict(),
             sync=sync.to_dict(),
-            args={k: v for k, v in vars(args).items() if k not in ("verify", "quiet")},
+            args={k: v for k, v in vars(args).items() if k not in NOT_RECORDED},
             versions={"python": sys.version.split()[0], "numpy": np.__version__},
         )
         out.commit(manifest, reject_lines(rejects), sync_reports(sync))
@@ -164,7 +158,8 @@ def make_dataset(args: argparse.Namespace) -> Summary:
     warnings = [w for w in (balance[0].warning(), sync.warning()) if w]
     warnings += getattr(out, "warnings", [])
     uploaded = getattr(out, "uploaded", [])
-    return Summary(out.path, manifest, takes, rejects, minutes, sync, uploaded, warnings)
+    cpus = engine.cpus if engine is not None else args.workers
+    return Summary(out.path, manifest, takes, rejects, minutes, sync, uploaded, warnings, cpus)
 
 
 def sync_reports(sync: SyncReport) -> dict[str, str]:
@@ -201,7 +196,8 @@ def report(s: Summary) -> str:
         + (f" ({'; '.join([*why, f'see {s.out / REJECTS_NAME}'])})" if s.rejects else "")
         + (f"; {s.duplicates} duplicate timecode rows dropped" if s.duplicates else "")
         + (f"; {s.reused} takes reused from an earlier run" if s.reused else "")
-        + f"; {hours_in / max(s.minutes, 1e-9):.1f} h of audio per minute",
+        + f"; {hours_in / max(s.minutes, 1e-9):.1f} h of audio per minute "
+        f"({hours_in / max(s.minutes, 1e-9) / s.cpus:.2f} per CPU, {s.cpus} CPUs)",
         f"  {s.sync.summary()} (each take: {s.out / REPORT_NAMES[0]}, {s.out / REPORT_NAMES[1]})",
     ]
     lines += [f"  rejected {r.file}: {r.reason}" for r in s.rejects[:20]]
@@ -224,7 +220,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--synthetic", type=int, metavar="N", help="N synthetic takes")
-    src.add_argument("--input", metavar="DIR", help="folder of recordings (searched recursively)")
+    src.add_argument(
+        "--input",
+        metavar="DIR",
+        help="folder of recordings (searched recursively), or s3://bucket/prefix",
+    )
     src.add_argument("--verify", metavar="DIR", help="re-read a dataset end to end and report")
     p.add_argument("--out", metavar="DIR", help="output dataset folder")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of recordings for val")
@@ -258,7 +258,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _add_sync_flags(p)
     p.add_argument("--samples-per-shard", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="--engine local")
+    _add_engine_flags(p)
     p.add_argument(
         "--csv-fps",
         type=float,
@@ -283,6 +284,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if problems:
         p.error("; ".join(problems))
     return args
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: a process pool on this machine; ray: tasks on a Ray cluster (pip install "
+        "'arkit-dali[ray]'); the same bytes either way",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="the Ray cluster (host:port, or auto); default RAY_ADDRESS, else a local Ray "
+        "started for the run",
+    )
 
 
 def _add_sync_flags(p: argparse.ArgumentParser) -> None:

@@ -6,18 +6,25 @@ the fixtures of ``conftest.py``), never from one another.
 - Live Link timecode labels derived from the SMPTE rule (non-drop and drop-frame);
 - the loaders by backend name, a split as make_shards wrote it, epochs and batches;
 - a DALI graph's definition read from its public serialization;
-- the DDP ranks of a real trainer run, spawned on CPU.
+- the DDP ranks of a real trainer run, spawned on CPU;
+- a ``moto_server`` (a real S3-compatible server process) on 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
 import json
 import os
 import socket
+import subprocess
+import sys
 import tarfile
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -475,3 +482,42 @@ def ddp_args(run_dir: Path, dataset: Path, loader: str, *sets: str) -> list[str]
     for s in (*SMALL_DDP, f"data.dir={dataset}", f"run.dir={run_dir}", *sets):
         args += ["--set", s]
     return args
+
+
+# ---------------------------------------------------------------- a local S3 server
+
+
+@contextlib.contextmanager
+def moto_server(**env):
+    """A moto_server on a free port of 127.0.0.1, answering; killed on exit."""
+    with moto_process(**env) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def moto_process(host: str = "127.0.0.1", name: str | None = None, **env):
+    """``moto_server`` on ``host``, reached as ``name`` (default: ``host``): (URL, process)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://{name or host}:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url + "/", timeout=1).close()
+                break
+            except urllib.error.HTTPError:  # it answers, if only to refuse
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start on {url}") from None
+                time.sleep(0.1)
+        yield url, proc
+    finally:
+        proc.kill()
+        proc.wait()

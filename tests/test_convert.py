@@ -195,7 +195,7 @@ def _write_half_then_hang(job):
 def test_an_interrupted_conversion_leaves_no_half_written_take(tmp_path, monkeypatch):
     # the workers are forked with the hanging one in place; closing the generator is what
     # Ctrl-C does to it: the pool is terminated with take 0 mid-write
-    monkeypatch.setattr(takestore, "_convert_and_store", _write_half_then_hang)
+    monkeypatch.setattr(takestore, "convert_and_store", _write_half_then_hang)
     store = TakeStore(tmp_path / "store")
     results = takestore.convert_takes(synthetic_recordings(3), Settings(), store, workers=2)
     first = next(results)

@@ -17,8 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -32,7 +30,7 @@ from pipeline.convert.s3out import UPLOAD_MARK
 from pipeline.shards import s3 as s3_client_module
 from pipeline.shards import storage
 from pipeline.shards.manifest import load_manifest
-from tests.helpers import SMALL_RUN
+from tests.helpers import SMALL_RUN, moto_process, moto_server
 
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto.server")
@@ -56,42 +54,6 @@ def aws_env(endpoint: str) -> dict[str, str]:
         "AWS_SECRET_ACCESS_KEY": SECRET,
         "AWS_REGION": "us-east-1",
     }
-
-
-@contextlib.contextmanager
-def moto_server(**env):
-    """A moto_server on a free port of 127.0.0.1, answering; killed on exit."""
-    with moto_process(**env) as (url, _):
-        yield url
-
-
-@contextlib.contextmanager
-def moto_process(host: str = "127.0.0.1", name: str | None = None, **env):
-    """``moto_server`` on ``host``, reached as ``name`` (default: ``host``): (URL, process)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://{name or host}:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(url + "/", timeout=1).close()
-                break
-            except urllib.error.HTTPError:  # it answers, if only to refuse
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start on {url}") from None
-                time.sleep(0.1)
-        yield url, proc
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="session")

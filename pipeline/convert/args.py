@@ -30,7 +30,7 @@ def usage_problems(args: argparse.Namespace) -> list[str]:
     bad = []
     if not args.verify and not args.out:
         bad.append("--out is required with --synthetic or --input")
-    if args.input and not Path(args.input).is_dir():
+    if args.input and not args.input.startswith("s3://") and not Path(args.input).is_dir():
         bad.append(f"--input {args.input} is not a folder")
     for flag, value in (("--out", args.out), ("--verify", args.verify)):
         if value and storage.is_s3(value):

@@ -8,6 +8,10 @@ sample format) with a Live Link Face CSV or a ``[T, 52]`` .npy.
 from __future__ import annotations
 
 import dataclasses
+import posixpath
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from pipeline.convert.windows import (
     check_lengths,
     prepare_take,
 )
+from pipeline.shards import storage
 from pipeline.shards.manifest import FPS, WINDOW_SECONDS
 from pipeline.shards.members import SAMPLE_RATE
 
@@ -111,29 +116,57 @@ def synthetic_recordings(n: int) -> list[Recording]:
     return [Recording(i, f"synthetic:{i}") for i in range(n)]
 
 
-def find_recordings(root: Path) -> tuple[list[Recording], list[Reject]]:
-    """Pair audio and animation files by stem (same folder). Unpaired files are rejects."""
-    by_stem: dict[Path, dict[str, list[Path]]] = {}
-    for p in sorted(p for p in root.rglob("*") if p.is_file()):
-        ext = p.suffix.lower()
-        kind = "audio" if ext in AUDIO_EXTS else "anim" if ext in ANIM_EXTS else None
+def find_recordings(root: str | Path) -> tuple[list[Recording], list[Reject]]:
+    """Pair audio and animation files by stem (same folder). Unpaired files are rejects.
+    ``root``: a folder (searched recursively) or ``s3://bucket/prefix`` (every key below it)."""
+    if storage.is_s3(root):
+        url = storage.location(root)
+        files = [str(url / name) for name in storage.list_names(url)]
+    else:
+        files = [str(p) for p in Path(root).rglob("*") if p.is_file()]
+    by_stem: dict[str, dict[str, list[str]]] = {}
+    for f in sorted(files, key=_parts):  # as pathlib sorts paths: part by part
+        stem, ext = posixpath.splitext(f)
+        kind = (
+            "audio" if ext.lower() in AUDIO_EXTS else "anim" if ext.lower() in ANIM_EXTS else None
+        )
         if kind is not None:
-            by_stem.setdefault(p.with_suffix(""), {}).setdefault(kind, []).append(p)
+            by_stem.setdefault(stem, {}).setdefault(kind, []).append(f)
     recordings: list[Recording] = []
     rejects: list[Reject] = []
-    for _stem, slot in sorted(by_stem.items()):
+    for _stem, slot in sorted(by_stem.items(), key=lambda item: _parts(item[0])):
         for extra in sorted(slot.get("audio", [])[1:] + slot.get("anim", [])[1:]):
-            rejects.append(Reject(str(extra), "second file with the same stem"))
+            rejects.append(Reject(extra, "second file with the same stem"))
         if "audio" in slot and "anim" in slot:
-            wav, anim = str(slot["audio"][0]), str(slot["anim"][0])
+            wav, anim = slot["audio"][0], slot["anim"][0]
             recordings.append(Recording(len(recordings), wav, wav, anim))
         elif "audio" in slot:
             reason = "audio has no animation file (.csv or .npy with the same stem)"
-            rejects.append(Reject(str(slot["audio"][0]), reason))
+            rejects.append(Reject(slot["audio"][0], reason))
         else:
             reason = "animation has no audio file (.wav or .flac with the same stem)"
-            rejects.append(Reject(str(slot["anim"][0]), reason))
+            rejects.append(Reject(slot["anim"][0], reason))
     return recordings, rejects
+
+
+def _parts(path: str) -> list[str]:
+    return path.split("/")
+
+
+@contextmanager
+def local_files(rec: Recording) -> Iterator[Recording]:
+    """``rec`` with its files on this machine: as it is, or for ``s3://`` inputs downloaded
+    into a temporary folder (deleted on exit) under their own names."""
+    if rec.audio is None or not storage.is_s3(rec.audio):
+        yield rec
+        return
+    with tempfile.TemporaryDirectory(prefix="make_shards-take-") as tmp:
+        local = {}
+        for role in ("audio", "anim"):
+            url = storage.location(getattr(rec, role))
+            local[role] = str(Path(tmp) / url.name)
+            storage.download(url, Path(local[role]))
+        yield dataclasses.replace(rec, **local)
 
 
 SLACK = 0.01  # values this far outside [0, 1] are float noise and clipped; further, a reject
@@ -202,12 +235,15 @@ def convert(job: tuple[Recording, Settings]) -> Converted | Rejected:
     """
     rec, s = job
     try:
-        a, anim = load_take(rec, s)
+        with local_files(rec) as here:
+            a, anim = load_take(here, s)
         take, mismatch = _prepare(a, anim, s)
     except InputError as exc:
         return Rejected(rec, str(exc))
     except OSError as exc:
         return Rejected(rec, f"unreadable: {exc.strerror or exc}", transient=True)
+    except storage.NotFound as exc:  # gone since it was listed; the store's other failures
+        return Rejected(rec, f"unreadable: {exc}", transient=True)  # stop the run, naming it
     search = s.sync_search_seconds + (abs(mismatch.seconds) if mismatch else 0.0)
     lag = estimate_lag(take.audio, SAMPLE_RATE, take.frames, FPS, search)
     return Converted(rec, take, len(a) / SAMPLE_RATE, anim.duplicates, lag, mismatch)

@@ -28,6 +28,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from core.errors import ArkitError, DatasetError
@@ -66,6 +67,12 @@ def beside(manifest: Manifest, taken: set[str]) -> Manifest:
     )
 
 
+def _upload_here(files: list[tuple[Path, S3Url]], on_done: Callable[[], None]) -> None:
+    for src, url in files:
+        storage.upload(src, url)
+        on_done()
+
+
 class S3OutDir:
     """``OutDir``'s interface (``path``, ``work``, ``commit``) for an ``s3://`` ``--out``."""
 
@@ -81,6 +88,11 @@ class S3OutDir:
         self.uploaded: list[str] = []
         self.warnings: list[str] = []  # said after the summary
         self._staged = False  # the staging folder holds the finished dataset
+        # uploads the shards, indexes and reports: (staged file, URL) pairs, a call after each;
+        # the Ray engine's tasks, or one after the other here
+        self.upload_files: Callable[[list[tuple[Path, S3Url]], Callable[[], None]], None] = (
+            _upload_here
+        )
 
     def __enter__(self) -> S3OutDir:
         self._check_contents()  # before any work: a refusal costs nothing
@@ -150,13 +162,16 @@ class S3OutDir:
                 "command"
             ) from None
         done = 0
+
+        def count() -> None:
+            nonlocal done
+            done += 1
+
         try:
             storage.put_text(
                 self.path / UPLOAD_MARK, json.dumps({"new": new, "stale": sorted(stale)})
             )
-            for staged, name in files:
-                storage.upload(self.staging / staged, self.path / name)
-                done += 1
+            self.upload_files([(self.staging / s, self.path / n) for s, n in files], count)
             storage.upload(self.staging / UPLOAD_MANIFEST, self.path / MANIFEST_NAME)
         except DatasetError as exc:
             kept = (

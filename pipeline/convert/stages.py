@@ -10,10 +10,12 @@ not depend on worker timing.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -227,6 +229,25 @@ class TrainStats:
             self.first_sum += a[: self.crops].mean(0, dtype=np.float64)
         self.first_count += 1
 
+    def merge(self, other: TrainStats) -> None:
+        self.frame_sum += other.frame_sum
+        self.frame_count += other.frame_count
+        self.first_sum += other.first_sum
+        self.first_count += other.first_count
+
+    def dump(self) -> dict:
+        """The sums, exactly (JSON keeps a float64's every bit)."""
+        return {
+            "frame_sum": self.frame_sum.tolist(),
+            "frame_count": self.frame_count,
+            "first_sum": self.first_sum.tolist(),
+            "first_count": self.first_count,
+        }
+
+    def load(self, doc: dict) -> None:
+        self.frame_sum, self.first_sum = np.array(doc["frame_sum"]), np.array(doc["first_sum"])
+        self.frame_count, self.first_count = doc["frame_count"], doc["first_count"]
+
     def to_dict(self) -> dict:
         return {
             "frame_mean": (self.frame_sum / max(self.frame_count, 1)).round(6).tolist(),
@@ -259,31 +280,93 @@ def sample_members(p: StoredPiece, split: str) -> tuple[str, list[tuple[str, byt
     return p.key, [(WAV_EXT, wav), (NPY_EXT, npy), (JSON_EXT, json.dumps(meta).encode())]
 
 
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to write: its pieces in order, where, and the train statistics' shape. Plain
+    metadata (take paths, piece positions): a worker process or a Ray task reads the take
+    store itself."""
+
+    split: str
+    number: int
+    pieces: list[StoredPiece]
+    folder: str
+    frames: int  # TrainStats.frames
+    crops: int  # TrainStats.crops
+
+    @property
+    def path(self) -> Path:
+        return Path(self.folder) / f"{self.split}-{self.number:06d}.tar"
+
+    def plan(self) -> str:
+        """What decides the shard's bytes: each sample's key, take file (named by its
+        fingerprint), piece and judgement."""
+        doc = [
+            [p.key, p.recording.source, p.recording.anim, Path(p.take.path).name, p.kind]
+            + [list(astuple(p.piece)), p.take.shift, p.take.retimed, p.take.action, self.split]
+            for p in self.pieces
+        ]
+        return hashlib.sha256(json.dumps(doc).encode()).hexdigest()
+
+
+def shard_jobs(
+    ordered: dict[str, list[StoredPiece]], folder: Path, samples_per_shard: int, stats: TrainStats
+) -> list[ShardJob]:
+    """Stage 4's work, in the order of the manifest: each split's pieces cut into shards."""
+    return [
+        ShardJob(split, k, chunk, str(folder), stats.frames, stats.crops)
+        for split in SPLITS
+        for k, chunk in enumerate(chunks(ordered[split], samples_per_shard))
+    ]
+
+
+def write_one_shard(job: ShardJob) -> tuple[Shard, TrainStats]:
+    """Write one shard and its index (``<split>-NNNNNN.tar`` + ``.idx``), and its train
+    statistics; reused when a finished shard of the same plan is already there (its record,
+    ``.<name>.done.json``, is written last)."""
+    path = job.path
+    done = path.with_name(f".{path.name}.done.json")
+    plan = job.plan()
+    stats = TrainStats(frames=job.frames, crops=job.crops)
+    if done.is_file() and path.is_file():
+        doc = json.loads(done.read_text())
+        if doc.get("plan") == plan:
+            stats.load(doc["stats"])
+            return Shard(split=job.split, **doc["shard"]), stats
+    samples = [sample_members(p, job.split) for p in job.pieces]
+    if job.split == "train":
+        for _, members in samples:
+            stats.add(members[1][1])
+    try:
+        info = write_shard(path, samples)
+        tmp = done.with_name(done.name + ".tmp")
+        tmp.write_text(json.dumps({"plan": plan, "shard": info, "stats": stats.dump()}))
+        os.replace(tmp, done)
+    except OSError as exc:
+        raise DatasetError(
+            f"could not write {path} ({exc.strerror or exc}); nothing in place was "
+            "changed, and the converted takes are kept for a rerun"
+        ) from None
+    return Shard(split=job.split, **info), stats
+
+
 def write_shards(
     ordered: dict[str, list[StoredPiece]],
     folder: Path,
     samples_per_shard: int,
     stats: TrainStats,
     on_shard: Callable[[Shard], None] = lambda s: None,
+    run: Callable[[list[ShardJob]], Iterable[tuple[Shard, TrainStats]]] | None = None,
 ) -> list[Shard]:
-    """Stage 4: each split's pieces, in order, into ``<split>-NNNNNN.tar`` + ``.idx``."""
+    """Stage 4: each split's pieces, in order, into ``<split>-NNNNNN.tar`` + ``.idx``.
+    ``run`` writes the jobs (in any order, anywhere) and yields their results in the jobs'
+    order; default: one after the other, here. The statistics are summed shard by shard in
+    that order, so they are the same whatever wrote the shards."""
+    jobs = shard_jobs(ordered, folder, samples_per_shard, stats)
     shards = []
-    for split in SPLITS:
-        for k, chunk in enumerate(chunks(ordered[split], samples_per_shard)):
-            samples = [sample_members(p, split) for p in chunk]
-            if split == "train":
-                for _, members in samples:
-                    stats.add(members[1][1])
-            path = folder / f"{split}-{k:06d}.tar"
-            try:
-                info = write_shard(path, samples)
-            except OSError as exc:
-                raise DatasetError(
-                    f"could not write {path} ({exc.strerror or exc}); nothing in place was "
-                    "changed, and the converted takes are kept for a rerun"
-                ) from None
-            shards.append(Shard(split=split, **info))
-            on_shard(shards[-1])
+    for shard, part in (run or (lambda js: map(write_one_shard, js)))(jobs):
+        stats.merge(part)
+        shards.append(shard)
+        on_shard(shard)
     return shards
 
 

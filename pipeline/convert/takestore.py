@@ -27,8 +27,10 @@ from core.errors import DatasetError
 from pipeline.convert.inputs import Converted, Mismatch, Recording, Rejected, Settings, convert
 from pipeline.convert.sync import Lag
 from pipeline.convert.windows import PreparedTake, retime
+from pipeline.shards import storage
 from pipeline.shards.manifest import FPS
 from pipeline.shards.members import SAMPLE_RATE, to_pcm16
+from pipeline.shards.storage import NotFound
 
 STORE_VERSION = 3  # bump when a stored take's bytes would differ for the same inputs
 
@@ -76,7 +78,10 @@ def fingerprint(rec: Recording, s: Settings) -> str:
     number, and the settings. Equal fingerprints give equal bytes."""
     files = []
     for path in (rec.audio, rec.anim):
-        if path is not None:
+        if path is not None and storage.is_s3(path):  # its URL, size and ETag
+            st = storage.stat(path)
+            files.append([path, st.size, st.version])
+        elif path is not None:
             st = os.stat(path)
             files.append([str(Path(path).resolve()), st.st_size, st.st_mtime_ns])
     doc = {"v": STORE_VERSION, "files": files, "synthetic": None if rec.audio else rec.order}
@@ -169,10 +174,19 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _convert_and_store(job: tuple[Recording, Settings, str, str]) -> StoredTake | Rejected:
+Job = tuple[Recording, Settings, str, str]  # (recording, settings, store folder, fingerprint)
+
+
+def convert_and_store(job: Job) -> StoredTake | Rejected:
     """Worker: convert one recording and write it to the store."""
     rec, settings, root, digest = job
     return TakeStore(Path(root), clean=False).put(rec, digest, convert((rec, settings)))
+
+
+def _pool(todo: list[Job], workers: int) -> Iterator[StoredTake | Rejected]:
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ctx.Pool(max(1, min(workers, len(todo))), initializer=_ignore_sigint) as pool:
+        yield from pool.imap_unordered(convert_and_store, todo, chunksize=1)
 
 
 def convert_takes(
@@ -181,15 +195,18 @@ def convert_takes(
     store: TakeStore,
     workers: int,
     on_result: Callable[[StoredTake | Rejected], None] = lambda r: None,
+    run: Callable[[list[Job]], Iterator[StoredTake | Rejected]] | None = None,
 ) -> Iterator[StoredTake | Rejected]:
     """Convert every recording not already in the store, in parallel; yield each result (in
-    completion order) once it is stored."""
-    todo: list[tuple[Recording, Settings, str, str]] = []
+    completion order) once it is stored. ``run`` converts the jobs (``convert_and_store`` each,
+    anywhere that sees the store's folder) and yields results as they come; default: a
+    process pool of ``workers`` here."""
+    todo: list[Job] = []
     for rec in recordings:
         try:
             digest = fingerprint(rec, settings)
-        except OSError as exc:  # vanished or unreadable since it was listed
-            result = Rejected(rec, f"unreadable: {exc.strerror or exc}")
+        except (OSError, NotFound) as exc:  # vanished or unreadable since it was listed
+            result = Rejected(rec, f"unreadable: {getattr(exc, 'strerror', None) or exc}")
             on_result(result)
             yield result
             continue
@@ -201,13 +218,13 @@ def convert_takes(
             yield done
     if not todo:
         return
-    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    results = run(todo) if run is not None else _pool(todo, workers)
     try:
-        with ctx.Pool(max(1, min(workers, len(todo))), initializer=_ignore_sigint) as pool:
-            for stored in pool.imap_unordered(_convert_and_store, todo, chunksize=1):
-                on_result(stored)
-                yield stored
+        for stored in results:
+            on_result(stored)
+            yield stored
     finally:
-        # leaving the block terminates and joins the workers; on Ctrl-C or a failure one may
-        # have been stopped mid-write
+        # stops the workers (the pool) or cancels the tasks left (Ray); on Ctrl-C or a failure
+        # one may have been stopped mid-write
+        results.close()
         store.clean()

@@ -235,6 +235,11 @@ def upload(src: Path, url: S3Url) -> None:
     call(url, "upload_file", sent, **kw)
 
 
+def download(url: S3Url, dst: Path) -> None:
+    """Copy the object ``url`` into the local file ``dst`` (streamed, in parts)."""
+    call(url, "download_file", Bucket=url.bucket, Key=url.key, Filename=str(dst))
+
+
 def put_text(url: S3Url, text: str) -> None:
     call(url, "put_object", Bucket=url.bucket, Key=url.key, Body=text.encode())
 
