@@ -128,12 +128,15 @@ def test_s3_in_and_out_on_both_engines(cluster, tmp_path, capsys):
     assert "ray-test-secret" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("stage", ["take", "shard"])
 def test_a_worker_killed_on_its_first_task_is_retried(
-    cluster, synthetic_local, tmp_path, monkeypatch
+    cluster, synthetic_local, tmp_path, monkeypatch, stage
 ):
+    """A worker dies in its first take conversion, or its first shard write: Ray runs the
+    task again and the dataset is the local engine's, byte for byte."""
     out, local = synthetic_local
     marker = tmp_path / "killed-once"
-    monkeypatch.setenv("ARKIT_RAY_FAULT", str(marker))
+    monkeypatch.setenv("ARKIT_RAY_FAULT", f"{stage}:{marker}")
     assert run(out, *SYNTH) == 0
     assert marker.exists()  # a worker did die
     assert tree(out) == local

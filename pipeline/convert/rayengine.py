@@ -32,9 +32,15 @@ IN_FLIGHT_PER_CPU = 2  # tasks submitted ahead per CPU of the cluster: bounded d
 # settings the tasks get from the driver: where S3 is, never a credential (workers take those
 # from their own environment: variables set where `ray start` ran, ~/.aws, an instance role)
 FORWARDED = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
-# fault injection for the tests: a path; the first task that finds no file there creates it
-# and kills its worker process, so Ray's retry is what completes the run
+# fault injection for the tests: "take:PATH" or "shard:PATH"; the first task of that stage
+# that finds no file at PATH creates it and kills its worker process, so Ray's retry is what
+# completes the run
 FAULT_ENV = "ARKIT_RAY_FAULT"
+
+
+def _fault_for(stage: str) -> str | None:
+    kind, _, path = (os.environ.get(FAULT_ENV) or "").partition(":")
+    return path if kind == stage and path else None
 
 
 def _ray():
@@ -96,7 +102,7 @@ class RayEngine:
         self._options = {"num_cpus": 1, "max_retries": RETRIES}
         if env:
             self._options["runtime_env"] = {"env_vars": env}
-        self._fault = os.environ.get(FAULT_ENV) or None
+        self._faults = {stage: _fault_for(stage) for stage in ("take", "shard")}
 
     def _remote(self, fn: Callable):
         return _ray().remote(fn).options(**self._options)
@@ -110,7 +116,7 @@ class RayEngine:
         try:
             while True:
                 for job in todo:
-                    pending[task.remote(job, self._fault)] = f"take {job[0].source}"
+                    pending[task.remote(job, self._faults["take"])] = f"take {job[0].source}"
                     if len(pending) >= limit:
                         break
                 if not pending:
@@ -123,7 +129,9 @@ class RayEngine:
 
     def write(self, jobs: list) -> Iterator:
         """Stage 4: ``write_one_shard`` on each job, results in the jobs' order."""
-        return self._ordered(self._remote(_shard_task), [(j, self._fault) for j in jobs], _shard)
+        return self._ordered(
+            self._remote(_shard_task), [(j, self._faults["shard"]) for j in jobs], _shard
+        )
 
     def upload(self, files: list[tuple[Path, object]], on_done: Callable[[], None]) -> None:
         """Upload each (local file, ``S3Url``) from the workers, ``on_done`` after each."""
