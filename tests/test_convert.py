@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -192,10 +194,13 @@ def _write_half_then_hang(job):
     return takestore.TakeStore(Path(root), clean=False).put(rec, digest, convert((rec, settings)))
 
 
-def test_an_interrupted_conversion_leaves_no_half_written_take(tmp_path, monkeypatch):
-    # the workers are forked with the hanging one in place; closing the generator is what
-    # Ctrl-C does to it: the pool is terminated with take 0 mid-write
+@pytest.mark.parametrize("sigterm", ["default", "handled"])
+def test_an_interrupted_conversion_leaves_no_half_written_take(tmp_path, monkeypatch, sigterm):
+    """The workers are forked with the hanging one in place; closing the generator is what
+    Ctrl-C does to it: the pool is terminated with take 0 mid-write. ``handled``: forked from
+    a process that handles SIGTERM in Python (as Ray's driver does), the workers still stop."""
     monkeypatch.setattr(takestore, "convert_and_store", _write_half_then_hang)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None) if sigterm == "handled" else None
     store = TakeStore(tmp_path / "store")
     results = takestore.convert_takes(synthetic_recordings(3), Settings(), store, workers=2)
     first = next(results)
@@ -204,7 +209,14 @@ def test_an_interrupted_conversion_leaves_no_half_written_take(tmp_path, monkeyp
     while not list(store.root.glob("*.bin.tmp")):  # take 0 is being written ...
         assert time.monotonic() < deadline, "take 0 never started"
         time.sleep(0.01)
-    results.close()
+    closing = threading.Thread(target=results.close)
+    try:
+        closing.start()
+        closing.join(60)  # the hanging worker sleeps 120 s unless SIGTERM stops it
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    assert not closing.is_alive(), "the pool waited for a worker that SIGTERM did not stop"
     assert not list(store.root.glob("*.tmp"))  # ... and what it left is gone
     assert len(list(store.root.glob("*.json"))) >= 1  # the finished takes stay
 

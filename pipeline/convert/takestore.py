@@ -168,10 +168,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _ignore_sigint() -> None:
+def _worker_signals() -> None:
     # Ctrl-C goes to the whole process group: the main process handles it once, the workers
     # must not each print a traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the pool stops its workers with SIGTERM: they must die of it, whatever handler they were
+    # forked with (Ray's driver drains its node on SIGTERM; a worker running that, or exiting
+    # through Python with the pool's queue lock held, leaves the pool waiting for it forever)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 Job = tuple[Recording, Settings, str, str]  # (recording, settings, store folder, fingerprint)
@@ -185,7 +189,7 @@ def convert_and_store(job: Job) -> StoredTake | Rejected:
 
 def _pool(todo: list[Job], workers: int) -> Iterator[StoredTake | Rejected]:
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ctx.Pool(max(1, min(workers, len(todo))), initializer=_ignore_sigint) as pool:
+    with ctx.Pool(max(1, min(workers, len(todo))), initializer=_worker_signals) as pool:
         yield from pool.imap_unordered(convert_and_store, todo, chunksize=1)
 
 
