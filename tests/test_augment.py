@@ -36,7 +36,7 @@ from pipeline import build_loader, make_shards
 from pipeline.loaders.augment import SPEED_TOLERANCE, Augment, max_offset, start_sample
 from pipeline.shards.manifest import load_manifest
 from pipeline.shards.tars import read_index
-from tests.helpers import tar_members
+from tests.helpers import take, tar_members
 
 RATE, FPS = 16000, 30
 CLIP, FRAMES = 160000, 300
@@ -620,12 +620,7 @@ def test_augmented_batches_repeat_and_resume_exactly(segs, backend):
 
     for stop in (2, 5):  # inside epoch 0 and inside epoch 1
         first = make(backend, segs, **kw)
-        seen = []
-        while len(seen) < stop:
-            for batch in first:
-                seen.append(batch)
-                if len(seen) == stop:
-                    break
+        seen = take(first, stop)
         state = first.state_dict()
         assert (state["epoch"], state["batch"]) == divmod(stop, 4)
         resumed = make(backend, segs, **kw)
