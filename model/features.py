@@ -119,9 +119,9 @@ class LogMel(nn.Module):
         return self.sample_rate / self.hop_length
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(wav.device.type, enabled=False):  # the FFT wants float32
+        with torch.autocast(wav.device.type, enabled=False):  # the FFT wants float32 (or 64)
             spec = torch.stft(
-                wav.float(),
+                wav if wav.dtype == torch.float64 else wav.float(),
                 self.n_fft,
                 self.hop_length,
                 self.win_length,

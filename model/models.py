@@ -12,6 +12,7 @@ from core.arkit import NUM_BLENDSHAPES
 from core.constants import FPS, WINDOW_FRAMES
 from core.errors import ConfigError
 from model.features import FEATURES, LogMel
+from model.reach import fit
 
 
 class FrontEnd(nn.Module):
@@ -41,12 +42,27 @@ class FrontEnd(nn.Module):
         return x
 
 
-def conv_block(cin: int, cout: int, kernel: int = 5, dilation: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv1d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation),
-        nn.BatchNorm1d(cout),
-        nn.GELU(),
-    )
+class Conv(nn.Conv1d):
+    """A ``Conv1d`` whose output at step i sees its input up to step i + ``right`` (zero padding
+    ``span - right`` on the left, ``right`` on the right; ``span = dilation * (kernel - 1)``).
+    ``right = span // 2`` is the symmetric, "same" convolution; 0 is causal. Its parameters are
+    ``Conv1d``'s, so a checkpoint of either loads into the other."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, dilation: int = 1, right=None) -> None:
+        super().__init__(cin, cout, kernel, dilation=dilation)
+        self.span = dilation * (kernel - 1)
+        self.right = self.span // 2 if right is None else right
+        if not 0 <= self.right <= self.span:
+            raise ValueError(f"right context {self.right} is outside 0..{self.span}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(nn.functional.pad(x, (self.span - self.right, self.right)))
+
+
+def conv_block(
+    cin: int, cout: int, kernel: int = 5, dilation: int = 1, right: int | None = None
+) -> nn.Sequential:
+    return nn.Sequential(Conv(cin, cout, kernel, dilation, right), nn.BatchNorm1d(cout), nn.GELU())
 
 
 class SimplifiedModel(nn.Module):
@@ -97,7 +113,16 @@ class SimplifiedModel(nn.Module):
 
 
 class SequenceModel(nn.Module):
-    """All frames: ``[B, frames, 52]`` at ``fps`` from the whole clip; frame k at k / fps s."""
+    """All frames: ``[B, frames, 52]`` at ``fps`` from the whole clip; frame k at k / fps s, for
+    every frame time before the clip's last mel frame (``frames`` for a training window).
+
+    ``lookahead_seconds`` (None: unbounded, about 0.3 s) bounds how far past its own time a
+    frame reads the audio: the convolutions then look back what they do not look ahead
+    (``model.reach``), so frames can be streamed with that delay.
+    """
+
+    ENCODER = ((5, 1), (5, 1))  # (kernel, dilation) of the mel-rate convolutions
+    CONTEXT = ((3, 1), (3, 2), (3, 4))  # ... and of the frame-rate ones
 
     def __init__(
         self,
@@ -107,18 +132,36 @@ class SequenceModel(nn.Module):
         fps: float = FPS,
         num_blendshapes: int = NUM_BLENDSHAPES,
         features: str = "wav",
+        lookahead_seconds: float | None = None,
         **mel,
     ) -> None:
         super().__init__()
         self.frames, self.fps = frames, fps
         self.front = FrontEnd(features, n_mels, **mel)
         self.mel = self.front.mel
+        self.reach = fit(
+            lookahead_seconds,
+            self.mel.sample_rate,
+            self.mel.hop_length,
+            self.mel.n_fft,
+            self.mel.win_length,
+            fps,
+            tuple(d * (k // 2) for k, d in self.ENCODER),
+            tuple(d * (k // 2) for k, d in self.CONTEXT),
+        )
         self.norm = nn.BatchNorm1d(n_mels)
-        self.encoder = nn.Sequential(conv_block(n_mels, hidden), conv_block(hidden, hidden))
+        enc, ctx, r = self.ENCODER, self.CONTEXT, self.reach
+        self.encoder = nn.Sequential(
+            *(
+                conv_block(n_mels if i == 0 else hidden, hidden, k, d, right)
+                for i, ((k, d), right) in enumerate(zip(enc, r.encoder_right, strict=True))
+            )
+        )
         self.context = nn.Sequential(
-            conv_block(hidden, hidden, 3, dilation=1),
-            conv_block(hidden, hidden, 3, dilation=2),
-            conv_block(hidden, hidden, 3, dilation=4),
+            *(
+                conv_block(hidden, hidden, k, d, right)
+                for (k, d), right in zip(ctx, r.context_right, strict=True)
+            )
         )
         self.head = nn.Conv1d(hidden, num_blendshapes, 1)
 
@@ -129,14 +172,16 @@ class SequenceModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(self.front(x))  # [B, n_mels, T] at 100 fps
         h = self.encoder(x)
-        # mel frame j is centred at j / mel_fps s and blendshape frame k at k / fps s: sample h
-        # at those times
-        t = torch.arange(self.frames, device=h.device, dtype=torch.float32) * (
-            self.mel.frames_per_second / self.fps
-        )
-        lo = t.floor().long().clamp(max=h.shape[-1] - 1)
-        hi = (lo + 1).clamp(max=h.shape[-1] - 1)
-        w = (t - lo.float()).to(h.dtype)
+        # frame k sits at mel position k * a / b (mel frame j is centred at j * hop samples):
+        # sample h there, between the mel frames at or before and at or after it; integers,
+        # so the frames on a mel frame read only that one (``model.reach`` counts on it)
+        r = self.reach
+        a, b = r.sample_rate * r.fps_den, r.hop * r.fps_num
+        frames = ((h.shape[-1] - 1) * b + a - 1) // a  # the frame times before the last mel frame
+        pos = torch.arange(frames, device=h.device) * a
+        lo, rem = pos // b, pos % b
+        hi = lo + (rem > 0).long()
+        w = rem.to(h.dtype) / b
         h = h[:, :, lo] * (1 - w) + h[:, :, hi] * w  # [B, hidden, frames]
         h = h + self.context(h)
         return torch.sigmoid(self.head(h)).transpose(1, 2)  # [B, frames, 52]
@@ -163,6 +208,11 @@ def build_model(name: str, target: str, **kw) -> nn.Module:
     if name == "simplified":
         kw.pop("frames", None)
         kw.pop("fps", None)
+        if kw.pop("lookahead_seconds", None) is not None:
+            raise ConfigError(
+                "model.lookahead_seconds bounds the sequence model; the simplified model "
+                "looks model.context_seconds ahead of its frame"
+            )
     else:
         kw.pop("context_seconds", None)
     model = MODELS[name](**kw)

@@ -308,8 +308,61 @@ def test_build_args_rebuild_identical_model(name, target, kw):
     assert torch.equal(model.mel.fb, again.mel.fb)
     if isinstance(model, SequenceModel):
         assert (again.frames, again.fps) == (kw.get("frames", 300), kw.get("fps", 30))
-        assert model(wav).shape == (1, again.frames, 52)
+        # every frame time inside the 2 s of audio it is given, whatever its training window
+        assert model(wav).shape == (1, round(2.0 * again.fps), 52)
     else:
         # the frames whose whole FFT window lies in the context (see the context test above)
         seen, hop = int(round(kw.get("context_seconds", 0.3) * SR)), kw.get("hop_length", HOP)
         assert again.context == model.context == (seen - kw.get("n_fft", 512) // 2) // hop + 1
+
+
+# ---------------------------------------------------------------------- reach and lookahead
+
+
+@pytest.mark.parametrize("lookahead", [None, 0.05, 0.1, 0.2])
+def test_reach_names_exactly_the_samples_each_frame_depends_on(lookahead):
+    """In float64 (no rounding hides a far tap): a change at ``needs(k) - 1`` or ``first(k)``
+    moves frame k, one at ``needs(k)`` or ``first(k) - 1`` leaves it bit for bit."""
+    torch.manual_seed(0)
+    model = build_model("sequence", "sequence", hidden=8, n_mels=16, lookahead_seconds=lookahead)
+    model = model.eval().double()
+    r = model.reach
+    wav = torch.tensor(speechy(3.0, 8), dtype=torch.float64)[None]
+    with torch.no_grad():
+        base = model(wav)[0]
+        for k in (30, 31, 32, 44):
+            for pos, moves in ((r.needs(k) - 1, True), (r.needs(k), False)):
+                for at, want in ((pos, moves), (r.first(k) if moves else r.first(k) - 1, moves)):
+                    bumped = wav.clone()
+                    bumped[0, at] += 10.0
+                    changed = not torch.equal(model(bumped)[0, k], base[k])
+                    assert changed == want, (k, at, r.needs(k), r.first(k))
+    if lookahead is not None:
+        assert r.lookahead_seconds <= lookahead
+        assert max(r.needs(k) - k * SR / 30 for k in range(30)) == pytest.approx(
+            r.lookahead_samples
+        )
+
+
+def test_lookahead_bounds_the_right_reach_and_keeps_the_kernels():
+    full = build_model("sequence", "sequence", hidden=8).reach
+    assert (full.encoder_right, full.context_right) == ((2, 2), (1, 2, 4))
+    assert full.lookahead_seconds == pytest.approx(0.2925)  # about 0.3 s
+    seen = []
+    for limit in (0.02, 0.05, 0.1, 0.2, 0.3):
+        r = build_model("sequence", "sequence", hidden=8, lookahead_seconds=limit).reach
+        assert r.lookahead_seconds <= limit
+        # what a layer does not look ahead it looks back: the same kernels, the same weights
+        spans = [
+            a + b
+            for a, b in zip(
+                r.encoder_left + r.context_left, r.encoder_right + r.context_right, strict=True
+            )
+        ]
+        assert spans == [4, 4, 2, 4, 8]
+        seen.append(r.lookahead_seconds)
+    assert seen == sorted(seen) and seen[-1] == full.lookahead_seconds
+    with pytest.raises(ConfigError, match=r"lookahead_seconds 0.01 is less than .* at least 20 ms"):
+        build_model("sequence", "sequence", lookahead_seconds=0.01)
+    with pytest.raises(ConfigError, match="context_seconds"):
+        build_model("simplified", "first_frame", lookahead_seconds=0.1)

@@ -127,6 +127,7 @@ def build_model_for(cfg: Config, m: Manifest) -> nn.Module:
         fps=m.fps,
         num_blendshapes=m.num_blendshapes,
         context_seconds=mc.context_seconds,
+        lookahead_seconds=mc.lookahead_seconds,
         features=cfg.data.features,
         **mel,
     )

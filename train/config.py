@@ -131,6 +131,12 @@ class ModelConfig(Section):
     context_seconds: Number = Field(
         0.3, gt=0, description="simplified model: audio it looks at from the clip's start"
     )
+    lookahead_seconds: Number | None = Field(
+        None,
+        gt=0,
+        description="sequence model: how far past its own time a frame reads the audio "
+        "(null: unbounded, 0.29 s); a stream's delay is this plus its chunk",
+    )
 
 
 class TrainConfig(Section):

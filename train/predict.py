@@ -2,9 +2,10 @@
 
 A sequence model sees one window (10 s) at a time and its frames near a window's edges see
 padding instead of audio, so long audio is cut into windows that overlap: each window keeps
-only its frames at least ``margin`` frames from its edges (more than the model's receptive
-field, about 0.3 s for the sequence model), and neighbours crossfade over ``fade`` frames.
-Every kept frame is then what a window centred on it would predict, and no seam shows. A
+only its frames at least ``margin`` frames from its edges (more than the model's reach,
+``model.reach``: about 0.3 s each way), and neighbours crossfade over ``fade`` frames. Every
+kept frame is then what the model on the whole file, followed by silence, gives (what a
+stream gives: ``infer.stream``), and no seam shows. A
 ``first_frame`` model predicts the frame at the start of its clip from the next 0.3 s, so it
 slides: one clip per output frame, starting at that frame's sample.
 
@@ -121,6 +122,14 @@ class Predictor:
         step = w - 2 * margin - fade
         if step < 1:
             raise ConfigError(f"window of {w} frames is too short for margin {margin}, fade {fade}")
+        reach = getattr(self.model, "reach", None)
+        if reach is not None:  # a kept frame must not see a window's edge
+            most = max(reach.lookahead_samples, reach.history_samples) * self.fps
+            if margin < math.ceil(most / self.sample_rate) + 1:
+                raise ConfigError(
+                    f"margin {margin} frames is less than the model's reach "
+                    f"({most / self.sample_rate:.1f} frames): windows would show their seams"
+                )
         return margin, fade, step
 
     # ------------------------------------------------------------ prediction
@@ -171,7 +180,9 @@ class Predictor:
             return torch.cat(parts).cpu().numpy()[:n_out]
         margin, fade, step = self._edges()
         w = self.window_frames
-        n_win = 1 + max(0, math.ceil((n_out - w) / step))
+        # the last window runs at least a margin past the audio: the end is followed by silence,
+        # not by a window's edge (a stream's flush gives the same frames)
+        n_win = 1 + max(0, math.ceil((n_out + margin - w) / step))
         total = (n_win - 1) * step + w
         audio_t = torch.nn.functional.pad(audio_t, (0, self.sample(total) - len(audio_t)))
         acc = torch.zeros(total, 1, dtype=torch.float64)
