@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import ArkitError, ConfigError, InputError, RunError
+from infer import streaming
 from infer.outputs import Outputs, digest
 from pipeline.convert.audio import read_audio
 from pipeline.convert.inputs import AUDIO_EXTS  # what make_shards takes
@@ -38,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="audio files or folders of them")
     p.add_argument("--checkpoint", required=True, help="a checkpoint of the trainer (best.pt)")
-    p.add_argument("--out", required=True, help="folder for the CSVs and npys, or the report")
+    p.add_argument("--out", help="folder for the CSVs and npys, or the report")
     p.add_argument("--fps", type=int, default=60, help="the CSV's frame rate (default 60)")
     p.add_argument("--eval", metavar="DATA_DIR", help="score the checkpoint on a dataset")
     p.add_argument("--split", default="val", help="the split --eval scores (default val)")
@@ -53,9 +54,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="replace files at the targets that infer did not write (never an input)",
     )
+    streaming.add_arguments(p)
     args = p.parse_args(argv)
+    streaming.check_arguments(args, p)
+    if args.stream:
+        return args
     if not args.inputs and not args.eval:
-        p.error("give audio INPUTs, --eval DATA_DIR, or both")
+        p.error("give audio INPUTs, --eval DATA_DIR, or both (or --stream)")
+    if args.out is None:
+        p.error("--out is required: the folder for the CSVs and npys, or the report")
     if args.fps not in NOMINAL_RATES:
         p.error(f"--fps must be one of {', '.join(map(str, NOMINAL_RATES))}")
     if args.batch_size < 1:
@@ -231,6 +238,9 @@ def main(argv=None) -> int:
 
     try:
         pick_device(args.device)  # a device this machine lacks is named before any work
+        if args.stream:
+            predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.batch_size)
+            return streaming.run(predictor, args)
         found = find_inputs(args.inputs) if args.inputs else []
         out = Path(args.out)
         outputs = Outputs(out)

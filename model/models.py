@@ -82,6 +82,7 @@ class SimplifiedModel(nn.Module):
         **mel,
     ) -> None:
         super().__init__()
+        self.num_blendshapes = num_blendshapes
         self.front = FrontEnd(features, n_mels, **mel)
         self.mel = self.front.mel
         # the log-mel frames whose whole FFT window lies in the first context_seconds: they are
@@ -137,6 +138,7 @@ class SequenceModel(nn.Module):
     ) -> None:
         super().__init__()
         self.frames, self.fps = frames, fps
+        self.num_blendshapes = num_blendshapes
         self.front = FrontEnd(features, n_mels, **mel)
         self.mel = self.front.mel
         self.reach = fit(

@@ -7,7 +7,8 @@ works on a copy (``copy_dataset``), a test that needs other make_shards settings
 - ``segments_dataset``: 36 train segments of 2.8 s (84 frames) for 2 s windows (60 frames), in
   5 shards of up to 8, no val: room for crops at every speed up to 1.4;
 - ``long_segments``: 10 takes of 14 s: 8 train segments of 420 frames for 10 s windows, one
-  per take, in shards of 4, and 2 val windows of 300 frames.
+  per take, in shards of 4, and 2 val windows of 300 frames;
+- ``checkpoint``: a sequence model trained for 6 steps on ``tiny_dataset`` (its best.pt).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import build_synthetic
+from tests.helpers import SMALL_RUN, build_synthetic
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -50,6 +51,26 @@ def long_segments(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("long_segments") / "ds"
     args = ["--segment-seconds", "14", "--window-seconds", "10", "--val-fraction", "0.2"]
     return build_synthetic(out, 10, *args, "--samples-per-shard", "4")
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tiny_dataset, tmp_path_factory) -> Path:
+    """A sequence model trained for a few steps on the tiny dataset: its best.pt."""
+    from train.cli import main as train
+
+    run = tmp_path_factory.mktemp("infer-run")
+    args = ["--loader", "torch"]
+    sets = ["train.target=sequence", "train.max_steps=6", "data.num_workers=0"]
+    for s in (
+        *SMALL_RUN,
+        f"data.dir={tiny_dataset}",
+        f"run.dir={run}",
+        *sets,
+        "train.report=false",
+    ):
+        args += ["--set", s]
+    assert train(args) == 0
+    return run / "best.pt"
 
 
 @pytest.fixture

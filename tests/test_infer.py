@@ -36,18 +36,6 @@ from train.predict import Predictor
 SMALL = SMALL_RUN
 
 
-@pytest.fixture(scope="session")
-def checkpoint(tiny_dataset, tmp_path_factory) -> Path:
-    """A sequence model trained for a few steps on the tiny dataset: its best.pt."""
-    run = tmp_path_factory.mktemp("infer-run")
-    args = ["--loader", "torch"]
-    sets = ["train.target=sequence", "train.max_steps=6", "data.num_workers=0"]
-    for s in (*SMALL, f"data.dir={tiny_dataset}", f"run.dir={run}", *sets, "train.report=false"):
-        args += ["--set", s]
-    assert train(args) == 0
-    return run / "best.pt"
-
-
 def speech(seconds: float, seed: int = 5) -> np.ndarray:
     return make_take(77, seed, seconds=seconds)[0]
 
