@@ -2,6 +2,10 @@
 
     python -m infer --checkpoint runs/demo/best.pt take.wav more/ --out out/
     python -m infer --checkpoint runs/demo/best.pt --eval data/demo --out report/
+    python -m infer --onnx model.onnx take.wav --out out/     # a file of python -m infer.export
+
+``--onnx`` runs an exported file in ONNX Runtime on the CPU instead of the checkpoint in torch:
+the same outputs and report, within float rounding (1e-4), which checks a deployed file.
 
 For each audio input (WAV or FLAC, any rate, channels, length; a folder: every one in it) it
 writes ``<stem>.csv``, a Live Link Face CSV at ``--fps`` that Unreal's Live Link Face importer
@@ -38,14 +42,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m infer", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="audio files or folders of them")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint of the trainer (best.pt)")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="a checkpoint of the trainer (best.pt)")
+    model.add_argument(
+        "--onnx", metavar="FILE", help="a file of python -m infer.export, run by ONNX Runtime"
+    )
     p.add_argument("--out", help="folder for the CSVs and npys, or the report")
     p.add_argument("--fps", type=int, default=60, help="the CSV's frame rate (default 60)")
     p.add_argument("--eval", metavar="DATA_DIR", help="score the checkpoint on a dataset")
     p.add_argument("--split", default="val", help="the split --eval scores (default val)")
     p.add_argument("--loader", default="dali", help="the loader --eval reads with (dali, torch)")
     p.add_argument(
-        "--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N"
+        "--device",
+        default="auto",
+        help="auto (CUDA when there is one), cpu, cuda, cuda:N; --onnx runs on the CPU",
     )
     p.add_argument("--batch-size", type=int, default=16, help="windows per model call")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
@@ -181,7 +191,8 @@ def run_inputs(predictor, args, found: list[tuple[Path, Path]], outputs: Outputs
         )
     if total_time > 0:
         speed = figure(total_audio / total_time)
-        print(f"{speed} s of audio per second on {predictor.device}")
+        where = "the CPU (ONNX Runtime)" if args.onnx else predictor.device
+        print(f"{speed} s of audio per second on {where}")
     if failed:
         written = len(found) - failed
         print(
@@ -231,31 +242,45 @@ def eval_take_lags(predictor, data_dir: str, split: str) -> dict:
     return lags
 
 
+def load_predictor(args: argparse.Namespace):
+    """The ``--onnx`` file's model in ONNX Runtime, or the ``--checkpoint``'s in PyTorch."""
+    from train.predict import Predictor
+
+    if args.onnx:
+        return Predictor.from_onnx(args.onnx, args.batch_size)
+    return Predictor.from_checkpoint(args.checkpoint, args.device, args.batch_size)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from train.evaluate import evaluate
-    from train.predict import Predictor, pick_device
+    from train.predict import pick_device
 
     try:
+        if args.onnx and args.device not in ("auto", "cpu"):
+            raise ConfigError(
+                f"--device {args.device} with --onnx: ONNX Runtime runs the file on the CPU "
+                "here; pass --device cpu (or auto), or --checkpoint to run on CUDA"
+            )
         pick_device(args.device)  # a device this machine lacks is named before any work
         if args.stream:
-            predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.batch_size)
-            return streaming.run(predictor, args)
+            return streaming.run(load_predictor(args), args)
         found = find_inputs(args.inputs) if args.inputs else []
         out = Path(args.out)
         outputs = Outputs(out)
         targets = [out / f"{rel}.{ext}" for _, rel in found for ext in ("csv", "npy")]
         if args.eval:
             targets += [out / name for name in REPORT_FILES]
-        sources = [src for src, _ in found] + [Path(args.checkpoint)]
+        model_file = args.onnx or args.checkpoint
+        sources = [src for src, _ in found] + [Path(model_file)]
         outputs.check(targets, sources, args.overwrite)
-        predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.batch_size)
+        predictor = load_predictor(args)
         failed = run_inputs(predictor, args, found, outputs) if found else 0
         if args.eval:
             rec, example = evaluate(
                 predictor, args.eval, args.split, args.loader, predictor.batch_size
             )
-            rec = {"checkpoint": str(args.checkpoint), **rec}
+            rec = {"checkpoint": str(model_file), **rec}
             rec["take_lags"] = eval_take_lags(predictor, args.eval, args.split)
             paths = write_eval_report(out, rec, example, outputs)
             print("wrote " + ", ".join(str(p) for p in paths))

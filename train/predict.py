@@ -78,7 +78,8 @@ def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, dict]
 
 @dataclass
 class Predictor:
-    """A model ready to turn audio into ``[T, num_blendshapes]`` at ``fps``."""
+    """A model ready to turn audio into ``[T, num_blendshapes]`` at ``fps``: a torch model or
+    an exported one (``model.onnx_model.OnnxModel``), called the same way."""
 
     model: nn.Module
     target: str  # "sequence" or "first_frame"
@@ -101,6 +102,17 @@ class Predictor:
         frames, fps = int(a.get("frames", WINDOW_FRAMES)), float(a.get("fps", FPS))
         rate = int(a.get("sample_rate", SAMPLE_RATE))
         return cls(model, a["target"], rate, fps, frames, dev, batch_size)
+
+    @classmethod
+    def from_onnx(
+        cls, path: str | Path, batch_size: int = 16, threads: int | None = None
+    ) -> Predictor:
+        """A file of ``python -m infer.export``, run by ONNX Runtime on the CPU (``threads``:
+        its intra-op threads, None: one per core); onnxruntime is imported here only."""
+        from model.onnx_model import OnnxModel
+
+        m = OnnxModel(path, threads)
+        return cls(m, m.target, m.sample_rate, m.fps, m.frames, torch.device("cpu"), batch_size)
 
     # ------------------------------------------------------------ sizes
     @property
