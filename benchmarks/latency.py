@@ -14,8 +14,8 @@ backend (PyTorch; ONNX Runtime when the ``export`` extra is installed, on the fi
 3. the streams one core sustains: K streams pushed in turn, one chunk each per round; the
    most K whose rounds take, on average, no longer than a chunk lasts.
 
-The weights are the checkpoint's (a model built as it says, with each lookahead: the same
-shapes, so the same compute); without ``--checkpoint``, the demo's model untrained. Writes
+The weights are the checkpoint's, its model built with each lookahead (the same shapes, so
+the same compute; the frames are not the ones a model trained so would give). Writes
 ``<out>/latency.json`` (every figure, the command and the machine) and prints a table.
 """
 
@@ -35,26 +35,20 @@ import torch
 
 from core.constants import FPS, SAMPLE_RATE
 from infer.stream import Stream
-from model import build_model
 from pipeline.convert.synthetic import make_take
-from train.predict import Predictor, load_model
+from train.predict import Predictor
 
 LOOKAHEADS = (0.05, 0.1, 0.2, None)
 WARMUP = 10
 
 
-def model_for(checkpoint: str | None, lookahead: float | None) -> torch.nn.Module:
-    """The checkpoint's model (or the demo's, untrained) rebuilt with ``lookahead``."""
-    if checkpoint is None:
-        args, weights = {"name": "sequence", "target": "sequence", "hidden": 96}, None
-    else:
-        base, state = load_model(checkpoint, torch.device("cpu"))
-        args, weights = dict(base.build_args), base.state_dict()
-    args["lookahead_seconds"] = lookahead
-    model = build_model(args.pop("name"), args.pop("target"), **args)
-    if weights is not None:
-        model.load_state_dict(weights)
-    return model.eval()
+def checkpoint_with(checkpoint: str, lookahead: float | None, folder: Path) -> Path:
+    """A copy of ``checkpoint`` whose model is built with ``lookahead`` (the same shapes)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state["model_args"] = {**state["model_args"], "lookahead_seconds": lookahead}
+    path = folder / f"lookahead-{lookahead}.pt"
+    torch.save(state, path)
+    return path
 
 
 def chunks(audio: np.ndarray, fps: float, rate: int) -> list[np.ndarray]:
@@ -105,24 +99,20 @@ def streams_per_core(p: Predictor, pieces: list[np.ndarray], median_ms: float) -
     return {"streams_per_core": lo, "round_ms_by_streams": tried}
 
 
-def backends(checkpoint: str | None, lookahead: float | None, folder: Path):
-    """(name, Predictor) for PyTorch and, when onnxruntime is installed, ONNX Runtime."""
-    model = model_for(checkpoint, lookahead)
-    cpu = torch.device("cpu")
-    yield (
-        "pytorch",
-        Predictor(model, "sequence", model.mel.sample_rate, model.fps, model.frames, cpu),
-    )
+def backends(checkpoint: str, lookahead: float | None, folder: Path):
+    """(name, Predictor) for PyTorch and, when the export extra is installed, ONNX Runtime on
+    the file ``python -m infer.export`` writes."""
+    path = checkpoint_with(checkpoint, lookahead, folder)
+    yield "pytorch", Predictor.from_checkpoint(path, "cpu")
     try:
-        from infer.export import export_model
-        from infer.onnxmodel import OnnxModel
-    except ImportError as exc:  # the export extra is not installed
-        print(f"onnx runtime skipped: {exc}", file=sys.stderr)
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        print(f"ONNX Runtime skipped: {exc}", file=sys.stderr)
         return
-    path = folder / f"lookahead-{lookahead}.onnx"
-    export_model(model, path)
-    onnx = OnnxModel(path, threads=1)
-    yield "onnxruntime", Predictor(onnx, "sequence", onnx.sample_rate, onnx.fps, onnx.frames, cpu)
+    from infer.export import export
+
+    onnx = export(path, path.with_suffix(".onnx"))["path"]
+    yield "onnxruntime", Predictor.from_onnx(onnx, threads=1)
 
 
 def measure(args) -> list[dict]:

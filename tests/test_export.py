@@ -147,6 +147,26 @@ def test_predictor_from_onnx_equals_the_checkpoints(name, exported, checkpoints,
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["seq-wav", "seq-mel", "ff-wav"])
+def test_a_stream_on_the_file_gives_the_checkpoints_offline_frames(name, exported, checkpoints):
+    """``Stream`` runs ONNX Runtime as it runs PyTorch: pieces of 1 to 16,000 samples."""
+    from infer.stream import Stream
+
+    wav = make_take(77, 6, seconds=3.0)[0]
+    want = Predictor.from_checkpoint(checkpoints[EXPORTS[name][0]], "cpu").predict(wav)
+    stream = Stream(Predictor.from_onnx(exported[name][0], threads=1))
+    assert stream.lookahead_seconds == pytest.approx(
+        float(props(exported[name][0])["arkit.lookahead_seconds"]), abs=1e-3
+    )
+    got, at = [], 0
+    for n in [1, 7, 160, 533, 1234, 16000] * 4:
+        got.append(stream.push(wav[at : at + n]))
+        at += n
+    got.append(stream.push(wav[at:]))
+    got.append(stream.flush())
+    np.testing.assert_allclose(np.concatenate(got), want, rtol=0, atol=1e-4)
+
+
 def test_metadata_says_what_the_graph_takes_and_gives(exported, checkpoints):
     sha = hashlib.sha256(checkpoints["seq-wav"].read_bytes()).hexdigest()
     model, _ = load_model(checkpoints["seq-wav"], CPU)

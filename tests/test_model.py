@@ -366,3 +366,22 @@ def test_lookahead_bounds_the_right_reach_and_keeps_the_kernels():
         build_model("sequence", "sequence", lookahead_seconds=0.01)
     with pytest.raises(ConfigError, match="context_seconds"):
         build_model("simplified", "first_frame", lookahead_seconds=0.1)
+
+
+@pytest.mark.parametrize("lookahead", [None, 0.05])
+@pytest.mark.parametrize("fps", [30, 25, 24])
+def test_the_reach_formulas_in_docs_deploy_md_are_the_code(lookahead, fps):
+    """docs/deploy.md gives a player the reach in closed form from ``arkit.reach``."""
+    import math
+
+    model = build_model("sequence", "sequence", hidden=8, fps=fps, lookahead_seconds=lookahead)
+    d = model.reach.to_dict()
+    a, b = d["sample_rate"] * d["fps_den"], d["hop"] * d["fps_num"]
+    r, e = sum(d["context_right"]), sum(d["encoder_right"])
+    left, f = sum(d["context_left"]), sum(d["encoder_left"])
+    period = b // math.gcd(a, b)
+    assert period * a / d["fps_num"] == model.reach.grid and period == model.reach.period
+    for k in range(200):
+        needs = (-(-(k + r) * a // b) + e) * d["hop"] + d["window_end"]
+        first = ((k - left) * a // b - f) * d["hop"] + d["window_first"]
+        assert (needs, first) == (model.reach.needs(k), model.reach.first(k))
