@@ -246,8 +246,8 @@ def load_predictor(args: argparse.Namespace):
     """The ``--onnx`` file's model in ONNX Runtime, or the ``--checkpoint``'s in PyTorch."""
     from train.predict import Predictor
 
-    if args.onnx:
-        return Predictor.from_onnx(args.onnx, args.batch_size)
+    if args.onnx:  # a stream's pushes are small: one thread each (infer.streaming)
+        return Predictor.from_onnx(args.onnx, args.batch_size, 1 if args.stream else None)
     return Predictor.from_checkpoint(args.checkpoint, args.device, args.batch_size)
 
 

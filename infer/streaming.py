@@ -9,7 +9,8 @@ an audio file played at its own pace. Each frame is written to stdout as soon as
 depends on has arrived (``infer.stream``): a CSV line ``frame,seconds,<52 values>`` in Apple's
 order after a header, or a JSON object per line. With ``--realtime`` each line also gives the
 frame's delay (ms): the wall time it was written less the time its moment of audio was played,
-and stderr ends with the delays' median, p99 and maximum.
+and stderr ends with the delays' median, p99 and maximum. The model runs on one thread (PyTorch
+and ONNX Runtime alike): a push is small work, and threads cost more than they give.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 
 from core.arkit import ARKIT_NAMES
 from core.errors import ConfigError, InputError
@@ -133,6 +135,9 @@ def run(predictor, args: argparse.Namespace) -> int:
     """``--stream``: the lines on stdout, the notes on stderr."""
     from pipeline.convert.audio import read_audio
 
+    # a push runs the model on well under a second of audio: threads would wait on each other
+    # longer than they compute (benchmarks/latency/README.md)
+    torch.set_num_threads(1)
     stream = Stream(predictor)
     rate, fps = predictor.sample_rate, predictor.fps
     chunk = max(1, round((args.chunk_ms or 1000 / fps) / 1000 * rate))
