@@ -15,7 +15,9 @@ sample, so it comes out ``context_seconds`` after its time.
 Each push runs the model once on the audio the new frames depend on, from a sample on the
 reach's grid (there the frames fall as they do in the whole file), so a frame's history is
 computed again for each chunk: the price of a model that needs no state of its own, in
-PyTorch or ONNX Runtime alike (``benchmarks/latency.py`` measures it).
+PyTorch or ONNX Runtime alike (``benchmarks/latency.py`` measures it). A push is small work:
+run it on one thread (``torch.set_num_threads(1)``, ``Predictor.from_onnx(path, threads=1)``),
+one stream per core.
 """
 
 from __future__ import annotations
