@@ -13,12 +13,14 @@ report the trainer writes on best.pt over the val split (``report/report.json``)
 the mean predictor's MSE and jawOpen's Pearson r. The real lookahead is the built model's
 (``model.reach``), at most the one asked. The MSE ratio to unbounded compares runs of the same
 seed. Training time is the wall time of the whole ``python -m train`` process (start, 12
-epochs, validations, the end report). ``--repeats N`` trains every lookahead with seeds
-``--seed`` .. ``--seed``+N-1 (runs interleaved: each seed's lookaheads one after another) and
-gives each figure as the mean with the range over seeds. Without ``--data`` it uses the
-repository's ``data/demo`` (``make demo``'s: ``pipeline/make_shards.py --synthetic 360
---segment-seconds 12``), built there on first use; a ``--data`` given must hold a dataset.
-Results go to ``--out``/lookahead.json; the markdown table is printed.
+epochs, validations, the end report), with its CPU time (user and system, its workers
+included): on a machine others use too, the wall time grows with their load, the CPU time much
+less. ``--repeats N`` trains every lookahead with seeds ``--seed`` .. ``--seed``+N-1 (each
+seed's lookaheads one after another) and gives each figure as the mean with the range over
+seeds. Without ``--data`` it uses the repository's ``data/demo`` (``make demo``'s:
+``pipeline/make_shards.py --synthetic 360 --segment-seconds 12``), built there on first use; a
+``--data`` given must hold a dataset. Results go to ``--out``/lookahead.json; the markdown table
+is printed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shlex
 import statistics
 import subprocess
@@ -134,6 +137,12 @@ def real_lookahead(config: str, sets: list[str], data: Path) -> float:
     return build_model_for(load_config(config, sets), load_manifest(data)).reach.lookahead_seconds
 
 
+def cpu_seconds() -> float:
+    """User and system CPU time of this process's waited-for children so far."""
+    u = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return u.ru_utime + u.ru_stime
+
+
 def train_once(args, data: Path, lookahead: float | None, seed: int) -> dict:
     """One ``python -m train`` run; its report's figures, the real lookahead and the wall time."""
     name = f"{label(lookahead)}-seed{seed}"
@@ -149,10 +158,10 @@ def train_once(args, data: Path, lookahead: float | None, seed: int) -> dict:
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     with open(log, "w") as f:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     if rc != 0:
         raise RunError(f"training {name} exited with {rc}: see {log}")
     try:
@@ -169,6 +178,7 @@ def train_once(args, data: Path, lookahead: float | None, seed: int) -> dict:
         "jaw_open_pearson": rec["jaw_open_pearson"],
         "best_step": rec.get("step"),
         "train_seconds": seconds,
+        "train_cpu_seconds": cpu,
         "run_dir": str(run_dir),
         "command": shlex.join(["python", *cmd[1:]]),
     }
@@ -188,6 +198,7 @@ KEYS = (
     "mse_ratio_mean_predictor",
     "jaw_open_pearson",
     "train_seconds",
+    "train_cpu_seconds",
 )
 
 
@@ -220,15 +231,16 @@ def cell(stat: dict | None, digits: int = 3) -> str:
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| lookahead asked | real lookahead (s) | val MSE | × unbounded | × mean predictor "
-        "| jawOpen r | training time (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| jawOpen r | training time (s) | its CPU time (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         asked = "unbounded" if r["lookahead_asked"] is None else f"{r['lookahead_asked']:g} s"
         lines.append(
             f"| {asked} | {r['lookahead_s']:.4g} | {cell(r['val_mse'])} "
             f"| {cell(r['mse_ratio_unbounded'])} | {cell(r['mse_ratio_mean_predictor'])} "
-            f"| {cell(r['jaw_open_pearson'])} | {cell(r['train_seconds'])} |"
+            f"| {cell(r['jaw_open_pearson'])} | {cell(r['train_seconds'])} "
+            f"| {cell(r['train_cpu_seconds'])} |"
         )
     return "\n".join(lines)
 
@@ -269,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
                 f"lookahead {label(la)} (real {r['lookahead_s']:.4g} s), seed {seed}: val mse "
                 f"{figure(r['val_mse'])} ({figure(r['mse_ratio_mean_predictor'])}x the mean "
                 f"predictor's), jawOpen r {figure(r['jaw_open_pearson'], 4)}, "
-                f"{figure(r['train_seconds'])} s",
+                f"{figure(r['train_seconds'])} s ({figure(r['train_cpu_seconds'])} s CPU)",
                 flush=True,
             )
     add_unbounded_ratios(runs)
