@@ -2,7 +2,7 @@
 on ``make demo``'s corpus and configuration.
 
     python benchmarks/lookahead.py                         # data/demo (built if missing), 1 seed
-    python benchmarks/lookahead.py --repeats 2 --out benchmarks/lookahead
+    python benchmarks/lookahead.py --repeats 4 --out benchmarks/lookahead-cost   # its README
     python benchmarks/lookahead.py --data DIR --lookaheads 0.1,none
 
 For each lookahead asked (default 0.05, 0.1, 0.2 s and ``none``, unbounded) it trains
