@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="speech per stream (default 20)")
     p.add_argument("--rounds", type=int, default=150, help="chunks per streams-per-core trial")
     p.add_argument("--cpu", type=int, default=None, help="the core to pin to (default: the first)")
-    p.add_argument("--out", default="results/latency", help="folder for latency.json")
+    p.add_argument("--out", default="results/streaming-latency", help="folder for latency.json")
     args = p.parse_args(argv)
     core = args.cpu if args.cpu is not None else min(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {core})

@@ -136,7 +136,7 @@ def run(predictor, args: argparse.Namespace) -> int:
     from pipeline.convert.audio import read_audio
 
     # a push runs the model on well under a second of audio: threads would wait on each other
-    # longer than they compute (benchmarks/latency/README.md)
+    # longer than they compute (benchmarks/streaming-latency/README.md)
     torch.set_num_threads(1)
     stream = Stream(predictor)
     rate, fps = predictor.sample_rate, predictor.fps
