@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     streaming.add_arguments(p)
     args = p.parse_args(argv)
     streaming.check_arguments(args, p)
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
     if args.stream:
         return args
     if not args.inputs and not args.eval:
@@ -75,8 +77,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--out is required: the folder for the CSVs and npys, or the report")
     if args.fps not in NOMINAL_RATES:
         p.error(f"--fps must be one of {', '.join(map(str, NOMINAL_RATES))}")
-    if args.batch_size < 1:
-        p.error("--batch-size must be >= 1")
     return args
 
 

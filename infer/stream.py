@@ -121,7 +121,7 @@ class Stream:
             [self._buf[start - self._base :], np.zeros(self.reach.hop, np.float32)]
         )
         offset = start // self.reach.grid * self.reach.period  # the span's first frame
-        got = self.predictor._net(torch.from_numpy(wav)[None])[0]
+        got = self.predictor._net(torch.from_numpy(wav).to(self.predictor.device)[None])[0]
         if got.shape[0] < upto - offset:
             raise RuntimeError(f"the model gave {got.shape[0]} frames for {len(wav)} samples")
         return got[first - offset : upto - offset].cpu().numpy()
@@ -139,8 +139,8 @@ def _as_audio(pcm, at: int) -> np.ndarray:
         raise ValueError(f"a stream takes mono audio, 1-D; got shape {a.shape}")
     if a.dtype == np.int16:
         return a.astype(np.float32) / 32768.0
-    if a.dtype.kind not in "fiu":
-        raise ValueError(f"a stream takes int16 PCM or float audio; got {a.dtype}")
+    if a.dtype.kind != "f" and len(a):  # other integers: which scale, 16-bit or 32-bit?
+        raise ValueError(f"a stream takes int16 PCM or float audio in [-1, 1]; got {a.dtype}")
     a = a.astype(np.float32)
     bad = np.flatnonzero(~np.isfinite(a))
     if len(bad):

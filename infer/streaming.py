@@ -7,7 +7,7 @@ Audio comes from stdin as 16-bit little-endian PCM (``--rate``, default the mode
 rates are resampled as they arrive; ``--channels`` are averaged), or, with ``--realtime``, from
 an audio file played at its own pace. Each frame is written to stdout as soon as the audio it
 depends on has arrived (``infer.stream``): a CSV line ``frame,seconds,<52 values>`` in Apple's
-order after a header, or a JSON object per line. With ``--realtime`` each line also gives the
+order after a header, or a JSON object per line. With ``--realtime`` a JSON line also gives the
 frame's delay (ms): the wall time it was written less the time its moment of audio was played,
 and stderr ends with the delays' median, p99 and maximum. The model runs on one thread (PyTorch
 and ONNX Runtime alike): a push is small work, and threads cost more than they give.
@@ -48,8 +48,8 @@ def check_arguments(args: argparse.Namespace, p: argparse.ArgumentParser) -> Non
         return
     if args.inputs or args.eval:
         p.error("--stream takes its audio from stdin or --realtime, not INPUTs or --eval")
-    if args.chunk_ms is not None and args.chunk_ms <= 0:
-        p.error("--chunk-ms must be > 0")
+    if args.chunk_ms is not None and not 0 < args.chunk_ms <= 10_000:
+        p.error("--chunk-ms must be > 0 and at most 10000 (10 s)")
     if args.channels < 1 or (args.rate is not None and args.rate < 1):
         p.error("--rate and --channels must be >= 1")
 

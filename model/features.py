@@ -119,9 +119,11 @@ class LogMel(nn.Module):
         return self.sample_rate / self.hop_length
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(wav.device.type, enabled=False):  # the FFT wants float32 (or 64)
+        with torch.autocast(
+            wav.device.type, enabled=False
+        ):  # the FFT in the buffers' precision (float32 unless .double())
             spec = torch.stft(
-                wav if wav.dtype == torch.float64 else wav.float(),
+                wav.to(self.window.dtype),
                 self.n_fft,
                 self.hop_length,
                 self.win_length,

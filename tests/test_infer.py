@@ -507,3 +507,37 @@ def test_short_inputs_figures_keep_their_digits_and_plurals(checkpoint, tmp_path
         took.append(float(re.fullmatch(r".* in ([0-9.]+) s", line).group(1)))
     speed = re.fullmatch(r"([0-9.]+) s of audio per second on \S+", lines[2]).group(1)
     assert float(speed) == pytest.approx(0.06 / sum(took), rel=0.02)
+
+
+def test_a_window_of_no_whole_number_of_frames_trains_scores_and_infers(tmp_path):
+    """2.01 s windows hold 60 frames and 32,160 samples, whose frame times number 61: the
+    trainer and the evaluation score the 60 the window has, and inference gives the audio's."""
+    from tests.helpers import build_synthetic
+
+    data = build_synthetic(tmp_path / "ds", 6, "--window-seconds", "2.01", "--val-fraction", "0.34")
+    m = load_manifest(data)
+    assert (m.frames, m.clip_samples) == (60, 32160)
+    with torch.no_grad():
+        got = build_model("sequence", "sequence", hidden=8, frames=60)(torch.zeros(1, 32160))
+    assert got.shape == (1, 61, 52)  # every frame time of the audio
+    run = tmp_path / "run"
+    sets = [*SMALL_RUN, f"data.dir={data}", f"run.dir={run}", "train.target=sequence"]
+    sets += ["train.max_steps=2", "train.report=false"]
+    assert train(["--loader", "torch", *(a for s in sets for a in ("--set", s))]) == 0
+    val = [json.loads(line) for line in (run / "metrics.jsonl").open() if '"val"' in line]
+    assert val and math.isfinite(val[-1]["mse"])
+    p = Predictor.from_checkpoint(run / "best.pt", "cpu")
+    assert p.predict(speech(3.0)).shape == (90, 52)
+    assert (
+        infer(
+            [
+                "--checkpoint",
+                str(run / "best.pt"),
+                "--eval",
+                str(data),
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 0
+    )

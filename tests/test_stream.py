@@ -150,6 +150,61 @@ def test_silence_nan_and_int16():
     np.testing.assert_allclose(as_int, p.predict(pcm.astype(np.float32) / 32768), atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("frames", "fps", "lookahead"),
+    [(200, 30.0, None), (250, 30.0, None), (200, 24.0, None), (60, 30.0, 0.05)],
+)
+def test_windows_of_any_length_start_on_the_grid_and_give_the_whole_files_frames(
+    frames, fps, lookahead
+):
+    """Windows of 200 or 250 frames, at 24 fps, or of 2 s with a 0.05 s model (whose history
+    is 0.57 s): each window starts on the reach's grid, the margins cover the reach, and the
+    frames of 13 s are the whole file's, followed by silence, and a stream's."""
+    torch.manual_seed(1)
+    model = build_model(
+        "sequence",
+        "sequence",
+        n_mels=32,
+        hidden=16,
+        frames=frames,
+        fps=fps,
+        lookahead_seconds=lookahead,
+    ).eval()
+    p = Predictor(model, "sequence", RATE, fps, frames, torch.device("cpu"))
+    audio = speech(13.0, seed=2)
+    offline = p.predict(audio)
+    with torch.no_grad():
+        whole = model(torch.cat([torch.from_numpy(audio), torch.zeros(RATE)])[None])[0].numpy()
+    assert offline.shape == (p.frames_for(len(audio)), 52)
+    np.testing.assert_allclose(offline, whole[: len(offline)], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(streamed(p, audio, [5000]), offline, rtol=0, atol=1e-4)
+    short = speech(1.0, seed=3)  # less than a window, whatever the margins
+    np.testing.assert_allclose(streamed(p, short, [700]), p.predict(short), rtol=0, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_a_stream_of_a_model_on_cuda_gives_the_cpu_frames():
+    name, target, kw = KINDS["sequence-50ms"]
+    torch.manual_seed(0)
+    model = build_model(name, target, n_mels=32, hidden=16, **kw).eval().cuda()
+    p = Predictor(model, target, RATE, FPS, 300, torch.device("cuda"))
+    got = streamed(p, AUDIO, [533])
+    np.testing.assert_allclose(got, OFFLINE["sequence-50ms"], rtol=0, atol=1e-3)
+
+
+def test_bad_pieces_and_options_are_refused():
+    stream = Stream(PREDICTORS["sequence"])
+    for piece in (np.zeros(10, np.int32), [1, 2, 3], np.zeros(10, np.uint8)):
+        with pytest.raises(ValueError, match="int16 PCM or float audio"):
+            stream.push(piece)
+    assert stream.samples == 0
+    for bad in ("nan", "inf", "0", "20000"):
+        with pytest.raises(SystemExit):
+            infer(["--checkpoint", "x.pt", "--stream", "--chunk-ms", bad])
+    with pytest.raises(SystemExit):
+        infer(["--checkpoint", "x.pt", "--stream", "--batch-size", "0"])
+
+
 # ------------------------------------------------------------------ the command
 def test_stream_command_reads_pcm_on_stdin_and_writes_a_csv_line_per_frame(checkpoint):
     pcm = np.round(speech(1.5, seed=3) * 20000).astype(np.int16)

@@ -127,21 +127,26 @@ class Predictor:
         """Output frames for audio of ``num_samples``: every frame time inside the audio."""
         return max(1, math.ceil(num_samples * self.fps / self.sample_rate - 1e-9))
 
-    def _edges(self) -> tuple[int, int, int]:
+    def _edges(self, n_out: int | None = None) -> tuple[int, int, int]:
+        """margin, fade and step of the windows for ``n_out`` frames (None: more than a
+        window's). A sequence model's
+        margin covers its reach (``model.reach``: a kept frame never reads a window's edge)
+        and its step is whole periods of the reach, so every window starts on the reach's grid
+        and computes its frames as the whole file does."""
         w = self.window_frames
-        margin = max(1, w // 10) if self.margin is None else self.margin
-        fade = max(1, w // 10) if self.fade is None else self.fade
-        step = w - 2 * margin - fade
-        if step < 1:
-            raise ConfigError(f"window of {w} frames is too short for margin {margin}, fade {fade}")
         reach = getattr(self.model, "reach", None)
-        if reach is not None:  # a kept frame must not see a window's edge
-            most = max(reach.lookahead_samples, reach.history_samples) * self.fps
-            if margin < math.ceil(most / self.sample_rate) + 1:
-                raise ConfigError(
-                    f"margin {margin} frames is less than the model's reach "
-                    f"({most / self.sample_rate:.1f} frames): windows would show their seams"
-                )
+        most, period = 0, 1
+        if reach is not None:
+            most = math.ceil(max(reach.lookahead_samples, reach.history_samples) / reach.grid)
+            most, period = most * reach.period, reach.period
+        margin = max(1, w // 10, most) if self.margin is None else self.margin
+        fade = max(1, w // 10) if self.fade is None else self.fade
+        step = (w - 2 * margin - fade) // period * period
+        if step < 1 and (n_out is None or n_out + margin > w):  # more than one window
+            raise ConfigError(
+                f"window of {w} frames is too short for margin {margin}, fade {fade} (the "
+                f"model reads {most} frames around each one)"
+            )
         return margin, fade, step
 
     # ------------------------------------------------------------ prediction
@@ -150,8 +155,8 @@ class Predictor:
         """``wav [B, window_samples]`` -> ``[B, window_frames, nb]``: every frame of each window
         (a first_frame model slides over it, its last clips running into zeros)."""
         wav = wav.to(self.device, torch.float32)
-        if self.target == "sequence":
-            return self._net(wav)
+        if self.target == "sequence":  # every frame time of the audio: the window's and more
+            return self._net(wav)[:, : self.window_frames]
         padded = torch.nn.functional.pad(wav, (0, self.window_samples))
         starts = [self.sample(k) for k in range(self.window_frames)]
         return torch.stack([self._slide(row, starts) for row in padded])
@@ -190,13 +195,14 @@ class Predictor:
             bar = tqdm(chunks, desc="frames", unit="chunk", disable=_quiet(progress, len(chunks)))
             parts = [self._slide(padded, starts[i : i + 4096]) for i in bar]
             return torch.cat(parts).cpu().numpy()[:n_out]
-        margin, fade, step = self._edges()
+        margin, fade, step = self._edges(n_out)
         w = self.window_frames
         # the last window runs at least a margin past the audio: the end is followed by silence,
         # not by a window's edge (a stream's flush gives the same frames)
-        n_win = 1 + max(0, math.ceil((n_out + margin - w) / step))
+        n_win = 1 if n_out + margin <= w else 1 + math.ceil((n_out + margin - w) / step)
         total = (n_win - 1) * step + w
-        audio_t = torch.nn.functional.pad(audio_t, (0, self.sample(total) - len(audio_t)))
+        end = max(self.sample(total), self.sample((n_win - 1) * step) + self.window_samples)
+        audio_t = torch.nn.functional.pad(audio_t, (0, end - len(audio_t)))
         acc = torch.zeros(total, 1, dtype=torch.float64)
         out = None
         ramp = (torch.arange(fade, dtype=torch.float64) + 0.5) / fade

@@ -31,6 +31,20 @@ def targets(arkit: torch.Tensor, target: str) -> torch.Tensor:
     return arkit
 
 
+def scored(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The frames of a sequence model's ``pred`` that the window has targets for: the model
+    gives every frame time before its audio's last mel frame, which is one more than the window
+    holds when the window is not a whole number of frames long (``--window-seconds 2.01``)."""
+    if pred.dim() == 3 and y.dim() == 3 and pred.shape[1] != y.shape[1]:
+        if pred.shape[1] < y.shape[1]:
+            raise ValueError(
+                f"the model gave {pred.shape[1]} frames for a window of {y.shape[1]}: its "
+                "log-mel hop is too long for the frame rate"
+            )
+        return pred[:, : y.shape[1]]
+    return pred
+
+
 def autocast(device: torch.device, amp: bool = True):
     """bf16 autocast on CUDA; nothing on CPU (bf16 matmuls there are slower, not faster)."""
     if device.type != "cuda" or not amp:
@@ -160,7 +174,7 @@ class TrainStep:
         arkit = batch["arkit"].to(self.device, non_blocking=True)
         y = targets(arkit, self.target)
         with autocast(self.device, self.amp):
-            pred = self.net(wav)
+            pred = scored(self.net(wav), y)
         loss = F.mse_loss(pred.float(), y.float())
         bad = self._bad_batch(wav, arkit, loss)
         self.opt.zero_grad(set_to_none=True)

@@ -12,7 +12,7 @@ from torch import nn
 from core.arkit import ARKIT_NAMES
 from pipeline.loaders.base import EpochLoader
 from train.distributed import Dist, all_reduce_sum
-from train.step import autocast, model_input, targets
+from train.step import autocast, model_input, scored, targets
 
 JAW_OPEN = ARKIT_NAMES.index("jawOpen")
 
@@ -111,7 +111,7 @@ def validate(
         wav = model_input(batch).to(device, non_blocking=True)
         y = targets(batch["arkit"].to(device, non_blocking=True), target).float()
         with autocast(device, amp):
-            pred = net(wav)
+            pred = scored(net(wav), y)
         scores.add(pred, y)
     scores.reduce(dist)
     net.train()
