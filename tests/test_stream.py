@@ -182,16 +182,6 @@ def test_windows_of_any_length_start_on_the_grid_and_give_the_whole_files_frames
     np.testing.assert_allclose(streamed(p, short, [700]), p.predict(short), rtol=0, atol=1e-4)
 
 
-@pytest.mark.gpu
-def test_a_stream_of_a_model_on_cuda_gives_the_cpu_frames():
-    name, target, kw = KINDS["sequence-50ms"]
-    torch.manual_seed(0)
-    model = build_model(name, target, n_mels=32, hidden=16, **kw).eval().cuda()
-    p = Predictor(model, target, RATE, FPS, 300, torch.device("cuda"))
-    got = streamed(p, AUDIO, [533])
-    np.testing.assert_allclose(got, OFFLINE["sequence-50ms"], rtol=0, atol=1e-3)
-
-
 def test_bad_pieces_and_options_are_refused():
     stream = Stream(PREDICTORS["sequence"])
     for piece in (np.zeros(10, np.int32), [1, 2, 3], np.zeros(10, np.uint8)):
