@@ -1,6 +1,7 @@
 """Streaming latency: the delay a live frame can have, and how many live streams a core runs.
 
-    python benchmarks/latency.py --checkpoint runs/demo/best.pt --out benchmarks/latency
+    python benchmarks/latency.py --checkpoint runs/demo/best.pt --rounds 100 \\
+        --out benchmarks/streaming-latency
 
 For each lookahead (``model.lookahead_seconds`` 0.05, 0.1, 0.2 s and unbounded) and each
 backend (PyTorch; ONNX Runtime when the ``export`` extra is installed, on the file
@@ -34,8 +35,10 @@ import numpy as np
 import torch
 
 from core.constants import FPS, SAMPLE_RATE
+from core.errors import exit_code
 from infer.stream import Stream
 from pipeline.convert.synthetic import make_take
+from train.checkpoint import load_checkpoint
 from train.predict import Predictor
 
 LOOKAHEADS = (0.05, 0.1, 0.2, None)
@@ -44,7 +47,7 @@ WARMUP = 10
 
 def checkpoint_with(checkpoint: str, lookahead: float | None, folder: Path) -> Path:
     """A copy of ``checkpoint`` whose model is built with ``lookahead`` (the same shapes)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = load_checkpoint(checkpoint)  # a file that is not one: a ResumeError naming it
     state["model_args"] = {**state["model_args"], "lookahead_seconds": lookahead}
     path = folder / f"lookahead-{lookahead}.pt"
     torch.save(state, path)
@@ -146,16 +149,7 @@ HEADER = (
 )
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--checkpoint", help="a trainer's checkpoint (default: the demo's model untrained)"
-    )
-    p.add_argument("--seconds", type=float, default=20.0, help="speech per stream (default 20)")
-    p.add_argument("--rounds", type=int, default=150, help="chunks per streams-per-core trial")
-    p.add_argument("--cpu", type=int, default=None, help="the core to pin to (default: the first)")
-    p.add_argument("--out", default="results/streaming-latency", help="folder for latency.json")
-    args = p.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     core = args.cpu if args.cpu is not None else min(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)
@@ -164,8 +158,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     doc = {
-        "command": "python benchmarks/latency.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/latency.py " + " ".join(args.argv),
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),
@@ -182,6 +175,19 @@ def main(argv=None) -> int:
     (out / "latency.json").write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {out / 'latency.json'}")
     return 0
+
+
+def main(argv=None) -> int:
+    """Run the benchmark; 1 with ``error: ...`` on stderr for a bad checkpoint."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a trainer's checkpoint (best.pt)")
+    p.add_argument("--seconds", type=float, default=20.0, help="speech per stream (default 20)")
+    p.add_argument("--rounds", type=int, default=150, help="chunks per streams-per-core trial")
+    p.add_argument("--cpu", type=int, default=None, help="the core to pin to (default: the first)")
+    p.add_argument("--out", default="results/streaming-latency", help="folder for latency.json")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return exit_code(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from pathlib import Path
 from benchmarks.dataset import not_a_dataset
 from benchmarks.figures import figure, plural
 from benchmarks.report import check_out, cpu_model
-from core.errors import ArkitError, DatasetError, RunError
+from core.errors import DatasetError, RunError, exit_code
 from pipeline.shards.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -305,11 +305,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 1 with ``error: ...`` on stderr for a bad dataset, config or --out."""
     args = parse_args(argv)
-    try:
-        return run(args)
-    except ArkitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return exit_code(lambda: run(args))
 
 
 if __name__ == "__main__":

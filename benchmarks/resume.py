@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 from benchmarks.dataset import ensure_dataset
 from benchmarks.figures import figure
 from benchmarks.report import check_out
-from core.errors import ArkitError, RunError
+from core.errors import RunError, exit_code
 from pipeline import build_loader
 from pipeline.shards import storage
 
@@ -88,11 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 1 with ``error: ...`` on stderr for a bad dataset or --out."""
     args = parse_args(argv)
-    try:
-        return run(args)
-    except ArkitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return exit_code(lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> int:

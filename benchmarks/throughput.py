@@ -44,7 +44,7 @@ from benchmarks.rows import (
     select_rows,
     skipped_rows,
 )
-from core.errors import ArkitError, ConfigError
+from core.errors import ConfigError, exit_code
 from model.features import Mel
 from pipeline.loaders.spec import DaliOptions, resolve_device
 from pipeline.shards import storage
@@ -187,11 +187,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 1 with ``error: ...`` on stderr for a bad row, device or dataset."""
     args = parse_args(argv)
-    try:
-        return run(args)
-    except ArkitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return exit_code(lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,9 @@ and keeps its traceback. Messages say what is wrong, where (file, sample, key) a
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class ArkitError(Exception):
     """Base of every error this project raises on purpose."""
@@ -46,3 +49,13 @@ class AnimationError(InputError):
 
 class TakeError(InputError):
     """A take whose audio and animation cannot be cut into aligned windows."""
+
+
+def exit_code(run: Callable[[], int]) -> int:
+    """``run()``'s exit code, or 1 after its ``error: <message>`` line on stderr when it raises
+    an ArkitError (anything else keeps its traceback)."""
+    try:
+        return run()
+    except ArkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

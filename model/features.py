@@ -119,9 +119,8 @@ class LogMel(nn.Module):
         return self.sample_rate / self.hop_length
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(
-            wav.device.type, enabled=False
-        ):  # the FFT in the buffers' precision (float32 unless .double())
+        # the FFT in the buffers' precision: float32 (float64 for a model made .double())
+        with torch.autocast(wav.device.type, enabled=False):
             spec = torch.stft(
                 wav.to(self.window.dtype),
                 self.n_fft,

@@ -5,9 +5,9 @@ padding instead of audio, so long audio is cut into windows that overlap: each w
 only its frames at least ``margin`` frames from its edges (more than the model's reach,
 ``model.reach``: about 0.3 s each way), and neighbours crossfade over ``fade`` frames. Every
 kept frame is then what the model on the whole file, followed by silence, gives (what a
-stream gives: ``infer.stream``), and no seam shows. A
-``first_frame`` model predicts the frame at the start of its clip from the next 0.3 s, so it
-slides: one clip per output frame, starting at that frame's sample.
+stream gives: ``infer.stream``), and no seam shows. A ``first_frame`` model predicts the
+frame at the start of its clip from the next 0.3 s, so it slides: one clip per output frame,
+starting at that frame's sample.
 
 Frame k sits at k / fps seconds and its audio at sample round(k * rate / fps): the shard
 format's alignment rule, so a prediction lines up with its audio as the training data did.
@@ -129,10 +129,9 @@ class Predictor:
 
     def _edges(self, n_out: int | None = None) -> tuple[int, int, int]:
         """margin, fade and step of the windows for ``n_out`` frames (None: more than a
-        window's). A sequence model's
-        margin covers its reach (``model.reach``: a kept frame never reads a window's edge)
-        and its step is whole periods of the reach, so every window starts on the reach's grid
-        and computes its frames as the whole file does."""
+        window's). A sequence model's margin covers its reach (``model.reach``: a kept frame
+        never reads a window's edge) and its step is whole periods of the reach, so every
+        window starts on the reach's grid and computes its frames as the whole file does."""
         w = self.window_frames
         reach = getattr(self.model, "reach", None)
         most, period = 0, 1

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from core.errors import ConfigError
+
 
 def targets(arkit: torch.Tensor, target: str) -> torch.Tensor:
     """The baseline's rule: a 3-D ``arkit`` with target first_frame keeps ``arkit[:, 0, :]``."""
@@ -37,7 +39,7 @@ def scored(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     holds when the window is not a whole number of frames long (``--window-seconds 2.01``)."""
     if pred.dim() == 3 and y.dim() == 3 and pred.shape[1] != y.shape[1]:
         if pred.shape[1] < y.shape[1]:
-            raise ValueError(
+            raise ConfigError(
                 f"the model gave {pred.shape[1]} frames for a window of {y.shape[1]}: its "
                 "log-mel hop is too long for the frame rate"
             )
